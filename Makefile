@@ -1,0 +1,33 @@
+# Tandem: every target creates .venv on first use and reinstalls only when pyproject.toml changes.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test bench bench-data lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev,tensorboard]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tandem train --workload digits --strategy allreduce --workers 4 --epochs 30 \
+		--lr 0.1 --target-accuracy 0.95 --out runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.run_all
+
+bench-data:
+	-command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench examples
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

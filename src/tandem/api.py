@@ -1,0 +1,65 @@
+"""The Python API: ``tandem.train(config)`` for whole runs, with bundled or your own workloads.
+
+Example with your own model and data (see ``examples/own_model.py``)::
+
+    import tandem
+    work = tandem.Workload.custom(model_fn=make_net, train=train_ds, test=test_ds)
+    summary = tandem.train({"strategy": "allreduce", "codec": "topk", "workers": 4,
+                            "steps": 200}, workload=work)
+
+``model_fn`` must be importable by the worker processes (a module-level function, not a lambda),
+because workers are started with the ``spawn`` method.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tandem.config import RunConfig, load_config
+from tandem.launch import spawn
+from tandem.strategies import STRATEGIES
+from tandem.telemetry.summary import finalize_run
+from tandem.workloads.base import Workload
+from tandem import worker
+
+
+def _as_config(config: RunConfig | dict[str, Any] | str | Path) -> RunConfig:
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        return load_config(path=config)
+    return load_config(config)
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    """Create the run directory, write the resolved config, drop a previous run's events."""
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for old in list(run_dir.glob("events*.jsonl")) + [run_dir / "summary.json"]:
+        old.unlink(missing_ok=True)
+    shutil.rmtree(run_dir / "tb", ignore_errors=True)
+    (run_dir / "config.yaml").write_text(cfg.to_yaml())
+    return run_dir
+
+
+def train(config: RunConfig | dict[str, Any] | str | Path, *, workload: Workload | None = None,
+          return_results: bool = False, timeout_s: float | None = None) -> dict[str, Any]:
+    """Run a whole job with the local launcher and return its summary (``summary.json``).
+
+    ``return_results=True`` adds ``results``: each process's final figures and parameters.
+    """
+    cfg = _as_config(config)
+    run_dir = prepare_run_dir(cfg)
+    procs = STRATEGIES[cfg.strategy.name].processes(cfg)
+    limit = timeout_s if timeout_s is not None else 24 * 3600.0
+    env = {"TANDEM_THREADS": str(cfg.threads_per_worker)}
+    results = spawn(worker.main, procs, cfg.model_dump(mode="json"), workload, return_results,
+                    timeout_s=limit, addr=cfg.master_addr, env=env)
+    summary = finalize_run(run_dir, cfg.model_dump(mode="json"), target_accuracy=cfg.target_accuracy,
+                           extra={"results": [{k: v for k, v in r.items() if k != "params"}
+                                              for r in results]})
+    if return_results:
+        summary = dict(summary, results=results)
+    return summary

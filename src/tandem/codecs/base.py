@@ -1,0 +1,164 @@
+"""The codec seam: how a worker's gradient becomes bytes and how the group's mean comes back.
+
+A gradient is a list of tensors, one per parameter ("layers"), so codecs can act per layer
+(top-k per layer, PowerSGD per weight matrix, LGC keeping the first and last layers dense).
+
+A codec has two levels of API:
+
+* the *message* level, ``encode`` -> :class:`Message` -> ``decode`` / ``aggregate``, used by
+  strategies that move codes point to point (a parameter server decodes each worker's push);
+* the *exchange* level, ``exchange(grads, transport, group)`` -> the group's mean gradient, used by
+  collective strategies (all-reduce, pipeline, BSP across machines). The default follows the
+  codec's ``transfer`` flag: ``"sum"`` codes are all-reduced, ``"gather"`` codes are all-gathered and
+  decoded one by one. Codecs with several phases (PowerSGD's P and Q, LGC's leader) override it.
+
+Error feedback: a codec with ``error_feedback`` keeps per-layer residuals (what was not sent) and
+adds them to the next gradient, so nothing is lost, only delayed. ``state_dict`` holds the
+residuals and any learned state so that checkpoints restore a codec exactly.
+
+``Message.nbytes`` is the exact payload size; the transport's byte meter charges the same bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from tandem.transport.packing import TensorSpec, pack, spec_of, unpack
+
+if TYPE_CHECKING:
+    from tandem.transport.group import Group, Transport
+
+Transfer = Literal["sum", "gather", "led"]
+
+
+@dataclass
+class Message:
+    """A worker's code: payload tensors plus shape metadata that never travels.
+
+    ``meta`` holds what the receiver already knows (layer shapes, k), derived from the model, so
+    it is not charged.
+    """
+
+    tensors: list[torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def specs(self) -> list[TensorSpec]:
+        return spec_of(self.tensors)
+
+    def pack(self) -> torch.Tensor:
+        return pack(self.tensors)
+
+    @classmethod
+    def unpack(cls, buf: torch.Tensor, specs: list[TensorSpec], meta: dict[str, Any]) -> Message:
+        return cls(unpack(buf, specs), dict(meta))
+
+
+class CodecOptions(BaseModel):
+    """Base of every codec's options model (unknown options are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Codec:
+    """Base class: subclasses set ``name``, ``transfer``, ``Options`` and implement encode/decode."""
+
+    name: ClassVar[str] = ""
+    transfer: ClassVar[Transfer] = "gather"
+    error_feedback: ClassVar[bool] = False
+    Options: ClassVar[type[CodecOptions]] = CodecOptions
+
+    def __init__(self, options: CodecOptions | dict[str, Any] | None = None, *, seed: int = 0) -> None:
+        if options is None or isinstance(options, dict):
+            options = self.Options.model_validate(options or {})
+        self.opts = options
+        self.seed = seed
+        self.step = 0
+        self.residuals: list[torch.Tensor] | None = None
+
+    # ---- message level ------------------------------------------------------------------------
+    def encode(self, grads: list[torch.Tensor]) -> Message:
+        raise NotImplementedError
+
+    def decode(self, msg: Message) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def aggregate(self, msgs: list[Message]) -> list[torch.Tensor]:
+        """Mean of the decoded messages (codecs whose codes sum override this to sum first)."""
+        decoded = [self.decode(m) for m in msgs]
+        return [torch.stack(parts).mean(0) for parts in zip(*decoded, strict=True)]
+
+    # ---- error feedback -----------------------------------------------------------------------
+    def with_residual(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """g~ = g + r (or g itself when error feedback is off)."""
+        if not self.error_feedback:
+            return list(grads)
+        if self.residuals is None:
+            self.residuals = [torch.zeros_like(g) for g in grads]
+        return [g + r for g, r in zip(grads, self.residuals, strict=True)]
+
+    def keep_residual(self, corrected: list[torch.Tensor], transmitted: list[torch.Tensor]) -> None:
+        """r = g~ - (what the receiver will reconstruct from this worker's code)."""
+        if self.error_feedback:
+            self.residuals = [c - t for c, t in zip(corrected, transmitted, strict=True)]
+
+    # ---- exchange level -----------------------------------------------------------------------
+    def exchange(self, grads: list[torch.Tensor], transport: Transport,
+                 group: Group | None = None) -> list[torch.Tensor]:
+        """Return the group's mean gradient, moving only this codec's codes."""
+        size = (group or transport.world_group).size
+        msg = self.encode(grads)
+        self.step += 1
+        if size == 1:
+            return self.decode(msg)
+        if self.transfer == "sum":
+            buf = [t.clone() for t in msg.tensors]
+            pendings = [transport.all_reduce(t, group=group) for t in buf]
+            for p in pendings:
+                p.wait()
+            summed = self.decode(Message(buf, msg.meta))
+            return [s / size for s in summed]
+        packed = msg.pack()
+        bufs = transport.all_gather(packed, group=group).wait()
+        msgs = [Message.unpack(b, msg.specs(), msg.meta) for b in bufs]
+        return self.aggregate(msgs)
+
+    # ---- checkpointing ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "residuals": None if self.residuals is None else
+                [r.clone() for r in self.residuals]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        res = state.get("residuals")
+        self.residuals = None if res is None else [r.clone() for r in res]
+
+    def describe(self) -> dict[str, Any]:
+        """Codec-specific figures for the run record (e.g. LGC's autoencoder cost)."""
+        return {}
+
+
+CODECS: dict[str, type[Codec]] = {}
+
+
+def register(cls: type[Codec]) -> type[Codec]:
+    """Class decorator: make a codec available by its ``name`` (CLI, config, registry)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    CODECS[cls.name] = cls
+    return cls
+
+
+def make_codec(name: str, options: dict[str, Any] | None = None, *, seed: int = 0) -> Codec:
+    from tandem.errors import ConfigError
+
+    if name not in CODECS:
+        raise ConfigError(f"codec: unknown {name!r}; choose one of {sorted(CODECS)}")
+    return CODECS[name](options, seed=seed)

@@ -1,0 +1,300 @@
+"""The one validated run configuration.
+
+A run is described by :class:`RunConfig`, built from a YAML file, CLI flags, or Python. Every field
+is validated by pydantic; any invalid value raises :class:`~tandem.errors.ConfigError` naming the
+field and the allowed values, never a traceback from deep inside a worker.
+
+Compact string forms are accepted where users type them on a command line:
+
+* ``net="100mbit:1ms"`` or ``"1gbit:200us:50us"`` (bandwidth, one-way latency, optional jitter)
+* ``stragglers="0.2:5"`` (probability 0.2 per worker per step, delay 5x the step's compute time) or
+  ``"0.2:exp:0.05"`` (exponential delay with a 0.05 s mean)
+* ``slow_workers=["1:3"]`` (rank 1 computes 3x slower)
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tandem.errors import ConfigError
+
+_UNITS_BPS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
+_UNITS_BYTES = {"b": 8, "kb": 8e3, "mb": 8e6, "gb": 8e9}
+_UNITS_S = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
+
+WORKLOADS = ("digits", "mnist5k", "fashion", "regression", "resnet18")
+
+
+def parse_rate(text: str) -> float:
+    """``"100mbit"`` -> bits per second. Accepts bit/kbit/mbit/gbit and b/kb/mb/gb (bytes)."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[-+]?\d+)?)\s*([a-zA-Z]+)\s*", text)
+    if not m:
+        raise ValueError(f"cannot read a rate from {text!r}; write e.g. 100mbit or 1gbit")
+    value, unit = float(m.group(1)), m.group(2).lower()
+    if unit.endswith("ps"):
+        unit = unit[:-2] + "it" if unit.endswith("bps") else unit[:-2]
+    factor = _UNITS_BPS.get(unit) or _UNITS_BYTES.get(unit)
+    if factor is None:
+        raise ValueError(f"unknown rate unit {unit!r}; use one of {sorted(_UNITS_BPS)}")
+    if value <= 0:
+        raise ValueError("a rate must be positive")
+    return value * factor
+
+
+def parse_duration(text: str) -> float:
+    """``"1ms"`` -> 0.001 seconds. Accepts s, ms, us, ns."""
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[-+]?\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m:
+        raise ValueError(f"cannot read a duration from {text!r}; write e.g. 1ms or 200us")
+    unit = m.group(2).lower() or "s"
+    if unit not in _UNITS_S:
+        raise ValueError(f"unknown time unit {unit!r}; use one of {sorted(_UNITS_S)}")
+    return float(m.group(1)) * _UNITS_S[unit]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NetConfig(_Strict):
+    """An emulated full-duplex link per process: bandwidth (bit/s), one-way latency, jitter (s)."""
+
+    bandwidth_bps: float = Field(gt=0)
+    latency_s: float = Field(default=0.0, ge=0)
+    jitter_s: float = Field(default=0.0, ge=0)
+
+    @classmethod
+    def parse(cls, text: str) -> NetConfig:
+        parts = text.split(":")
+        if not 1 <= len(parts) <= 3:
+            raise ValueError(f"net {text!r}: expected BANDWIDTH[:LATENCY[:JITTER]], e.g. 100mbit:1ms")
+        lat = parse_duration(parts[1]) if len(parts) > 1 else 0.0
+        jit = parse_duration(parts[2]) if len(parts) > 2 else 0.0
+        return cls(bandwidth_bps=parse_rate(parts[0]), latency_s=lat, jitter_s=jit)
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self.bandwidth_bps / 8.0
+
+
+class StragglerConfig(_Strict):
+    """Random stragglers: each worker, each step, is delayed with probability ``p``.
+
+    ``kind="factor"``: the delay is ``factor`` x that step's compute time (a 5 means the step takes
+    6x as long). ``kind="exp"``: the delay is drawn from an exponential with mean ``mean_s``.
+    """
+
+    p: float = Field(ge=0, le=1)
+    kind: Literal["factor", "exp"] = "factor"
+    factor: float = Field(default=1.0, ge=0)
+    mean_s: float = Field(default=0.0, ge=0)
+
+    @classmethod
+    def parse(cls, text: str) -> StragglerConfig:
+        parts = text.split(":")
+        if len(parts) == 2:
+            return cls(p=float(parts[0]), kind="factor", factor=float(parts[1]))
+        if len(parts) == 3 and parts[1] == "exp":
+            return cls(p=float(parts[0]), kind="exp", mean_s=float(parts[2]))
+        raise ValueError(f"stragglers {text!r}: expected P:FACTOR (0.2:5) or P:exp:MEAN_S (0.2:exp:0.05)")
+
+
+class SlowWorker(_Strict):
+    """A worker whose compute always takes ``factor`` x as long (``factor >= 1``)."""
+
+    rank: int = Field(ge=0)
+    factor: float = Field(ge=1)
+
+    @classmethod
+    def parse(cls, text: str) -> SlowWorker:
+        parts = text.split(":")
+        if len(parts) != 2:
+            raise ValueError(f"slow worker {text!r}: expected RANK:FACTOR, e.g. 1:3")
+        return cls(rank=int(parts[0]), factor=float(parts[1]))
+
+
+class WorkloadConfig(_Strict):
+    """Which bundled dataset and model, and how the training set is split over workers."""
+
+    name: Literal["digits", "mnist5k", "fashion", "regression", "resnet18"] = "digits"
+    data_path: Path | None = None
+    partition: Literal["iid", "label", "redundant"] = "iid"
+    redundancy: int = Field(default=1, ge=1, description="d: how many workers hold each partition")
+    labels_per_worker: int = Field(default=2, ge=1, description="for partition=label")
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class PluginConfig(_Strict):
+    """A registered component (strategy or codec) by name, with its own options."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RunConfig(_Strict):
+    """Everything one run needs. See ``tandem train --help`` for each field's CLI flag."""
+
+    name: str | None = None
+    out: Path | None = None
+    workload: WorkloadConfig = Field(default_factory=WorkloadConfig)
+    strategy: PluginConfig = Field(default_factory=lambda: PluginConfig(name="allreduce"))
+    codec: PluginConfig = Field(default_factory=lambda: PluginConfig(name="dense"))
+    workers: int = Field(default=2, ge=1, le=1024)
+    steps: int | None = Field(default=None, ge=1)
+    epochs: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=0.05, gt=0)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    seed: int = 0
+    net: NetConfig | None = None
+    stragglers: StragglerConfig | None = None
+    slow_workers: list[SlowWorker] = Field(default_factory=list)
+    target_accuracy: float | None = Field(default=None, gt=0, le=1)
+    eval_every: int = Field(default=0, ge=0, description="steps between evaluations; 0 = auto")
+    tensorboard: bool = False
+    progress: bool = True
+    timeout_s: float = Field(default=60.0, gt=0, description="the longest any wait may last")
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    master_addr: str = "127.0.0.1"
+    nan_policy: Literal["skip", "stop"] = "stop"
+    threads_per_worker: int = Field(default=1, ge=1)
+
+    @field_validator("net", mode="before")
+    @classmethod
+    def _net(cls, v: Any) -> Any:
+        return NetConfig.parse(v) if isinstance(v, str) else v
+
+    @field_validator("stragglers", mode="before")
+    @classmethod
+    def _stragglers(cls, v: Any) -> Any:
+        return StragglerConfig.parse(v) if isinstance(v, str) else v
+
+    @field_validator("slow_workers", mode="before")
+    @classmethod
+    def _slow(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [s for s in v.split(",") if s]
+        return [SlowWorker.parse(s) if isinstance(s, str) else s for s in (v or [])]
+
+    @field_validator("strategy", "codec", mode="before")
+    @classmethod
+    def _plugin(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        from tandem.codecs import CODECS
+        from tandem.strategies import STRATEGIES
+
+        if self.strategy.name not in STRATEGIES:
+            raise ValueError(
+                f"strategy: unknown {self.strategy.name!r}; choose one of {sorted(STRATEGIES)}"
+            )
+        if self.codec.name not in CODECS:
+            raise ValueError(f"codec: unknown {self.codec.name!r}; choose one of {sorted(CODECS)}")
+        # Each plugin validates its own options (raises ValueError naming the option).
+        STRATEGIES[self.strategy.name].Options.model_validate(self.strategy.options)
+        CODECS[self.codec.name].Options.model_validate(self.codec.options)
+        for sw in self.slow_workers:
+            if sw.rank >= self.workers:
+                raise ValueError(f"slow_workers: rank {sw.rank} >= workers ({self.workers})")
+        if self.workload.redundancy > self.workers:
+            raise ValueError(
+                f"workload.redundancy: {self.workload.redundancy} exceeds workers ({self.workers})"
+            )
+        return self
+
+    # ---- derived values -------------------------------------------------------------------
+    def strategy_options(self) -> BaseModel:
+        from tandem.strategies import STRATEGIES
+
+        return STRATEGIES[self.strategy.name].Options.model_validate(self.strategy.options)
+
+    def codec_options(self) -> BaseModel:
+        from tandem.codecs import CODECS
+
+        return CODECS[self.codec.name].Options.model_validate(self.codec.options)
+
+    def run_name(self) -> str:
+        return self.name or f"{self.workload.name}-{self.strategy.name}-{self.codec.name}-w{self.workers}"
+
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.run_name()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def load_config(data: dict[str, Any] | None = None, path: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Build a :class:`RunConfig` from a YAML file, a dict and keyword overrides (in that order).
+
+    Overrides use dotted keys for nested fields: ``load_config(**{"codec.options.ratio": 0.01})``.
+    Raises :class:`ConfigError` with every problem listed.
+    """
+    merged: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at its top level")
+        merged.update(loaded)
+    if data:
+        merged.update(data)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        _set_dotted(merged, key, value)
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+    except ValueError as err:  # raised by plugin registries outside pydantic's wrapper
+        raise ConfigError(f"invalid configuration: {err}") from None
+
+
+def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    cur = target
+    for p in parts[:-1]:
+        nxt = cur.get(p)
+        if isinstance(nxt, str) and p in ("strategy", "codec"):
+            nxt = {"name": nxt}
+        if not isinstance(nxt, dict):
+            nxt = {}
+        cur[p] = nxt
+        cur = nxt
+    cur[parts[-1]] = value
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """``["ratio=0.01", "variant=ps"]`` -> ``{"ratio": 0.01, "variant": "ps"}`` (YAML scalars)."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"option {pair!r}: expected KEY=VALUE, e.g. ratio=0.01")
+        k, v = pair.split("=", 1)
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except yaml.YAMLError:
+            out[k.strip()] = v
+    return out

@@ -1,0 +1,93 @@
+"""The strategy seam: one class per way of synchronising workers.
+
+A strategy owns the step loop of one process's role (worker, server, controller, peer). It gets a
+:class:`WorkerContext` holding everything a loop needs: the transport (every exchange goes through
+it, so bytes are counted), the workload, the codec factory, injected faults and the recorder. It
+reports per step compute / communication / idle seconds and bytes, and returns a small dict of
+final figures.
+
+Adding a strategy: write one file with a subclass, decorate it with ``@register``, and import it in
+``tandem/strategies/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from tandem.codecs import Codec, make_codec
+
+if TYPE_CHECKING:
+    from tandem.config import RunConfig
+    from tandem.telemetry.recorder import Recorder
+    from tandem.transport.faults import ComputeFaults
+    from tandem.transport.group import Transport
+    from tandem.workloads.base import Workload
+
+
+class StrategyOptions(BaseModel):
+    """Base of every strategy's options model (unknown options are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class WorkerContext:
+    """Everything one process's loop needs."""
+
+    cfg: RunConfig
+    transport: Transport
+    workload: Workload
+    recorder: Recorder
+    faults: ComputeFaults
+    run_dir: Path
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        return self.transport.rank
+
+    @property
+    def world(self) -> int:
+        return self.transport.world
+
+    def make_codec(self, seed_offset: int = 0) -> Codec:
+        codec = make_codec(self.cfg.codec.name, self.cfg.codec.options, seed=self.cfg.seed + seed_offset)
+        return codec
+
+
+class Strategy:
+    """Base class. Subclasses set ``name`` and ``Options`` and implement :meth:`run`."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[StrategyOptions]] = StrategyOptions
+    #: the data-holding workers are ranks ``0 .. cfg.workers-1``; extra roles come after them
+    needs_transport: ClassVar[bool] = True
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+        self.opts = ctx.cfg.strategy_options()
+
+    @classmethod
+    def processes(cls, cfg: RunConfig) -> int:
+        """How many processes the launcher starts (a parameter server adds its servers)."""
+        return cfg.workers
+
+    @classmethod
+    def total_steps(cls, cfg: RunConfig, train_size: int) -> int:
+        """Steps per worker: ``--steps``, or ``--epochs`` over this worker's shard."""
+        if cfg.steps is not None:
+            return cfg.steps
+        epochs = cfg.epochs if cfg.epochs is not None else 1.0
+        shard = max(1, train_size // max(1, cfg.workers))
+        return max(1, math.ceil(epochs * shard / cfg.batch_size))
+
+    def eval_every(self, total: int) -> int:
+        return self.ctx.cfg.eval_every or max(1, total // 20)
+
+    def run(self) -> dict[str, Any]:
+        raise NotImplementedError

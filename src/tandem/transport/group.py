@@ -1,0 +1,283 @@
+"""The transport: the only module that talks to ``torch.distributed``.
+
+Every exchange a strategy or codec makes goes through :class:`Transport`, which
+
+* issues the engine's asynchronous operation (gloo on CPU, NCCL when CUDA is present);
+* charges its bytes to the :class:`~tandem.transport.accounting.ByteMeter`;
+* delays its completion to what an emulated link would allow (:mod:`.shaping`);
+* returns a :class:`~tandem.transport.liveness.Pending` whose ``wait()`` has a deadline and,
+  on expiry, names the ranks that did not answer.
+
+Point-to-point traffic uses its own process group, so a broken receive never poisons the
+collectives, and every message gets a unique tag (a per-peer sequence number) because gloo lets an
+unsatisfied receive swallow the next message with the same source and tag.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tandem.config import NetConfig
+from tandem.transport import costs
+from tandem.transport.accounting import ByteMeter, StepBytes
+from tandem.transport.liveness import Liveness, Pending, Scheduler, Waiters
+from tandem.transport.packing import TensorSpec, header_of, nbytes_of, pack, specs_from_header, unpack
+from tandem.transport.shaping import LinkEmulator
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+@dataclass
+class Group:
+    """A set of ranks that run collectives together (``ranks`` are global ranks)."""
+
+    pg: Any
+    ranks: list[int]
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+class Transport:
+    """Asynchronous, metered, deadline-bounded communication for one process."""
+
+    def __init__(self, rank: int, world: int, store: Any, *, backend: str = "gloo",
+                 net: NetConfig | None = None, timeout_s: float = 60.0, seed: int = 0,
+                 device: torch.device | None = None) -> None:
+        self.rank, self.world, self.backend = rank, world, backend
+        self.timeout_s = timeout_s
+        self.device = device or torch.device("cpu")
+        self.meter = ByteMeter()
+        self.link = LinkEmulator(net, rank, seed)
+        self.store = store
+        self.liveness = Liveness(dist.PrefixStore("live", store), rank, world)
+        self._scheduler = Scheduler()
+        self._waiters = Waiters()
+        self._seq_lock = threading.Lock()
+        self._send_seq: dict[int, int] = {}
+        self._recv_seq: dict[int, int] = {}
+        pg_timeout = timedelta(seconds=timeout_s + 30)
+        if not dist.is_initialized():
+            dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank,
+                                    world_size=world, timeout=pg_timeout)
+        self.world_group = Group(dist.group.WORLD, list(range(world)))
+        # Point-to-point traffic on its own group (gloo p2p uses the device-less CPU path).
+        self._p2p_pg = dist.new_group(list(range(world)), backend="gloo", timeout=pg_timeout)
+
+    # ---- groups -----------------------------------------------------------------------------
+    def new_group(self, ranks: list[int]) -> Group:
+        """Create a collective group; every rank must call this with the same ``ranks``."""
+        pg = dist.new_group(sorted(ranks), timeout=timedelta(seconds=self.timeout_s + 30))
+        return Group(pg, sorted(ranks))
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _finish_collective(self, work: Any, pending: Pending, traffic: costs.Traffic,
+                           issued: float, result: Any, seconds: float | None = None) -> None:
+        def run() -> None:
+            try:
+                work.wait()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            except BaseException as err:  # noqa: BLE001 - reported to the caller
+                pending.set_error(err)
+                return
+            done_at = self.link.collective_done_time(traffic, issued, time.monotonic(), seconds)
+            self._complete_at(done_at, pending, result)
+
+        self._waiters.ordered.submit(run)
+
+    def _complete_at(self, when: float, pending: Pending, result: Any) -> None:
+        if when <= time.monotonic():
+            pending.set_result(result)
+        else:
+            self._scheduler.at(when, lambda: pending.set_result(result))
+
+    def _pending(self, what: str, peers: list[int] | None) -> Pending:
+        return Pending(what, self.liveness, peers, self.timeout_s)
+
+    def _group(self, group: Group | None) -> Group:
+        return group or self.world_group
+
+    def _note_collective(self, group: Group) -> None:
+        if group is self.world_group:
+            self.liveness.collectives_issued += 1
+
+    # ---- collectives ------------------------------------------------------------------------
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, group: Group | None = None,
+                   category: str = "train") -> Pending:
+        """In-place all-reduce; the handle's result is ``tensor``."""
+        g = self._group(group)
+        nbytes = tensor.numel() * tensor.element_size()
+        traffic = costs.all_reduce(nbytes, g.size)
+        self.meter.record("all_reduce", traffic.sent, traffic.recv, category=category)
+        pending = self._pending(f"all_reduce of {nbytes} bytes", None if g is self.world_group else g.ranks)
+        issued = time.monotonic()
+        self._note_collective(g)
+        work = dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=g.pg, async_op=True)
+        self._finish_collective(work, pending, traffic, issued, tensor)
+        return pending
+
+    def all_gather(self, tensor: torch.Tensor, *, group: Group | None = None,
+                   category: str = "train") -> Pending:
+        """Gather equal-size tensors from every rank; result: list ordered by group rank."""
+        g = self._group(group)
+        nbytes = tensor.numel() * tensor.element_size()
+        traffic = costs.all_gather(nbytes, g.size)
+        self.meter.record("all_gather", traffic.sent, traffic.recv, category=category)
+        out = [torch.empty_like(tensor) for _ in range(g.size)]
+        pending = self._pending(f"all_gather of {nbytes} bytes", None if g is self.world_group else g.ranks)
+        issued = time.monotonic()
+        self._note_collective(g)
+        work = dist.all_gather(out, tensor.contiguous(), group=g.pg, async_op=True)
+        self._finish_collective(work, pending, traffic, issued, out)
+        return pending
+
+    def broadcast(self, tensor: torch.Tensor, src: int, *, group: Group | None = None,
+                  category: str = "train") -> Pending:
+        """In-place broadcast from global rank ``src``; the root's link sets the pace."""
+        g = self._group(group)
+        nbytes = tensor.numel() * tensor.element_size()
+        traffic = costs.broadcast(nbytes, g.size, self.rank == src)
+        self.meter.record("broadcast", traffic.sent, traffic.recv, category=category)
+        seconds = None
+        if self.link.net is not None:
+            seconds = costs.broadcast_root_seconds(nbytes, g.size, self.link.net.bytes_per_s, 0.0)
+        pending = self._pending(f"broadcast of {nbytes} bytes from rank {src}", [src])
+        issued = time.monotonic()
+        self._note_collective(g)
+        work = dist.broadcast(tensor, src=src, group=g.pg, async_op=True)
+        self._finish_collective(work, pending, traffic, issued, tensor, seconds)
+        return pending
+
+    def barrier(self, *, group: Group | None = None) -> Pending:
+        g = self._group(group)
+        pending = self._pending("barrier", None if g is self.world_group else g.ranks)
+        issued = time.monotonic()
+        self._note_collective(g)
+        work = dist.barrier(group=g.pg, async_op=True)
+        self._finish_collective(work, pending, costs.barrier(g.size), issued, None)
+        return pending
+
+    # ---- point to point ---------------------------------------------------------------------
+    def _next_tag(self, table: dict[int, int], peer: int) -> int:
+        with self._seq_lock:
+            table[peer] = table.get(peer, 0) + 1
+            return table[peer] % (2**31 - 1)
+
+    def send(self, tensor: torch.Tensor, dst: int, *, category: str = "train") -> Pending:
+        """Send to ``dst``; completes when the emulated egress has carried it."""
+        tensor = tensor.detach().contiguous().cpu()
+        nbytes = tensor.numel() * tensor.element_size()
+        self.meter.record("send", nbytes, 0, peer=dst, category=category)
+        tag = self._next_tag(self._send_seq, dst)
+        pending = self._pending(f"send of {nbytes} bytes to rank {dst}", [dst])
+        egress_done, release = self.link.send_release_time(nbytes)
+
+        def issue() -> None:
+            try:
+                work = dist.isend(tensor, dst, group=self._p2p_pg, tag=tag)
+            except BaseException as err:  # noqa: BLE001
+                pending.set_error(err)
+                return
+
+            def wait() -> None:
+                try:
+                    work.wait()
+                except BaseException as err:  # noqa: BLE001
+                    pending.set_error(err)
+                    return
+                self._complete_at(egress_done, pending, None)
+
+            self._waiters.pool.submit(wait)
+
+        if release <= time.monotonic():
+            issue()
+        else:
+            self._scheduler.at(release, issue)
+        return pending
+
+    def recv(self, tensor: torch.Tensor, src: int, *, category: str = "train") -> Pending:
+        """Receive into ``tensor`` from ``src``; result: ``tensor``."""
+        nbytes = tensor.numel() * tensor.element_size()
+        tag = self._next_tag(self._recv_seq, src)
+        pending = self._pending(f"receive of {nbytes} bytes from rank {src}", [src])
+        buf = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
+        work = dist.irecv(buf, src, group=self._p2p_pg, tag=tag)
+
+        def wait() -> None:
+            try:
+                work.wait()
+            except BaseException as err:  # noqa: BLE001
+                pending.set_error(err)
+                return
+            self.meter.record("recv", 0, nbytes, peer=src, category=category)
+            if buf is not tensor:
+                tensor.copy_(buf)
+            self._complete_at(self.link.recv_done_time(nbytes, time.monotonic()), pending, tensor)
+
+        self._waiters.pool.submit(wait)
+        return pending
+
+    def send_packed(self, tensors: list[torch.Tensor], dst: int, *, category: str = "train") -> Pending:
+        """Send several tensors as one message; the receiver must know their specs."""
+        return self.send(pack(tensors), dst, category=category)
+
+    def recv_packed(self, specs: list[TensorSpec], src: int, *, category: str = "train") -> Pending:
+        """Receive a message made by :meth:`send_packed`; result: list of tensors."""
+        buf = torch.empty(nbytes_of(specs), dtype=torch.uint8)
+        inner = self.recv(buf, src, category=category)
+        outer = self._pending(inner.what, [src])
+
+        def chain() -> None:
+            try:
+                outer.set_result(unpack(inner.wait(), specs))
+            except BaseException as err:  # noqa: BLE001
+                outer.set_error(err)
+
+        self._waiters.pool.submit(chain)
+        return outer
+
+    def send_message(self, tensors: list[torch.Tensor], dst: int, *, category: str = "train") -> Pending:
+        """Send self-describing tensors (a header first); the receiver needs no specs."""
+        header = header_of([(t.dtype, tuple(t.shape)) for t in tensors])
+        self.send(torch.tensor([header.numel()], dtype=torch.int64), dst, category=category)
+        self.send(header, dst, category=category)
+        return self.send_packed(tensors, dst, category=category)
+
+    def recv_message(self, src: int, *, category: str = "train", timeout: float | None = None) -> list[torch.Tensor]:
+        """Blocking receive of a :meth:`send_message` message."""
+        n = torch.empty(1, dtype=torch.int64)
+        self.recv(n, src, category=category).wait(timeout)
+        header = torch.empty(int(n.item()), dtype=torch.int64)
+        self.recv(header, src, category=category).wait(timeout)
+        return self.recv_packed(specs_from_header(header), src, category=category).wait(timeout)
+
+    # ---- steps and shutdown -----------------------------------------------------------------
+    def end_step(self) -> StepBytes:
+        return self.meter.end_step()
+
+    def close(self, *, graceful: bool = True) -> None:
+        """Stop the helper threads; on a graceful close also tear down the process groups."""
+        self.liveness.stop()
+        self._scheduler.stop()
+        self._waiters.shutdown()
+        if graceful and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def pick_backend(requested: str) -> tuple[str, torch.device]:
+    """``auto`` -> NCCL on this process's GPU when CUDA is present, gloo on CPU otherwise."""
+    if requested == "nccl" or (requested == "auto" and torch.cuda.is_available()):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return "nccl", torch.device("cuda", local)
+    return "gloo", torch.device("cpu")

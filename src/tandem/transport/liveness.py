@@ -1,0 +1,203 @@
+"""Handles with deadlines, the timer that completes them, and heartbeats that name silent peers.
+
+gloo facts this module designs around (measured here, see MACHINE-NOTES): a work handle's
+``is_completed()`` stays False until ``wait()`` is called, ``wait(timeout)`` that expires breaks the
+whole group, and there is no abort from Python. So a background thread calls ``wait()`` and the
+caller waits on an event with its own deadline. When the deadline passes the caller gets a
+:class:`~tandem.errors.PeerTimeout` naming the ranks that look responsible:
+
+* ranks the launcher (or a peer) marked dead in the store;
+* ranks whose heartbeat is stale (their process is gone or frozen);
+* for a collective, ranks whose published collective count is behind ours (they never joined).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tandem.errors import PeerTimeout, WorkerFailed
+
+HEARTBEAT_S = 0.5
+STALE_S = 5.0
+
+
+class Pending:
+    """The result of an asynchronous operation; ``wait()`` never blocks past its deadline."""
+
+    def __init__(self, what: str, liveness: Liveness | None, peers: list[int] | None,
+                 timeout_s: float) -> None:
+        self.what = what
+        self._liveness = liveness
+        self._peers = peers
+        self._timeout_s = timeout_s
+        self._event = threading.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+        self.completed_at: float | None = None
+
+    def set_result(self, value: Any = None) -> None:
+        self._result = value
+        self.completed_at = time.monotonic()
+        self._event.set()
+
+    def set_error(self, err: BaseException) -> None:
+        self._error = err
+        self.completed_at = time.monotonic()
+        self._event.set()
+
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until done, or raise PeerTimeout/WorkerFailed naming who did not answer."""
+        limit = self._timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            left = deadline - time.monotonic()
+            if self._event.wait(min(max(left, 0.0), 0.5)):
+                break
+            if self._liveness is not None:
+                dead = self._liveness.dead_ranks(self._peers)
+                if dead:
+                    raise WorkerFailed(
+                        f"{self.what}: worker rank(s) {dead} died; "
+                        f"{self._liveness.describe(dead)}", ranks=dead)
+            if left <= 0:
+                suspects = self._liveness.suspects(self._peers) if self._liveness else []
+                who = f"rank(s) {suspects}" if suspects else f"peer(s) {self._peers or 'unknown'}"
+                raise PeerTimeout(
+                    f"{self.what}: no answer within {limit:.1f}s; {who} did not answer. "
+                    "Raise timeout_s if the link is slow, or check those workers' logs.",
+                    ranks=suspects or list(self._peers or []))
+        if self._error is not None:
+            dead = self._liveness.dead_ranks(self._peers) if self._liveness else []
+            if not dead and self._liveness is not None:
+                time.sleep(HEARTBEAT_S * 3)  # give a dying peer's mark time to land
+                dead = self._liveness.dead_ranks(self._peers) or self._liveness.suspects(self._peers)
+            if dead:
+                raise WorkerFailed(f"{self.what} failed because rank(s) {dead} stopped answering: "
+                                   f"{self._error}", ranks=dead) from self._error
+            raise WorkerFailed(f"{self.what} failed: {self._error}") from self._error
+        return self._result
+
+
+class Scheduler:
+    """One timer thread that runs callbacks at given monotonic times (delayed completion)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Callable[[], None]]] = []
+        self._cv = threading.Condition()
+        self._seq = itertools.count()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="tandem-timer", daemon=True)
+        self._thread.start()
+
+    def at(self, when: float, fn: Callable[[], None]) -> None:
+        with self._cv:
+            heapq.heappush(self._heap, (when, next(self._seq), fn))
+            self._cv.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopped and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    timeout = None if not self._heap else self._heap[0][0] - time.monotonic()
+                    self._cv.wait(timeout)
+                if self._stopped:
+                    return
+                _, _, fn = heapq.heappop(self._heap)
+            fn()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+
+
+class Waiters:
+    """Threads that call the blocking ``wait()`` of engine work handles.
+
+    Collectives of one group complete in issue order, so one ordered thread serves them;
+    point-to-point receives can complete in any order, so each gets a pool thread.
+    """
+
+    def __init__(self, p2p_threads: int = 64) -> None:
+        self.ordered = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-coll")
+        self.pool = ThreadPoolExecutor(max_workers=p2p_threads, thread_name_prefix="tandem-p2p")
+
+    def shutdown(self) -> None:
+        self.ordered.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Liveness:
+    """Heartbeats and progress counters in the rendezvous store; answers "who is silent?"."""
+
+    def __init__(self, store: Any, rank: int, world: int) -> None:
+        self.store = store
+        self.rank = rank
+        self.world = world
+        self.collectives_issued = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._beat()
+        self._thread = threading.Thread(target=self._loop, name="tandem-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        with self._lock:
+            self.store.set(f"hb/{self.rank}", f"{time.time():.3f}:{self.collectives_issued}")
+
+    def _loop(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self._beat()
+            except Exception:  # store gone: the launcher or rank 0 died; waits will report it
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def mark_dead(self, rank: int, why: str) -> None:
+        with self._lock:
+            self.store.set(f"dead/{rank}", why)
+
+    def _read(self, key: str) -> str | None:
+        try:
+            with self._lock:
+                if not self.store.check([key]):
+                    return None
+                return self.store.get(key).decode()
+        except Exception:
+            return None
+
+    def dead_ranks(self, peers: list[int] | None = None) -> list[int]:
+        ranks = peers if peers is not None else range(self.world)
+        return [r for r in ranks if r != self.rank and self._read(f"dead/{r}") is not None]
+
+    def describe(self, ranks: list[int]) -> str:
+        return "; ".join(f"rank {r}: {self._read(f'dead/{r}') or 'no heartbeat'}" for r in ranks)
+
+    def suspects(self, peers: list[int] | None = None) -> list[int]:
+        """Ranks that are dead, silent, or behind us in the sequence of collectives."""
+        ranks = [r for r in (peers if peers is not None else range(self.world)) if r != self.rank]
+        now = time.time()
+        out = []
+        for r in ranks:
+            if self._read(f"dead/{r}") is not None:
+                out.append(r)
+                continue
+            hb = self._read(f"hb/{r}")
+            if hb is None:
+                out.append(r)
+                continue
+            stamp, count = hb.split(":")
+            if now - float(stamp) > STALE_S or (peers is None and int(count) < self.collectives_issued):
+                out.append(r)
+        return out

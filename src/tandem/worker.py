@@ -1,0 +1,70 @@
+"""The worker entry point: one process of a run, under Tandem's launcher or under torchrun.
+
+``main(config)`` joins the job (transport from the environment), builds the workload, the
+recorder and the strategy for this rank, runs it, and leaves the run record behind. Under
+torchrun (``tandem worker --config run.yaml``) rank 0 also writes the summary and plots once
+everyone has finished; under the local launcher the launcher does it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from tandem.config import RunConfig
+from tandem.runtime import transport_from_env
+from tandem.strategies import STRATEGIES
+from tandem.strategies.base import WorkerContext
+from tandem.telemetry.recorder import Recorder
+from tandem.transport.faults import ComputeFaults
+from tandem.workloads import build_workload
+from tandem.workloads.base import Workload
+
+
+def main(cfg_data: dict[str, Any], workload: Workload | None = None,
+         return_params: bool = False, finalize: bool = False) -> dict[str, Any]:
+    """Run this process's role of the job described by ``cfg_data``; return its final figures."""
+    cfg = RunConfig.model_validate(cfg_data)
+    torch.set_num_threads(cfg.threads_per_worker)
+    transport = transport_from_env(net=cfg.net, timeout_s=cfg.timeout_s, seed=cfg.seed,
+                                   backend=cfg.backend)
+    graceful = False
+    try:
+        strategy_cls = STRATEGIES[cfg.strategy.name]
+        work = workload or build_workload(cfg.workload, cfg.seed)
+        run_dir = cfg.run_dir()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        total = strategy_cls.total_steps(cfg, len(work.train))
+        recorder = Recorder(run_dir, transport.rank, world=transport.world,
+                            tensorboard=cfg.tensorboard, progress_total=total,
+                            progress=cfg.progress)
+        ctx = WorkerContext(cfg=cfg, transport=transport, workload=work, recorder=recorder,
+                            faults=ComputeFaults.from_config(cfg, transport.rank), run_dir=run_dir)
+        strategy = strategy_cls(ctx)
+        transport.barrier().wait()
+        recorder.start()
+        result = strategy.run()
+        recorder.close()
+        transport.barrier().wait()
+        if finalize and transport.rank == 0:
+            from tandem.telemetry.summary import finalize_run
+
+            result["summary"] = finalize_run(run_dir, cfg.model_dump(mode="json"),
+                                             target_accuracy=cfg.target_accuracy)
+        graceful = True
+    finally:
+        transport.close(graceful=graceful)
+    if not return_params:
+        result.pop("params", None)
+    return result
+
+
+def torchrun_main(config_path: str) -> None:
+    """Entry for ``torchrun ... -m tandem.cli worker --config run.yaml``."""
+    from tandem.config import load_config
+
+    cfg = load_config(path=config_path)
+    os.environ.setdefault("TANDEM_THREADS", str(cfg.threads_per_worker))
+    main(cfg.model_dump(mode="json"), finalize=True)

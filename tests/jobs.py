@@ -1,0 +1,79 @@
+"""Functions run inside spawned worker processes by the tests (must be importable by name)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import torch
+
+from tandem.config import NetConfig
+from tandem.runtime import transport_from_env
+
+
+def byte_counts(world: int) -> dict:
+    """all_reduce, broadcast, send/recv: return what the meter charged on this rank."""
+    t = transport_from_env(timeout_s=30)
+    out = {}
+    x = torch.ones(1000)  # 4000 bytes
+    t.all_reduce(x).wait()
+    out["all_reduce"] = t.end_step()
+    y = torch.ones(250, dtype=torch.float64)  # 2000 bytes
+    t.broadcast(y, src=0).wait()
+    out["broadcast"] = t.end_step()
+    if t.rank == 0:
+        t.send(torch.ones(100, dtype=torch.int32), 1).wait()  # 400 bytes
+    elif t.rank == 1:
+        t.recv(torch.empty(100, dtype=torch.int32), 0).wait()
+    out["p2p"] = t.end_step()
+    out["sum_ok"] = float(x[0]) == world
+    t.close()
+    return {k: (v.sent, v.recv) if hasattr(v, "sent") else v for k, v in out.items()}
+
+
+def link_timing(net: str, sizes: list[int]) -> list[tuple[int, float, float]]:
+    """Time all_reduce and send on an emulated link; return (bytes, all_reduce s, p2p s)."""
+    t = transport_from_env(net=NetConfig.parse(net), timeout_s=60)
+    rows = []
+    for n in sizes:
+        x = torch.zeros(n // 4)
+        t.barrier().wait()
+        t0 = time.monotonic()
+        t.all_reduce(x).wait()
+        ar = time.monotonic() - t0
+        t.barrier().wait()
+        t0 = time.monotonic()
+        if t.rank == 0:
+            t.send(x, 1).wait()
+            t.recv(torch.zeros(1), 1).wait()
+        elif t.rank == 1:
+            t.recv(x, 0).wait()
+            t.send(torch.zeros(1), 0).wait()
+        p2p = time.monotonic() - t0
+        rows.append((n, ar, p2p))
+    t.close()
+    return rows
+
+
+def die_mid_run(victim: int, steps: int) -> int:
+    """Every rank all-reduces in a loop; ``victim`` kills itself with SIGKILL at step 3."""
+    t = transport_from_env(timeout_s=20)
+    for step in range(steps):
+        if t.rank == victim and step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        t.all_reduce(torch.ones(10)).wait()
+        time.sleep(0.05)
+    t.close()
+    return steps
+
+
+def silent_peer(timeout_s: float) -> int:
+    """Rank 1 never joins the all-reduce (it sleeps): rank 0's wait must name rank 1."""
+    t = transport_from_env(timeout_s=timeout_s)
+    if t.rank == 1:
+        time.sleep(timeout_s + 8)
+        t.close(graceful=False)
+        return 1
+    t.all_reduce(torch.ones(10)).wait()
+    return 0

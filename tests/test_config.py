@@ -1,0 +1,65 @@
+"""Config validation: every bad value is a ConfigError naming the field, never a deep traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem.config import NetConfig, StragglerConfig, load_config, parse_options
+from tandem.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
+    cfg = load_config()
+    p = tmp_path / "c.yaml"
+    p.write_text(cfg.to_yaml())
+    assert load_config(path=p) == cfg
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"workers": 0}, "workers"),
+    ({"lr": -1}, "lr"),
+    ({"strategy.name": "nope"}, "strategy"),
+    ({"codec.name": "zip"}, "codec"),
+    ({"net": "fast"}, "net"),
+    ({"net": "100mbit:1parsec"}, "net"),
+    ({"stragglers": "1.5:2"}, "stragglers"),
+    ({"slow_workers": ["9:2"], "workers": 2}, "slow_workers"),
+    ({"workload.name": "cifar"}, "workload.name"),
+    ({"batch_size": "big"}, "batch_size"),
+    ({"surprise": 1}, "surprise"),
+    ({"codec.options.bogus": 1}, "codec"),
+])
+def test_invalid_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as info:
+        load_config(**overrides)
+    assert field in str(info.value)
+
+
+def test_unknown_strategy_lists_the_choices():
+    with pytest.raises(ConfigError) as info:
+        load_config(**{"strategy.name": "nope"})
+    assert "allreduce" in str(info.value)
+
+
+def test_compact_forms_parse():
+    net = NetConfig.parse("100mbit:1ms:200us")
+    assert net.bytes_per_s == pytest.approx(12.5e6)
+    assert net.latency_s == pytest.approx(1e-3) and net.jitter_s == pytest.approx(2e-4)
+    s = StragglerConfig.parse("0.2:5")
+    assert (s.p, s.kind, s.factor) == (0.2, "factor", 5.0)
+    e = StragglerConfig.parse("0.1:exp:0.05")
+    assert (e.kind, e.mean_s) == ("exp", 0.05)
+    cfg = load_config(workers=4, slow_workers="1:3", net="1gbit:0.2ms")
+    assert cfg.slow_workers[0].rank == 1 and cfg.slow_workers[0].factor == 3
+    assert parse_options(["ratio=0.01", "variant=ps"]) == {"ratio": 0.01, "variant": "ps"}
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(path=tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("workers: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path=bad)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_options(["ratio"])
