@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/tandem train --workload digits --strategy allreduce --workers 4 --epochs 30 \
-		--lr 0.1 --target-accuracy 0.95 --out runs/demo
+		--lr 0.2 --target-accuracy 0.95 --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -77,3 +77,29 @@ def silent_peer(timeout_s: float) -> int:
         return 1
     t.all_reduce(torch.ones(10)).wait()
     return 0
+
+
+def ddp_reference(cfg_data: dict) -> list:
+    """Plain PyTorch DDP on the same workload, shards, seeds and steps as Tandem's allreduce."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tandem.config import RunConfig
+    from tandem.strategies.training import build_model, build_optimizer
+    from tandem.workloads import build_workload
+    from tandem.workloads.base import ShardLoader, partition
+
+    cfg = RunConfig.model_validate(cfg_data)
+    t = transport_from_env(timeout_s=60)  # initialises the default process group
+    work = build_workload(cfg.workload, cfg.seed)
+    model = DistributedDataParallel(build_model(work, cfg.seed))
+    opt = build_optimizer(model, cfg)
+    shards = partition(work.train.y, cfg.workers, cfg.workload.partition, seed=cfg.seed)
+    loader = ShardLoader(work.train, shards[t.rank], cfg.batch_size, seed=cfg.seed * 1000 + t.rank)
+    for _ in range(cfg.steps):
+        x, y = loader.next_batch()
+        opt.zero_grad(set_to_none=True)
+        work.loss_fn(model(x), y).backward()
+        opt.step()
+    params = [p.detach().clone() for p in model.module.parameters()]
+    t.close()
+    return params

@@ -151,5 +151,20 @@ def strategies() -> None:
             typer.echo(f"    {k}={f.default!r}  {f.description or ''}")
 
 
+def _load_commands() -> None:
+    """Each module of ``tandem.commands`` adds its commands (sweep, sim, ...) with register(app)."""
+    import importlib
+    import pkgutil
+
+    import tandem.commands as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        module = importlib.import_module(f"{pkg.__name__}.{mod.name}")
+        if hasattr(module, "register"):
+            module.register(app)
+
+
+_load_commands()
+
 if __name__ == "__main__":
     app()

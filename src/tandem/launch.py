@@ -15,8 +15,8 @@ instead of hanging until their timeout. Every child is terminated, then killed, 
 from __future__ import annotations
 
 import multiprocessing as mp
+from multiprocessing import connection as mp_connection
 import os
-import queue as queue_mod
 import signal
 import time
 import traceback
@@ -30,7 +30,7 @@ _GRACE_S = 5.0
 
 
 def _child(rank: int, world: int, addr: str, port: int, fn: Callable[..., Any], args: tuple,
-           results: Any, env: dict[str, str]) -> None:
+           conn: Any, env: dict[str, str]) -> None:
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": addr,
@@ -40,17 +40,17 @@ def _child(rank: int, world: int, addr: str, port: int, fn: Callable[..., Any], 
     torch.set_num_threads(int(env.get("TANDEM_THREADS", "1")))
     try:
         value = fn(*args)
-        results.put((rank, "ok", value))
+        conn.send((rank, "ok", value))
+        conn.close()
     except BaseException as err:  # noqa: BLE001 - every failure is reported to the parent
         kind = type(err).__name__
         detail = str(err) if isinstance(err, TandemError) else traceback.format_exc()
         try:
-            results.put((rank, "error", f"{kind}: {detail}"))
-            time.sleep(0.2)  # let the queue's feeder thread flush
+            conn.send((rank, "error", f"{kind}: {detail}"))
+            conn.close()
         finally:
             os._exit(1)
     # A clean exit still skips interpreter teardown of stuck engine threads.
-    time.sleep(0.1)
     os._exit(0)
 
 
@@ -76,50 +76,49 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 300
     """
     ctx = mp.get_context("spawn")
     store = host_store(addr, world)
-    results = ctx.Queue()
+    pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
     procs = [ctx.Process(target=_child, name=f"tandem-rank{r}",
-                         args=(r, world, addr, store.port, fn, args, results, dict(env or {})))
+                         args=(r, world, addr, store.port, fn, args, pipes[r][1], dict(env or {})))
              for r in range(world)]
+    readers = {pipes[r][0]: r for r in range(world)}
     out: dict[int, Any] = {}
     errors: dict[int, str] = {}
     deadline = time.monotonic() + timeout_s
+
+    def take(conn: Any) -> None:
+        r = readers.pop(conn)
+        try:
+            rank, status, value = conn.recv()
+        except (EOFError, OSError):  # closed without a report: the process died
+            procs[r].join(1.0)
+            why = _describe_exit(procs[r].exitcode)
+            errors[r] = f"worker {r} {why} without reporting"
+            mark_dead(store, r, why)
+            return
+        if status == "ok":
+            out[rank] = value
+        else:
+            errors[rank] = value
+            mark_dead(store, rank, f"raised {value.splitlines()[0][:200]}")
+
     try:
         for p in procs:
             p.start()
+        for _, w in pipes:
+            w.close()  # the parent keeps only the read ends: EOF means the child is gone
         if on_start is not None:
             on_start(procs, store)
-        while len(out) + len(errors) < world:
-            try:
-                rank, status, value = results.get(timeout=0.2)
-                (out if status == "ok" else errors)[rank] = value
-                if status != "ok":
-                    mark_dead(store, rank, f"raised {value.splitlines()[0][:200]}")
-                continue
-            except queue_mod.Empty:
-                pass
-            for r, p in enumerate(procs):
-                if r in out or r in errors or p.is_alive():
-                    continue
-                # exited without a report: give the queue a moment, then call it dead
-                try:
-                    rank, status, value = results.get(timeout=0.5)
-                    (out if status == "ok" else errors)[rank] = value
-                    continue
-                except queue_mod.Empty:
-                    pass
-                if r not in out and r not in errors:
-                    why = _describe_exit(p.exitcode)
-                    errors[r] = f"worker {r} {why} without reporting"
-                    mark_dead(store, r, why)
+        while readers:
+            for conn in mp_connection.wait(list(readers), timeout=0.5):
+                take(conn)
             if time.monotonic() > deadline:
-                silent = [r for r in range(world) if r not in out and r not in errors]
+                silent = sorted(readers.values())
                 raise WorkerFailed(f"job exceeded {timeout_s:.0f}s; rank(s) {silent} never "
                                    "finished", ranks=silent)
-    except KeyboardInterrupt:
-        raise
     finally:
         _reap(procs)
-        results.close()
+        for r, _ in pipes:
+            r.close()
     if errors:
         first = min(errors)
         ranks = sorted(errors)

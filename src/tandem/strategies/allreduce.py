@@ -29,9 +29,12 @@ from tandem.strategies.training import (
 class AllReduceStrategy(Strategy):
     name = "allreduce"
 
+    def setup(self) -> None:
+        self.trainer = LocalTrainer(self.ctx)
+
     def run(self) -> dict[str, Any]:
         ctx = self.ctx
-        trainer = LocalTrainer(ctx)
+        trainer = self.trainer
         codec = ctx.make_codec()
         total = self.total_steps(ctx.cfg, len(ctx.workload.train))
         if hasattr(codec, "set_total_steps"):

@@ -89,5 +89,9 @@ class Strategy:
     def eval_every(self, total: int) -> int:
         return self.ctx.cfg.eval_every or max(1, total // 20)
 
+    def setup(self) -> None:
+        """Build models, optimizers and codecs before the clock starts (called before the
+        start barrier, so one-off costs do not count as training time)."""
+
     def run(self) -> dict[str, Any]:
         raise NotImplementedError

@@ -22,9 +22,12 @@ class LocalStrategy(Strategy):
     def processes(cls, cfg: Any) -> int:
         return 1
 
+    def setup(self) -> None:
+        self.trainer = LocalTrainer(self.ctx, worker=0)
+
     def run(self) -> dict[str, Any]:
         ctx = self.ctx
-        trainer = LocalTrainer(ctx, worker=0)
+        trainer = self.trainer
         total = self.total_steps(ctx.cfg, len(ctx.workload.train))
         every = self.eval_every(total)
         rec = ctx.recorder
