@@ -103,3 +103,12 @@ def ddp_reference(cfg_data: dict) -> list:
     params = [p.detach().clone() for p in model.module.parameters()]
     t.close()
     return params
+
+
+def raise_on_rank(bad: int) -> int:
+    t = transport_from_env(timeout_s=20)
+    if t.rank == bad:
+        raise RuntimeError(f"boom on rank {bad}")
+    t.all_reduce(torch.ones(4)).wait()
+    t.close()
+    return t.rank

@@ -13,6 +13,7 @@ because workers are started with the ``spawn`` method.
 
 from __future__ import annotations
 
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,10 @@ def train(config: RunConfig | dict[str, Any] | str | Path, *, workload: Workload
     procs = STRATEGIES[cfg.strategy.name].processes(cfg)
     limit = timeout_s if timeout_s is not None else 24 * 3600.0
     env = {"TANDEM_THREADS": str(cfg.threads_per_worker)}
-    results = spawn(worker.main, procs, cfg.model_dump(mode="json"), workload, return_results,
+    # Plain pickle bytes: tensors are copied, not shared through multiprocessing's machinery
+    # (which would leave shared-memory handles and semaphores to clean up).
+    payload = pickle.dumps(workload) if workload is not None else None
+    results = spawn(worker.main, procs, cfg.model_dump(mode="json"), payload, return_results,
                     timeout_s=limit, addr=cfg.master_addr, env=env)
     summary = finalize_run(run_dir, cfg.model_dump(mode="json"), target_accuracy=cfg.target_accuracy,
                            extra={"results": [{k: v for k, v in r.items() if k != "params"}

@@ -50,7 +50,11 @@ def _child(rank: int, world: int, addr: str, port: int, fn: Callable[..., Any], 
             conn.close()
         finally:
             os._exit(1)
-    # A clean exit still skips interpreter teardown of stuck engine threads.
+    # A clean exit still skips interpreter teardown (an engine thread may be stuck in a wait),
+    # but runs multiprocessing's finalizers so no semaphore is left for the resource tracker.
+    from multiprocessing import util
+
+    util._exit_function()
     os._exit(0)
 
 
@@ -99,7 +103,9 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 300
             out[rank] = value
         else:
             errors[rank] = value
-            mark_dead(store, rank, f"raised {value.splitlines()[0][:200]}")
+            # A rank that failed *because* a peer went silent is a consequence, not a cause.
+            if not value.startswith(("WorkerFailed", "PeerTimeout")):
+                mark_dead(store, rank, f"raised {value.splitlines()[0][:200]}")
 
     try:
         for p in procs:

@@ -9,6 +9,7 @@ everyone has finished; under the local launcher the launcher does it.
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Any
 
 import torch
@@ -23,10 +24,12 @@ from tandem.workloads import build_workload
 from tandem.workloads.base import Workload
 
 
-def main(cfg_data: dict[str, Any], workload: Workload | None = None,
+def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
          return_params: bool = False, finalize: bool = False) -> dict[str, Any]:
     """Run this process's role of the job described by ``cfg_data``; return its final figures."""
     cfg = RunConfig.model_validate(cfg_data)
+    if isinstance(workload, bytes):
+        workload = pickle.loads(workload)  # noqa: S301 - our own launcher's payload
     torch.set_num_threads(cfg.threads_per_worker)
     transport = transport_from_env(net=cfg.net, timeout_s=cfg.timeout_s, seed=cfg.seed,
                                    backend=cfg.backend)
