@@ -128,7 +128,8 @@ def main() -> None:
     for i, n in enumerate(SIZES):
         model_ar = costs.all_reduce(n, 2).seconds(net.bytes_per_s, 0.0)
         model_p2p = (n + 4) / net.bytes_per_s
-        for op, model, key in (("all_reduce", model_ar, "all_reduce_s"), ("send", model_p2p, "send_s")):
+        ops = (("all_reduce", model_ar, "all_reduce_s"), ("send", model_p2p, "send_s"))
+        for op, model, key in ops:
             emu = emulated[i][key]
             rl = real[i][key] if real else None
             b.row(bytes=n, op=op, model_s=model, emulated_s=emu, real_s=rl,

@@ -21,7 +21,8 @@ import tandem
 
 def make_net() -> nn.Module:
     """Your model: built fresh in every worker, from the same seed."""
-    return nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 2))
+    return nn.Sequential(nn.Linear(2, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                         nn.Linear(64, 2))
 
 
 def make_data(n: int, seed: int) -> TensorDataset:

@@ -18,12 +18,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tandem import worker
 from tandem.config import RunConfig, load_config
 from tandem.launch import spawn
 from tandem.strategies import STRATEGIES
 from tandem.telemetry.summary import finalize_run
 from tandem.workloads.base import Workload
-from tandem import worker
 
 
 def _as_config(config: RunConfig | dict[str, Any] | str | Path) -> RunConfig:
@@ -61,7 +61,8 @@ def train(config: RunConfig | dict[str, Any] | str | Path, *, workload: Workload
     payload = pickle.dumps(workload) if workload is not None else None
     results = spawn(worker.main, procs, cfg.model_dump(mode="json"), payload, return_results,
                     timeout_s=limit, addr=cfg.master_addr, env=env)
-    summary = finalize_run(run_dir, cfg.model_dump(mode="json"), target_accuracy=cfg.target_accuracy,
+    summary = finalize_run(run_dir, cfg.model_dump(mode="json"),
+                           target_accuracy=cfg.target_accuracy,
                            extra={"results": [{k: v for k, v in r.items() if k != "params"}
                                               for r in results]})
     if return_results:

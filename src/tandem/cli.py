@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -27,33 +27,33 @@ Opt = typer.Option
 
 @app.command()
 def train(
-    config: Annotated[Optional[Path], Opt(help="YAML config file; flags override it")] = None,
-    strategy: Annotated[Optional[str], Opt(help="allreduce | local | ... (`tandem strategies`)")] = None,
-    strategy_opt: Annotated[Optional[list[str]], Opt(help="strategy option KEY=VALUE (repeat)")] = None,
-    codec: Annotated[Optional[str], Opt(help="dense | fp16 | topk | ... (`tandem codecs`)")] = None,
-    codec_opt: Annotated[Optional[list[str]], Opt(help="codec option KEY=VALUE, e.g. ratio=0.01")] = None,
-    workers: Annotated[Optional[int], Opt(help="number of data-parallel workers")] = None,
-    workload: Annotated[Optional[str], Opt(help="digits | mnist5k | fashion | regression | resnet18")] = None,
-    data_path: Annotated[Optional[Path], Opt(help="dataset folder (fashion: the IDX .gz files)")] = None,
-    partition: Annotated[Optional[str], Opt(help="iid | label | redundant")] = None,
-    redundancy: Annotated[Optional[int], Opt(help="d: workers holding each partition")] = None,
-    steps: Annotated[Optional[int], Opt(help="steps per worker (overrides --epochs)")] = None,
-    epochs: Annotated[Optional[float], Opt(help="epochs over each worker's shard")] = None,
-    batch_size: Annotated[Optional[int], Opt(help="per-worker minibatch size")] = None,
-    lr: Annotated[Optional[float], Opt(help="learning rate")] = None,
-    momentum: Annotated[Optional[float], Opt(help="SGD momentum")] = None,
-    seed: Annotated[Optional[int], Opt(help="seed for model, data order, stragglers")] = None,
-    net: Annotated[Optional[str], Opt(help="emulated link BANDWIDTH:LATENCY[:JITTER], e.g. 100mbit:1ms")] = None,
-    stragglers: Annotated[Optional[str], Opt(help="P:FACTOR (0.2:5) or P:exp:MEAN_S")] = None,
-    slow_worker: Annotated[Optional[list[str]], Opt(help="RANK:FACTOR, a fixed slow worker (repeat)")] = None,
-    target_accuracy: Annotated[Optional[float], Opt(help="report time to this test accuracy")] = None,
-    eval_every: Annotated[Optional[int], Opt(help="steps between evaluations (0 = auto)")] = None,
-    out: Annotated[Optional[Path], Opt(help="run directory (default runs/<name>)")] = None,
-    name: Annotated[Optional[str], Opt(help="run name")] = None,
-    tensorboard: Annotated[Optional[bool], Opt("--tensorboard/--no-tensorboard", help="write TensorBoard scalars")] = None,
-    progress: Annotated[Optional[bool], Opt("--progress/--no-progress", help="progress bar")] = None,
-    timeout: Annotated[Optional[float], Opt(help="longest any wait may last, seconds")] = None,
-    nan_policy: Annotated[Optional[str], Opt(help="skip | stop on a NaN/Inf gradient")] = None,
+    config: Annotated[Path | None, Opt(help="YAML config file; flags override it")] = None,
+    strategy: Annotated[str | None, Opt(help="allreduce | local | ... (`tandem strategies`)")] = None,
+    strategy_opt: Annotated[list[str] | None, Opt(help="strategy option KEY=VALUE (repeat)")] = None,
+    codec: Annotated[str | None, Opt(help="dense | fp16 | topk | ... (`tandem codecs`)")] = None,
+    codec_opt: Annotated[list[str] | None, Opt(help="codec option KEY=VALUE, e.g. ratio=0.01")] = None,
+    workers: Annotated[int | None, Opt(help="number of data-parallel workers")] = None,
+    workload: Annotated[str | None, Opt(help="digits | mnist5k | fashion | regression | resnet18")] = None,
+    data_path: Annotated[Path | None, Opt(help="dataset folder (fashion: the IDX .gz files)")] = None,
+    partition: Annotated[str | None, Opt(help="iid | label | redundant")] = None,
+    redundancy: Annotated[int | None, Opt(help="d: workers holding each partition")] = None,
+    steps: Annotated[int | None, Opt(help="steps per worker (overrides --epochs)")] = None,
+    epochs: Annotated[float | None, Opt(help="epochs over each worker's shard")] = None,
+    batch_size: Annotated[int | None, Opt(help="per-worker minibatch size")] = None,
+    lr: Annotated[float | None, Opt(help="learning rate")] = None,
+    momentum: Annotated[float | None, Opt(help="SGD momentum")] = None,
+    seed: Annotated[int | None, Opt(help="seed for model, data order, stragglers")] = None,
+    net: Annotated[str | None, Opt(help="emulated link BANDWIDTH:LATENCY[:JITTER], e.g. 100mbit:1ms")] = None,
+    stragglers: Annotated[str | None, Opt(help="P:FACTOR (0.2:5) or P:exp:MEAN_S")] = None,
+    slow_worker: Annotated[list[str] | None, Opt(help="RANK:FACTOR, a fixed slow worker (repeat)")] = None,
+    target_accuracy: Annotated[float | None, Opt(help="report time to this test accuracy")] = None,
+    eval_every: Annotated[int | None, Opt(help="steps between evaluations (0 = auto)")] = None,
+    out: Annotated[Path | None, Opt(help="run directory (default runs/<name>)")] = None,
+    name: Annotated[str | None, Opt(help="run name")] = None,
+    tensorboard: Annotated[bool | None, Opt("--tensorboard/--no-tensorboard", help="write TensorBoard scalars")] = None,
+    progress: Annotated[bool | None, Opt("--progress/--no-progress", help="progress bar")] = None,
+    timeout: Annotated[float | None, Opt(help="longest any wait may last, seconds")] = None,
+    nan_policy: Annotated[str | None, Opt(help="skip | stop on a NaN/Inf gradient")] = None,
 ) -> None:
     """Train with N local worker processes and write the run record (config, events, summary, curves)."""
     from tandem.api import train as api_train

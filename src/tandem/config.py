@@ -72,7 +72,8 @@ class NetConfig(_Strict):
     def parse(cls, text: str) -> NetConfig:
         parts = text.split(":")
         if not 1 <= len(parts) <= 3:
-            raise ValueError(f"net {text!r}: expected BANDWIDTH[:LATENCY[:JITTER]], e.g. 100mbit:1ms")
+            raise ValueError(
+                f"net {text!r}: expected BANDWIDTH[:LATENCY[:JITTER]], e.g. 100mbit:1ms")
         lat = parse_duration(parts[1]) if len(parts) > 1 else 0.0
         jit = parse_duration(parts[2]) if len(parts) > 2 else 0.0
         return cls(bandwidth_bps=parse_rate(parts[0]), latency_s=lat, jitter_s=jit)
@@ -101,7 +102,8 @@ class StragglerConfig(_Strict):
             return cls(p=float(parts[0]), kind="factor", factor=float(parts[1]))
         if len(parts) == 3 and parts[1] == "exp":
             return cls(p=float(parts[0]), kind="exp", mean_s=float(parts[2]))
-        raise ValueError(f"stragglers {text!r}: expected P:FACTOR (0.2:5) or P:exp:MEAN_S (0.2:exp:0.05)")
+        raise ValueError(f"stragglers {text!r}: expected P:FACTOR (0.2:5) "
+                         "or P:exp:MEAN_S (0.2:exp:0.05)")
 
 
 class SlowWorker(_Strict):
@@ -222,7 +224,8 @@ class RunConfig(_Strict):
         return CODECS[self.codec.name].Options.model_validate(self.codec.options)
 
     def run_name(self) -> str:
-        return self.name or f"{self.workload.name}-{self.strategy.name}-{self.codec.name}-w{self.workers}"
+        return self.name or \
+            f"{self.workload.name}-{self.strategy.name}-{self.codec.name}-w{self.workers}"
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / self.run_name()
@@ -240,7 +243,8 @@ def _format_validation_error(err: ValidationError) -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def load_config(data: dict[str, Any] | None = None, path: str | Path | None = None, **overrides: Any) -> RunConfig:
+def load_config(data: dict[str, Any] | None = None, path: str | Path | None = None,
+                **overrides: Any) -> RunConfig:
     """Build a :class:`RunConfig` from a YAML file, a dict and keyword overrides (in that order).
 
     Overrides use dotted keys for nested fields: ``load_config(**{"codec.options.ratio": 0.01})``.

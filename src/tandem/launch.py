@@ -15,12 +15,13 @@ instead of hanging until their timeout. Every child is terminated, then killed, 
 from __future__ import annotations
 
 import multiprocessing as mp
-from multiprocessing import connection as mp_connection
 import os
+import pickle
 import signal
 import time
 import traceback
 from collections.abc import Callable
+from multiprocessing import connection as mp_connection
 from typing import Any
 
 from tandem.errors import TandemError, WorkerFailed
@@ -29,24 +30,40 @@ from tandem.transport.rendezvous import host_store, mark_dead
 _GRACE_S = 5.0
 
 
-def _child(rank: int, world: int, addr: str, port: int, fn: Callable[..., Any], args: tuple,
-           conn: Any, env: dict[str, str]) -> None:
+def _child(
+    rank: int,
+    world: int,
+    addr: str,
+    port: int,
+    fn: Callable[..., Any],
+    args: tuple,
+    conn: Any,
+    env: dict[str, str],
+) -> None:
     os.environ.update(env)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": addr,
-                       "MASTER_PORT": str(port), "TANDEM_STORE_HOSTED": "1"})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": addr,
+            "MASTER_PORT": str(port),
+            "TANDEM_STORE_HOSTED": "1",
+        }
+    )
     import torch
 
     torch.set_num_threads(int(env.get("TANDEM_THREADS", "1")))
     try:
         value = fn(*args)
-        conn.send((rank, "ok", value))
+        conn.send_bytes(pickle.dumps((rank, "ok", value)))
         conn.close()
     except BaseException as err:  # noqa: BLE001 - every failure is reported to the parent
         kind = type(err).__name__
         detail = str(err) if isinstance(err, TandemError) else traceback.format_exc()
         try:
-            conn.send((rank, "error", f"{kind}: {detail}"))
+            conn.send_bytes(pickle.dumps((rank, "error", f"{kind}: {detail}")))
             conn.close()
         finally:
             os._exit(1)
@@ -69,9 +86,15 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 300.0,
-          addr: str = "127.0.0.1", env: dict[str, str] | None = None,
-          on_start: Callable[[list[Any], Any], None] | None = None) -> list[Any]:
+def spawn(
+    fn: Callable[..., Any],
+    world: int,
+    *args: Any,
+    timeout_s: float = 300.0,
+    addr: str = "127.0.0.1",
+    env: dict[str, str] | None = None,
+    on_start: Callable[[list[Any], Any], None] | None = None,
+) -> list[Any]:
     """Run ``fn(*args)`` in ``world`` processes (ranks from env ``RANK``); return their results.
 
     Raises :class:`WorkerFailed` naming the failed ranks (first error text included) when any
@@ -81,9 +104,14 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 300
     ctx = mp.get_context("spawn")
     store = host_store(addr, world)
     pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
-    procs = [ctx.Process(target=_child, name=f"tandem-rank{r}",
-                         args=(r, world, addr, store.port, fn, args, pipes[r][1], dict(env or {})))
-             for r in range(world)]
+    procs = [
+        ctx.Process(
+            target=_child,
+            name=f"tandem-rank{r}",
+            args=(r, world, addr, store.port, fn, args, pipes[r][1], dict(env or {})),
+        )
+        for r in range(world)
+    ]
     readers = {pipes[r][0]: r for r in range(world)}
     out: dict[int, Any] = {}
     errors: dict[int, str] = {}
@@ -92,7 +120,7 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 300
     def take(conn: Any) -> None:
         r = readers.pop(conn)
         try:
-            rank, status, value = conn.recv()
+            rank, status, value = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):  # closed without a report: the process died
             procs[r].join(1.0)
             why = _describe_exit(procs[r].exitcode)
@@ -119,8 +147,9 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 300
                 take(conn)
             if time.monotonic() > deadline:
                 silent = sorted(readers.values())
-                raise WorkerFailed(f"job exceeded {timeout_s:.0f}s; rank(s) {silent} never "
-                                   "finished", ranks=silent)
+                raise WorkerFailed(
+                    f"job exceeded {timeout_s:.0f}s; rank(s) {silent} never finished", ranks=silent
+                )
     finally:
         _reap(procs)
         for r, _ in pipes:
@@ -129,11 +158,14 @@ def spawn(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float = 300
         first = min(errors)
         ranks = sorted(errors)
         # Survivors usually fail *because* of the first one; report the root cause first.
-        roots = [r for r in ranks if "died" not in errors[r] and "stopped answering" not in errors[r]]
+        roots = [r for r in ranks if not errors[r].startswith(("WorkerFailed", "PeerTimeout"))]
         lead = roots[0] if roots else first
-        raise WorkerFailed(f"rank {lead} failed: {errors[lead]}"
-                           + (f" (also failed: {[r for r in ranks if r != lead]})" if len(ranks) > 1 else ""),
-                           ranks=ranks, details=errors)
+        raise WorkerFailed(
+            f"rank {lead} failed: {errors[lead]}"
+            + (f" (also failed: {[r for r in ranks if r != lead]})" if len(ranks) > 1 else ""),
+            ranks=ranks,
+            details=errors,
+        )
     return [out[r] for r in range(world)]
 
 

@@ -77,5 +77,7 @@ def torchrun_main(config_path: str) -> None:
     from tandem.config import load_config
 
     cfg = load_config(path=config_path)
-    os.environ.setdefault("TANDEM_THREADS", str(cfg.threads_per_worker))
+    if os.environ.get("RANK") == "0":
+        cfg.run_dir().mkdir(parents=True, exist_ok=True)
+        (cfg.run_dir() / "config.yaml").write_text(cfg.to_yaml())
     main(cfg.model_dump(mode="json"), finalize=True)

@@ -56,7 +56,9 @@ class WorkerContext:
         return self.transport.world
 
     def make_codec(self, seed_offset: int = 0) -> Codec:
-        codec = make_codec(self.cfg.codec.name, self.cfg.codec.options, seed=self.cfg.seed + seed_offset)
+        codec = make_codec(
+            self.cfg.codec.name, self.cfg.codec.options, seed=self.cfg.seed + seed_offset
+        )
         return codec
 
 

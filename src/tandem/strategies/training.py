@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from tandem.workloads.base import Workload
 
 
-def build_model(workload: Workload, seed: int, device: torch.device | None = None) -> torch.nn.Module:
+def build_model(
+    workload: Workload, seed: int, device: torch.device | None = None
+) -> torch.nn.Module:
     """The initial model: identical on every rank for the same seed."""
     torch.manual_seed(seed)
     model = workload.model_fn()
@@ -30,32 +32,46 @@ def build_model(workload: Workload, seed: int, device: torch.device | None = Non
 
 
 def build_optimizer(model: torch.nn.Module, cfg: object) -> torch.optim.Optimizer:
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,  # type: ignore[attr-defined]
-                           weight_decay=cfg.weight_decay)  # type: ignore[attr-defined]
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=cfg.lr,
+        momentum=cfg.momentum,  # type: ignore[attr-defined]
+        weight_decay=cfg.weight_decay,
+    )  # type: ignore[attr-defined]
 
 
 def shard_indices(ctx: WorkerContext, worker: int, parts: int | None = None) -> torch.Tensor:
     """Indices of the training samples worker ``worker`` holds (the config's partition scheme)."""
     cfg = ctx.cfg
     parts = parts or cfg.workers
-    shards = partition(ctx.workload.train.y, parts, cfg.workload.partition,
-                       redundancy=cfg.workload.redundancy,
-                       labels_per_worker=cfg.workload.labels_per_worker, seed=cfg.seed)
+    shards = partition(
+        ctx.workload.train.y,
+        parts,
+        cfg.workload.partition,
+        redundancy=cfg.workload.redundancy,
+        labels_per_worker=cfg.workload.labels_per_worker,
+        seed=cfg.seed,
+    )
     return shards[worker]
 
 
 class LocalTrainer:
     """One worker's model, optimizer and shard; computes gradients and applies updates."""
 
-    def __init__(self, ctx: WorkerContext, worker: int | None = None, *,
-                 model: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self, ctx: WorkerContext, worker: int | None = None, *, model: torch.nn.Module | None = None
+    ) -> None:
         self.ctx = ctx
         self.worker = ctx.rank if worker is None else worker
         self.device = ctx.transport.device
         self.model = model or build_model(ctx.workload, ctx.cfg.seed, self.device)
         self.optimizer = build_optimizer(self.model, ctx.cfg)
-        self.loader = ShardLoader(ctx.workload.train, shard_indices(ctx, self.worker),
-                                  ctx.cfg.batch_size, seed=ctx.cfg.seed * 1000 + self.worker)
+        self.loader = ShardLoader(
+            ctx.workload.train,
+            shard_indices(ctx, self.worker),
+            ctx.cfg.batch_size,
+            seed=ctx.cfg.seed * 1000 + self.worker,
+        )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def compute(self, step: int) -> tuple[float, list[torch.Tensor], float, bool]:
@@ -70,8 +86,10 @@ class LocalTrainer:
         self.model.zero_grad(set_to_none=True)
         loss = self.ctx.workload.loss_fn(self.model(x), y)
         loss.backward()
-        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                 for p in self.params]
+        grads = [
+            p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+            for p in self.params
+        ]
         compute_s, straggled = self.ctx.faults.apply(step, time.perf_counter() - t0)
         return float(loss.detach()), grads, compute_s, straggled
 
@@ -87,19 +105,27 @@ def check_finite(grads: list[torch.Tensor]) -> bool:
 
 
 def raise_non_finite(rank: int, step: int) -> None:
-    raise NonFiniteGradient(f"rank {rank}: non-finite gradient at step {step}; "
-                            "lower the learning rate, or use --nan-policy skip")
+    raise NonFiniteGradient(
+        f"rank {rank}: non-finite gradient at step {step}; "
+        "lower the learning rate, or use --nan-policy skip"
+    )
 
 
 @torch.no_grad()
-def evaluate_shard(model: torch.nn.Module, workload: Workload, rank: int, world: int,
-                   device: torch.device, batch: int = 1024) -> torch.Tensor:
+def evaluate_shard(
+    model: torch.nn.Module,
+    workload: Workload,
+    rank: int,
+    world: int,
+    device: torch.device,
+    batch: int = 1024,
+) -> torch.Tensor:
     """[correct, loss_sum, count] of ``model`` on this rank's slice of the test set."""
     model.eval()
     x_all, y_all = workload.test.x[rank::world], workload.test.y[rank::world]
     correct = loss_sum = 0.0
     for i in range(0, len(x_all), batch):
-        x, y = x_all[i:i + batch].to(device), y_all[i:i + batch].to(device)
+        x, y = x_all[i : i + batch].to(device), y_all[i : i + batch].to(device)
         out = model(x)
         loss_sum += float(workload.loss_fn(out, y)) * len(x)
         if workload.task == "classification":
@@ -107,8 +133,9 @@ def evaluate_shard(model: torch.nn.Module, workload: Workload, rank: int, world:
     return torch.tensor([correct, loss_sum, float(len(x_all))], dtype=torch.float64)
 
 
-def evaluate(model: torch.nn.Module, workload: Workload, transport: Transport,
-             group: Group | None = None) -> tuple[float | None, float]:
+def evaluate(
+    model: torch.nn.Module, workload: Workload, transport: Transport, group: Group | None = None
+) -> tuple[float | None, float]:
     """Test accuracy and loss over the whole test set, each rank of ``group`` doing a slice."""
     g = group or transport.world_group
     idx = g.ranks.index(transport.rank)

@@ -6,4 +6,12 @@ from tandem.transport.group import Group, Transport
 from tandem.transport.liveness import Pending
 from tandem.transport.shaping import LinkEmulator
 
-__all__ = ["ByteMeter", "ComputeFaults", "Group", "LinkEmulator", "Pending", "StepBytes", "Transport"]
+__all__ = [
+    "ByteMeter",
+    "ComputeFaults",
+    "Group",
+    "LinkEmulator",
+    "Pending",
+    "StepBytes",
+    "Transport",
+]

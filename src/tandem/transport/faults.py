@@ -40,7 +40,9 @@ class ComputeFaults:
         """Whether this rank is a straggler at ``step`` (a pure function of seed, rank, step)."""
         if self.stragglers is None or self.stragglers.p <= 0:
             return False
-        return bool(np.random.default_rng([self.seed, self.rank, step, 1]).random() < self.stragglers.p)
+        return bool(
+            np.random.default_rng([self.seed, self.rank, step, 1]).random() < self.stragglers.p
+        )
 
     def delay(self, step: int, compute_s: float) -> tuple[float, bool]:
         """Extra seconds for this step and whether it straggled."""
@@ -52,7 +54,9 @@ class ComputeFaults:
             if s.kind == "factor":
                 extra += s.factor * compute_s
             else:
-                extra += float(np.random.default_rng([self.seed, self.rank, step, 2]).exponential(s.mean_s))
+                extra += float(
+                    np.random.default_rng([self.seed, self.rank, step, 2]).exponential(s.mean_s)
+                )
         return extra, straggled
 
     def apply(self, step: int, compute_s: float) -> tuple[float, bool]:

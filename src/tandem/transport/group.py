@@ -29,7 +29,14 @@ from tandem.config import NetConfig
 from tandem.transport import costs
 from tandem.transport.accounting import ByteMeter, StepBytes
 from tandem.transport.liveness import Liveness, Pending, Scheduler, Waiters
-from tandem.transport.packing import TensorSpec, header_of, nbytes_of, pack, specs_from_header, unpack
+from tandem.transport.packing import (
+    TensorSpec,
+    header_of,
+    nbytes_of,
+    pack,
+    specs_from_header,
+    unpack,
+)
 from tandem.transport.shaping import LinkEmulator
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -50,9 +57,18 @@ class Group:
 class Transport:
     """Asynchronous, metered, deadline-bounded communication for one process."""
 
-    def __init__(self, rank: int, world: int, store: Any, *, backend: str = "gloo",
-                 net: NetConfig | None = None, timeout_s: float = 60.0, seed: int = 0,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        rank: int,
+        world: int,
+        store: Any,
+        *,
+        backend: str = "gloo",
+        net: NetConfig | None = None,
+        timeout_s: float = 60.0,
+        seed: int = 0,
+        device: torch.device | None = None,
+    ) -> None:
         self.rank, self.world, self.backend = rank, world, backend
         self.timeout_s = timeout_s
         self.device = device or torch.device("cpu")
@@ -67,8 +83,13 @@ class Transport:
         self._recv_seq: dict[int, int] = {}
         pg_timeout = timedelta(seconds=timeout_s + 30)
         if not dist.is_initialized():
-            dist.init_process_group(backend, store=dist.PrefixStore("pg", store), rank=rank,
-                                    world_size=world, timeout=pg_timeout)
+            dist.init_process_group(
+                backend,
+                store=dist.PrefixStore("pg", store),
+                rank=rank,
+                world_size=world,
+                timeout=pg_timeout,
+            )
         self.world_group = Group(dist.group.WORLD, list(range(world)))
         # Point-to-point traffic on its own group (gloo p2p uses the device-less CPU path).
         self._p2p_pg = dist.new_group(list(range(world)), backend="gloo", timeout=pg_timeout)
@@ -80,8 +101,15 @@ class Transport:
         return Group(pg, sorted(ranks))
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _finish_collective(self, work: Any, pending: Pending, traffic: costs.Traffic,
-                           issued: float, result: Any, seconds: float | None = None) -> None:
+    def _finish_collective(
+        self,
+        work: Any,
+        pending: Pending,
+        traffic: costs.Traffic,
+        issued: float,
+        result: Any,
+        seconds: float | None = None,
+    ) -> None:
         def run() -> None:
             try:
                 work.wait()
@@ -112,37 +140,49 @@ class Transport:
             self.liveness.collectives_issued += 1
 
     # ---- collectives ------------------------------------------------------------------------
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, group: Group | None = None,
-                   category: str = "train") -> Pending:
+    def all_reduce(
+        self,
+        tensor: torch.Tensor,
+        op: str = "sum",
+        *,
+        group: Group | None = None,
+        category: str = "train",
+    ) -> Pending:
         """In-place all-reduce; the handle's result is ``tensor``."""
         g = self._group(group)
         nbytes = tensor.numel() * tensor.element_size()
         traffic = costs.all_reduce(nbytes, g.size)
         self.meter.record("all_reduce", traffic.sent, traffic.recv, category=category)
-        pending = self._pending(f"all_reduce of {nbytes} bytes", None if g is self.world_group else g.ranks)
+        pending = self._pending(
+            f"all_reduce of {nbytes} bytes", None if g is self.world_group else g.ranks
+        )
         issued = time.monotonic()
         self._note_collective(g)
         work = dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=g.pg, async_op=True)
         self._finish_collective(work, pending, traffic, issued, tensor)
         return pending
 
-    def all_gather(self, tensor: torch.Tensor, *, group: Group | None = None,
-                   category: str = "train") -> Pending:
+    def all_gather(
+        self, tensor: torch.Tensor, *, group: Group | None = None, category: str = "train"
+    ) -> Pending:
         """Gather equal-size tensors from every rank; result: list ordered by group rank."""
         g = self._group(group)
         nbytes = tensor.numel() * tensor.element_size()
         traffic = costs.all_gather(nbytes, g.size)
         self.meter.record("all_gather", traffic.sent, traffic.recv, category=category)
         out = [torch.empty_like(tensor) for _ in range(g.size)]
-        pending = self._pending(f"all_gather of {nbytes} bytes", None if g is self.world_group else g.ranks)
+        pending = self._pending(
+            f"all_gather of {nbytes} bytes", None if g is self.world_group else g.ranks
+        )
         issued = time.monotonic()
         self._note_collective(g)
         work = dist.all_gather(out, tensor.contiguous(), group=g.pg, async_op=True)
         self._finish_collective(work, pending, traffic, issued, out)
         return pending
 
-    def broadcast(self, tensor: torch.Tensor, src: int, *, group: Group | None = None,
-                  category: str = "train") -> Pending:
+    def broadcast(
+        self, tensor: torch.Tensor, src: int, *, group: Group | None = None, category: str = "train"
+    ) -> Pending:
         """In-place broadcast from global rank ``src``; the root's link sets the pace."""
         g = self._group(group)
         nbytes = tensor.numel() * tensor.element_size()
@@ -227,7 +267,9 @@ class Transport:
         self._waiters.pool.submit(wait)
         return pending
 
-    def send_packed(self, tensors: list[torch.Tensor], dst: int, *, category: str = "train") -> Pending:
+    def send_packed(
+        self, tensors: list[torch.Tensor], dst: int, *, category: str = "train"
+    ) -> Pending:
         """Send several tensors as one message; the receiver must know their specs."""
         return self.send(pack(tensors), dst, category=category)
 
@@ -246,14 +288,18 @@ class Transport:
         self._waiters.pool.submit(chain)
         return outer
 
-    def send_message(self, tensors: list[torch.Tensor], dst: int, *, category: str = "train") -> Pending:
+    def send_message(
+        self, tensors: list[torch.Tensor], dst: int, *, category: str = "train"
+    ) -> Pending:
         """Send self-describing tensors (a header first); the receiver needs no specs."""
         header = header_of([(t.dtype, tuple(t.shape)) for t in tensors])
         self.send(torch.tensor([header.numel()], dtype=torch.int64), dst, category=category)
         self.send(header, dst, category=category)
         return self.send_packed(tensors, dst, category=category)
 
-    def recv_message(self, src: int, *, category: str = "train", timeout: float | None = None) -> list[torch.Tensor]:
+    def recv_message(
+        self, src: int, *, category: str = "train", timeout: float | None = None
+    ) -> list[torch.Tensor]:
         """Blocking receive of a :meth:`send_message` message."""
         n = torch.empty(1, dtype=torch.int64)
         self.recv(n, src, category=category).wait(timeout)

@@ -30,8 +30,9 @@ STALE_S = 5.0
 class Pending:
     """The result of an asynchronous operation; ``wait()`` never blocks past its deadline."""
 
-    def __init__(self, what: str, liveness: Liveness | None, peers: list[int] | None,
-                 timeout_s: float) -> None:
+    def __init__(
+        self, what: str, liveness: Liveness | None, peers: list[int] | None, timeout_s: float
+    ) -> None:
         self.what = what
         self._liveness = liveness
         self._peers = peers
@@ -66,23 +67,29 @@ class Pending:
                 dead = self._liveness.dead_ranks(self._peers)
                 if dead:
                     raise WorkerFailed(
-                        f"{self.what}: worker rank(s) {dead} died; "
-                        f"{self._liveness.describe(dead)}", ranks=dead)
+                        f"{self.what}: worker rank(s) {dead} died; {self._liveness.describe(dead)}",
+                        ranks=dead,
+                    )
             if left <= 0:
                 suspects = self._liveness.suspects(self._peers) if self._liveness else []
                 who = f"rank(s) {suspects}" if suspects else f"peer(s) {self._peers or 'unknown'}"
                 raise PeerTimeout(
                     f"{self.what}: no answer within {limit:.1f}s; {who} did not answer. "
                     "Raise timeout_s if the link is slow, or check those workers' logs.",
-                    ranks=suspects or list(self._peers or []))
+                    ranks=suspects or list(self._peers or []),
+                )
         if self._error is not None:
             dead = self._liveness.dead_ranks(self._peers) if self._liveness else []
             if not dead and self._liveness is not None:
                 time.sleep(HEARTBEAT_S * 3)  # give a dying peer's mark time to land
-                dead = self._liveness.dead_ranks(self._peers) or self._liveness.suspects(self._peers)
+                dead = self._liveness.dead_ranks(self._peers) or self._liveness.suspects(
+                    self._peers
+                )
             if dead:
-                raise WorkerFailed(f"{self.what} failed because rank(s) {dead} stopped answering: "
-                                   f"{self._error}", ranks=dead) from self._error
+                raise WorkerFailed(
+                    f"{self.what} failed because rank(s) {dead} stopped answering: {self._error}",
+                    ranks=dead,
+                ) from self._error
             raise WorkerFailed(f"{self.what} failed: {self._error}") from self._error
         return self._result
 
@@ -198,6 +205,8 @@ class Liveness:
                 out.append(r)
                 continue
             stamp, count = hb.split(":")
-            if now - float(stamp) > STALE_S or (peers is None and int(count) < self.collectives_issued):
+            if now - float(stamp) > STALE_S or (
+                peers is None and int(count) < self.collectives_issued
+            ):
                 out.append(r)
         return out
