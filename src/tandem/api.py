@@ -20,6 +20,7 @@ from typing import Any
 
 from tandem import worker
 from tandem.config import RunConfig, load_config
+from tandem.errors import CheckpointError
 from tandem.launch import spawn
 from tandem.strategies import STRATEGIES
 from tandem.telemetry.summary import finalize_run
@@ -52,7 +53,13 @@ def train(config: RunConfig | dict[str, Any] | str | Path, *, workload: Workload
     ``return_results=True`` adds ``results``: each process's final figures and parameters.
     """
     cfg = _as_config(config)
-    run_dir = prepare_run_dir(cfg)
+    if cfg.resume:
+        run_dir = cfg.run_dir()
+        if not (run_dir / "checkpoints" / "LATEST").is_file():
+            raise CheckpointError(f"cannot resume {run_dir}: it holds no checkpoint (run it with "
+                                  "--checkpoint-every N)")
+    else:
+        run_dir = prepare_run_dir(cfg)
     procs = STRATEGIES[cfg.strategy.name].processes(cfg)
     limit = timeout_s if timeout_s is not None else 24 * 3600.0
     env = {"TANDEM_THREADS": str(cfg.threads_per_worker)}
@@ -64,7 +71,9 @@ def train(config: RunConfig | dict[str, Any] | str | Path, *, workload: Workload
     summary = finalize_run(run_dir, cfg.model_dump(mode="json"),
                            target_accuracy=cfg.target_accuracy,
                            extra={"results": [{k: v for k, v in r.items() if k != "params"}
-                                              for r in results]})
+                                              for r in results],
+                                  "skipped_steps": sum(int(r.get("skipped_steps", 0))
+                                                       for r in results)})
     if return_results:
         summary = dict(summary, results=results)
     return summary

@@ -54,6 +54,8 @@ def train(
     progress: Annotated[bool | None, Opt("--progress/--no-progress", help="progress bar")] = None,
     timeout: Annotated[float | None, Opt(help="longest any wait may last, seconds")] = None,
     nan_policy: Annotated[str | None, Opt(help="skip | stop on a NaN/Inf gradient")] = None,
+    checkpoint_every: Annotated[int | None, Opt(help="save a checkpoint every N steps")] = None,
+    resume: Annotated[Path | None, Opt(help="continue the run in this directory from its last checkpoint")] = None,
 ) -> None:
     """Train with N local worker processes and write the run record (config, events, summary, curves)."""
     from tandem.api import train as api_train
@@ -69,7 +71,12 @@ def train(
             "target_accuracy": target_accuracy, "eval_every": eval_every,
             "out": str(out) if out else None, "name": name, "tensorboard": tensorboard,
             "progress": progress, "timeout_s": timeout, "nan_policy": nan_policy,
+            "checkpoint_every": checkpoint_every,
         }
+        if resume is not None:
+            if config is None:
+                config = resume / "config.yaml"
+            overrides.update({"resume": True, "out": str(resume)})
         for k, v in parse_options(codec_opt).items():
             overrides[f"codec.options.{k}"] = v
         for k, v in parse_options(strategy_opt).items():

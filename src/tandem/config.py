@@ -165,6 +165,11 @@ class RunConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     master_addr: str = "127.0.0.1"
     nan_policy: Literal["skip", "stop"] = "stop"
+    checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints; 0 = off")
+    resume: bool = Field(default=False, description="continue from the run directory's checkpoint")
+    inject_nan: list[tuple[int, int]] = Field(
+        default_factory=list, description="fault injection for tests: (rank, step) pairs whose "
+        "gradient is replaced by NaN")
     threads_per_worker: int = Field(default=1, ge=1)
 
     @field_validator("net", mode="before")
@@ -183,6 +188,13 @@ class RunConfig(_Strict):
         if isinstance(v, str):
             v = [s for s in v.split(",") if s]
         return [SlowWorker.parse(s) if isinstance(s, str) else s for s in (v or [])]
+
+    @field_validator("inject_nan", mode="before")
+    @classmethod
+    def _nan(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [s for s in v.split(",") if s]
+        return [tuple(int(x) for x in s.split(":")) if isinstance(s, str) else s for s in v or []]
 
     @field_validator("strategy", "codec", mode="before")
     @classmethod

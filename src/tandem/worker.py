@@ -28,6 +28,9 @@ def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
          return_params: bool = False, finalize: bool = False) -> dict[str, Any]:
     """Run this process's role of the job described by ``cfg_data``; return its final figures."""
     cfg = RunConfig.model_validate(cfg_data)
+    if not cfg.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and \
+            (cfg.run_dir() / "checkpoints" / "LATEST").is_file():
+        cfg = cfg.model_copy(update={"resume": True})  # torchrun restarted us: go on
     if isinstance(workload, bytes):
         workload = pickle.loads(workload)  # noqa: S301 - our own launcher's payload
     torch.set_num_threads(cfg.threads_per_worker)
@@ -42,7 +45,7 @@ def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
         total = strategy_cls.total_steps(cfg, len(work.train))
         recorder = Recorder(run_dir, transport.rank, world=transport.world,
                             tensorboard=cfg.tensorboard, progress_total=total,
-                            progress=cfg.progress)
+                            progress=cfg.progress, append=cfg.resume)
         ctx = WorkerContext(cfg=cfg, transport=transport, workload=work, recorder=recorder,
                             faults=ComputeFaults.from_config(cfg, transport.rank), run_dir=run_dir)
         _prewarm()

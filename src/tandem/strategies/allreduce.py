@@ -7,6 +7,11 @@ applies the same update. With the dense codec and the same seeds the parameters 
 Any codec works here: summable codes are all-reduced, the others all-gathered (see
 :mod:`tandem.codecs.base`). Everyone waits for the slowest worker each step, which is what the
 straggler-tolerant strategies are measured against.
+
+Reliability: ``--checkpoint-every N`` saves model, optimizer, codec memory, data position and RNG
+states every N steps; ``--resume`` continues bit-exactly. A NaN/Inf gradient is caught before it
+is sent: ``--nan-policy stop`` ends the run with an error naming the rank and step, ``skip`` sends
+zeros for that worker's step instead (its contribution is dropped) and counts the step.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from tandem.checkpoint import Checkpointer, config_fingerprint, rng_state, set_rng_state
 from tandem.strategies.base import Strategy
 from tandem.strategies.registry import register
 from tandem.strategies.training import (
@@ -30,26 +36,41 @@ class AllReduceStrategy(Strategy):
     name = "allreduce"
 
     def setup(self) -> None:
-        self.trainer = LocalTrainer(self.ctx)
+        ctx = self.ctx
+        self.trainer = LocalTrainer(ctx)
+        self.codec = ctx.make_codec()
+        self.total = self.total_steps(ctx.cfg, len(ctx.workload.train))
+        if hasattr(self.codec, "set_total_steps"):
+            self.codec.set_total_steps(self.total)
+        self.ckpt = Checkpointer(ctx.run_dir, ctx.rank,
+                                 config_fingerprint(ctx.cfg.model_dump(mode="json")),
+                                 every=ctx.cfg.checkpoint_every)
+        self.start_step = 0
+        self.skipped = 0
+        if ctx.cfg.resume:
+            state = self.ckpt.load()
+            self.trainer.load_state_dict(state["trainer"])
+            self.codec.load_state_dict(state["codec"])
+            set_rng_state(state["rng"])
+            self.start_step, self.skipped = int(state["step"]), int(state["skipped"])
+
+    def _save(self, next_step: int) -> None:
+        state = {"trainer": self.trainer.state_dict(), "codec": self.codec.state_dict(),
+                 "rng": rng_state(), "skipped": self.skipped}
+        self.ckpt.save(next_step, state, lambda: self.ctx.transport.barrier().wait())
 
     def run(self) -> dict[str, Any]:
-        ctx = self.ctx
-        trainer = self.trainer
-        codec = ctx.make_codec()
-        total = self.total_steps(ctx.cfg, len(ctx.workload.train))
-        if hasattr(codec, "set_total_steps"):
-            codec.set_total_steps(total)
+        ctx, trainer, codec, total = self.ctx, self.trainer, self.codec, self.total
         every = self.eval_every(total)
-        skipped = 0
         rec = ctx.recorder
-        for step in range(total):
+        for step in range(self.start_step, total):
             loss, grads, compute_s, straggled = trainer.compute(step)
             extra: dict[str, Any] = {}
             if not check_finite(grads):
                 if ctx.cfg.nan_policy == "stop":
                     raise_non_finite(ctx.rank, step)
-                grads = [g.nan_to_num(0.0, 0.0, 0.0).zero_() for g in grads]
-                skipped += 1
+                grads = [g.zero_() for g in grads]
+                self.skipped += 1
                 extra["skipped"] = True
             t1 = time.perf_counter()
             mean = codec.exchange(grads, ctx.transport)
@@ -62,8 +83,11 @@ class AllReduceStrategy(Strategy):
                 with rec.evaluating():
                     acc, tloss = evaluate(trainer.model, ctx.workload, ctx.transport)
                 rec.eval(step, accuracy=acc, loss=tloss)
+            if self.ckpt.due(step, total):
+                with rec.evaluating():  # checkpoint I/O is not training time either
+                    self._save(step + 1)
         info = codec.describe()
         if info:
             rec.info(codec=info)
-        return {"steps": total, "skipped_steps": skipped,
+        return {"steps": total, "skipped_steps": self.skipped,
                 "params": [p.detach().clone() for p in trainer.params]}

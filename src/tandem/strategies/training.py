@@ -73,6 +73,7 @@ class LocalTrainer:
             seed=ctx.cfg.seed * 1000 + self.worker,
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self._nan_steps = {tuple(x) for x in ctx.cfg.inject_nan}
 
     def compute(self, step: int) -> tuple[float, list[torch.Tensor], float, bool]:
         """Forward/backward on the next minibatch. Returns (loss, grads, compute_s, straggled).
@@ -90,8 +91,20 @@ class LocalTrainer:
             p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
             for p in self.params
         ]
+        if (self.worker, step) in self._nan_steps:
+            grads[0].fill_(float("nan"))
         compute_s, straggled = self.ctx.faults.apply(step, time.perf_counter() - t0)
         return float(loss.detach()), grads, compute_s, straggled
+
+    def state_dict(self) -> dict:
+        """Model, optimizer and data position: what a checkpoint needs from this worker."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
 
     def apply(self, grads: list[torch.Tensor]) -> None:
         """Set ``p.grad`` to the synchronised gradient and take one optimizer step."""

@@ -45,6 +45,18 @@ _now = time.time  # the clock; a module attribute so tests can substitute a fake
 STEP_TIMES = ("compute_s", "comm_s", "idle_s")
 
 
+def _last_wall(path: Path) -> float:
+    """The last wall time recorded in an events file (0 if none): where a resumed run goes on."""
+    last = 0.0
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                last = max(last, float(json.loads(line).get("wall", 0.0)))
+            except (ValueError, AttributeError):
+                continue
+    return last
+
+
 def _json_default(obj: Any) -> Any:
     """Lets method fields be numpy or torch scalars/arrays, paths or sets without a cast."""
     if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
@@ -88,6 +100,7 @@ class Recorder:
         tensorboard: bool = False,
         progress_total: int | None = None,
         progress: bool = True,
+        append: bool = False,
         role: str = "worker",
     ) -> None:
         self.run_dir = Path(run_dir)
@@ -123,7 +136,10 @@ class Recorder:
                 ) from None
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] | None = open(self.path, "w", buffering=1, encoding="utf-8")
+        # On resume, keep the interrupted run's events and continue its time axis.
+        self._wall_offset = _last_wall(self.path) if append else 0.0
+        self._file: IO[str] | None = open(self.path, "a" if append else "w", buffering=1,
+                                          encoding="utf-8")
         if progress and progress_total and self.rank == 0:
             from tqdm import tqdm
 
@@ -139,7 +155,8 @@ class Recorder:
             self._eval_excluded = 0.0
             if self._eval_depth:
                 self._eval_enter = max(self._eval_enter, self.t0)
-            self._write({"kind": "start", "rank": self.rank, "wall": 0.0, "t0": self.t0,
+            self._write({"kind": "start", "rank": self.rank, "wall": self._wall_offset,
+                         "t0": self.t0,
                          "role": self.role, "world": self.world})
 
     def wall(self) -> float:
@@ -148,7 +165,7 @@ class Recorder:
         Inside an ``evaluating()`` block the value is frozen at the block's entry."""
         with self._lock:
             now = self._eval_enter if self._eval_depth else _now()
-            return max(0.0, now - self.t0 - self._eval_excluded)
+            return self._wall_offset + max(0.0, now - self.t0 - self._eval_excluded)
 
     @contextmanager
     def evaluating(self) -> Iterator[None]:

@@ -1,0 +1,284 @@
+"""``gossip``: decentralized SGD on a graph, with GOCO's stochastic gradient coding (method M5).
+
+After Chengxi Li and Mikael Skoglund, "Gradient Coding in Decentralized Learning for Evading
+Stragglers" (arXiv 2402.04193, 2024). There is no server: peer i holds parameters x_i and talks only
+to its graph neighbours (:mod:`tandem.topology`). The data is cut into M partitions (one per peer)
+and each partition is stored on d peers (:mod:`tandem.coding`, cyclic or fractional allocation).
+Every step, peer i
+
+1. computes the gradient of each partition it holds at x_i (a minibatch of ``batch_size`` from each,
+   or the whole partition with ``full_batch=true``);
+2. if it finished in time, ``e_i = w * sum_k g_k``; if it straggled, ``e_i = 0``;
+3. takes a local step ``y_i = x_i - lr_t * e_i`` and runs ``gossip_rounds`` rounds of
+   ``x_i <- sum_j W_ij y_j`` with its neighbours (point-to-point sends through the transport).
+
+Modes (``mode=``): ``goco`` uses the unbiased weight ``w = 1/(d(1-p))``; ``redundant`` keeps the
+redundancy but uses ``w = 1/d`` (biased low by the straggling rate); ``dsgd`` is plain decentralized
+SGD (d forced to 1, stragglers skipped); ``wait`` waits for every gradient (no straggler is
+skipped; a barrier makes everyone wait for the slowest, i.e. wait-for-all decentralized SGD).
+
+Stragglers: injected ones come from ``--stragglers P:FACTOR`` (the draws are a pure function of
+seed, rank and step, so :mod:`tandem.sim` sees the same ones). Without ``deadline_s`` an injected
+straggler gives up as soon as its normal compute is done (its gradient would miss any deadline set
+just above the normal compute time); ``wait`` sleeps the delay. With ``deadline_s`` lateness is
+real: the gradient is computed in a helper thread and a peer whose gradient is not ready
+``deadline_s`` after the step began counts as straggled (its late work is cancelled).
+
+Options and tuning:
+
+* ``p``: the straggling probability in GOCO's weight; default the injected ``--stragglers`` p, else
+  0. With real deadlines set it to the measured rate (the run reports ``straggle_rate``).
+* ``topology``/``weights``/``edge_p``/``gossip_rounds``: see :mod:`tandem.topology`; a small
+  spectral gap wants more rounds.
+* ``deadline_s``: just above the normal step compute time; lower skips more peers, higher waits.
+* ``compute_floor_s``: pad each gradient computation to at least this many seconds (sleep). It
+  emulates a heavier model so that timing comparisons mean something when many processes share a
+  few cores; 0 (default) disables it.
+* ``lr_decay``: ``lr_t = lr / (1 + lr_decay * t)``; constant lr (0) shows GOCO's error floor.
+
+Telemetry: each step record has ``straggled`` and, on regression, ``opt_error = ||x_i - x*||^2``;
+each eval record has ``consensus_error`` (mean ||x_i - mean x||^2), ``opt_error`` (mean over peers)
+and ``avg_opt_error`` (||mean x - x*||^2); test loss/accuracy are of the averaged model.
+Optimizer: plain SGD as in the paper (momentum is refused; weight decay is applied locally).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from tandem.coding import make_allocation, sgc_weight
+from tandem.errors import ConfigError
+from tandem.strategies.base import Strategy, StrategyOptions
+from tandem.strategies.registry import register
+from tandem.strategies.training import build_model, evaluate, is_eval_step
+from tandem.topology import make_topology
+from tandem.workloads.base import ShardLoader, partition
+
+
+class GossipOptions(StrategyOptions):
+    mode: Literal["goco", "dsgd", "redundant", "wait"] = "goco"
+    topology: Literal["ring", "torus", "exponential", "erdos_renyi", "complete"] = "ring"
+    weights: Literal["metropolis", "max_degree"] = "metropolis"
+    edge_p: float | None = Field(default=None, gt=0, le=1)
+    gossip_rounds: int = Field(default=1, ge=1)
+    allocation: Literal["cyclic", "fractional"] = "cyclic"
+    p: float | None = Field(default=None, ge=0, lt=1)
+    deadline_s: float | None = Field(default=None, gt=0)
+    compute_floor_s: float = Field(default=0.0, ge=0)
+    full_batch: bool = False
+    lr_decay: float = Field(default=0.0, ge=0)
+
+
+def data_partitions(workload: Any, parts: int, scheme: str, labels_per_worker: int,
+                    seed: int) -> list[torch.Tensor]:
+    """The M data partitions (sample indices) gradient coding replicates; ``redundant`` = iid."""
+    scheme = "iid" if scheme == "redundant" else scheme
+    return partition(workload.train.y, parts, scheme, labels_per_worker=labels_per_worker,
+                     seed=seed)
+
+
+def loader_seed(seed: int, peer: int, part: int) -> int:
+    """Minibatch order of partition ``part`` on ``peer`` (each copy draws its own batches)."""
+    return (seed * 1_000_003 + peer) * 1009 + part
+
+
+class PartitionGradients:
+    """Gradients of the partitions one worker holds, computed on a private model copy.
+
+    The private copy lets a helper thread compute at a snapshot of the parameters while the main
+    thread gossips, and lets a late computation be abandoned safely.
+    """
+
+    def __init__(self, ctx: Any, peer: int, held: list[int], full_batch: bool,
+                 floor_s: float = 0.0) -> None:
+        cfg, work = ctx.cfg, ctx.workload
+        self.model = build_model(work, cfg.seed, ctx.transport.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.loss_fn, self.device, self.floor_s = work.loss_fn, ctx.transport.device, floor_s
+        parts = data_partitions(work, cfg.workers, cfg.workload.partition,
+                                cfg.workload.labels_per_worker, cfg.seed)
+        self.held = held
+        self.full: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.loaders: list[ShardLoader] = []
+        for k in held:
+            if full_batch:
+                self.full.append((work.train.x[parts[k]], work.train.y[parts[k]]))
+            else:
+                self.loaders.append(ShardLoader(work.train, parts[k], cfg.batch_size,
+                                                seed=loader_seed(cfg.seed, peer, k)))
+
+    def compute(self, flat: torch.Tensor) -> tuple[float, list[torch.Tensor], float]:
+        """(mean loss, one flat gradient per held partition, seconds incl. the compute floor)."""
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            vector_to_parameters(flat, self.params)
+        self.model.train()
+        losses, grads = [], []
+        for j in range(len(self.held)):
+            x, y = self.full[j] if self.full else self.loaders[j].next_batch()
+            loss = self.loss_fn(self.model(x.to(self.device)), y.to(self.device))
+            g = torch.autograd.grad(loss, self.params)
+            grads.append(torch.cat([t.reshape(-1) for t in g]).detach())
+            losses.append(float(loss.detach()))
+        spent = time.perf_counter() - t0
+        if spent < self.floor_s:
+            time.sleep(self.floor_s - spent)
+            spent = self.floor_s
+        return sum(losses) / len(losses), grads, spent
+
+
+@register
+class GossipStrategy(Strategy):
+    name = "gossip"
+    Options = GossipOptions
+
+    def run(self) -> dict[str, Any]:
+        ctx, o, cfg = self.ctx, self.opts, self.ctx.cfg
+        assert isinstance(o, GossipOptions)
+        if cfg.momentum > 0:
+            raise ConfigError("gossip uses plain SGD as in GOCO; set momentum to 0")
+        rank, world, tr, rec = ctx.rank, ctx.world, ctx.transport, ctx.recorder
+        d = 1 if o.mode == "dsgd" else cfg.workload.redundancy
+        alloc = make_allocation(world, d, o.allocation)
+        topo = make_topology(o.topology, world, weights=o.weights, seed=cfg.seed, edge_p=o.edge_p)
+        nbrs = topo.neighbors(rank)
+        w_self, w_nbr = float(topo.W[rank, rank]), {j: float(topo.W[rank, j]) for j in nbrs}
+        p = o.p if o.p is not None else (cfg.stragglers.p if cfg.stragglers else 0.0)
+        weight = sgc_weight(d, p) if o.mode == "goco" else 1.0 / d
+        grads = PartitionGradients(ctx, rank, list(alloc.held[rank]), o.full_batch,
+                                   o.compute_floor_s)
+        model = build_model(ctx.workload, cfg.seed, tr.device)  # evaluation copy
+        mparams = [q for q in model.parameters() if q.requires_grad]
+        x = parameters_to_vector(mparams).detach().clone()
+        opt = ctx.workload.optimum
+        opt = opt.to(x) if opt is not None and opt.numel() == x.numel() else None
+        total = self.total_steps(cfg, len(ctx.workload.train))
+        every = self.eval_every(total)
+        threaded = o.deadline_s is not None and o.mode != "wait"
+        pool = ThreadPoolExecutor(1, thread_name_prefix="gossip-grad") if threaded else None
+        rec.info(topology=topo.describe(), mode=o.mode, d=d, weight=weight, p_weight=p,
+                 allocation=list(alloc.held[rank]))
+        trajectory: list[float] = []
+        evals: list[dict[str, Any]] = []
+        n_straggled = 0
+        try:
+            for step in range(total):
+                t0 = time.perf_counter()
+                loss, g, compute_s, straggled, injected, idle_s = self._gradient(
+                    step, x, grads, pool, o)
+                n_straggled += int(straggled)
+                lr = cfg.lr / (1.0 + o.lr_decay * step)
+                y = x.clone()
+                if not straggled:
+                    y -= lr * weight * g
+                if cfg.weight_decay:
+                    y -= lr * cfg.weight_decay * x
+                if o.mode == "wait":
+                    tb = time.perf_counter()
+                    tr.barrier().wait()
+                    idle_s += time.perf_counter() - tb
+                t1 = time.perf_counter()
+                x = self._gossip(y, nbrs, w_self, w_nbr, o.gossip_rounds)
+                comm_s = time.perf_counter() - t1
+                b = tr.end_step()
+                extra: dict[str, Any] = {"straggled": straggled, "injected": injected}
+                if opt is not None:
+                    extra["opt_error"] = float(((x.double() - opt.double()) ** 2).sum())
+                    trajectory.append(extra["opt_error"])
+                extra["step_s"] = time.perf_counter() - t0
+                rec.step(step, compute_s=compute_s, comm_s=comm_s, idle_s=idle_s,
+                         bytes_sent=b.sent, bytes_recv=b.recv, loss=loss, **extra)
+                if is_eval_step(step, every, total):
+                    with rec.evaluating():
+                        evals.append(self._evaluate(step, x, model, mparams, opt))
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        with torch.no_grad():
+            vector_to_parameters(x, mparams)
+        return {"steps": total, "straggled_steps": n_straggled,
+                "straggle_rate": n_straggled / total,
+                "trajectory": trajectory, "evals": evals if rank == 0 else [],
+                "params": [q.detach().clone() for q in mparams]}
+
+    # ---- one step's pieces ---------------------------------------------------------------------
+    def _gradient(self, step: int, x: torch.Tensor, grads: PartitionGradients,
+                  pool: ThreadPoolExecutor | None, o: GossipOptions
+                  ) -> tuple[float | None, torch.Tensor, float, bool, bool, float]:
+        """(loss, sum of partition grads, compute s, straggled, injected straggler, idle s)."""
+        faults = self.ctx.faults
+        if pool is None:
+            loss, gs, spent = grads.compute(x)
+            extra, injected = faults.delay(step, spent)
+            if injected and o.mode != "wait":
+                return loss, gs[0], spent, True, True, 0.0  # late: abandoned at the deadline
+            if extra > 0:
+                time.sleep(extra)
+            return loss, torch.stack(gs).sum(0), spent + extra, False, injected, 0.0
+        cancel = threading.Event()
+        snapshot = x.clone()
+
+        def job() -> tuple[float, torch.Tensor, float]:
+            loss, gs, spent = grads.compute(snapshot)
+            extra, _ = faults.delay(step, spent)
+            if extra > 0:
+                cancel.wait(extra)
+            return loss, torch.stack(gs).sum(0), spent + extra
+
+        assert o.deadline_s is not None
+        t0 = time.perf_counter()
+        fut = pool.submit(job)
+        injected = faults.straggles(step)
+        try:
+            loss, g, spent = fut.result(timeout=o.deadline_s)
+            return loss, g, spent, False, injected, 0.0
+        except FutureTimeout:
+            cancel.set()
+            return None, x, time.perf_counter() - t0, True, injected, 0.0
+
+    def _gossip(self, y: torch.Tensor, nbrs: list[int], w_self: float, w_nbr: dict[int, float],
+                rounds: int) -> torch.Tensor:
+        """``rounds`` rounds of x_i <- W_ii y_i + sum_j W_ij y_j with the neighbours."""
+        tr = self.ctx.transport
+        for _ in range(rounds):
+            sends = [tr.send(y.clone(), j) for j in nbrs]
+            bufs = {j: torch.empty_like(y) for j in nbrs}
+            recvs = [tr.recv(bufs[j], j) for j in nbrs]
+            for h in recvs + sends:
+                h.wait()
+            out = y * w_self
+            for j in nbrs:
+                out += w_nbr[j] * bufs[j]
+            y = out
+        return y
+
+    def _evaluate(self, step: int, x: torch.Tensor, model: torch.nn.Module,
+                  mparams: list[torch.Tensor], opt: torch.Tensor | None) -> dict[str, Any]:
+        """Consensus error, distance to the optimum and test loss of the averaged model."""
+        tr, world = self.ctx.transport, self.ctx.world
+        mean = x.double().clone()
+        tr.all_reduce(mean, category="eval").wait()
+        mean /= world
+        stats = torch.tensor([float(((x.double() - mean) ** 2).sum()),
+                              float(((x.double() - opt.double()) ** 2).sum()) if opt is not None
+                              else 0.0], dtype=torch.float64)
+        tr.all_reduce(stats, category="eval").wait()
+        with torch.no_grad():
+            vector_to_parameters(mean.to(x.dtype), mparams)
+        acc, tloss = evaluate(model, self.ctx.workload, tr)
+        out: dict[str, Any] = {"consensus_error": float(stats[0]) / world}
+        if opt is not None:
+            out["opt_error"] = float(stats[1]) / world
+            out["avg_opt_error"] = float(((mean - opt.double()) ** 2).sum())
+        self.ctx.recorder.eval(step, accuracy=acc, loss=tloss, **out)
+        return {"step": step, "wall": self.ctx.recorder.wall(), "test_loss": tloss,
+                "accuracy": acc, **out}
+

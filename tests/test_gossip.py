@@ -1,0 +1,131 @@
+"""GOCO: the multi-process ``gossip`` strategy, the simulator, and ``coded_ps``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import tandem
+from tandem.config import StragglerConfig
+from tandem.sim import SimConfig, floor_table, simulate, study
+from tandem.strategies.gossip import data_partitions
+from tandem.transport.faults import ComputeFaults, straggler_mask
+from tandem.workloads import build_workload
+
+
+def _step_flags(run_dir: Path, world: int, key: str) -> np.ndarray:
+    """(steps, world) array of a boolean field of the step records."""
+    cols = []
+    for r in range(world):
+        text = (run_dir / f"events.rank{r}.jsonl").read_text()
+        recs = [json.loads(line) for line in text.splitlines()]
+        cols.append([bool(x[key]) for x in recs if x.get("kind") == "step"])
+    return np.array(cols).T
+
+
+def test_simulator_matches_eight_processes_and_goco_converges(tmp_path):
+    """Same seeds and straggler draws: the simulator's per-device trajectory equals the run's."""
+    steps, seed = 40, 4
+    cfg = {"strategy": {"name": "gossip", "options": {"full_batch": True, "topology": "ring"}},
+           "workload": {"name": "regression", "redundancy": 2, "options": {"n": 1024}},
+           "workers": 8, "steps": steps, "lr": 0.1, "seed": seed, "stragglers": "0.3:2",
+           "eval_every": 20, "progress": False, "out": str(tmp_path / "run")}
+    summary = tandem.train(cfg, timeout_s=240)
+    res = summary["results"]
+    traj = np.array([r["trajectory"] for r in res]).T  # (steps, 8)
+    sim = simulate(SimConfig(devices=8, d=2, p=0.3, steps=steps, lr=0.1, seed=seed,
+                             workload_options={"n": 1024}))
+    # identical straggler draws, recorded per peer per step
+    flags = _step_flags(tmp_path / "run", 8, "straggled")
+    assert (flags == sim.straggled).all() and 0.1 < flags.mean() < 0.5
+    want = np.stack([straggler_mask(seed, 8, t, StragglerConfig(p=0.3)) for t in range(steps)])
+    assert (flags == want).all()
+    # same trajectory up to float32 rounding
+    np.testing.assert_allclose(traj, sim.per_device, rtol=2e-3, atol=1e-5)
+    # and it converges near the optimum (start ~ 20)
+    assert traj[0].mean() > 1.0 and traj[-1].max() < 1e-3
+    final = res[0]["evals"][-1]
+    assert final["consensus_error"] < 1e-4 and final["opt_error"] < 1e-3
+    assert final["opt_error"] == pytest.approx(traj[-1].mean(), rel=1e-3)
+
+
+def test_deadline_mode_counts_late_gradients_as_stragglers(tmp_path):
+    """Real lateness: an injected 30x delay misses a 0.3 s deadline; on-time peers do not."""
+    steps = 16
+    cfg = {"strategy": {"name": "gossip", "options": {
+               "full_batch": True, "deadline_s": 0.3, "compute_floor_s": 0.02, "p": 0.25}},
+           "workload": {"name": "regression", "redundancy": 2},
+           "workers": 4, "steps": steps, "lr": 0.1, "seed": 1, "stragglers": "0.25:30",
+           "eval_every": 8, "progress": False, "out": str(tmp_path / "run")}
+    summary = tandem.train(cfg, timeout_s=240)
+    late = _step_flags(tmp_path / "run", 4, "straggled")
+    injected = _step_flags(tmp_path / "run", 4, "injected")
+    assert injected.sum() >= 3
+    assert late[injected].all()  # every 0.6 s delay missed the deadline
+    assert late[~injected].mean() < 0.2  # on-time peers (0.02 s) rarely miss it
+    evals = summary["results"][0]["evals"]
+    assert evals[-1]["opt_error"] < 0.05 * evals[0]["opt_error"] + 1e-3
+
+
+def test_coded_ps_recovers_the_exact_gradient_despite_stragglers(tmp_path):
+    """Every server step equals full-batch gradient descent, though stragglers were skipped."""
+    n, steps, lr, seed = 4, 12, 0.1, 2
+    cfg = {"strategy": {"name": "coded_ps", "options": {"full_batch": True, "s": 1,
+                                                         "compute_floor_s": 0.01}},
+           "workload": {"name": "regression", "redundancy": 2},
+           "workers": n, "steps": steps, "lr": lr, "seed": seed, "stragglers": "0.3:20",
+           "eval_every": 6, "progress": False, "out": str(tmp_path / "run")}
+    summary = tandem.train(cfg, timeout_s=240)
+    server = summary["results"][-1]
+    assert min(server["used_per_worker"]) < steps  # some worker's answer was not waited for
+    run = tandem.load_config(cfg)
+    work = build_workload(run.workload, seed)
+    from tandem.strategies.training import build_model
+
+    x = build_model(work, seed).weight.detach().double().numpy().reshape(-1)
+    X, Y = work.train.x.double().numpy(), work.train.y.double().numpy().reshape(-1)
+    ixs = [ix.numpy() for ix in data_partitions(work, n, "iid", 2, seed)]
+    opt = work.optimum.double().numpy()
+    want = []
+    for _ in range(steps):
+        g = sum(2.0 / len(ix) * X[ix].T @ (X[ix] @ x - Y[ix]) for ix in ixs)
+        x = x - lr * g / n
+        want.append(float(((x - opt) ** 2).sum()))
+    np.testing.assert_allclose(server["trajectory"], want, rtol=1e-3, atol=1e-6)
+
+
+def test_straggler_draws_reproduce_from_the_seed():
+    s = StragglerConfig(p=0.4, factor=3.0)
+    a = [ComputeFaults(r, 7, s).straggles(t) for r in range(5) for t in range(50)]
+    b = [ComputeFaults(r, 7, s).straggles(t) for r in range(5) for t in range(50)]
+    c = [ComputeFaults(r, 8, s).straggles(t) for r in range(5) for t in range(50)]
+    assert a == b and a != c and 0.25 < np.mean(a) < 0.55
+
+
+def test_simulated_error_floor_falls_with_d_and_rises_with_p():
+    base = SimConfig(devices=32, steps=150, lr=0.05, topology="exponential",
+                     workload_options={"noise": 1.0})
+    rows = floor_table(study(base, ps=(0.1, 0.5), ds=(1, 3)))
+    for row in rows:
+        assert row["d=3"] < row["d=1"]
+    assert rows[1]["d=1"] > rows[0]["d=1"]
+    # wait-for-all has no straggler noise: below GOCO's floor at the same d
+    wait = simulate(SimConfig(devices=32, steps=150, lr=0.05, topology="exponential", p=0.5,
+                              mode="wait", workload_options={"noise": 1.0}))
+    assert not wait.straggled.any() and wait.floor() < rows[1]["d=1"]
+
+
+def test_sim_cli_writes_plot_and_table(tmp_path):
+    from tandem.cli import app
+
+    out = tmp_path / "sim"
+    r = CliRunner().invoke(app, ["sim", "goco", "--devices", "16", "--steps", "20", "--p",
+                                 "0.1,0.5", "--d", "1,2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "d=2" in r.output and (out / "goco.png").stat().st_size > 1000
+    data = json.loads((out / "goco.json").read_text())
+    assert len(data["curves"]) == 4 and len(data["curves"][0]["opt_error"]) == 20

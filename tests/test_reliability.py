@@ -1,0 +1,124 @@
+"""Reliability: kill -9 then resume equals an uninterrupted run; NaN gradients; bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+import tandem
+from tandem import worker
+from tandem.api import prepare_run_dir
+from tandem.checkpoint import Checkpointer, config_fingerprint
+from tandem.codecs import CODECS
+from tandem.errors import CheckpointError, WorkerFailed
+from tandem.launch import spawn
+
+
+def _cfg(out, codec="dense", **kw):
+    base = {"workload": {"name": "digits"}, "strategy": "allreduce", "codec": codec,
+            "workers": 2, "steps": 40, "batch_size": 16, "lr": 0.1, "momentum": 0.9, "seed": 5,
+            "progress": False, "out": str(out), "checkpoint_every": 8, "net": "50mbit:1ms"}
+    base.update(kw)
+    return tandem.load_config(base)
+
+
+def _kill_after_checkpoint(run_dir, min_step):
+    def on_start(procs, _store):
+        def killer():
+            latest = run_dir / "checkpoints" / "LATEST"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if latest.is_file() and json.loads(latest.read_text())["step"] >= min_step:
+                    os.kill(procs[1].pid, signal.SIGKILL)
+                    return
+                time.sleep(0.01)
+        threading.Thread(target=killer, daemon=True).start()
+    return on_start
+
+
+@pytest.mark.parametrize("codec", ["dense", "topk"])
+def test_kill_then_resume_equals_uninterrupted(tmp_path, codec):
+    if codec not in CODECS:
+        pytest.skip(f"codec {codec} not available")
+    opts = {"codec": {"name": codec, "options": {"ratio": 0.05}}} if codec == "topk" else {}
+    ref = tandem.train(_cfg(tmp_path / "ref", **opts), return_results=True)
+    cfg = _cfg(tmp_path / "killed", **opts)
+    prepare_run_dir(cfg)
+    with pytest.raises(WorkerFailed) as info:
+        spawn(worker.main, 2, cfg.model_dump(mode="json"), None, True, timeout_s=120,
+              on_start=_kill_after_checkpoint(cfg.run_dir(), 16))
+    assert 1 in info.value.ranks
+    latest = json.loads((cfg.run_dir() / "checkpoints" / "LATEST").read_text())
+    assert 16 <= latest["step"] < 40
+    resumed = tandem.train(cfg.model_copy(update={"resume": True}), return_results=True)
+    for a, b in zip(ref["results"][0]["params"], resumed["results"][0]["params"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_nan_gradient_is_skipped_and_counted(tmp_path):
+    s = tandem.train(_cfg(tmp_path / "nan", steps=20, checkpoint_every=0, net=None,
+                          nan_policy="skip", inject_nan=["1:7"]), return_results=True)
+    assert s["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in s["results"][0]["params"])
+    with pytest.raises(WorkerFailed, match="non-finite gradient at step 7"):
+        tandem.train(_cfg(tmp_path / "stop", steps=20, checkpoint_every=0, net=None,
+                          inject_nan=["1:7"]))
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    cfg = _cfg(tmp_path / "c", steps=25, net=None)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        tandem.train(cfg.model_copy(update={"resume": True}))
+
+
+def test_corrupt_truncated_or_mismatched_checkpoint_is_rejected(tmp_path):
+    fp = config_fingerprint({"lr": 0.1})
+    saver = Checkpointer(tmp_path, 0, fp, every=1)
+    state = {"w": torch.arange(4.0), "nested": {"step": 3, "xs": [1, 2]}}
+    saver.save(3, state, barrier=lambda: None)
+    loaded = saver.load()
+    assert torch.equal(loaded["w"], state["w"]) and loaded["nested"] == state["nested"]
+    # a checkpoint from another configuration is refused, never used
+    with pytest.raises(CheckpointError, match="different configuration"):
+        Checkpointer(tmp_path, 0, config_fingerprint({"lr": 0.5})).load()
+    # the set has no file for another rank
+    with pytest.raises(CheckpointError, match="no file for rank 1"):
+        Checkpointer(tmp_path, 1, fp).load()
+    # a truncated file is reported as corrupt
+    path = tmp_path / "checkpoints" / "step-00000003" / "rank0.pt"
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match="corrupt"):
+        saver.load()
+    # a LATEST that is not JSON is reported too
+    (tmp_path / "checkpoints" / "LATEST").write_text("{oops")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        saver.load()
+    # fields that do not shape the trajectory may change on resume
+    assert config_fingerprint({"lr": 0.1, "steps": 10, "out": "a"}) == \
+        config_fingerprint({"lr": 0.1, "steps": 99, "out": "b"})
+
+
+def test_checkpoint_refuses_code_execution(tmp_path):
+    """weights_only loading: a pickle that would run code is refused as corrupt."""
+    fp = config_fingerprint({})
+    saver = Checkpointer(tmp_path, 0, fp, every=1)
+    saver.save(1, {"x": torch.zeros(1)}, barrier=lambda: None)
+    path = tmp_path / "checkpoints" / "step-00000001" / "rank0.pt"
+    torch.save({"step": 1, "config": fp, "evil": Exploit(tmp_path / "pwned")}, path)
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        saver.load()
+    assert not (tmp_path / "pwned").exists()
+
+
+class Exploit:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.target}",))

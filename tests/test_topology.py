@@ -1,0 +1,78 @@
+"""Topologies: every graph is connected and its mixing matrix symmetric and doubly stochastic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tandem.errors import ConfigError
+from tandem.topology import GRAPHS, WEIGHTS, Topology, is_connected, make_topology
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(GRAPHS), n=st.integers(1, 40), weights=st.sampled_from(WEIGHTS),
+       seed=st.integers(0, 1000))
+def test_mixing_matrix_is_symmetric_doubly_stochastic_on_the_graph(name, n, weights, seed):
+    t = make_topology(name, n, weights=weights, seed=seed)
+    W, A = t.W, t.adjacency
+    np.testing.assert_allclose(W, W.T, atol=1e-12)
+    np.testing.assert_allclose(W.sum(0), 1.0, atol=1e-12)
+    np.testing.assert_allclose(W.sum(1), 1.0, atol=1e-12)
+    assert (W >= 0).all()
+    assert not A.diagonal().any() and (A == A.T).all()
+    assert (W[~A & ~np.eye(n, dtype=bool)] == 0).all()  # weights only on edges
+    assert is_connected(A)
+    for i in range(n):
+        assert all(i in t.neighbors(j) for j in t.neighbors(i))
+    # the average is a fixed point and one round never increases disagreement
+    x = np.random.default_rng(seed).standard_normal((n, 3))
+    y = W @ x
+    np.testing.assert_allclose(y.mean(0), x.mean(0), atol=1e-12)
+    assert ((y - y.mean(0)) ** 2).sum() <= ((x - x.mean(0)) ** 2).sum() + 1e-12
+    assert 0.0 <= t.spectral_gap <= 1.0 + 1e-12
+
+
+def test_degrees_and_gaps_of_the_named_graphs():
+    assert {make_topology("ring", 8).degree(i) for i in range(8)} == {2}
+    assert make_topology("ring", 8).neighbors(0) == [1, 7]
+    assert {make_topology("torus", 16).degree(i) for i in range(16)} == {4}
+    assert make_topology("exponential", 16).neighbors(0) == [1, 2, 4, 8, 12, 14, 15]
+    assert make_topology("complete", 6).spectral_gap == pytest.approx(1.0)
+    gaps = [make_topology(g, 16).spectral_gap for g in ("ring", "torus", "exponential")]
+    assert gaps[0] < gaps[1] <= gaps[2]
+    # ring of n: Metropolis weights 1/3, gap = 2/3 (1 - cos(2 pi / n))
+    gap = 2 / 3 * (1 - np.cos(2 * np.pi / 12))
+    assert make_topology("ring", 12).spectral_gap == pytest.approx(gap)
+
+
+def test_erdos_renyi_is_seeded_and_connected():
+    a = make_topology("erdos_renyi", 30, seed=5, edge_p=0.1)
+    b = make_topology("erdos_renyi", 30, seed=5, edge_p=0.1)
+    c = make_topology("erdos_renyi", 30, seed=6, edge_p=0.1)
+    assert (a.adjacency == b.adjacency).all() and not (a.adjacency == c.adjacency).all()
+    assert is_connected(a.adjacency)
+    with pytest.raises(ConfigError, match="edge_p"):
+        make_topology("erdos_renyi", 30, edge_p=0.001)
+
+
+def test_check_rejects_bad_matrices():
+    good = make_topology("ring", 5)
+    bad = good.W.copy()
+    bad[0, 1] += 0.1
+    bad[0, 0] -= 0.1  # rows still sum to one, but no longer symmetric
+    with pytest.raises(ConfigError, match="symmetric"):
+        Topology("x", good.adjacency, bad).check()
+    off = good.W.copy()
+    off[0, 2] = off[2, 0] = 0.1
+    off[0, 0] -= 0.1
+    off[2, 2] -= 0.1
+    with pytest.raises(ConfigError, match="not an edge"):
+        Topology("x", good.adjacency, off).check()
+    split = np.zeros((4, 4), dtype=bool)
+    split[0, 1] = split[1, 0] = split[2, 3] = split[3, 2] = True
+    with pytest.raises(ConfigError, match="connected"):
+        Topology("x", split, np.eye(4)).check()
+    with pytest.raises(ConfigError, match="unknown topology"):
+        make_topology("star", 4)
