@@ -185,36 +185,55 @@ class RunConfig(_Strict):
     @field_validator("slow_workers", mode="before")
     @classmethod
     def _slow(cls, v: Any) -> Any:
+        if v is None:
+            return []
         if isinstance(v, str):
             v = [s for s in v.split(",") if s]
-        return [SlowWorker.parse(s) if isinstance(s, str) else s for s in (v or [])]
+        if not isinstance(v, list | tuple):
+            return v  # pydantic reports the wrong type
+        return [SlowWorker.parse(s) if isinstance(s, str) else s for s in v]
 
     @field_validator("inject_nan", mode="before")
     @classmethod
     def _nan(cls, v: Any) -> Any:
+        if v is None:
+            return []
         if isinstance(v, str):
             v = [s for s in v.split(",") if s]
-        return [tuple(int(x) for x in s.split(":")) if isinstance(s, str) else s for s in v or []]
+        if not isinstance(v, list | tuple):
+            return v
+        out = []
+        for s in v:
+            if isinstance(s, str):
+                parts = s.split(":")
+                if len(parts) != 2:
+                    raise ValueError(f"inject_nan {s!r}: expected RANK:STEP")
+                s = (int(parts[0]), int(parts[1]))
+            out.append(s)
+        return out
 
     @field_validator("strategy", "codec", mode="before")
     @classmethod
     def _plugin(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
-    @model_validator(mode="after")
-    def _check(self) -> RunConfig:
+    @field_validator("strategy", "codec", mode="after")
+    @classmethod
+    def _plugin_known(cls, v: PluginConfig, info: Any) -> PluginConfig:
         from tandem.codecs import CODECS
         from tandem.strategies import STRATEGIES
 
-        if self.strategy.name not in STRATEGIES:
-            raise ValueError(
-                f"strategy: unknown {self.strategy.name!r}; choose one of {sorted(STRATEGIES)}"
-            )
-        if self.codec.name not in CODECS:
-            raise ValueError(f"codec: unknown {self.codec.name!r}; choose one of {sorted(CODECS)}")
-        # Each plugin validates its own options (raises ValueError naming the option).
-        STRATEGIES[self.strategy.name].Options.model_validate(self.strategy.options)
-        CODECS[self.codec.name].Options.model_validate(self.codec.options)
+        registry = STRATEGIES if info.field_name == "strategy" else CODECS
+        if v.name not in registry:
+            raise ValueError(f"unknown {v.name!r}; choose one of {sorted(registry)}")
+        try:
+            registry[v.name].Options.model_validate(v.options)
+        except ValidationError as err:
+            raise ValueError(_format_validation_error(err, f"{v.name} option")) from None
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
         for sw in self.slow_workers:
             if sw.rank >= self.workers:
                 raise ValueError(f"slow_workers: rank {sw.rank} >= workers ({self.workers})")
@@ -246,12 +265,14 @@ class RunConfig(_Strict):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def _format_validation_error(err: ValidationError, what: str = "invalid configuration") -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "config"
         msg = e["msg"].removeprefix("Value error, ")
         lines.append(f"{loc}: {msg}")
+    if what != "invalid configuration":
+        return f"{what} " + "; ".join(lines)
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
