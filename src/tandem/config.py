@@ -170,6 +170,9 @@ class RunConfig(_Strict):
     inject_nan: list[tuple[int, int]] = Field(
         default_factory=list, description="fault injection for tests: (rank, step) pairs whose "
         "gradient is replaced by NaN")
+    inject_crash: list[tuple[int, int]] = Field(
+        default_factory=list, description="fault injection for tests: (rank, step) pairs at which "
+        "that worker kills itself with SIGKILL (not when resuming)")
     threads_per_worker: int = Field(default=1, ge=1)
 
     @field_validator("net", mode="before")
@@ -193,7 +196,7 @@ class RunConfig(_Strict):
             return v  # pydantic reports the wrong type
         return [SlowWorker.parse(s) if isinstance(s, str) else s for s in v]
 
-    @field_validator("inject_nan", mode="before")
+    @field_validator("inject_nan", "inject_crash", mode="before")
     @classmethod
     def _nan(cls, v: Any) -> Any:
         if v is None:
@@ -207,7 +210,7 @@ class RunConfig(_Strict):
             if isinstance(s, str):
                 parts = s.split(":")
                 if len(parts) != 2:
-                    raise ValueError(f"inject_nan {s!r}: expected RANK:STEP")
+                    raise ValueError(f"{s!r}: expected RANK:STEP")
                 s = (int(parts[0]), int(parts[1]))
             out.append(s)
         return out

@@ -8,6 +8,8 @@ comparison come from the synchronisation method alone.
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from typing import TYPE_CHECKING
 
@@ -74,6 +76,7 @@ class LocalTrainer:
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._nan_steps = {tuple(x) for x in ctx.cfg.inject_nan}
+        self._crash_steps = {tuple(x) for x in ctx.cfg.inject_crash}
 
     def compute(self, step: int) -> tuple[float, list[torch.Tensor], float, bool]:
         """Forward/backward on the next minibatch. Returns (loss, grads, compute_s, straggled).
@@ -91,6 +94,8 @@ class LocalTrainer:
             p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
             for p in self.params
         ]
+        if (self.worker, step) in self._crash_steps and not self.ctx.cfg.resume:
+            os.kill(os.getpid(), signal.SIGKILL)  # injected crash (tests, kill benchmark)
         if (self.worker, step) in self._nan_steps:
             grads[0].fill_(float("nan"))
         compute_s, straggled = self.ctx.faults.apply(step, time.perf_counter() - t0)
