@@ -7,20 +7,27 @@ A codec has two levels of API:
 
 * the *message* level, ``encode`` -> :class:`Message` -> ``decode`` / ``aggregate``, used by
   strategies that move codes point to point (a parameter server decodes each worker's push);
-* the *exchange* level, ``exchange(grads, transport, group)`` -> the group's mean gradient, used by
-  collective strategies (all-reduce, pipeline, BSP across machines). The default follows the
-  codec's ``transfer`` flag: ``"sum"`` codes are all-reduced, ``"gather"`` codes are all-gathered and
-  decoded one by one. Codecs with several phases (PowerSGD's P and Q, LGC's leader) override it.
+* the *exchange* level, ``exchange(grads, transport, group)`` -> the group's mean gradient, used
+  by collective strategies (all-reduce, pipeline, BSP across machines). The default follows the
+  codec's ``transfer`` flag: ``"sum"`` codes are all-reduced, ``"gather"`` codes are all-gathered
+  and decoded one by one. Codecs with several phases (PowerSGD's P and Q, LGC's leader) override
+  it; ``"led"`` says a leader broadcasts shared state (indices) before the workers send.
 
 Error feedback: a codec with ``error_feedback`` keeps per-layer residuals (what was not sent) and
 adds them to the next gradient, so nothing is lost, only delayed. ``state_dict`` holds the
 residuals and any learned state so that checkpoints restore a codec exactly.
 
 ``Message.nbytes`` is the exact payload size; the transport's byte meter charges the same bytes.
+Bit-level codes (QSGD levels, signs) are packed into uint8 tensors (see :mod:`.bits`).
+
+Randomness: ``seed`` is the same on every worker (shared choices such as random-k's indices and
+PowerSGD's initial Q must agree); private randomness (QSGD's rounding) also mixes in ``rank``,
+which :meth:`Codec.exchange` sets to the caller's rank in the group.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -39,8 +46,8 @@ Transfer = Literal["sum", "gather", "led"]
 class Message:
     """A worker's code: payload tensors plus shape metadata that never travels.
 
-    ``meta`` holds what the receiver already knows (layer shapes, k), derived from the model, so
-    it is not charged.
+    ``meta`` holds what the receiver already knows (layer shapes, k, shared random indices),
+    derived from the model and the step, so it is not charged.
     """
 
     tensors: list[torch.Tensor]
@@ -67,21 +74,45 @@ class CodecOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def group_rank(transport: Transport, group: Group | None) -> tuple[int, int]:
+    """(this process's rank inside ``group``, the group's size)."""
+    g = group or transport.world_group
+    return g.ranks.index(transport.rank), g.size
+
+
+def step_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from integers (stateless per step: checkpoints need no RNG state)."""
+    h = 0x9E3779B97F4A7C15
+    for k in keys:
+        h = (h * 0x100000001B3 ^ (int(k) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
+    return torch.Generator().manual_seed(h & 0x7FFFFFFFFFFFFFFF)
+
+
 class Codec:
-    """Base class: subclasses set ``name``, ``transfer``, ``Options`` and implement encode/decode."""
+    """Base class: subclasses set ``name``, ``transfer``, ``Options``; implement encode/decode."""
 
     name: ClassVar[str] = ""
     transfer: ClassVar[Transfer] = "gather"
     error_feedback: ClassVar[bool] = False
     Options: ClassVar[type[CodecOptions]] = CodecOptions
 
-    def __init__(self, options: CodecOptions | dict[str, Any] | None = None, *, seed: int = 0) -> None:
+    def __init__(self, options: CodecOptions | dict[str, Any] | None = None, *,
+                 seed: int = 0) -> None:
         if options is None or isinstance(options, dict):
             options = self.Options.model_validate(options or {})
         self.opts = options
         self.seed = seed
         self.step = 0
+        self.rank = 0
+        self.total_steps: int | None = None
         self.residuals: list[torch.Tensor] | None = None
+        #: tests set this to keep the last ``transmitted`` (what receivers reconstruct of ours)
+        self.track_transmitted = False
+        self.transmitted: list[torch.Tensor] | None = None
+
+    def set_total_steps(self, n: int) -> None:
+        """The strategy tells the codec the run length (LGC and warm-up ramps scale with it)."""
+        self.total_steps = int(n)
 
     # ---- message level ------------------------------------------------------------------------
     def encode(self, grads: list[torch.Tensor]) -> Message:
@@ -96,24 +127,30 @@ class Codec:
         return [torch.stack(parts).mean(0) for parts in zip(*decoded, strict=True)]
 
     # ---- error feedback -----------------------------------------------------------------------
+    def uses_error_feedback(self) -> bool:
+        return self.error_feedback and bool(getattr(self.opts, "error_feedback", True))
+
     def with_residual(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """g~ = g + r (or g itself when error feedback is off)."""
-        if not self.error_feedback:
-            return list(grads)
+        grads = [g.detach() for g in grads]
+        if not self.uses_error_feedback():
+            return grads
         if self.residuals is None:
             self.residuals = [torch.zeros_like(g) for g in grads]
         return [g + r for g, r in zip(grads, self.residuals, strict=True)]
 
     def keep_residual(self, corrected: list[torch.Tensor], transmitted: list[torch.Tensor]) -> None:
-        """r = g~ - (what the receiver will reconstruct from this worker's code)."""
-        if self.error_feedback:
+        """r = g~ - (what the receivers will reconstruct from this worker's code)."""
+        if self.track_transmitted:
+            self.transmitted = [t.clone() for t in transmitted]
+        if self.uses_error_feedback():
             self.residuals = [c - t for c, t in zip(corrected, transmitted, strict=True)]
 
     # ---- exchange level -----------------------------------------------------------------------
     def exchange(self, grads: list[torch.Tensor], transport: Transport,
                  group: Group | None = None) -> list[torch.Tensor]:
         """Return the group's mean gradient, moving only this codec's codes."""
-        size = (group or transport.world_group).size
+        self.rank, size = group_rank(transport, group)
         msg = self.encode(grads)
         self.step += 1
         if size == 1:
@@ -132,11 +169,14 @@ class Codec:
 
     # ---- checkpointing ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "residuals": None if self.residuals is None else
+        return {"step": self.step, "total_steps": self.total_steps, "rank": self.rank,
+                "residuals": None if self.residuals is None else
                 [r.clone() for r in self.residuals]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.total_steps = state.get("total_steps", self.total_steps)
+        self.rank = int(state.get("rank", self.rank))
         res = state.get("residuals")
         self.residuals = None if res is None else [r.clone() for r in res]
 
@@ -162,3 +202,19 @@ def make_codec(name: str, options: dict[str, Any] | None = None, *, seed: int = 
     if name not in CODECS:
         raise ConfigError(f"codec: unknown {name!r}; choose one of {sorted(CODECS)}")
     return CODECS[name](options, seed=seed)
+
+
+def describe_codecs() -> list[dict[str, Any]]:
+    """Every registered codec: name, transfer kind, one-line summary, options with defaults."""
+    rows = []
+    for name, cls in sorted(CODECS.items()):
+        opts = {}
+        for key, f in cls.Options.model_fields.items():
+            default = None if f.is_required() else f.get_default(call_default_factory=True)
+            opts[key] = {"default": default, "type": getattr(f.annotation, "__name__",
+                                                             str(f.annotation)),
+                         "description": f.description or ""}
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip()
+        rows.append({"name": name, "transfer": cls.transfer, "error_feedback": cls.error_feedback,
+                     "summary": doc.splitlines()[0] if doc else "", "options": opts})
+    return rows

@@ -33,7 +33,8 @@ class DenseCodec(Codec):
     transfer = "sum"
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
-        return Message([flatten([g.float() for g in grads])], {"shapes": [tuple(g.shape) for g in grads]})
+        shapes = [tuple(g.shape) for g in grads]
+        return Message([flatten([g.detach().float() for g in grads])], {"shapes": shapes})
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
         return unflatten(msg.tensors[0], msg.meta["shapes"])

@@ -1,0 +1,150 @@
+"""DDP communication hooks: any Tandem codec inside ``DistributedDataParallel``.
+
+    from tandem.codecs import ddp_hook, make_codec
+    model = DistributedDataParallel(net)
+    state, hook = ddp_hook(make_codec("powersgd", {"rank": 2}, seed=0))
+    model.register_comm_hook(state, hook)
+
+The training loop stays unchanged. For every gradient bucket DDP hands over, the hook runs the
+codec's :meth:`~tandem.codecs.base.Codec.exchange` over the bucket's gradients (one codec
+instance per bucket, since error-feedback residuals and PowerSGD's Q are per layer) through
+:class:`ProcessGroupTransport`, a small Transport-compatible adapter over a ``torch.distributed``
+process group that charges bytes with the same formulas as Tandem's transport (so
+``state.transport.meter`` reports the codec's traffic), and returns a completed future holding the
+group mean in the bucket's buffer.
+
+Codecs that need the run length (``lgc``) get it from ``total_steps`` (counted per bucket step).
+The codec's seed must be the same on every rank (shared random indices, PowerSGD's Q).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tandem.codecs.base import Codec
+from tandem.codecs.dense import flatten
+from tandem.transport import costs
+from tandem.transport.accounting import ByteMeter, StepBytes
+from tandem.transport.group import Group
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class Done:
+    """An already-completed operation (the adapter runs collectives synchronously)."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def wait(self, timeout: float | None = None) -> Any:
+        return self.value
+
+    def done(self) -> bool:
+        return True
+
+
+class ProcessGroupTransport:
+    """The part of :class:`~tandem.transport.group.Transport` codecs use, over a process group."""
+
+    def __init__(self, pg: Any = None) -> None:
+        self.pg = pg if pg is not None else dist.group.WORLD
+        self.rank = dist.get_rank()
+        self.world = dist.get_world_size()
+        self.world_group = Group(self.pg, dist.get_process_group_ranks(self.pg))
+        self.meter = ByteMeter()
+
+    def _g(self, group: Group | None) -> Group:
+        return group or self.world_group
+
+    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, group: Group | None = None,
+                   category: str = "train") -> Done:
+        g = self._g(group)
+        t = costs.all_reduce(tensor.numel() * tensor.element_size(), g.size)
+        self.meter.record("all_reduce", t.sent, t.recv, category=category)
+        dist.all_reduce(tensor, op=_OPS[op], group=g.pg)
+        return Done(tensor)
+
+    def all_gather(self, tensor: torch.Tensor, *, group: Group | None = None,
+                   category: str = "train") -> Done:
+        g = self._g(group)
+        t = costs.all_gather(tensor.numel() * tensor.element_size(), g.size)
+        self.meter.record("all_gather", t.sent, t.recv, category=category)
+        out = [torch.empty_like(tensor) for _ in range(g.size)]
+        dist.all_gather(out, tensor.contiguous(), group=g.pg)
+        return Done(out)
+
+    def broadcast(self, tensor: torch.Tensor, src: int, *, group: Group | None = None,
+                  category: str = "train") -> Done:
+        g = self._g(group)
+        t = costs.broadcast(tensor.numel() * tensor.element_size(), g.size, self.rank == src)
+        self.meter.record("broadcast", t.sent, t.recv, category=category)
+        dist.broadcast(tensor, src=src, group=g.pg)
+        return Done(tensor)
+
+    def end_step(self) -> StepBytes:
+        return self.meter.end_step()
+
+
+@dataclass
+class CodecHookState:
+    """What the hook keeps between calls: the template codec, one codec per bucket, the meter.
+
+    Codecs are keyed by the bucket's parameters, not its index: DDP rebuilds its buckets after
+    the first iteration (in gradient-ready order), and per-layer state (residuals, Q) must
+    follow the parameters. A codec created for a rebuilt bucket starts at the run's current
+    step (warm-up ramps and LGC stages stay on schedule); only one step's residual is lost.
+    """
+
+    template: Codec
+    transport: ProcessGroupTransport
+    total_steps: int | None = None
+    codecs: dict[tuple[int, ...], Codec] = field(default_factory=dict)
+    step: int = 0
+
+    def codec_for(self, index: int, params: list[torch.Tensor]) -> Codec:
+        key = tuple(id(p) for p in params)
+        if key not in self.codecs:
+            t = self.template
+            fresh = not self.codecs and t.step == 0
+            codec = t if fresh else type(t)(t.opts, seed=t.seed + 7919 * (index + 1))
+            if self.total_steps is not None:
+                codec.set_total_steps(self.total_steps)
+            codec.step = self.step
+            self.codecs[key] = codec
+        return self.codecs[key]
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [c.describe() for c in self.codecs.values()]
+
+
+def codec_hook(state, bucket):  # no annotations: DDP rejects any but the unevaluated classes
+    """``DistributedDataParallel`` comm hook: the bucket's mean gradient through the codec."""
+    codec = state.codec_for(bucket.index(), bucket.parameters())
+    grads = bucket.gradients()
+    mean = codec.exchange(grads, state.transport)
+    buf = bucket.buffer()
+    flat = flatten(mean)
+    if flat.numel() != buf.numel():
+        raise RuntimeError(f"bucket {bucket.index()}: codec returned {flat.numel()} entries for a "
+                           f"buffer of {buf.numel()}")
+    buf.copy_(flat.to(buf.dtype).view_as(buf))
+    if bucket.is_last():
+        state.step += 1
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(buf)
+    return fut
+
+
+def ddp_hook(codec: Codec, *, process_group: Any = None, total_steps: int | None = None
+             ) -> tuple[CodecHookState, Callable[[CodecHookState, Any], torch.futures.Future]]:
+    """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook(state, hook)``.
+
+    ``torch.distributed`` must be initialised (e.g. by ``tandem.runtime.transport_from_env``).
+    """
+    state = CodecHookState(codec, ProcessGroupTransport(process_group), total_steps)
+    return state, codec_hook

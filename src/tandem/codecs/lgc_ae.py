@@ -1,0 +1,206 @@
+"""LGC's autoencoder: a small 1-D convolutional encoder over the top-k value vector and one or
+more transposed-convolution decoders, trained online on the workers' gathered vectors.
+
+Shapes: a K-vector is zero-padded to ``L = 16 * ceil(K / 16)`` and seen as one channel. The
+encoder has 4 stride-2 convolutions (kernel 4, padding 1: each halves the length) ending in 4
+channels, so the latent has ``4 * L / 16 = L / 4`` floats (about K/4). Each decoder mirrors it
+with 4 stride-2 transposed convolutions back to one channel of length L.
+
+Loss (M1): ``lambda1 * reconstruction + lambda2 * code similarity``, with means instead of sums
+(the same minimiser up to a rescaling of the lambdas, and independent of N and K):
+reconstruction = mean_i MSE(D_i(E(v_i)), v_i) (plus, with per-worker decoders, MSE(D_i(E(v_r)),
+v_i): the leader's code is what the decoders see in use); code similarity = mean over ordered
+pairs i != j of MSE(E(v_i), E(v_j)).
+
+Determinism: every worker builds the model from the same seed and trains it on the same gathered
+tensors in the same order, so all copies stay bit-identical without exchanging weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def padded_length(k: int) -> int:
+    return 16 * max(1, math.ceil(k / 16))
+
+
+def latent_size(k: int) -> int:
+    """Floats in the latent of a K-vector: 4 channels x L/16."""
+    return padded_length(k) // 4
+
+
+def _act(kind: str) -> nn.Module:
+    return nn.LeakyReLU(0.1) if kind == "leaky_relu" else nn.Identity()
+
+
+def _encoder(ch: int, act: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    sizes = [1, ch, ch, ch, 4]
+    for i in range(4):
+        layers.append(nn.Conv1d(sizes[i], sizes[i + 1], 4, stride=2, padding=1))
+        if i < 3:
+            layers.append(_act(act))
+    return nn.Sequential(*layers)
+
+
+def _decoder(ch: int, act: str) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    sizes = [4, ch, ch, ch, 1]
+    for i in range(4):
+        layers.append(nn.ConvTranspose1d(sizes[i], sizes[i + 1], 4, stride=2, padding=1))
+        if i < 3:
+            layers.append(_act(act))
+    return nn.Sequential(*layers)
+
+
+class Autoencoder(nn.Module):
+    """Encoder E and ``decoders`` decoders D_j (one for LGC-RAR, one per worker for LGC-PS)."""
+
+    def __init__(self, k: int, decoders: int, channels: int, activation: str, seed: int) -> None:
+        super().__init__()
+        self.k, self.length = k, padded_length(k)
+        self.encoder = _encoder(channels, activation)
+        self.decoders = nn.ModuleList(_decoder(channels, activation) for _ in range(decoders))
+        # PyTorch's default init (uniform, bound 1/sqrt(fan_in)) from a private generator, so
+        # that copies built concurrently (threads) or anywhere else start identical.
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for mod in self.modules():
+                if isinstance(mod, nn.Conv1d | nn.ConvTranspose1d):
+                    bound = 1.0 / math.sqrt(mod.weight.shape[1] * mod.weight.shape[2])
+                    mod.weight.uniform_(-bound, bound, generator=gen)
+                    mod.bias.uniform_(-bound, bound, generator=gen)
+
+    def pad(self, v: torch.Tensor) -> torch.Tensor:
+        """(B, K) -> (B, 1, L)."""
+        return nn.functional.pad(v, (0, self.length - self.k)).unsqueeze(1)
+
+    def encode(self, v: torch.Tensor) -> torch.Tensor:
+        """(B, K) -> (B, Z) latents."""
+        return self.encoder(self.pad(v)).flatten(1)
+
+    def decode(self, z: torch.Tensor, j: int = 0) -> torch.Tensor:
+        """(B, Z) -> (B, K) through decoder ``j``."""
+        out = self.decoders[j](z.view(z.shape[0], 4, -1))
+        return out[:, 0, : self.k]
+
+
+class AETrainer:
+    """The autoencoder, its optimiser and its cost figures."""
+
+    def __init__(self, k: int, decoders: int, *, channels: int = 16, activation: str = "none",
+                 lr: float = 1e-3, lambda1: float = 0.5, lambda2: float = 0.5,
+                 seed: int = 0) -> None:
+        self.meta = {"k": k, "decoders": decoders, "channels": channels,
+                     "activation": activation, "seed": seed}
+        self.model = Autoencoder(k, decoders, channels, activation, seed)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.lambda1, self.lambda2 = lambda1, lambda2
+        self.losses: list[float] = []
+        self.train_s: list[float] = []
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def memory_bytes(self) -> int:
+        """Weights, gradients and Adam's two moments, fp32."""
+        return 4 * 4 * self.n_params
+
+    def loss(self, v: torch.Tensor, leader: int) -> torch.Tensor:
+        """M1's loss on the workers' vectors ``v`` (N, K), already normalised."""
+        ae = self.model
+        z = ae.encode(v)
+        n = v.shape[0]
+        if len(ae.decoders) == 1:
+            recon = nn.functional.mse_loss(ae.decode(z, 0), v)
+        else:
+            rec = []
+            for i in range(n):
+                out = ae.decode(torch.stack([z[i], z[leader]]), i)
+                rec.append(nn.functional.mse_loss(out[0], v[i]))
+                if i != leader:
+                    rec.append(nn.functional.mse_loss(out[1], v[i]))
+            recon = torch.stack(rec).mean()
+        if n > 1:
+            diff = (z.unsqueeze(0) - z.unsqueeze(1)).pow(2).mean(-1)
+            sim = diff.sum() / (n * (n - 1))
+        else:
+            sim = z.new_zeros(())
+        return self.lambda1 * recon + self.lambda2 * sim
+
+    def train_step(self, v: torch.Tensor, leader: int, iters: int = 1) -> float:
+        t0 = time.perf_counter()
+        self.model.train()
+        value = 0.0
+        for _ in range(iters):
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.loss(v, leader)
+            loss.backward()
+            self.opt.step()
+            value = float(loss.detach())
+        self.losses.append(value)
+        self.train_s.append(time.perf_counter() - t0)
+        return value
+
+    @torch.no_grad()
+    def encode(self, v: torch.Tensor) -> torch.Tensor:
+        return self.model.encode(v.unsqueeze(0))[0]
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, j: int = 0) -> torch.Tensor:
+        return self.model.decode(z.unsqueeze(0), j)[0]
+
+    def checksum(self) -> torch.Tensor:
+        """Three float64 sums of the weights: equal on all workers iff (almost surely) in sync."""
+        flat = torch.cat([p.detach().reshape(-1).double() for p in self.model.parameters()])
+        w = torch.arange(flat.numel(), dtype=torch.float64) / flat.numel()
+        return torch.stack([flat.sum(), (flat * flat).sum(), (flat * w).sum()])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"meta": dict(self.meta), "model": self.model.state_dict(),
+                "opt": self.opt.state_dict(), "losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.losses = list(state["losses"])
+
+
+# ---- small helpers of lgc.py -------------------------------------------------------------
+
+def rms(v: torch.Tensor) -> torch.Tensor:
+    r = v.pow(2).mean().sqrt() if v.numel() else torch.ones(())
+    return torch.where(r > 0, r, torch.ones(()))
+
+
+def mean_ms(xs: list[float]) -> float | None:
+    return 1000 * sum(xs) / len(xs) if xs else None
+
+
+@dataclass
+class Ctx:
+    """One exchange's communication context."""
+
+    transport: Any
+    group: Any
+    n: int
+    me: int
+    leader: int
+    src: int
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum", category: str = "train") -> Any:
+        return self.transport.all_reduce(t, op, group=self.group, category=category)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        return self.transport.all_gather(t, group=self.group).wait()
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        return self.transport.broadcast(t, self.src, group=self.group).wait()

@@ -1,0 +1,169 @@
+"""LGC (M1) tests: plan and stages, the autoencoder (latent ~K/4, loss falls, identical copies),
+reconstruction of the true mean of correlated gradients, and exact per-step bytes. Workers are
+threads of this process (``codec_jobs.run_threads``); the spawned-process check is in
+``test_codecs_dist.py``."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import pytest
+import torch
+
+from codec_jobs import correlated_grads, mean_of, run_threads
+from tandem.codecs import make_codec
+from tandem.codecs.lgc_ae import latent_size
+from tandem.errors import ConfigError
+from tandem.transport import costs
+
+SHAPES = [(8, 8), (8,), (128, 128), (128,), (64, 128), (64,), (10, 64), (10,)]
+N, WARM, AE, COMP = 2, 3, 60, 25
+OPTS = {"ratio": 0.01, "innovation_ratio": 1e-4, "warmup_steps": WARM, "ae_steps": AE,
+        "ae_iters": 2, "ae_lr": 3e-3}
+
+
+@lru_cache(maxsize=2)
+def run(variant: str) -> tuple:
+    """Run WARM+AE+COMP steps of LGC on N threads; keep what the tests inspect."""
+    grads = correlated_grads(SHAPES, N, WARM + AE + COMP, noise=0.05)
+
+    def job(t):
+        c = make_codec("lgc", {**OPTS, "variant": variant}, seed=0)
+        cors, outs, sent = [], [], []
+        for step in grads:
+            cors.append(c.with_residual(step[t.rank]))
+            outs.append(c.exchange(step[t.rank], t))
+            sent.append(t.end_step().sent)
+        return c, cors, outs, sent
+
+    return grads, run_threads(N, job)
+
+
+def flat(ts, idx):
+    return torch.cat([ts[i].reshape(-1) for i in idx])
+
+
+def test_plan_keeps_first_and_last_layers_dense_and_latent_is_quarter_k():
+    """Breaks if the dense first/last layers (weight + bias) or K = sum ceil(rho * n_l) change,
+    or if the encoder stops reducing K to ~K/4 floats (4 stride-2 convs to 4 channels)."""
+    c = make_codec("lgc", OPTS)
+    p = c.plan(SHAPES)
+    assert p.dense == [0, 1, 6, 7] and p.comp == [2, 3, 4, 5]
+    assert p.k == sum(math.ceil(0.01 * math.prod(SHAPES[i])) for i in p.comp)
+    assert p.z == latent_size(p.k) and p.k / 4 <= p.z <= p.k / 4 + 4
+    c.trainer(p, 1)
+    z = c.ae.encode(torch.randn(p.k))
+    assert z.numel() == p.z
+    assert c.ae.decode(z).numel() == p.k
+
+
+def test_stage_lengths_follow_total_steps():
+    """Breaks if the 10% / 20% / rest schedule or ``set_total_steps`` stop working, or if an
+    unknown run length is silently guessed."""
+    c = make_codec("lgc")
+    with pytest.raises(ConfigError, match="total_steps"):
+        c.stage_lengths()
+    c.set_total_steps(1000)
+    assert c.stage_lengths() == (100, 200)
+    assert [c.stage_at(s) for s in (0, 99, 100, 299, 300)] == [1, 1, 2, 2, 3]
+    assert make_codec("lgc", {"total_steps": 50}).stage_lengths() == (5, 10)
+
+
+@pytest.mark.parametrize("variant", ["rar", "ps"])
+def test_autoencoder_learns_and_copies_stay_identical(variant):
+    """Breaks if online training stops reducing the loss (lambda1 * recon + lambda2 * code
+    similarity), or if the workers' copies drift apart (same seed, same gathered data, same
+    order: no weight exchange is needed, so any drift would silently corrupt decoding)."""
+    _, res = run(variant)
+    losses = res[0][0].ae.losses
+    assert len(losses) == AE
+    assert sum(losses[-5:]) / 5 < 0.2 * sum(losses[:5]) / 5
+    for c, *_ in res[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(res[0][0].ae.model.parameters(),
+                                                     c.ae.model.parameters(), strict=True))
+        assert c.resyncs == 0
+    info = res[0][0].describe()
+    assert info["ae_params"] > 0 and info["ae_train_ms_per_step"] > 0
+    assert info["codec_ms_per_step"] > 0 and info["ae_memory_bytes"] == 16 * info["ae_params"]
+
+
+@pytest.mark.parametrize("variant", ["rar", "ps"])
+def test_reconstructs_mean_of_correlated_gradients(variant):
+    """Correlated synthetic gradients (common direction + 5% per-worker noise). Breaks if the
+    compressed stage stops reconstructing the workers' mean on the shared positions within 25%
+    relative error, if stage 2 is not exact there, if the ranks disagree, or if error feedback
+    lets the sum of the updates drift from the sum of the true mean gradients (within 25%,
+    top-k's own delay included)."""
+    grads, res = run(variant)
+    comp = [2, 3, 4, 5]
+    errs = []
+    for s in range(WARM + AE + COMP):
+        out = flat(res[0][2][s], comp)
+        assert all(torch.equal(out, flat(r[2][s], comp)) for r in res[1:])
+        true = torch.stack([flat(r[1][s], comp) for r in res]).mean(0)
+        sup = out != 0
+        errs.append(float((out[sup] - true[sup]).norm() / true[sup].norm()))
+    assert max(errs[WARM: WARM + AE]) < 1e-6
+    assert max(errs[WARM + AE:]) < 0.25, errs[WARM + AE:]
+    total_out = sum(flat(res[0][2][s], comp) for s in range(len(grads)))
+    total_true = sum(flat(mean_of(g), comp) for g in grads)
+    assert float((total_out - total_true).norm() / total_true.norm()) < 0.25
+
+
+@pytest.mark.parametrize("variant", ["rar", "ps"])
+def test_per_step_bytes_match_m1(variant):
+    """Breaks if LGC sends more (or less) than M1 says, counted exactly by the meter. Per rank:
+    dense layers all-reduced; stage 1 top-k all-gathered (8 bytes per entry); stage 2 leader's
+    int32 positions broadcast + fp32 values all-gathered; stage 3 the leader broadcasts
+    positions + scale (+ its ~K/4-float latent in PS, + the m fix-up positions in RAR); then PS
+    all-gathers each worker's innovation (m values + m positions: ~2 rho_in D numbers) and RAR
+    all-reduces the ~K/4-float latent with the m fix-up values and the dense layers."""
+    c = make_codec("lgc", OPTS)
+    p = c.plan(SHAPES)
+    dense = 4 * sum(math.prod(SHAPES[i]) for i in p.dense)
+    k, z, m = p.k, p.z, p.m
+    assert m == math.ceil(1e-4 * sum(p.sizes))
+    _, res = run(variant)
+    for rank, (_, _, _, sent) in enumerate(res):
+        for s, got in enumerate(sent):
+            lead = rank == s % N
+            ar = costs.all_reduce(dense, N).sent
+            if s < WARM:
+                want = ar + costs.all_gather(8 * k, N).sent
+            elif s < WARM + AE:
+                want = ar + costs.broadcast(4 * k, N, lead).sent + costs.all_gather(4 * k, N).sent
+            elif variant == "ps":
+                want = (ar + costs.broadcast(4 * k + 4 + 4 * z, N, lead).sent
+                        + costs.all_gather(8 * m, N).sent)
+            else:
+                want = (costs.broadcast(4 * k + 4 + 4 * m, N, lead).sent
+                        + costs.all_reduce(dense + 4 * z + 4 * m, N).sent)
+            assert got == want, (rank, s)
+
+
+def test_whole_run_bytes_far_below_dense():
+    """A 400k-parameter model at rho = 1e-3, N = 2, default 10% / 20% / 70% stages, all layers
+    compressed. Breaks if the compressed stage costs more than 1/1000 of dense bytes per worker
+    per step, or the whole run (top-k warm-up included) more than 1/100."""
+    shapes = [(500, 400), (500,), (400, 500), (400,)]
+    d = sum(math.prod(s) for s in shapes)
+    opts = {"variant": "rar", "ratio": 1e-3, "dense_first_last": False, "warmup_steps": 2,
+            "ae_steps": 2}
+    gen = torch.Generator().manual_seed(0)
+    g = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(N)]
+
+    def job(t):
+        c = make_codec("lgc", opts)
+        per = []
+        for _ in range(6):
+            c.exchange(g[t.rank], t)
+            per.append(t.end_step().sent)
+        return per
+
+    per = run_threads(N, job)
+    avg = [sum(r[s] for r in per) / N for s in range(6)]
+    dense = costs.all_reduce(4 * d, N).sent
+    stage = [(avg[0] + avg[1]) / 2, (avg[2] + avg[3]) / 2, (avg[4] + avg[5]) / 2]
+    assert stage[2] <= dense / 1000
+    assert 0.1 * stage[0] + 0.2 * stage[1] + 0.7 * stage[2] <= dense / 100
