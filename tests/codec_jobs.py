@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from tandem.codecs import make_codec
-from tandem.codecs.ddp import Done
 from tandem.transport import costs
 from tandem.transport.accounting import ByteMeter
+from tandem.transport.adapter import Done
 from tandem.transport.group import Group
 
 # ---- threads standing in for ranks -----------------------------------------------------------

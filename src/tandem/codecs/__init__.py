@@ -25,7 +25,8 @@ from tandem.codecs.base import (
     make_codec,
     register,
 )
-from tandem.codecs.ddp import ProcessGroupTransport, ddp_hook
+from tandem.codecs.ddp import ddp_hook
+from tandem.transport.adapter import ProcessGroupTransport
 
 __all__ = ["CODECS", "Codec", "CodecOptions", "Message", "ProcessGroupTransport",
            "ddp_hook", "describe_codecs", "make_codec", "register"]

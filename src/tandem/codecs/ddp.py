@@ -24,70 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from tandem.codecs.base import Codec
 from tandem.codecs.dense import flatten
-from tandem.transport import costs
-from tandem.transport.accounting import ByteMeter, StepBytes
-from tandem.transport.group import Group
-
-_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-
-
-class Done:
-    """An already-completed operation (the adapter runs collectives synchronously)."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def wait(self, timeout: float | None = None) -> Any:
-        return self.value
-
-    def done(self) -> bool:
-        return True
-
-
-class ProcessGroupTransport:
-    """The part of :class:`~tandem.transport.group.Transport` codecs use, over a process group."""
-
-    def __init__(self, pg: Any = None) -> None:
-        self.pg = pg if pg is not None else dist.group.WORLD
-        self.rank = dist.get_rank()
-        self.world = dist.get_world_size()
-        self.world_group = Group(self.pg, dist.get_process_group_ranks(self.pg))
-        self.meter = ByteMeter()
-
-    def _g(self, group: Group | None) -> Group:
-        return group or self.world_group
-
-    def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, group: Group | None = None,
-                   category: str = "train") -> Done:
-        g = self._g(group)
-        t = costs.all_reduce(tensor.numel() * tensor.element_size(), g.size)
-        self.meter.record("all_reduce", t.sent, t.recv, category=category)
-        dist.all_reduce(tensor, op=_OPS[op], group=g.pg)
-        return Done(tensor)
-
-    def all_gather(self, tensor: torch.Tensor, *, group: Group | None = None,
-                   category: str = "train") -> Done:
-        g = self._g(group)
-        t = costs.all_gather(tensor.numel() * tensor.element_size(), g.size)
-        self.meter.record("all_gather", t.sent, t.recv, category=category)
-        out = [torch.empty_like(tensor) for _ in range(g.size)]
-        dist.all_gather(out, tensor.contiguous(), group=g.pg)
-        return Done(out)
-
-    def broadcast(self, tensor: torch.Tensor, src: int, *, group: Group | None = None,
-                  category: str = "train") -> Done:
-        g = self._g(group)
-        t = costs.broadcast(tensor.numel() * tensor.element_size(), g.size, self.rank == src)
-        self.meter.record("broadcast", t.sent, t.recv, category=category)
-        dist.broadcast(tensor, src=src, group=g.pg)
-        return Done(tensor)
-
-    def end_step(self) -> StepBytes:
-        return self.meter.end_step()
+from tandem.transport.adapter import ProcessGroupTransport
 
 
 @dataclass
@@ -101,7 +41,7 @@ class CodecHookState:
     """
 
     template: Codec
-    transport: ProcessGroupTransport
+    transport: Any  # a Transport, or the ProcessGroupTransport adapter
     total_steps: int | None = None
     codecs: dict[tuple[int, ...], Codec] = field(default_factory=dict)
     step: int = 0
@@ -140,11 +80,15 @@ def codec_hook(state, bucket):  # no annotations: DDP rejects any but the uneval
     return fut
 
 
-def ddp_hook(codec: Codec, *, process_group: Any = None, total_steps: int | None = None
+def ddp_hook(codec: Codec, *, process_group: Any = None, total_steps: int | None = None,
+             transport: Any = None,
              ) -> tuple[CodecHookState, Callable[[CodecHookState, Any], torch.futures.Future]]:
     """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook(state, hook)``.
 
     ``torch.distributed`` must be initialised (e.g. by ``tandem.runtime.transport_from_env``).
+    Pass ``transport`` (a :class:`~tandem.transport.group.Transport`) to run the hook's traffic
+    through Tandem's transport, emulated link and deadlines included; by default a thin adapter
+    over ``process_group`` is used.
     """
-    state = CodecHookState(codec, ProcessGroupTransport(process_group), total_steps)
+    state = CodecHookState(codec, transport or ProcessGroupTransport(process_group), total_steps)
     return state, codec_hook
