@@ -1,0 +1,77 @@
+"""Pieces the param_server tests run inside spawned processes (importable by name)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tandem.workloads.base import ArrayDataset, Workload
+
+
+class Dot(nn.Module):
+    """theta . x with theta starting at zero: with ``first_moment`` its gradient is mean(x)."""
+
+    def __init__(self, dim: int = 4) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.w
+
+
+def first_moment(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A linear loss: its gradient does not depend on the parameters (deterministic updates)."""
+    return out.mean()
+
+
+def constant_gradient_workload(n: int = 64, dim: int = 4) -> Workload:
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(n, dim, generator=gen)
+    y = torch.zeros(n)
+    return Workload.custom(model_fn=Dot, train=ArrayDataset(x, y), test=ArrayDataset(x[:8], y[:8]),
+                           loss_fn=first_moment, task="regression", name="constant")
+
+
+def run_role(cfg_data: dict, victim: int, after_steps: int, out_dir: str) -> dict:
+    """One process of a param_server job, like ``tandem.worker.main`` but without its closing
+    world barrier (a dead rank would fail it); rank ``victim`` SIGKILLs itself once it has
+    recorded ``after_steps`` steps. Each survivor writes its result to ``out_dir``."""
+    from tandem.config import RunConfig
+    from tandem.runtime import transport_from_env
+    from tandem.strategies import STRATEGIES
+    from tandem.strategies.base import WorkerContext
+    from tandem.telemetry.recorder import Recorder
+    from tandem.transport.faults import ComputeFaults
+    from tandem.workloads import build_workload
+
+    cfg = RunConfig.model_validate(cfg_data)
+    t = transport_from_env(timeout_s=cfg.timeout_s, seed=cfg.seed, backend="gloo")
+    run_dir = Path(out_dir)
+    rec = Recorder(run_dir, t.rank, world=t.world, progress=False)
+    ctx = WorkerContext(cfg=cfg, transport=t, workload=build_workload(cfg.workload, cfg.seed),
+                        recorder=rec, faults=ComputeFaults.from_config(cfg, t.rank),
+                        run_dir=run_dir)
+    strategy = STRATEGIES[cfg.strategy.name](ctx)
+    strategy.setup()
+    t.barrier().wait()
+    rec.start()
+    if t.rank == victim:
+        def killer() -> None:
+            while rec.steps < after_steps:
+                time.sleep(0.002)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=killer, daemon=True).start()
+    result = strategy.run()
+    rec.close()
+    result.pop("params", None)
+    (run_dir / f"result{t.rank}.json").write_text(json.dumps(result))
+    t.close(graceful=False)
+    return result

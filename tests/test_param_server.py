@@ -1,0 +1,135 @@
+"""param_server (M3): equalities with allreduce and between modes, exact update accounting, the
+SSP bound, sharding, and losing a worker or a server. Real gloo processes on loopback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import ps_jobs
+import tandem
+from tandem.errors import WorkerFailed
+from tandem.launch import spawn
+from tandem.strategies.sharding import join, plan_shards, split
+from tandem.workloads.base import partition
+
+BASE = {"workload": {"name": "digits"}, "codec": "dense", "workers": 2, "steps": 12,
+        "batch_size": 16, "lr": 0.1, "momentum": 0.9, "seed": 3, "progress": False}
+
+
+def ps(tmp_path, name: str, base: dict | None = None, workload=None, **opts) -> dict:
+    cfg = dict(base or BASE, strategy={"name": "param_server", "options": opts},
+               out=str(tmp_path / name))
+    return tandem.train(cfg, workload=workload, return_results=True, timeout_s=240)
+
+
+def assert_params_close(a: list, b: list, atol: float) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def sync_params(tmp_path_factory):
+    out = ps(tmp_path_factory.mktemp("ps"), "sync", mode="sync")
+    workers = [r for r in out["results"] if r["role"] == "worker"]
+    assert len(workers) == 2 and out["results"][2]["role"] == "server"
+    assert_params_close(workers[0]["params"], workers[1]["params"], 0.0)
+    assert out["results"][2]["staleness_max"] == 0
+    return workers[0]["params"]
+
+
+def test_sync_equals_allreduce(sync_params, tmp_path):
+    ref = tandem.train(dict(BASE, strategy="allreduce", out=str(tmp_path / "ar")),
+                       return_results=True, timeout_s=240)["results"][0]["params"]
+    assert_params_close(sync_params, ref, 1e-5)
+    from tandem.strategies.training import build_model
+    from tandem.workloads import build_workload
+
+    cfg = tandem.load_config(BASE)
+    init = [p.detach() for p in build_model(build_workload(cfg.workload, 3), 3).parameters()]
+    assert max(float((a - b).abs().max()) for a, b in zip(sync_params, init, strict=True)) > 1e-3
+
+
+def test_candidate_cap1_equals_sync(sync_params, tmp_path):
+    out = ps(tmp_path, "cand", mode="candidate", cap=1, merge="delay-corrected")
+    assert out["results"][0]["local_steps_per_round"] == 1.0
+    assert_params_close(out["results"][0]["params"], sync_params, 1e-6)
+
+
+def test_two_servers_equal_one(sync_params, tmp_path):
+    out = ps(tmp_path, "two", mode="sync", servers=2)
+    servers = [r for r in out["results"] if r["role"] == "server"]
+    assert len(servers) == 2 and min(s["params_held"] for s in servers) > 4000  # balanced
+    assert_params_close(out["results"][0]["params"], sync_params, 1e-6)
+
+
+def test_delay_corrected_counts_each_update_once(tmp_path):
+    """Linear loss: each worker's gradient is the constant mean of its shard, so the global model
+    must end at -lr/N * steps * sum_i c_i whatever the timing, the rounds or the local steps."""
+    work = ps_jobs.constant_gradient_workload()
+    base = {"workers": 2, "steps": 40, "batch_size": 32, "lr": 0.1, "momentum": 0.0, "seed": 5,
+            "progress": False, "net": "1gbit:4ms", "stragglers": "0.3:exp:0.01"}
+    out = ps(tmp_path, "dc", base=base, workload=work, mode="candidate", cap=4,
+             merge="delay-corrected")
+    shards = partition(work.train.y, 2, "iid", seed=5)
+    c = sum(work.train.x[s].mean(0) for s in shards)
+    expected = -0.1 / 2 * 40 * c
+    workers = out["results"][:2]
+    for w in workers:
+        torch.testing.assert_close(w["params"][0], expected, rtol=1e-5, atol=1e-5)
+        assert w["pushed_steps_total"] == 40
+    assert max(w["local_steps_per_round"] for w in workers) > 1.5  # candidates really happened
+    assert out["results"][2]["local_steps_mean"] > 1.5
+
+
+def test_ssp_never_exceeds_bound(tmp_path):
+    base = dict(BASE, workers=3, steps=20, momentum=0.0, slow_workers=["2:8"])
+    out = ps(tmp_path, "ssp", base=base, mode="ssp", staleness=1)
+    server = out["results"][3]
+    assert server["max_clock_gap"] <= 1
+    assert server["deferred_replies"] > 0  # the bound was what held the fast workers back
+    assert server["updates"] == 60
+
+
+def test_sharding_is_balanced_and_round_trips():
+    shapes = [(128, 64), (128,), (10, 128), (10,), ()]
+    for servers in (1, 2, 3, 5):
+        plan = plan_shards(shapes, servers)
+        loads = plan.loads()
+        assert sum(loads) == 64 * 128 + 128 + 1280 + 10 + 1
+        assert max(loads) - min(loads) <= 128  # at most about one row apart
+        tensors = [torch.randn(s) for s in shapes]
+        back = join(split(tensors, plan), plan)
+        assert all(torch.equal(a, b) for a, b in zip(tensors, back, strict=True))
+    assert len(plan_shards(shapes, 1).servers[0]) == len(shapes)  # one server: whole tensors
+
+
+def _job(tmp_path, victim: int, after: int, workers: int, **opts):
+    cfg = tandem.load_config(dict(BASE, workers=workers, steps=30, momentum=0.0,
+                                  timeout_s=20, strategy={"name": "param_server",
+                                                          "options": opts},
+                                  out=str(tmp_path))).model_dump(mode="json")
+    with pytest.raises(WorkerFailed) as info:
+        spawn(ps_jobs.run_role, workers + 1, cfg, victim, after, str(tmp_path), timeout_s=120)
+    return info.value
+
+
+def test_killed_worker_with_min_workers_lets_the_run_finish(tmp_path):
+    err = _job(tmp_path, victim=2, after=5, workers=3, min_workers=2)
+    assert err.ranks == [2]  # only the victim failed: both other workers and the server finished
+    server = json.loads((tmp_path / "result3.json").read_text())
+    assert list(server["lost_workers"]) == ["2"]
+    for w in (0, 1):
+        assert json.loads((tmp_path / f"result{w}.json").read_text())["steps"] == 30
+    events = (tmp_path / "events.rank3.jsonl").read_text()
+    assert '"lost_worker":2' in events
+
+
+def test_dead_server_stops_every_worker_naming_it(tmp_path):
+    err = _job(tmp_path, victim=2, after=3, workers=2)
+    assert sorted(err.ranks) == [0, 1, 2]
+    for w in (0, 1):
+        assert "parameter server 0 (rank 2)" in err.details[w]
