@@ -155,6 +155,8 @@ class Recorder:
             self._eval_excluded = 0.0
             if self._eval_depth:
                 self._eval_enter = max(self._eval_enter, self.t0)
+            if self._bar is not None:
+                self._bar.reset()  # the bar's clock starts with training, not with set-up
             self._write({"kind": "start", "rank": self.rank, "wall": self._wall_offset,
                          "t0": self.t0,
                          "role": self.role, "world": self.world})
