@@ -19,11 +19,19 @@ def _tandem(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
 def test_train_writes_a_run_record(tmp_path):
     out = tmp_path / "cli-run"
     r = _tandem("train", "--workers", "2", "--steps", "15", "--lr", "0.2", "--no-progress",
-                "--net", "1gbit:100us", "--slow-worker", "1:2", "--out", str(out))
+                "--net", "1gbit:100us", "--slow-worker", "1:2", "--tensorboard", "--out", str(out))
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["steps"] == 15
     assert "final_test_accuracy" in r.stdout
+    assert list((out / "tb").glob("events.out.tfevents.*")), "TensorBoard scalars missing"
+    # the comparison report reads run records: a table naming both runs, and one PNG
+    png = tmp_path / "cmp.png"
+    r = _tandem("report", str(out), str(out), "--out", str(png))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("cli-run") >= 2 and png.read_bytes()[:4] == b"\x89PNG"
+    r = _tandem("report", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "summary" in r.stderr
 
 
 def test_bad_flag_values_exit_2_with_the_field_named(tmp_path):

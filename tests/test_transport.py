@@ -30,7 +30,7 @@ def test_byte_counts_exact_for_all_reduce_broadcast_and_p2p():
 
 
 def test_emulated_link_time_matches_model():
-    net = "50mbit:2ms"
+    net = "20mbit:2ms"
     sizes = [100_000, 400_000, 1_600_000]
     rows = spawn(jobs.link_timing, 2, net, sizes, timeout_s=120)[0]
     link = NetConfig.parse(net)
