@@ -60,20 +60,25 @@ def train(config: RunConfig | dict[str, Any] | str | Path, *, workload: Workload
                                   "--checkpoint-every N)")
     else:
         run_dir = prepare_run_dir(cfg)
-    procs = STRATEGIES[cfg.strategy.name].processes(cfg)
+    strategy_cls = STRATEGIES[cfg.strategy.name]
+    procs = strategy_cls.processes(cfg)
+    tolerate = (lambda r: r < cfg.workers) if strategy_cls.tolerates_lost_workers else None
     limit = timeout_s if timeout_s is not None else 24 * 3600.0
     env = {"TANDEM_THREADS": str(cfg.threads_per_worker)}
     # Plain pickle bytes: tensors are copied, not shared through multiprocessing's machinery
     # (which would leave shared-memory handles and semaphores to clean up).
     payload = pickle.dumps(workload) if workload is not None else None
     results = spawn(worker.main, procs, cfg.model_dump(mode="json"), payload, return_results,
-                    timeout_s=limit, addr=cfg.master_addr, env=env)
+                    timeout_s=limit, addr=cfg.master_addr, env=env, tolerate_death=tolerate)
+    lost = [r for r, res in enumerate(results) if res is None]
+    results = [res if res is not None else {"lost": True} for res in results]
     summary = finalize_run(run_dir, cfg.model_dump(mode="json"),
                            target_accuracy=cfg.target_accuracy,
                            extra={"results": [{k: v for k, v in r.items() if k != "params"}
                                               for r in results],
                                   "skipped_steps": sum(int(r.get("skipped_steps", 0))
-                                                       for r in results)})
+                                                       for r in results),
+                                  "lost_ranks": lost})
     if return_results:
         summary = dict(summary, results=results)
     return summary

@@ -94,12 +94,15 @@ def spawn(
     addr: str = "127.0.0.1",
     env: dict[str, str] | None = None,
     on_start: Callable[[list[Any], Any], None] | None = None,
+    tolerate_death: Callable[[int], bool] | None = None,
 ) -> list[Any]:
     """Run ``fn(*args)`` in ``world`` processes (ranks from env ``RANK``); return their results.
 
     Raises :class:`WorkerFailed` naming the failed ranks (first error text included) when any
     worker raises or dies, and when the whole job exceeds ``timeout_s``. ``on_start(procs, store)``
-    lets a test act on the children (e.g. kill one).
+    lets a test act on the children (e.g. kill one). ``tolerate_death(rank)`` says which ranks
+    may die (killed, or exited without a report) without failing the job, provided every other
+    rank succeeds; their results are ``None``.
     """
     ctx = mp.get_context("spawn")
     store = host_store(addr, world)
@@ -154,6 +157,10 @@ def spawn(
         _reap(procs)
         for r, _ in pipes:
             r.close()
+    lost = {r for r, e in errors.items() if tolerate_death is not None and tolerate_death(r)
+            and "without reporting" in e}
+    if lost and len(lost) == len(errors) and out:
+        return [out.get(r) for r in range(world)]
     if errors:
         first = min(errors)
         ranks = sorted(errors)

@@ -55,13 +55,15 @@ def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
         recorder.start()
         result = strategy.run()
         recorder.close()
-        transport.barrier().wait()
+        tolerant = strategy_cls.tolerates_lost_workers
+        if not tolerant:  # a closing barrier would wait for a worker the strategy let go
+            transport.barrier().wait()
         if finalize and transport.rank == 0:
             from tandem.telemetry.summary import finalize_run
 
             result["summary"] = finalize_run(run_dir, cfg.model_dump(mode="json"),
                                              target_accuracy=cfg.target_accuracy)
-        graceful = True
+        graceful = not tolerant
     finally:
         transport.close(graceful=graceful)
     if not return_params:

@@ -69,6 +69,9 @@ class Strategy:
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: the data-holding workers are ranks ``0 .. cfg.workers-1``; extra roles come after them
     needs_transport: ClassVar[bool] = True
+    #: True when the strategy finishes without some data workers (a parameter server with
+    #: ``min_workers``): no closing barrier, and the launcher tolerates those workers' deaths
+    tolerates_lost_workers: ClassVar[bool] = False
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx

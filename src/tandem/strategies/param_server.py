@@ -107,6 +107,7 @@ def wait_on(pending: Pending, transport: Any, peer: int, limit_s: float | None,
 @register
 class ParamServerStrategy(Strategy):
     name = "param_server"
+    tolerates_lost_workers = True
     Options = ParamServerOptions
 
     @classmethod
