@@ -35,25 +35,11 @@ def byte_counts(world: int) -> dict:
 def link_timing(net: str, sizes: list[int]) -> list[tuple[int, float, float]]:
     """Time all_reduce and send on an emulated link; return (bytes, all_reduce s, p2p s)."""
     t = transport_from_env(net=NetConfig.parse(net), timeout_s=60)
-    rows = []
-    for n in sizes:
-        ars, p2ps = [], []
-        for _ in range(3):  # the emulator only ever adds delay: the fastest rep is the cleanest
-            x = torch.zeros(n // 4)
-            t.barrier().wait()
-            t0 = time.monotonic()
-            t.all_reduce(x).wait()
-            ars.append(time.monotonic() - t0)
-            t.barrier().wait()
-            t0 = time.monotonic()
-            if t.rank == 0:
-                t.send(x, 1).wait()
-                t.recv(torch.zeros(1), 1).wait()
-            elif t.rank == 1:
-                t.recv(x, 0).wait()
-                t.send(torch.zeros(1), 0).wait()
-            p2ps.append(time.monotonic() - t0)
-        rows.append((n, min(ars), min(p2ps)))
+    from tandem.transport.probe import time_operations
+
+    # the emulator only ever adds delay: the fastest rep is the cleanest
+    rows = [(r["bytes"], min(r["all_reduce_s"]), min(r["send_s"]))
+            for r in time_operations(t, sizes, reps=3)]
     t.close()
     return rows
 
