@@ -109,6 +109,7 @@ class Transport:
         issued: float,
         result: Any,
         seconds: float | None = None,
+        group: Group | None = None,
     ) -> None:
         def run() -> None:
             try:
@@ -121,7 +122,8 @@ class Transport:
             done_at = self.link.collective_done_time(traffic, issued, time.monotonic(), seconds)
             self._complete_at(done_at, pending, result)
 
-        self._waiters.ordered.submit(run)
+        key = None if group is None or group is self.world_group else id(group.pg)
+        self._waiters.ordered_for(key).submit(run)
 
     def _complete_at(self, when: float, pending: Pending, result: Any) -> None:
         if when <= time.monotonic():
@@ -159,7 +161,7 @@ class Transport:
         issued = time.monotonic()
         self._note_collective(g)
         work = dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=g.pg, async_op=True)
-        self._finish_collective(work, pending, traffic, issued, tensor)
+        self._finish_collective(work, pending, traffic, issued, tensor, group=g)
         return pending
 
     def all_gather(
@@ -177,7 +179,7 @@ class Transport:
         issued = time.monotonic()
         self._note_collective(g)
         work = dist.all_gather(out, tensor.contiguous(), group=g.pg, async_op=True)
-        self._finish_collective(work, pending, traffic, issued, out)
+        self._finish_collective(work, pending, traffic, issued, out, group=g)
         return pending
 
     def broadcast(
@@ -195,7 +197,7 @@ class Transport:
         issued = time.monotonic()
         self._note_collective(g)
         work = dist.broadcast(tensor, src=src, group=g.pg, async_op=True)
-        self._finish_collective(work, pending, traffic, issued, tensor, seconds)
+        self._finish_collective(work, pending, traffic, issued, tensor, seconds, group=g)
         return pending
 
     def barrier(self, *, group: Group | None = None) -> Pending:
@@ -204,7 +206,7 @@ class Transport:
         issued = time.monotonic()
         self._note_collective(g)
         work = dist.barrier(group=g.pg, async_op=True)
-        self._finish_collective(work, pending, costs.barrier(g.size), issued, None)
+        self._finish_collective(work, pending, costs.barrier(g.size), issued, None, group=g)
         return pending
 
     # ---- point to point ---------------------------------------------------------------------

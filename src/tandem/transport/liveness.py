@@ -130,16 +130,32 @@ class Scheduler:
 class Waiters:
     """Threads that call the blocking ``wait()`` of engine work handles.
 
-    Collectives of one group complete in issue order, so one ordered thread serves them;
-    point-to-point receives can complete in any order, so each gets a pool thread.
+    Collectives of one group complete in issue order, so one ordered thread per group serves
+    them (one thread for all groups would make a group's completions wait behind another
+    group's, and threads issuing on different groups in different orders on different ranks
+    could then deadlock); point-to-point receives can complete in any order, so each gets a
+    pool thread.
     """
 
     def __init__(self, p2p_threads: int = 64) -> None:
         self.ordered = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tandem-coll")
+        self._per_group: dict[Any, ThreadPoolExecutor] = {}
+        self._lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=p2p_threads, thread_name_prefix="tandem-p2p")
 
+    def ordered_for(self, key: Any) -> ThreadPoolExecutor:
+        """The ordered thread of one group (``None``: the world group's, :attr:`ordered`)."""
+        if key is None:
+            return self.ordered
+        with self._lock:
+            if key not in self._per_group:
+                self._per_group[key] = ThreadPoolExecutor(max_workers=1,
+                                                          thread_name_prefix="tandem-coll")
+            return self._per_group[key]
+
     def shutdown(self) -> None:
-        self.ordered.shutdown(wait=False, cancel_futures=True)
+        for ex in [self.ordered, *self._per_group.values()]:
+            ex.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
