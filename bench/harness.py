@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_PROCESS_STARTED = time.time()  # benchmarks import this first: their whole run is timed
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 
 
@@ -40,7 +41,7 @@ class Bench:
         self.rows: list[dict[str, Any]] = []
         self.targets: list[dict[str, Any]] = []
         self.notes: list[str] = []
-        self.started = time.time()
+        self.started = _PROCESS_STARTED
 
     def row(self, **cols: Any) -> None:
         self.rows.append(cols)
