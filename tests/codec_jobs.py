@@ -137,19 +137,20 @@ def codec_exchange_steps(name: str, options: dict, grads: list[list[list[torch.T
 
 
 def lgc_expected_sent(p: Any, variant: str, step: int, rank: int, n: int, warm: int,
-                      ae: int) -> int:
-    """Bytes rank ``rank`` sends at ``step`` under M1 (plan ``p``; rotating leader)."""
+                      ae: int, k_warm: int | None = None) -> int:
+    """Bytes rank ``rank`` sends at ``step`` under M1 (plan ``p``; rotating leader); ``k_warm``:
+    the warm-up's (ramped) top-k count at ``step`` (default: the plan's K)."""
     dense = 4 * sum(_numel(p.shapes[i]) for i in p.dense)
     k, z, m = p.k, p.z, p.m
     lead = rank == step % n
     ar = costs.all_reduce(dense, n).sent
     if step < warm:
-        return ar + costs.all_gather(8 * k, n).sent
+        return ar + costs.all_gather(8 * (k if k_warm is None else k_warm), n).sent
     if step < warm + ae:
         return ar + costs.broadcast(4 * k, n, lead).sent + costs.all_gather(4 * k, n).sent
     if variant == "ps":
         return (ar + costs.broadcast(4 * k + 4 + 4 * z, n, lead).sent
-                + costs.all_gather(8 * m, n).sent)
+                + costs.all_gather(4 + 8 * m, n).sent)
     return (costs.broadcast(4 * k + 4 + 4 * m, n, lead).sent
             + costs.all_reduce(dense + 4 * z + 4 * m, n).sent)
 

@@ -63,11 +63,13 @@ def test_packed_sizes_equal_formula_and_meter():
                 want = costs.all_gather(nb, world).sent
             assert r[name]["sent"] == want, name
             assert torch.equal(r[name]["result"], res[0][name]["result"]), name
-    plan = make_codec("lgc", LGC).plan(SHAPES)
+    lgc = make_codec("lgc", LGC)
+    plan = lgc.plan(SHAPES)
     for variant in ("rar", "ps"):
         key = f"lgc-{variant}"
         for rank, r in enumerate(res):
-            want = [lgc_expected_sent(plan, variant, s, rank, world, 2, 3)
+            want = [lgc_expected_sent(plan, variant, s, rank, world, 2, 3,
+                                      sum(keep_count(n, lgc.warmup_ratio(s)) for n in plan.sizes))
                     for s in range(LGC_STEPS)]
             assert r[key]["sent"] == want, (variant, rank)
             assert r[key]["resyncs"] == 0

@@ -34,6 +34,8 @@ class DenseCodec(Codec):
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
+        grads = self.with_residual(grads)  # momentum correction only (no error feedback)
+        self.keep_residual(grads, grads)
         return Message([flatten([g.detach().float() for g in grads])], {"shapes": shapes})
 
     def decode(self, msg: Message) -> list[torch.Tensor]:

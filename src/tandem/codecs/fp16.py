@@ -38,6 +38,8 @@ class CastCodec(Codec):
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
+        grads = self.with_residual(grads)  # momentum correction only (no error feedback)
+        self.keep_residual(grads, grads)
         return Message([flatten([g.detach().float() for g in grads]).to(self.dtype)],
                        {"shapes": shapes})
 
@@ -49,6 +51,8 @@ class CastCodec(Codec):
         self.rank, size = group_rank(transport, group)
         self.step += 1
         shapes = [tuple(g.shape) for g in grads]
+        grads = self.with_residual(grads)
+        self.keep_residual(grads, grads)
         flat = flatten([g.detach().float() for g in grads])
         pre = self.opts.prescale and size > 1
         code = (flat / size if pre else flat).to(self.dtype)

@@ -6,7 +6,8 @@ Method (Abrahamyan & Deligiannis, patent EP3920097 and arXiv 2103.08870; see doc
 1. ``x = g + r`` (error feedback); the first and last layers travel dense (``dense_first_last``);
    the rest are sparsified per layer to ``K = sum ceil(ratio * n_l)`` entries.
 2. Three stages over the run (``total_steps``, set by the strategy via ``set_total_steps``):
-   warm-up (``warmup_fraction``; top-k, so the whole run stays cheap, or dense), autoencoder
+   warm-up (``warmup_fraction``; top-k with a DGC density ramp ``warmup_start`` -> ``ratio``, so
+   the whole run stays cheap, or dense), autoencoder
    training (``ae_fraction``; a leader's top-k positions are broadcast, every worker's values on
    them are all-gathered, the mean is applied and every worker takes one identical training step
    on the gathered vectors), compressed (the rest; the autoencoder is frozen).
@@ -15,9 +16,10 @@ Method (Abrahamyan & Deligiannis, patent EP3920097 and arXiv 2103.08870; see doc
    its values on I to a latent of ~K/4 floats; the latents and the values at the m positions are
    all-reduced (mean) and everyone decodes ``D(mean z)`` onto I, exact at the m positions.
    ``variant="ps"``: the leader broadcasts I, the scale and its latent ``E(v_r)``; each worker
-   predicts its own values with its decoder ``D_i(E(v_r))`` and sends only its innovation: the m
-   positions where the prediction is worst, with their true values; every worker (the emulated
-   server) decodes all N and averages.
+   predicts its own values with its decoder ``p_i = D_i(E(v_r))`` and sends only its innovation:
+   its least-squares gain ``a_i`` on ``p_i`` (one float, which makes the reconstruction
+   contractive so error feedback stays bounded) and the m positions where ``a_i p_i`` is worst,
+   with their true values; every worker (the emulated server) decodes all N and averages.
 4. Error feedback keeps ``x - (what the group reconstructs of this worker's values)``.
 
 Design choices (documented in docs/lgc.md): the leader sends its positions *ordered by its own
@@ -59,6 +61,9 @@ class LGCOptions(CodecOptions):
                                     "per worker, fraction of compressed D (ps; at least 1)")
     dense_first_last: bool = Field(True, description="send the first and last layers dense")
     warmup: Literal["topk", "dense"] = Field("topk", description="what stage 1 sends")
+    warmup_start: float = Field(0.05, gt=0, le=1, description="top-k warm-up: density at step 0, "
+                                "decaying exponentially to ratio over stage 1 (DGC ramp; set it "
+                                "to ratio for a flat warm-up)")
     warmup_fraction: float = Field(0.1, ge=0, le=1, description="stage 1 share of total_steps")
     ae_fraction: float = Field(0.2, ge=0, le=1, description="stage 2 share of total_steps")
     total_steps: int | None = Field(None, ge=1, description="run length (else set by strategy)")
@@ -100,6 +105,7 @@ class LGCCodec(Codec):
         self.codec_s: list[float] = []
         self.resyncs = 0
         self.synced = False
+        self._sent_idx: torch.Tensor | None = None
 
     # ---- plan and stages --------------------------------------------------------------------
     def plan(self, shapes: list[tuple[int, ...]]) -> Plan:
@@ -129,6 +135,14 @@ class LGCCodec(Codec):
     def stage_at(self, step: int) -> int:
         w, a = self.stage_lengths()
         return 1 if step < w else 2 if step < w + a else 3
+
+    def warmup_ratio(self, step: int) -> float:
+        """Stage-1 top-k density: the DGC ramp ``warmup_start -> ratio`` over the warm-up."""
+        o = self.opts
+        w = self.stage_lengths()[0]
+        if step >= w or o.warmup_start <= o.ratio:
+            return o.ratio
+        return o.warmup_start * (o.ratio / o.warmup_start) ** (step / w)
 
     def leader_at(self, step: int, size: int) -> int:
         return step % size if self.opts.leader == "rotating" else 0
@@ -188,8 +202,21 @@ class LGCCodec(Codec):
             out_x = x
         out = self._assemble(p, out_x, dense)
         transmitted = self._assemble(p, sent_x, flatten([corrected[i].float() for i in p.dense]))
-        self.keep_residual(corrected, transmitted)
+        self.keep_residual(corrected, transmitted, self._masks(p, x.numel()))
         self.step += 1
+        return out
+
+    def _masks(self, p: Plan, dim: int) -> list[torch.Tensor | None] | None:
+        """Momentum factor masking: the sparsified positions sent this step (dense layers and
+        dense warm-up: none)."""
+        idx, self._sent_idx = self._sent_idx, None
+        if idx is None:
+            return None
+        mask = torch.zeros(dim, dtype=torch.bool)
+        mask[idx] = True
+        out: list[torch.Tensor | None] = [None] * len(p.shapes)
+        for i, t in zip(p.comp, unflatten(mask, [p.shapes[i] for i in p.comp]), strict=True):
+            out[i] = t
         return out
 
     def _assemble(self, p: Plan, comp_flat: torch.Tensor, dense_flat: torch.Tensor
@@ -203,15 +230,18 @@ class LGCCodec(Codec):
         return out
 
     def _topk_round(self, x: torch.Tensor, p: Plan, ctx: Ctx) -> tuple[torch.Tensor, ...]:
-        """Stage 1: plain top-k with error feedback (values fp32 + int32 positions), gathered."""
-        idx = select_topk(x, p.sizes, self.opts.ratio)
+        """Stage 1: plain top-k with error feedback (values fp32 + int32 positions), gathered,
+        at the ramped density of :meth:`warmup_ratio` (the same k on every worker)."""
+        idx = select_topk(x, p.sizes, self.warmup_ratio(self.step))
+        self._sent_idx = idx
+        k = idx.numel()
         vals, pos = x[idx], idx.to(torch.int32)
         sent = torch.zeros_like(x)
         sent[idx] = vals
         if ctx.n == 1:
             return sent, sent
         bufs = ctx.all_gather(pack([vals, pos]))
-        parts = [unpack(b, [(torch.float32, (p.k,)), (torch.int32, (p.k,))]) for b in bufs]
+        parts = [unpack(b, [(torch.float32, (k,)), (torch.int32, (k,))]) for b in bufs]
         return sparse_mean([a for a, _ in parts], [b for _, b in parts], x.numel()), sent
 
     def _shared_positions(self, x: torch.Tensor, p: Plan, ctx: Ctx,
@@ -235,6 +265,7 @@ class LGCCodec(Codec):
     def _train_round(self, x: torch.Tensor, p: Plan, ctx: Ctx) -> tuple[torch.Tensor, ...]:
         """Stage 2: values on the leader's positions, gathered; one AE step on all of them."""
         idx = self._shared_positions(x, p, ctx)[0]
+        self._sent_idx = idx
         v = x[idx]
         vs = torch.stack(ctx.all_gather(v)) if ctx.n > 1 else v.unsqueeze(0)
         out = torch.zeros_like(x)
@@ -263,6 +294,7 @@ class LGCCodec(Codec):
             idx, s, fix = self._shared_positions(x, p, ctx, extra, [(torch.float32, (1,)),
                                                                     (torch.int32, (p.m,))], order)
             fix = fix.long()
+            self._sent_idx = idx
             t0 = time.perf_counter()
             v = x[idx]
             z = ae.encode(v / s)
@@ -289,18 +321,26 @@ class LGCCodec(Codec):
         idx, s, z = self._shared_positions(x, p, ctx, extra, [(torch.float32, (1,)),
                                                               (torch.float32, (p.z,))], order)
         t0 = time.perf_counter() - lead_s
+        self._sent_idx = idx
         v = x[idx]
         preds = [ae.decode(z, j) * s for j in range(ctx.n)]
-        err = (v - preds[ctx.me]).abs()
+        # This worker's least-squares gain on its prediction: gain * pred is the projection of
+        # v onto pred, so ||v - gain * pred|| <= ||v|| whatever the decoder says. Without it a
+        # prediction driven by the leader's latent and scale can exceed v many times over; error
+        # feedback then keeps -pred, the next leader's scale grows with it, and the run diverges.
+        mine = preds[ctx.me]
+        gain = (v @ mine) / (mine @ mine).clamp_min(1e-30)
+        err = (v - gain * mine).abs()
         pos = err.topk(p.m, sorted=False).indices
+        code = pack([gain.reshape(1).float(), v[pos], pos.to(torch.int32)])
         t1 = time.perf_counter()
-        msgs = ctx.all_gather(pack([v[pos], pos.to(torch.int32)])) if ctx.n > 1 else \
-            [pack([v[pos], pos.to(torch.int32)])]
+        msgs = ctx.all_gather(code) if ctx.n > 1 else [code]
         t2 = time.perf_counter()
         recon = []
         for j, b in enumerate(msgs):
-            vals, where = unpack(b, [(torch.float32, (p.m,)), (torch.int32, (p.m,))])
-            r = preds[j].clone()
+            a, vals, where = unpack(b, [(torch.float32, (1,)), (torch.float32, (p.m,)),
+                                        (torch.int32, (p.m,))])
+            r = preds[j] * a
             r[where.long()] = vals
             recon.append(r)
         out[idx] = torch.stack(recon).mean(0)
@@ -334,7 +374,8 @@ class LGCCodec(Codec):
         dense = flatten([corrected[i].float() for i in p.dense])
         idx = self.ordered_topk(x, p)
         msg = Message([idx.to(torch.int32), x[idx], dense], {"shapes": p.shapes, "dim": x.numel()})
-        self.keep_residual(corrected, self.decode(msg))
+        self._sent_idx = idx
+        self.keep_residual(corrected, self.decode(msg), self._masks(p, x.numel()))
         return msg
 
     def decode(self, msg: Message) -> list[torch.Tensor]:

@@ -64,6 +64,8 @@ class QSGDCodec(Codec):
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
+        grads = self.with_residual(grads)  # momentum correction only (QSGD is unbiased, no EF)
+        self.keep_residual(grads, grads)
         flat = flatten([g.detach().float() for g in grads])
         counts = self._buckets(shapes)
         ids = torch.repeat_interleave(torch.arange(counts.numel()), counts)

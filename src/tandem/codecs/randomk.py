@@ -29,7 +29,7 @@ from tandem.codecs.base import (
     step_generator,
 )
 from tandem.codecs.dense import flatten, unflatten
-from tandem.codecs.topk import keep_count
+from tandem.codecs.topk import keep_count, sent_masks
 
 if TYPE_CHECKING:
     from tandem.transport.group import Group, Transport
@@ -68,7 +68,7 @@ class RandomKCodec(Codec):
         flat = flatten([c.float() for c in corrected])
         idx = self.positions(flat.numel(), self.step)
         msg = Message([flat[idx]], {"shapes": shapes, "dim": flat.numel()})
-        self.keep_residual(corrected, self.decode(msg))
+        self.keep_residual(corrected, self.decode(msg), sent_masks(idx, flat.numel(), shapes))
         return msg
 
     def decode(self, msg: Message) -> list[torch.Tensor]:

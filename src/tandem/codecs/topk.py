@@ -55,6 +55,14 @@ def select_topk(flat: torch.Tensor, sizes: list[int], ratio: float,
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
+def sent_masks(idx: torch.Tensor, dim: int, shapes: list[tuple[int, ...]]
+               ) -> list[torch.Tensor | None]:
+    """Per-layer boolean masks of the flat positions ``idx`` (momentum factor masking)."""
+    mask = torch.zeros(dim, dtype=torch.bool)
+    mask[idx.long()] = True
+    return list(unflatten(mask, shapes))
+
+
 def sparse_mean(values: list[torch.Tensor], indices: list[torch.Tensor], dim: int) -> torch.Tensor:
     """Mean over workers of sparse vectors given as (values, positions)."""
     out = torch.zeros(dim, dtype=torch.float32)
@@ -95,7 +103,7 @@ class TopKCodec(Codec):
         idx = select_topk(flat, sizes, self.ratio_at(self.step), self.opts.scope)
         values = flat[idx]
         msg = Message([values, idx.to(torch.int32)], {"shapes": shapes, "dim": flat.numel()})
-        self.keep_residual(corrected, self.decode(msg))
+        self.keep_residual(corrected, self.decode(msg), sent_masks(idx, flat.numel(), shapes))
         return msg
 
     def decode(self, msg: Message) -> list[torch.Tensor]:

@@ -1,0 +1,398 @@
+"""Every codec side by side on one slow link: accuracy, bytes, time to target, codec cost.
+
+    .venv/bin/python -m bench.codecs [--steps 400] [--workers 4] [--target 0.75] [--only a,b]
+
+One run, rows measured back to back on the same job: 4 workers, Fashion-MNIST with the small CNN
+(``mnist5k`` when Fashion-MNIST is not installed), the same steps, seeds, shards and optimizer for
+every row, and an emulated ``100mbit:1ms`` link per process. Rows:
+
+* ``ddp`` - torch ``DistributedDataParallel`` with ``tandem.codecs.ddp_hook(dense)`` routed through
+  a Tandem Transport, so DDP's gradients pay the same emulated link and byte meter;
+* ``tandem/<codec>`` - ``tandem.train`` with the ``allreduce`` strategy and each codec.
+
+Columns come from each run's ``summary.json`` (final test accuracy, bytes per worker per step,
+training wall time and time to the target accuracy, evaluation time excluded) and, for LGC, from
+its ``events.jsonl``: the mean bytes per worker per step over the steps of stage 3 (the compressed
+stage; stage lengths from the codec's ``describe()``).
+
+Codec cost is measured apart, in this process with one thread like a worker: ``loss.backward()``
+of the same model on real 32-sample batches against one ``codec.exchange`` on those gradients
+through :class:`IdenticalPeers`, a stand-in transport of 4 ranks that all send what this rank
+sends and costs no time. That runs the codec's real 4-rank code path (4 messages decoded for
+gathered codes, both PowerSGD rounds, LGC's leader work) without the link; medians of 20 reps.
+
+Tuning: ``--steps`` sets the budget (the benchmark must stay under ~12 minutes on the 2-core
+machine; each row costs ~10 s of process start plus training and evaluation), ``--eval-every``
+the time-to-target resolution, ``--n-test`` the size of the Fashion-MNIST test subset.
+
+A row whose workers fail (a codec that diverges to NaN) is reported as ``failed`` with the error
+in the notes; its other columns come from the steps before the failure. Run records are kept in
+``runs/bench-codecs/<row>/`` (``--runs``) for inspection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.harness import Bench
+
+NET = "100mbit:1ms"
+#: momentum 0.9 for every row, applied inside the codec (DGC momentum correction, the codecs'
+#: ``momentum`` option) with the optimizer's momentum at 0: error-feedback codecs are unstable
+#: when the optimizer's heavy momentum integrates their delayed residuals (signSGD collapsed,
+#: random-k and LGC-PS diverged). For dense and the DDP row it is the same update exactly.
+MOMENTUM = 0.9
+#: (row name, codec name, codec options); LGC with dense_first_last=false (see the notes)
+CODEC_ROWS: list[tuple[str, str, dict[str, Any]]] = [
+    ("dense", "dense", {}),
+    ("fp16", "fp16", {}),
+    ("topk 0.01", "topk", {"ratio": 0.01}),
+    ("randomk 0.01", "randomk", {"ratio": 0.01}),
+    ("qsgd", "qsgd", {}),
+    ("powersgd r2", "powersgd", {"rank": 2}),
+    ("signsgd", "signsgd", {}),
+    ("lgc ps", "lgc", {"variant": "ps", "dense_first_last": False}),
+    ("lgc rar", "lgc", {"variant": "rar", "dense_first_last": False}),
+]
+COLUMNS = ["config", "final_acc", "gap_pts", "bytes/worker/step", "ratio_to_dense",
+           "stage3_bytes", "stage3_ratio", "time_to_target_s", "train_wall_s", "codec_ms",
+           "backward_ms", "overhead"]
+
+
+# ---- the DDP row (runs in the spawned workers) ----------------------------------------------
+def _timed_hook(state, bucket):  # no annotations: DDP checks the hook's signature
+    from tandem.codecs.ddp import codec_hook
+
+    t0 = time.perf_counter()
+    fut = codec_hook(state, bucket)
+    state.comm_s = getattr(state, "comm_s", 0.0) + time.perf_counter() - t0
+    return fut
+
+
+def ddp_job(cfg_data: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """One rank of torch DDP + the dense codec hook through a Tandem Transport, recorded with
+    Tandem's Recorder exactly like a strategy (same model, optimizer, shard and batch order)."""
+    import torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tandem.codecs import ddp_hook, make_codec
+    from tandem.config import RunConfig
+    from tandem.runtime import transport_from_env
+    from tandem.strategies.training import build_model, build_optimizer, evaluate, is_eval_step
+    from tandem.telemetry.recorder import Recorder
+    from tandem.workloads import build_workload
+    from tandem.workloads.base import ShardLoader, partition
+
+    cfg = RunConfig.model_validate(cfg_data)
+    torch.set_num_threads(cfg.threads_per_worker)
+    transport = transport_from_env(net=cfg.net, timeout_s=cfg.timeout_s, seed=cfg.seed)
+    rank, ok = transport.rank, False
+    try:
+        work = build_workload(cfg.workload, cfg.seed)
+        model = DistributedDataParallel(build_model(work, cfg.seed))
+        state, _ = ddp_hook(make_codec("dense", {"momentum": MOMENTUM}, seed=cfg.seed),
+                            transport=transport,
+                            total_steps=cfg.steps)
+        model.register_comm_hook(state, _timed_hook)
+        opt = build_optimizer(model, cfg)
+        w = cfg.workload
+        shard = partition(work.train.y, cfg.workers, w.partition, redundancy=w.redundancy,
+                          labels_per_worker=w.labels_per_worker, seed=cfg.seed)[rank]
+        loader = ShardLoader(work.train, shard, cfg.batch_size, seed=cfg.seed * 1000 + rank)
+        rec = Recorder(Path(run_dir), rank, world=transport.world, progress=False)
+        total, every = int(cfg.steps or 1), cfg.eval_every or max(1, int(cfg.steps or 1) // 20)
+        transport.barrier().wait()
+        rec.start()
+        for step in range(total):
+            t0 = time.perf_counter()
+            state.comm_s = 0.0
+            x, y = loader.next_batch()
+            opt.zero_grad(set_to_none=True)
+            loss = work.loss_fn(model(x), y)
+            loss.backward()  # the hook (and the emulated link) runs inside backward
+            opt.step()
+            spent = time.perf_counter() - t0
+            b = transport.end_step()
+            rec.step(step, compute_s=spent - state.comm_s, comm_s=state.comm_s, idle_s=0.0,
+                     bytes_sent=b.sent, bytes_recv=b.recv, loss=float(loss.detach()))
+            if is_eval_step(step, every, total):
+                with rec.evaluating():
+                    acc, tloss = evaluate(model.module, work, transport)
+                rec.eval(step, accuracy=acc, loss=tloss)
+        rec.close()
+        transport.barrier().wait()
+        ok = True
+    finally:
+        transport.close(graceful=ok)
+    return {"rank": rank}
+
+
+# ---- codec cost, single process ---------------------------------------------------------------
+class _Done:
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def wait(self, timeout: float | None = None) -> Any:
+        return self.value
+
+
+class IdenticalPeers:
+    """A Transport stand-in for rank 0 of ``world`` ranks whose peers all send exactly what this
+    rank sends: sums are ``world`` x the input, gathers ``world`` copies, broadcasts keep ours.
+    It costs no time, so timing ``exchange`` through it measures the codec's computation only."""
+
+    def __init__(self, world: int) -> None:
+        from tandem.transport.group import Group
+
+        self.rank, self.world = 0, world
+        self.world_group = Group(None, list(range(world)))
+
+    def all_reduce(self, t: Any, op: str = "sum", *, group: Any = None,
+                   category: str = "train") -> _Done:
+        if op == "sum":
+            t.mul_(self.world)
+        return _Done(t)
+
+    def all_gather(self, t: Any, *, group: Any = None, category: str = "train") -> _Done:
+        return _Done([t.clone() for _ in range(self.world)])
+
+    def broadcast(self, t: Any, src: int, *, group: Any = None, category: str = "train") -> _Done:
+        return _Done(t)
+
+
+def codec_costs(workload: Any, seed: int, batch: int, world: int, reps: int = 20
+                ) -> tuple[float, dict[str, float]]:
+    """Median ``loss.backward()`` ms, and median ``exchange`` ms per codec row (one thread)."""
+    import torch
+
+    from tandem.codecs import make_codec
+    from tandem.strategies.training import build_model
+
+    torch.set_num_threads(1)
+    model = build_model(workload, seed)
+    gen = torch.Generator().manual_seed(seed)
+    back, grads = [], []
+    for _ in range(reps + 3):
+        idx = torch.randint(len(workload.train), (batch,), generator=gen)
+        x, y = workload.train.x[idx], workload.train.y[idx]
+        model.zero_grad(set_to_none=True)
+        loss = workload.loss_fn(model(x), y)
+        t0 = time.perf_counter()
+        loss.backward()
+        back.append(time.perf_counter() - t0)
+        grads.append([p.grad.detach().clone() for p in model.parameters()])
+    backward_ms = 1e3 * statistics.median(back[3:])
+    peers = IdenticalPeers(world)
+    out: dict[str, float] = {}
+    for row, name, opts in CODEC_ROWS:
+        if name == "lgc":  # reach the compressed stage quickly; rank 0 leads (the busier role)
+            opts = {**opts, "warmup_steps": 2, "ae_steps": 10, "leader": "fixed"}
+        codec = make_codec(name, {**opts, "momentum": MOMENTUM}, seed=seed)
+        warm = 12 if name == "lgc" else 3
+        times = []
+        for i in range(warm + reps):
+            g = [t.clone() for t in grads[i % len(grads)]]
+            t0 = time.perf_counter()
+            codec.exchange(g, peers)
+            if i >= warm:
+                times.append(time.perf_counter() - t0)
+        out[row] = 1e3 * statistics.median(times)
+    return backward_ms, out
+
+
+# ---- runs ------------------------------------------------------------------------------------
+def stage3_bytes(run_dir: Path, summary: dict[str, Any]) -> float | None:
+    """Mean bytes sent per worker per step over LGC's compressed stage (from events.jsonl).
+
+    Stage lengths come from the codec's ``describe()`` in the run record, or, for a run that
+    failed before recording it, from the codec built with the run's options and step count."""
+    lengths = ((summary.get("info") or {}).get("codec") or {}).get("stage_lengths")
+    cfg = summary.get("config") or {}
+    if not lengths and cfg.get("steps"):
+        from tandem.codecs import make_codec
+
+        codec = make_codec("lgc", (cfg.get("codec") or {}).get("options"))
+        codec.set_total_steps(int(cfg["steps"]))
+        lengths = codec.stage_lengths()
+    path = run_dir / "events.jsonl"
+    if not lengths or not path.is_file():
+        return None
+    start = int(lengths[0]) + int(lengths[1])
+    sent = [int(r.get("bytes_sent") or 0) for r in map(json.loads, path.read_text().splitlines())
+            if r.get("kind") == "step" and int(r.get("step", -1)) >= start]
+    return sum(sent) / len(sent) if sent else None
+
+
+def pick_workload(name: str, n_test: int) -> tuple[dict[str, Any], Any]:
+    from tandem.config import WorkloadConfig
+    from tandem.errors import DataError
+    from tandem.workloads import build_workload
+
+    spec: dict[str, Any] = {"name": name, "options": {"n_test": n_test} if name == "fashion"
+                            else {}}
+    try:
+        return spec, build_workload(WorkloadConfig(**spec), 0)
+    except DataError as err:
+        print(f"[codecs] {name} unavailable ({err}); falling back to mnist5k", flush=True)
+        spec = {"name": "mnist5k", "options": {}}
+        return spec, build_workload(WorkloadConfig(**spec), 0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--eval-every", type=int, default=40)
+    ap.add_argument("--target", type=float, default=0.75)
+    ap.add_argument("--workload", default="fashion")
+    ap.add_argument("--n-test", type=int, default=5000)
+    ap.add_argument("--runs", default="runs/bench-codecs", help="where the run records go")
+    ap.add_argument("--only", default="", help="comma-separated row names (debugging)")
+    args = ap.parse_args()
+
+    import tandem
+    from tandem.config import load_config
+    from tandem.errors import TandemError, WorkerFailed
+    from tandem.launch import spawn
+    from tandem.telemetry.summary import finalize_run
+
+    t_start = time.time()
+    bench = Bench("codecs", COLUMNS)  # created first, so results' duration_s covers the runs
+    wl_spec, work = pick_workload(args.workload, args.n_test)
+    base = {"workload": wl_spec, "workers": args.workers, "steps": args.steps, "batch_size": 32,
+            "lr": 0.05, "momentum": 0.0, "seed": 0, "net": NET, "eval_every": args.eval_every,
+            "target_accuracy": args.target, "progress": False, "timeout_s": 120.0}
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    rows: list[tuple[str, dict[str, Any], Path]] = []
+    root = Path(args.runs)
+    shutil.rmtree(root, ignore_errors=True)
+
+    print("[codecs] measuring codec cost (1 process, 1 thread)", flush=True)
+    backward_ms, codec_ms = codec_costs(work, 0, 32, args.workers)
+
+    if not only or "ddp" in only:
+        cfg = load_config(dict(base, name="ddp", out=str(root / "ddp")))
+        (root / "ddp").mkdir(parents=True, exist_ok=True)
+        t0 = time.time()
+        spawn(ddp_job, args.workers, cfg.model_dump(mode="json"), str(root / "ddp"),
+              timeout_s=600, env={"TANDEM_THREADS": "1"})
+        s = finalize_run(root / "ddp", cfg.model_dump(mode="json"), target_accuracy=args.target)
+        print(f"[codecs] ddp done in {time.time() - t0:.0f} s", flush=True)
+        rows.append(("ddp (dense hook)", s, root / "ddp"))
+    for row, name, opts in CODEC_ROWS:
+        if only and row not in only:
+            continue
+        out = root / row.replace(" ", "_")
+        cfg_dict = dict(base, name=row, out=str(out),
+                        codec={"name": name, "options": {**opts, "momentum": MOMENTUM}})
+        t0 = time.time()
+        try:
+            s = tandem.train(cfg_dict, timeout_s=600)
+        except WorkerFailed as err:  # e.g. a codec that diverges: report it, keep going
+            try:
+                s = finalize_run(out, load_config(cfg_dict).model_dump(mode="json"),
+                                 target_accuracy=args.target)
+            except TandemError:  # no events at all
+                s = {"codec": name}
+            s["failed"] = str(err).split(" (also failed")[0]
+        print(f"[codecs] {row} done in {time.time() - t0:.0f} s", flush=True)
+        rows.append((f"tandem {row}", s, out))
+    report(bench, args, rows, backward_ms, codec_ms, wl_spec["name"], t_start)
+
+
+def report(b: Bench, args: Any, rows: list[tuple[str, dict[str, Any], Path]], backward_ms: float,
+           codec_ms: dict[str, float], workload: str, t_start: float) -> None:
+    by = {cfg: s for cfg, s, _ in rows}
+    dense = by.get("tandem dense", {})
+    dense_bytes = dense.get("bytes_sent_per_worker_per_step")
+    dense_acc = dense.get("final_test_accuracy")
+    figures: dict[str, dict[str, Any]] = {}
+    for cfg, s, run_dir in rows:
+        bytes_ = s.get("bytes_sent_per_worker_per_step")
+        acc = s.get("final_test_accuracy")
+        st3 = stage3_bytes(run_dir, s) if s.get("codec") == "lgc" else None
+        key = cfg.removeprefix("tandem ")
+        cms = codec_ms.get(key) if cfg.startswith("tandem") else None
+        if s.get("failed"):
+            b.note(f"{cfg}: FAILED ({s['failed']}); its columns are from the steps before the "
+                   "failure and its final accuracy is shown as 'failed'")
+            acc = None
+        f = {"config": cfg, "final_acc": "failed" if s.get("failed") else acc,
+             "gap_pts": None if acc is None or dense_acc is None else 100 * (dense_acc - acc),
+             "bytes/worker/step": bytes_,
+             "ratio_to_dense": bytes_ / dense_bytes if bytes_ and dense_bytes else None,
+             "stage3_bytes": st3,
+             "stage3_ratio": st3 / dense_bytes if st3 is not None and dense_bytes else None,
+             "time_to_target_s": s.get("time_to_target_s"), "train_wall_s": s.get("wall_time_s"),
+             "codec_ms": cms, "backward_ms": backward_ms,
+             "overhead": cms / backward_ms if cms is not None else None}
+        figures[cfg] = f
+        b.row(**f)
+        info = (s.get("info") or {}).get("codec")
+        if info and s.get("codec") == "lgc":
+            b.note(f"{cfg}: stage lengths {info.get('stage_lengths')}, k={info.get('k')}, "
+                   f"latent={info.get('latent_floats')} floats, ae_params={info.get('ae_params')}"
+                   f", ae_loss {_r(info.get('ae_loss_first'))} -> {_r(info.get('ae_loss_last'))}"
+                   f", in-run encode+decode {_r(info.get('codec_ms_per_step'))} ms/step, AE "
+                   f"training {_r(info.get('ae_train_ms_per_step'))} ms/step (stage 2), "
+                   f"resyncs {info.get('ae_resyncs')}")
+    for v in ("ps", "rar"):
+        f = figures.get(f"tandem lgc {v}")
+        if f:
+            b.target(f"lgc {v}: compressed-stage bytes / dense", f["stage3_ratio"], "<= 0.001")
+            b.target(f"lgc {v}: whole-run bytes / dense", f["ratio_to_dense"], "<= 0.01")
+    lgc_gaps = [f["gap_pts"] for k, f in figures.items() if "lgc" in k and f["gap_pts"] is not None]
+    b.target("lgc (better variant): accuracy gap to dense, points",
+             min(lgc_gaps) if lgc_gaps else None, "<= 0.5")
+    small = [f["gap_pts"] for k, f in figures.items() if k.startswith("tandem") and
+             f["ratio_to_dense"] is not None and f["ratio_to_dense"] <= 0.1 and
+             f["gap_pts"] is not None]
+    b.target("best codec at >= 10x fewer bytes: accuracy gap to dense, points",
+             min(small) if small else None, "<= 0.5")
+    ddp_t = figures.get("ddp (dense hook)", {}).get("time_to_target_s")
+    times = [(f["time_to_target_s"], k) for k, f in figures.items()
+             if k.startswith("tandem") and f["time_to_target_s"] is not None]
+    best = min(times) if times else None
+    b.target("DDP time to target / best config's" + (f" ({best[1]})" if best else ""),
+             ddp_t / best[0] if ddp_t and best else None, ">= 10")
+    over = [(f["overhead"], k) for k, f in figures.items() if f["overhead"] is not None]
+    for v in ("ps", "rar"):
+        f = figures.get(f"tandem lgc {v}")
+        if f:
+            b.target(f"lgc {v}: codec overhead / backward", f["overhead"], "<= 0.1")
+    if over:
+        worst = max(over)
+        b.target(f"worst codec overhead / backward ({worst[1]})", worst[0], "<= 0.1")
+    b.note(f"{args.workers} workers, {workload} (small CNN, 46,730 params), {args.steps} steps, "
+           f"batch 32/worker, SGD lr 0.05, momentum {MOMENTUM} in the codec (momentum "
+           f"correction; optimizer momentum 0) for every row incl. DDP's dense hook, seed 0, "
+           f"emulated {NET} per process, "
+           f"eval every {args.eval_every} steps on {args.n_test} test images, target accuracy "
+           f"{args.target}; times exclude evaluation")
+    b.note("gap_pts = (Tandem dense accuracy - row accuracy) x 100; ratio_to_dense against Tandem "
+           "dense's measured bytes; stage3 = LGC's compressed stage, mean over its steps and ranks "
+           "from events.jsonl")
+    b.note("lgc runs use dense_first_last=false (with the default true the small CNN's dense first "
+           "and last layers alone cost ~1/60 of dense) and the default top-k warm-up (DGC ramp "
+           "0.05 -> 1e-3 over stage 1, fp32 values + int32 positions), which keeps the whole run "
+           "under 1/100")
+    b.note("codec_ms: median of 20 exchange() calls on real gradients (batch 32, 1 thread) through "
+           f"a zero-cost {args.workers}-rank stand-in transport whose peers echo this rank "
+           "(LGC: fixed leader = this rank, compressed stage); backward_ms: median "
+           "loss.backward() of the same model and batches; machine shared and loaded")
+    b.note(f"benchmark wall time {time.time() - t_start:.0f} s")
+    b.finish()
+
+
+def _r(x: Any) -> str:
+    return "-" if x is None else f"{x:.3g}"
+
+
+if __name__ == "__main__":
+    main()
