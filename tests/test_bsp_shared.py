@@ -124,8 +124,8 @@ def test_inter_machine_bytes_do_not_depend_on_local_workers(two_machines, tmp_pa
                 per_superstep.add((e["bytes_sent"], e["bytes_recv"]))
             elif e["kind"] == "step":
                 assert e["bytes_sent"] == e["bytes_recv"] == 0  # workers never touch the network
-    # dense ring all-reduce between 2 agents: the model (fp32) + the 4 float64 counters
-    assert per_superstep == {(DIGITS_D * 4 + 4 * 8, DIGITS_D * 4 + 4 * 8)}
+    # dense ring all-reduce between 2 agents: the model (fp32) + the 6 float64 counters
+    assert per_superstep == {(DIGITS_D * 4 + 6 * 8, DIGITS_D * 4 + 6 * 8)}
 
 
 def test_layouts_and_options():
@@ -142,3 +142,37 @@ def test_layouts_and_options():
         local_layout(3, BspSharedOptions(split=[1, 1]))
     with pytest.raises(ConfigError):
         tandem.load_config({"strategy": {"name": "bsp_shared", "options": {"period": 1}}})
+
+
+def test_superstep_goes_on_without_a_killed_worker(tmp_path):
+    """Worker 2 SIGKILLs itself at its step 5 (before adding that gradient): the run completes
+    through ``tandem.train``, the summary names rank 2, every gradient anybody handed in was read
+    out exactly once, and the budget became steps x survivors + the victim's 5 gradients (with
+    the old budget, steps x 3, the final counts could not match it)."""
+    steps, victim, at = 50, 2, 5
+    summary = tandem.train({
+        "workload": {"name": "digits"}, "workers": 3, "steps": steps, "batch_size": 16,
+        "lr": 0.1, "seed": 1, "progress": False, "out": str(tmp_path / "run"), "timeout_s": 20,
+        "inject_crash": [f"{victim}:{at}"],
+        # ~20 ms per gradient, so the survivors are still at it (~1 s) when the launcher's mark
+        # of the death (within ~0.5 s) reaches the agent; digits alone would end in 40 ms
+        "stragglers": "1.0:exp:0.02",
+        "strategy": {"name": "bsp_shared", "options": {"grads_per_superstep": 3}}},
+        return_results=True, timeout_s=120)
+    assert summary["lost_ranks"] == [victim]
+    res = summary["results"]
+    assert res[victim] == {"lost": True}
+    agent = res[3]
+    assert agent["role"] == "agent" and agent["lost_workers"] == [victim]
+    assert agent["budget"] == steps * 2 + at
+    assert agent["applied"] >= agent["budget"]
+    # no gradient lost or counted twice: the victim's 5, and each survivor's every gradient
+    assert agent["per_worker"][victim] == at
+    for w in (0, 1):
+        assert res[w]["gradients"] > 0 and res[w]["dropped"] == 0
+        assert agent["per_worker"][w] == res[w]["gradients"]
+    assert agent["discarded"] == 0
+    assert sum(agent["per_worker"].values()) == agent["applied"] + agent["leftover"]
+    events = (tmp_path / "run" / "events.rank3.jsonl").read_text().replace(" ", "")
+    assert f'"lost_worker":{victim}' in events
+    assert summary["final_test_accuracy"] > 0.6

@@ -24,10 +24,21 @@ Agent (one per machine; agent 0 also plays the BSP controller)::
 The stop decision and the evaluation points are functions of all-reduced numbers, so every agent
 reaches them at the same superstep without a separate controller message: the controller's
 "read out now" is the superstep boundary itself, and agent 0 records the global evaluations.
+
+Dead workers: before each read-out (at most every ``liveness_every_s``, and while waiting for a
+gradient count) an agent asks the store which of its workers the launcher marked dead. A dead
+worker simply stops adding; the superstep closes with the others' gradients. Every dead worker's
+gradients are all in the accumulator by the read-out that follows its detection, so its total is
+final there. The per-superstep all-reduce carries each machine's live workers and its dead
+workers' gradients, so every agent recomputes the same budget, ``steps x live workers +
+gradients the dead ones contributed``, and the same per-machine share of a gradient-count
+superstep. A worker that died mid-add makes its buffer *torn* (see
+:mod:`tandem.transport.shm`): that read-out is discarded, counted in ``discarded``.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +53,8 @@ if TYPE_CHECKING:
     from tandem.codecs.base import Codec
     from tandem.telemetry.recorder import Recorder
     from tandem.transport.group import Group, Transport
+
+log = logging.getLogger(__name__)
 
 #: compute(flat_model, version, step) -> (loss, flat_gradient, compute_s, straggled)
 ComputeFn = Callable[[torch.Tensor, int, int], tuple[float, torch.Tensor, float, bool]]
@@ -122,6 +135,9 @@ class AgentConfig:
     stall_timeout_s: float = 60.0
     poll_s: float = 0.0005
     worker_ids: list[int] = field(default_factory=list)  # global worker index of each local one
+    steps_per_worker: int | None = None  # set: recompute the budget when workers die
+    worker_ranks: list[int] = field(default_factory=list)  # transport rank of each local worker
+    liveness_every_s: float = 0.1        # how often to ask the store who died (a round trip each)
 
 
 class Agent:
@@ -137,6 +153,41 @@ class Agent:
         self.rec, self.evaluate, self.is_controller = recorder, evaluate, is_controller
         self.machines = group.size
         self.history: list[dict[str, Any]] = []  # per superstep, for tests and results
+        self.dead: set[int] = set()            # local indices of workers known dead
+        self.alive_total: float | None = None  # live workers on all machines (last all-reduce)
+        self._polled = float("-inf")
+
+    # ---- dead workers -------------------------------------------------------------------------
+    def _poll_dead(self) -> None:
+        """Ask the store (at most every ``liveness_every_s``) which local workers died."""
+        cfg = self.cfg
+        if not cfg.worker_ranks or time.monotonic() - self._polled < cfg.liveness_every_s:
+            return
+        self._polled = time.monotonic()
+        liveness = self.transport.liveness
+        for r in liveness.dead_ranks(cfg.worker_ranks):
+            i = cfg.worker_ranks.index(r)
+            if i in self.dead:
+                continue
+            self.dead.add(i)
+            who = cfg.worker_ids[i] if cfg.worker_ids else i
+            why = liveness.describe([r])
+            log.warning("bsp agent: worker %s (rank %d) died (%s); the supersteps go on without "
+                        "it", who, r, why)
+            if self.rec is not None:
+                self.rec.info(lost_worker=who, lost_rank=r, lost_reason=why[:300])
+
+    def _target(self) -> int:
+        """This machine's share of a gradient-count superstep, among the live workers."""
+        cfg = self.cfg
+        alive = self.seg.local_workers - len(self.dead) if cfg.worker_ranks else None
+        if alive is None or self.alive_total is None:
+            share = cfg.share
+        else:
+            share = alive / self.alive_total if self.alive_total else 0.0
+        if alive == 0:
+            return 0
+        return max(1, round(cfg.grads_per_superstep * share))  # type: ignore[operator]
 
     # ---- phases -----------------------------------------------------------------------------
     def _wait(self, start: float, seg: MachineSegment) -> None:
@@ -146,18 +197,22 @@ class Agent:
             if left > 0:
                 time.sleep(left)
             return
-        target = max(1, round(cfg.grads_per_superstep * cfg.share))
+        target = self._target()
         deadline = time.monotonic() + cfg.stall_timeout_s
         while seg.pending_count() < target:
+            self._poll_dead()
+            target = self._target()  # a worker that died meanwhile lowers it (0: none left here)
             if time.monotonic() > deadline:
                 raise TandemError(f"agent: fewer than {target} gradients in "
                                   f"{cfg.stall_timeout_s:.0f}s; are the workers alive?")
             time.sleep(cfg.poll_s)
 
-    def _combine(self, out: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(update direction, global stats [count, stale_sum, dropped, loss_sum])."""
-        stats = torch.tensor([out["count"], out["stale_sum"], out["dropped"], out["loss_sum"]],
-                             dtype=torch.float64)
+    def _combine(self, out: dict[str, Any], lost: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(update direction, global stats [count, stale_sum, dropped, loss_sum, live workers,
+        gradients of dead workers]); ``lost`` is this machine's dead workers' gradients."""
+        alive = self.seg.local_workers - len(self.dead)
+        stats = torch.tensor([out["count"], out["stale_sum"], out["dropped"], out["loss_sum"],
+                              alive, lost], dtype=torch.float64)
         if self.machines > 1:
             self.transport.all_reduce(stats, group=self.group).wait()
         total = float(stats[0])
@@ -183,32 +238,46 @@ class Agent:
         seg.publish(flatten(self.params), version)
         applied = 0
         per_worker = [0] * seg.local_workers
+        discarded = [0] * seg.local_workers  # read out of torn buffers (never applied)
+        budget = cfg.budget
+        budget_alive = round(seg.local_workers / cfg.share) if cfg.share else 0  # all machines
         dropped_total = 0
         next_eval = cfg.eval_every_grads or None
         last_progress = time.monotonic()
         start = time.perf_counter()
         while True:
             self._wait(start, seg)
+            self._poll_dead()  # before the swap: a worker seen dead has all its adds in it
             t_swap = time.perf_counter()
             out = seg.swap(version + 1)
+            self._torn(out)
+            for i, n in enumerate(out["per_worker"]):
+                per_worker[i] += n
+            for i, n in enumerate(out["discarded_per_worker"]):
+                discarded[i] += n
+            lost = sum(per_worker[i] for i in self.dead)  # applied: their budget share
             t_comm = time.perf_counter()
-            direction, stats = self._combine(out)
+            direction, stats = self._combine(out, lost)
             t_apply = time.perf_counter()
-            total, stale_sum, dropped, loss_sum = (float(x) for x in stats)
+            total, stale_sum, dropped, loss_sum, alive, lost_all = (float(x) for x in stats)
+            self.alive_total = alive
+            if alive == 0:
+                raise TandemError("agent: every worker on every machine died; nothing left to "
+                                  "compute the remaining gradients")
+            if cfg.steps_per_worker is not None and (alive < budget_alive or lost_all):
+                budget = int(cfg.steps_per_worker * alive + lost_all)  # same on every agent
             self._apply(direction)
             version += 1
             seg.publish(flatten(self.params), version)
             t_end = time.perf_counter()
             applied += int(total)
             dropped_total += out["dropped"]
-            for i, n in enumerate(out["per_worker"]):
-                per_worker[i] += n
             if total > 0:
                 last_progress = time.monotonic()
             elif time.monotonic() - last_progress > cfg.stall_timeout_s:
                 raise TandemError(f"agent: no gradient from any worker for "
                                   f"{cfg.stall_timeout_s:.0f}s; are the workers alive?")
-            stop = applied >= cfg.budget
+            stop = applied >= budget
             b = self.transport.end_step()
             rec = {"superstep": version - 1, "gradients": int(total),
                    "local_gradients": out["count"],
@@ -231,13 +300,30 @@ class Agent:
             if stop:
                 break
         left = seg.swap(version + 1, stop=True)
+        self._torn(left)
         for i, n in enumerate(left["per_worker"]):
             per_worker[i] += n
+        for i, n in enumerate(left["discarded_per_worker"]):
+            discarded[i] += n
         dropped_total += left["dropped"]
+
+        def by_id(xs: list[int]) -> dict[int, int]:
+            return {cfg.worker_ids[i] if cfg.worker_ids else i: n for i, n in enumerate(xs)}
+
         return {"role": "agent", "supersteps": version, "applied": applied,
-                "leftover": left["count"], "dropped": dropped_total,
-                "per_worker": {cfg.worker_ids[i] if cfg.worker_ids else i: n
-                               for i, n in enumerate(per_worker)}}
+                "leftover": left["count"], "dropped": dropped_total, "budget": budget,
+                "per_worker": by_id(per_worker), "discarded": sum(discarded),
+                "discarded_per_worker": by_id(discarded),
+                "lost_workers": sorted(cfg.worker_ids[i] if cfg.worker_ids else i
+                                       for i in self.dead)}
+
+    def _torn(self, out: dict[str, Any]) -> None:
+        if out["torn"]:
+            n = sum(out["discarded_per_worker"])
+            log.warning("bsp agent: worker(s) %s died while adding; discarded the superstep's "
+                        "%d gradient(s) rather than apply a partial sum", out["torn"], n)
+            if self.rec is not None:
+                self.rec.info(torn_add=out["torn"], discarded=n)
 
     def _eval(self, superstep: int, applied: int) -> None:
         if self.evaluate is None:

@@ -39,6 +39,12 @@ Options (``--strategy-opt key=value``):
 Budget: the run stops once ``steps x workers`` gradients were applied (the same number of
 gradients synchronous all-reduce consumes in ``steps`` steps); the last superstep may overshoot
 by what arrived in it, and gradients added after the final read-out are reported as ``leftover``.
+
+Dead workers (``tolerates_lost_workers``): a worker that dies (``kill -9``, ``inject_crash``) is
+let go by the launcher; its agent learns of it from the store, the superstep closes with the
+survivors' gradients and the budget becomes ``steps x survivors + what the dead ones
+contributed``. The summary lists the dead ranks in ``lost_ranks``; an agent's death still fails
+the run (its workers see no new model, the other agents' exchange names it).
 """
 
 from __future__ import annotations
@@ -163,6 +169,8 @@ def layout_for(cfg: RunConfig, opts: BspSharedOptions, world: int) -> Layout:
 class BspSharedStrategy(Strategy):
     name = "bsp_shared"
     Options = BspSharedOptions
+    #: a dead ML worker stops adding; the agents finish the superstep and the run without it
+    tolerates_lost_workers = True
 
     @classmethod
     def processes(cls, cfg: RunConfig) -> int:
@@ -221,7 +229,8 @@ class BspSharedStrategy(Strategy):
             budget=total * ctx.cfg.workers, period_s=opts.period_s,
             grads_per_superstep=opts.grads_per_superstep, share=len(ids) / ctx.cfg.workers,
             normalize=opts.normalize, eval_every_grads=self.eval_every(total) * ctx.cfg.workers,
-            stall_timeout_s=ctx.cfg.timeout_s, worker_ids=ids)
+            stall_timeout_s=ctx.cfg.timeout_s, worker_ids=ids, steps_per_worker=total,
+            worker_ranks=list(layout.worker_ranks[machine]))
         codec = ctx.make_codec()
         if hasattr(codec, "set_total_steps"):
             codec.set_total_steps(total)

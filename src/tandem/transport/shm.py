@@ -19,6 +19,15 @@ Per accumulator buffer the segment also counts gradients (in total and per local
 staleness of the gradients (model versions between the one a gradient was computed on and the
 one it will be applied to), gradients dropped as too stale, and the sum of the workers' losses.
 
+A worker killed while adding (``kill -9``, OOM) cannot deadlock the agent: ``flock`` locks belong to
+the open file description, and the kernel releases them when the dying process's descriptors
+close. What it can leave is a *partial add* (some elements of its gradient summed, its count not
+bumped). Each worker therefore sets an in-progress word (the buffer index + 1) before touching the
+accumulator and clears it after its counts; the agent reads those words under the lock at every
+swap. A word still set there can only belong to a dead worker (a live one would hold the lock),
+so the retired buffer is *torn*: :meth:`swap` zeroes it and reports its gradients as
+``discarded`` (with the torn workers) instead of applying a sum nobody can correct.
+
 Lifetime: the agent creates the file (under ``/dev/shm`` where it exists), the workers open it,
 and once everyone has attached the agent unlinks the name, so nothing is left behind even if a
 process is killed later: the kernel frees the memory with the last mapping. :meth:`unlink` is
@@ -67,7 +76,7 @@ class MachineSegment:
     def __init__(self, path: Path, numel: int, local_workers: int, *, create: bool) -> None:
         self.path = Path(path)
         self.numel, self.local_workers = int(numel), int(local_workers)
-        self.header_len = _FIXED + 2 * self.local_workers
+        self.header_len = _FIXED + 3 * self.local_workers
         header_bytes = self.header_len * 8
         loss_bytes = 2 * 8
         data_bytes = 4 * self.numel * 4
@@ -88,7 +97,9 @@ class MachineSegment:
         data = raw[header_bytes + loss_bytes:].view(torch.float32)
         self.slots = (data[: self.numel], data[self.numel: 2 * self.numel])
         self.acc = (data[2 * self.numel: 3 * self.numel], data[3 * self.numel:])
-        self.per_worker = self.header[_FIXED:].view(2, self.local_workers)
+        w = self.local_workers
+        self.per_worker = self.header[_FIXED: _FIXED + 2 * w].view(2, w)
+        self.in_add = self.header[_FIXED + 2 * w: _FIXED + 3 * w]  # buffer + 1 while adding
         if create:
             self.header.zero_()
             self.loss_sum.zero_()
@@ -181,6 +192,7 @@ class MachineSegment:
             if max_staleness is not None and stale > max_staleness:
                 h[_DROPPED + a] += 1
                 return "dropped", stale
+            self.in_add[worker] = a + 1  # a death from here to the reset leaves a torn buffer
             self.acc[a].add_(grad.reshape(-1))
             h[_COUNT + a] += 1
             self.per_worker[a, worker] += 1
@@ -188,14 +200,24 @@ class MachineSegment:
             if stale > int(h[_STALE_MAX + a]):
                 h[_STALE_MAX + a] = stale
             self.loss_sum[a] += loss
+            self.in_add[worker] = 0
             return "added", stale
 
     def swap(self, next_base: int, *, stop: bool = False) -> dict:
         """Retire the active accumulator (new gradients go to the other, whose gradients will be
         applied to model ``next_base``); return the retired buffer's sum and counters, then zero
-        it. With ``stop`` the run is over: no further gradient is accepted."""
+        it. With ``stop`` the run is over: no further gradient is accepted.
+
+        ``torn`` lists local workers that died in the middle of an add into the retired buffer
+        (see the module doc); the buffer is then zeroed, ``count`` and ``per_worker`` are 0 and
+        ``discarded_per_worker`` holds the complete gradients it had (never applied, but counted,
+        not lost silently)."""
         with self.locked():
             a = int(self.header[_ACTIVE])
+            # Under the lock nobody alive is adding: a set word is a dead worker's partial add,
+            # necessarily into the active buffer (no swap could happen while it held the lock).
+            torn = [w for w in range(self.local_workers) if int(self.in_add[w])]
+            self.in_add.zero_()
             if stop:
                 self.header[_STOP] = 1
             else:
@@ -207,7 +229,12 @@ class MachineSegment:
         out = {"sum": self.acc[a].clone(), "count": int(h[_COUNT + a]),
                "per_worker": self.per_worker[a].tolist(), "stale_sum": int(h[_STALE_SUM + a]),
                "stale_max": int(h[_STALE_MAX + a]), "dropped": int(h[_DROPPED + a]),
-               "loss_sum": float(self.loss_sum[a])}
+               "loss_sum": float(self.loss_sum[a]), "torn": torn,
+               "discarded_per_worker": [0] * self.local_workers}
+        if torn:
+            out.update(sum=torch.zeros_like(out["sum"]), count=0, stale_sum=0, stale_max=0,
+                       loss_sum=0.0, discarded_per_worker=out["per_worker"],
+                       per_worker=[0] * self.local_workers)
         self.acc[a].zero_()
         for f in (_COUNT, _STALE_SUM, _STALE_MAX, _DROPPED):
             h[f + a] = 0
