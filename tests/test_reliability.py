@@ -144,3 +144,17 @@ def test_torchrun_max_restarts_resumes_from_checkpoint(tmp_path):
     summary = json.loads((cfg.run_dir() / "summary.json").read_text())
     assert summary["final_test_loss"] == pytest.approx(ref["final_test_loss"], abs=1e-6)
     assert "exitcode: -9" in r.stderr  # the injected crash really happened, and was survived
+
+
+def test_screen_gradients_policies():
+    """The one NaN screen every strategy calls: stop names rank and step, skip sends zeros."""
+    from tandem.errors import NonFiniteGradient
+    from tandem.strategies.training import screen_gradients
+
+    good = [torch.ones(3), torch.ones(2)]
+    assert screen_gradients(good, "stop", 0, 1) == (good, False)
+    bad = [torch.ones(3), torch.tensor([1.0, float("inf")])]
+    with pytest.raises(NonFiniteGradient, match="rank 4: non-finite gradient in m at step 9"):
+        screen_gradients(bad, "stop", 4, 9, " in m")
+    zeros, skipped = screen_gradients(bad, "skip", 4, 9)
+    assert skipped and all(float(z.abs().sum()) == 0 for z in zeros)

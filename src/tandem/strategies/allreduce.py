@@ -24,10 +24,9 @@ from tandem.strategies.base import Strategy
 from tandem.strategies.registry import register
 from tandem.strategies.training import (
     LocalTrainer,
-    check_finite,
     evaluate,
     is_eval_step,
-    raise_non_finite,
+    screen_gradients,
 )
 
 
@@ -66,10 +65,8 @@ class AllReduceStrategy(Strategy):
         for step in range(self.start_step, total):
             loss, grads, compute_s, straggled = trainer.compute(step)
             extra: dict[str, Any] = {}
-            if not check_finite(grads):
-                if ctx.cfg.nan_policy == "stop":
-                    raise_non_finite(ctx.rank, step)
-                grads = [g.zero_() for g in grads]
+            grads, skipped = screen_gradients(grads, ctx.cfg.nan_policy, ctx.rank, step)
+            if skipped:
                 self.skipped += 1
                 extra["skipped"] = True
             t1 = time.perf_counter()

@@ -65,9 +65,8 @@ from tandem.strategies.training import (
     LocalTrainer,
     build_model,
     build_optimizer,
-    check_finite,
     evaluate,
-    raise_non_finite,
+    screen_gradients,
 )
 from tandem.transport.faults import ComputeFaults
 from tandem.transport.shm import MachineSegment
@@ -262,11 +261,8 @@ class BspSharedStrategy(Strategy):
                         p.copy_(chunk)
                 compute.version = version  # type: ignore[attr-defined]
             loss, grads, compute_s, straggled = trainer.compute(step)
-            if not check_finite(grads):
-                if ctx.cfg.nan_policy == "stop":
-                    raise_non_finite(ctx.rank, step)
-                grads = [torch.zeros_like(g) for g in grads]
-                skipped += 1
+            grads, was_skipped = screen_gradients(grads, ctx.cfg.nan_policy, ctx.rank, step)
+            skipped += was_skipped
             return loss, flatten(grads), compute_s, straggled
 
         compute.version = -1  # type: ignore[attr-defined]

@@ -48,10 +48,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field, field_validator
 
-from tandem.errors import ConfigError, NonFiniteGradient, PeerTimeout
+from tandem.errors import ConfigError, PeerTimeout
 from tandem.strategies.base import Strategy, StrategyOptions, WorkerContext
 from tandem.strategies.registry import register
-from tandem.strategies.training import LocalTrainer, check_finite, evaluate, is_eval_step
+from tandem.strategies.training import LocalTrainer, evaluate, is_eval_step, screen_gradients
 from tandem.sweep import OVERRIDABLE, finalize_variants, variant_configs
 from tandem.telemetry.recorder import Recorder
 from tandem.transport import costs
@@ -359,13 +359,9 @@ class Lane:
     def exchange_bucket(self, flight: Flight, b: int) -> list[torch.Tensor]:
         """(communication thread) the group mean of bucket ``b``, as the solo run computes it."""
         grads = [g for g in flight.grads[b] if g is not None]
-        if not check_finite(grads):
-            if self.ctx.cfg.nan_policy == "stop":
-                raise NonFiniteGradient(
-                    f"rank {self.ctx.rank}: non-finite gradient in model {self.label} at step "
-                    f"{flight.step}; lower its learning rate, or use --nan-policy skip")
-            grads = [torch.zeros_like(g) for g in grads]
-            flight.skipped = True
+        grads, skipped = screen_gradients(grads, self.ctx.cfg.nan_policy, self.ctx.rank,
+                                          flight.step, f" in model {self.label}")
+        flight.skipped = flight.skipped or skipped
         return self.codecs[b].exchange(grads, self.link, self.group)
 
     def settle(self, evaluating: Callable[[], contextlib.ExitStack]) -> float:

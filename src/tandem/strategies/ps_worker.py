@@ -39,10 +39,9 @@ from tandem.strategies.sharding import join, plan_shards, split
 from tandem.strategies.training import (
     LocalTrainer,
     build_model,
-    check_finite,
     evaluate,
     is_eval_step,
-    raise_non_finite,
+    screen_gradients,
 )
 from tandem.transport.group import Group
 
@@ -199,10 +198,8 @@ class PSWorker:
         for step in range(total):
             loss, grads, compute_s, straggled = self.trainer.compute(step)
             extra: dict[str, Any] = {}
-            if not check_finite(grads):
-                if ctx.cfg.nan_policy == "stop":
-                    raise_non_finite(ctx.rank, step)
-                grads = [g.nan_to_num(0.0, 0.0, 0.0).zero_() for g in grads]
+            grads, was_skipped = screen_gradients(grads, ctx.cfg.nan_policy, ctx.rank, step)
+            if was_skipped:
                 skipped += 1
                 extra["skipped"] = True
             t1 = time.perf_counter()

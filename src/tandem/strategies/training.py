@@ -118,13 +118,27 @@ class LocalTrainer:
         self.optimizer.step()
 
 
+def screen_gradients(grads: list[torch.Tensor], policy: str, rank: int, step: int,
+                     what: str = "") -> tuple[list[torch.Tensor], bool]:
+    """Catch a NaN/Inf gradient before it is sent: ``stop`` raises naming the rank and step,
+    ``skip`` replaces it by zeros (this worker's contribution to the step is dropped).
+
+    Returns the gradients to send and whether the step was skipped.
+    """
+    if check_finite(grads):
+        return grads, False
+    if policy == "stop":
+        raise_non_finite(rank, step, what)
+    return [torch.zeros_like(g) for g in grads], True
+
+
 def check_finite(grads: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
-def raise_non_finite(rank: int, step: int) -> None:
+def raise_non_finite(rank: int, step: int, what: str = "") -> None:
     raise NonFiniteGradient(
-        f"rank {rank}: non-finite gradient at step {step}; "
+        f"rank {rank}: non-finite gradient{what} at step {step}; "
         "lower the learning rate, or use --nan-policy skip"
     )
 
