@@ -25,6 +25,14 @@ Tune: the *spectral gap* ``1 - |lambda_2(W)|`` says how much one gossip round sh
 disagreement between peers; consensus error after Q rounds shrinks roughly like ``(1-gap)^(2Q)``.
 A small gap (big rings) calls for more gossip rounds per step (``gossip_rounds``) or a better
 connected graph.
+
+Lost peers: :meth:`Topology.without` removes dead peers and recomputes the weights on the surviving
+subgraph (same ``weights`` rule), keeping rank numbering: a removed peer is isolated with
+``W[d, d] = 1`` and ignored by :meth:`~Topology.check`, ``spectral_gap`` and ``describe``. If the
+survivors are no longer connected it raises :class:`~tandem.errors.TandemError` (gossip could never
+reach consensus again). :func:`fold` is the coordination-free stop-gap the gossip strategy uses
+until every survivor has switched: each peer adds its dead neighbours' weights to its own diagonal,
+which keeps the survivors' matrix symmetric and doubly stochastic with no agreement needed.
 """
 
 from __future__ import annotations
@@ -32,10 +40,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
-from tandem.errors import ConfigError
+from tandem.errors import ConfigError, TandemError
 
 GRAPHS = ("ring", "torus", "exponential", "erdos_renyi", "complete")
 WEIGHTS = ("metropolis", "max_degree")
@@ -48,10 +57,42 @@ class Topology:
     name: str
     adjacency: np.ndarray
     W: np.ndarray
+    weights: str = "metropolis"
+    removed: frozenset[int] = frozenset()
 
     @property
     def n(self) -> int:
         return int(self.adjacency.shape[0])
+
+    @property
+    def alive(self) -> list[int]:
+        """Peers not removed by :meth:`without` (all of them for a fresh topology)."""
+        return [i for i in range(self.n) if i not in self.removed]
+
+    def without(self, dead: set[int] | frozenset[int]) -> Topology:
+        """This graph minus ``dead`` peers (and their edges), weights recomputed on the rest.
+
+        Ranks keep their numbers; a removed peer is isolated with ``W[d, d] = 1``. Raises
+        TandemError naming the pieces when the survivors are split (no consensus possible)."""
+        gone = frozenset(int(d) for d in dead) | self.removed
+        if not gone:
+            return self
+        if len(gone) >= self.n:
+            raise TandemError(f"{self.name}: every peer is gone, nothing left to gossip")
+        adj = self.adjacency.copy()
+        idx = sorted(gone)
+        adj[idx, :] = False
+        adj[:, idx] = False
+        live = [i for i in range(self.n) if i not in gone]
+        parts = components(adj[np.ix_(live, live)])
+        if len(parts) > 1:
+            pieces = [[live[i] for i in part] for part in parts]
+            raise TandemError(
+                f"{self.name}: without peer(s) {idx} the surviving graph splits into {pieces}; "
+                "gossip cannot reach consensus. Use a better connected topology "
+                "(exponential, torus, complete) to survive this many losses.")
+        W = mixing_weights(adj, self.weights)
+        return Topology(self.name, adj, W, self.weights, gone)
 
     def neighbors(self, i: int) -> list[int]:
         """Peers that ``i`` exchanges parameters with (sorted, ``i`` excluded)."""
@@ -65,14 +106,20 @@ class Topology:
         """``1 - max(|lambda_2|, |lambda_n|)`` of W: 1 = exact averaging, 0 = no mixing.
 
         One dense eigen-decomposition (about a second at n = 1024); computed once."""
-        if self.n == 1:
+        live = self.alive
+        if len(live) == 1:
             return 1.0
-        ev = np.sort(np.abs(np.linalg.eigvalsh(self.W)))[::-1]
+        ev = np.sort(np.abs(np.linalg.eigvalsh(self.W[np.ix_(live, live)])))[::-1]
         return float(1.0 - ev[1])
 
     def check(self, atol: float = 1e-9) -> None:
         """Raise ConfigError unless W is symmetric, doubly stochastic, non-negative, on the graph
-        and the graph is connected."""
+        and the graph is connected (removed peers excluded)."""
+        if self.removed:
+            live = self.alive
+            Topology(self.name, self.adjacency[np.ix_(live, live)],
+                     self.W[np.ix_(live, live)], self.weights).check(atol)
+            return
         W, A = self.W, self.adjacency
         if W.shape != (self.n, self.n):
             raise ConfigError(f"mixing matrix has shape {W.shape}, expected {(self.n, self.n)}")
@@ -89,10 +136,14 @@ class Topology:
             raise ConfigError(f"{self.name}: graph is not connected; gossip cannot reach consensus")
 
     def describe(self) -> dict[str, object]:
-        degs = self.adjacency.sum(1)
-        return {"topology": self.name, "peers": self.n, "edges": int(self.adjacency.sum() // 2),
-                "min_degree": int(degs.min()), "max_degree": int(degs.max()),
-                "spectral_gap": round(self.spectral_gap, 6)}
+        degs = self.adjacency.sum(1)[self.alive]
+        out: dict[str, object] = {
+            "topology": self.name, "peers": len(self.alive),
+            "edges": int(self.adjacency.sum() // 2), "min_degree": int(degs.min()),
+            "max_degree": int(degs.max()), "spectral_gap": round(self.spectral_gap, 6)}
+        if self.removed:
+            out["removed"] = sorted(self.removed)
+        return out
 
 
 def is_connected(adjacency: np.ndarray) -> bool:
@@ -106,6 +157,35 @@ def is_connected(adjacency: np.ndarray) -> bool:
         seen[nxt] = True
         frontier = nxt.tolist()
     return bool(seen.all())
+
+
+def components(adjacency: np.ndarray) -> list[list[int]]:
+    """Connected components (lists of node indices, in order of their smallest node)."""
+    n = adjacency.shape[0]
+    label = -np.ones(n, dtype=int)
+    out: list[list[int]] = []
+    for s in range(n):
+        if label[s] >= 0:
+            continue
+        label[s] = len(out)
+        frontier, part = [s], [s]
+        while frontier:
+            nxt = np.flatnonzero(adjacency[frontier].any(0) & (label < 0))
+            label[nxt] = len(out)
+            part += nxt.tolist()
+            frontier = nxt.tolist()
+        out.append(sorted(part))
+    return out
+
+
+def fold(W: np.ndarray, i: int, dead: set[int] | frozenset[int]) -> tuple[float, dict[int, float]]:
+    """Row ``i`` of W with the weights of ``dead`` neighbours moved onto the diagonal.
+
+    Returns ``(w_self, {live neighbour: weight})``. Every survivor can do this alone: the
+    survivors' folded matrix stays symmetric and doubly stochastic (off-diagonals unchanged)."""
+    nbrs = [int(j) for j in np.flatnonzero(W[i]) if j != i]
+    w_self = float(W[i, i]) + sum(float(W[i, j]) for j in nbrs if j in dead)
+    return w_self, {j: float(W[i, j]) for j in nbrs if j not in dead}
 
 
 def _ring(n: int) -> np.ndarray:
@@ -187,9 +267,90 @@ def make_topology(name: str, n: int, *, weights: str = "metropolis", seed: int =
         adj = builders[name](n)
     else:
         raise ConfigError(f"unknown topology {name!r}; choose one of {list(GRAPHS)}")
-    topo = Topology(name, adj, mixing_weights(adj, weights))
+    topo = Topology(name, adj, mixing_weights(adj, weights), weights)
     topo.check()
     return topo
 
 
-__all__ = ["GRAPHS", "WEIGHTS", "Topology", "is_connected", "make_topology", "mixing_weights"]
+class PeerView:
+    """The peers this one still gossips with, and their weights, as peers die.
+
+    Two stages per lost peer ``d``, so that all survivors always mix with the same symmetric,
+    doubly-stochastic matrix without a round of agreement on the critical path:
+
+    1. From the moment a survivor learns of ``d`` (a failed exchange with it, a failed collective,
+       or the ``dead/<d>`` mark the launcher writes, polled at the start of every step), it
+       *folds* ``d``'s weight onto its own diagonal (:func:`fold`). Only ``d``'s
+       neighbours' rows change and the off-diagonal weights stay as they were, so the survivors'
+       matrix is symmetric and doubly stochastic whoever knows what: no coordination needed.
+    2. At an agreed step every survivor switches to Metropolis(-Hastings) weights recomputed on the
+       surviving graph (:meth:`Topology.without`), which mixes faster than the folded matrix. The
+       step is agreed in the rendezvous store: each survivor that learns of ``d`` proposes
+       ``its step + world`` with a compare-and-set on ``gossip/drop/<d>``; the first proposal wins
+       and everyone reads it. Neighbours are never more than one step apart, so two survivors are
+       at most (surviving diameter <= world - 2) steps apart, and a survivor sees the mark at its
+       next step's poll: each learns of ``d`` before the agreed step.
+
+    A survivor that learns of ``d`` from a failed exchange also writes ``dead/<d>`` (when the
+    launcher has not), so peers far from ``d`` learn it too. Remaining asymmetry: in the round in
+    which ``d`` dies, a neighbour that had already received ``d``'s value mixes it in while one
+    that had not folds; that moves the survivors' average once, by at most ``d``'s weight times
+    the disagreement, and SGD then carries on from there. A split surviving graph raises
+    :class:`~tandem.errors.TandemError` at once. Cost: one store lookup per live peer per step.
+    """
+
+    def __init__(self, base: Topology, rank: int, liveness: Any | None,
+                 recorder: Any | None = None) -> None:
+        self.base, self.topo, self.rank = base, base, rank
+        self.liveness, self.recorder = liveness, recorder
+        self.dead: set[int] = set()
+        self.switch_at: dict[int, int] = {}
+
+    @property
+    def alive(self) -> list[int]:
+        return [r for r in range(self.base.n) if r not in self.dead]
+
+    def row(self) -> tuple[list[int], float, dict[int, float]]:
+        """(live neighbours, own weight, neighbour weights) for this round."""
+        w_self, w_nbr = fold(self.topo.W, self.rank, self.dead)
+        return sorted(w_nbr), w_self, w_nbr
+
+    def poll(self, step: int) -> None:
+        """Start of a step: learn deaths marked in the store, then apply the switches due."""
+        if self.liveness is not None:
+            marked = self.liveness.dead_ranks([r for r in self.alive if r != self.rank])
+            if marked:
+                self.learn(marked, step, why="marked dead")
+        due = {d for d, at in self.switch_at.items() if at <= step} - set(self.topo.removed)
+        if due:
+            self.topo = self.base.without(set(self.topo.removed) | due)
+            if self.recorder is not None:
+                self.recorder.info(gossip_reweighted=sorted(self.topo.removed), at_step=step,
+                                   **{"topology_now": self.topo.describe()})
+
+    def learn(self, ranks: list[int] | set[int], step: int, why: str = "exchange failed") -> None:
+        """Drop ``ranks`` (fold now) and agree on the step at which to re-weight without them."""
+        new = {int(r) for r in ranks} - self.dead - {self.rank}
+        if not new:
+            return
+        self.base.without(self.dead | new)  # raises TandemError when the survivors split
+        self.dead |= new
+        for d in sorted(new):
+            self.switch_at[d] = self._agree(d, step + self.base.n)
+            if self.recorder is not None:
+                self.recorder.info(lost_peer=d, at_step=step, how=why,
+                                   reweight_at_step=self.switch_at[d])
+
+    def _agree(self, d: int, proposal: int) -> int:
+        live = self.liveness
+        if live is None:
+            return proposal
+        with live._lock:  # the heartbeat thread shares this store client
+            if not live.store.check([f"dead/{d}"]):
+                live.store.set(f"dead/{d}", f"stopped answering rank {self.rank}'s gossip")
+            won = live.store.compare_set(f"gossip/drop/{d}", "", str(proposal))
+        return int(won.decode() if isinstance(won, bytes) else won)
+
+
+__all__ = ["GRAPHS", "WEIGHTS", "PeerView", "Topology", "components", "fold", "is_connected",
+           "make_topology", "mixing_weights"]

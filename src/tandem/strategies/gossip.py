@@ -40,10 +40,19 @@ Telemetry: each step record has ``straggled`` and, on regression, ``opt_error = 
 each eval record has ``consensus_error`` (mean ||x_i - mean x||^2), ``opt_error`` (mean over peers)
 and ``avg_opt_error`` (||mean x - x*||^2); test loss/accuracy are of the averaged model.
 Optimizer: plain SGD as in the paper (momentum is refused; weight decay is applied locally).
+
+Lost peers (``tolerates_lost_workers``): a peer that dies is dropped and the survivors go on; see
+:class:`PeerView` for how every survivor ends up on the same re-weighted mixing matrix. Once a
+peer is lost the world all-reduce of the evaluation and ``wait``'s barrier are impossible (the dead
+rank cannot join): each survivor then evaluates its own model alone (eval records with
+``local: true``; ``opt_error`` is its own distance, no ``consensus_error``) and ``wait`` mode paces
+the survivors through the neighbour exchanges only.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,11 +64,11 @@ from pydantic import Field
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from tandem.coding import make_allocation, sgc_weight
-from tandem.errors import ConfigError
+from tandem.errors import ConfigError, WorkerFailed
 from tandem.strategies.base import Strategy, StrategyOptions
 from tandem.strategies.registry import register
-from tandem.strategies.training import build_model, evaluate, is_eval_step
-from tandem.topology import make_topology
+from tandem.strategies.training import build_model, evaluate, evaluate_shard, is_eval_step
+from tandem.topology import PeerView, make_topology
 from tandem.workloads.base import ShardLoader, partition
 
 
@@ -139,6 +148,7 @@ class PartitionGradients:
 class GossipStrategy(Strategy):
     name = "gossip"
     Options = GossipOptions
+    tolerates_lost_workers = True
 
     def run(self) -> dict[str, Any]:
         ctx, o, cfg = self.ctx, self.opts, self.ctx.cfg
@@ -149,8 +159,9 @@ class GossipStrategy(Strategy):
         d = 1 if o.mode == "dsgd" else cfg.workload.redundancy
         alloc = make_allocation(world, d, o.allocation)
         topo = make_topology(o.topology, world, weights=o.weights, seed=cfg.seed, edge_p=o.edge_p)
-        nbrs = topo.neighbors(rank)
-        w_self, w_nbr = float(topo.W[rank, rank]), {j: float(topo.W[rank, j]) for j in nbrs}
+        view = PeerView(topo, rank, tr.liveness, rec)
+        self._crash = {int(s) for r, s in cfg.inject_crash if r == rank} if not cfg.resume \
+            else set()
         p = o.p if o.p is not None else (cfg.stragglers.p if cfg.stragglers else 0.0)
         weight = sgc_weight(d, p) if o.mode == "goco" else 1.0 / d
         grads = PartitionGradients(ctx, rank, list(alloc.held[rank]), o.full_batch,
@@ -172,6 +183,7 @@ class GossipStrategy(Strategy):
         try:
             for step in range(total):
                 t0 = time.perf_counter()
+                view.poll(step)
                 loss, g, compute_s, straggled, injected, idle_s = self._gradient(
                     step, x, grads, pool, o)
                 n_straggled += int(straggled)
@@ -181,12 +193,12 @@ class GossipStrategy(Strategy):
                     y -= lr * weight * g
                 if cfg.weight_decay:
                     y -= lr * cfg.weight_decay * x
-                if o.mode == "wait":
+                if o.mode == "wait" and not view.dead:  # a dead rank cannot join a barrier
                     tb = time.perf_counter()
-                    tr.barrier().wait()
+                    self._world(view, step, lambda: tr.barrier().wait())
                     idle_s += time.perf_counter() - tb
                 t1 = time.perf_counter()
-                x = self._gossip(y, nbrs, w_self, w_nbr, o.gossip_rounds)
+                x = self._gossip(y, view, o.gossip_rounds, step)
                 comm_s = time.perf_counter() - t1
                 b = tr.end_step()
                 extra: dict[str, Any] = {"straggled": straggled, "injected": injected}
@@ -198,7 +210,12 @@ class GossipStrategy(Strategy):
                          bytes_sent=b.sent, bytes_recv=b.recv, loss=loss, **extra)
                 if is_eval_step(step, every, total):
                     with rec.evaluating():
-                        evals.append(self._evaluate(step, x, model, mparams, opt))
+                        ev = None
+                        if not view.dead:
+                            ev = self._world(view, step, self._evaluate, step, x, model,
+                                             mparams, opt)
+                        evals.append(ev or self._evaluate_local(step, x, model, mparams, opt,
+                                                                len(view.alive)))
         finally:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -206,7 +223,8 @@ class GossipStrategy(Strategy):
             vector_to_parameters(x, mparams)
         return {"steps": total, "straggled_steps": n_straggled,
                 "straggle_rate": n_straggled / total,
-                "trajectory": trajectory, "evals": evals if rank == 0 else [],
+                "trajectory": trajectory, "evals": evals if rank == min(view.alive) else [],
+                "lost_peers": sorted(view.dead),
                 "params": [q.detach().clone() for q in mparams]}
 
     # ---- one step's pieces ---------------------------------------------------------------------
@@ -215,6 +233,8 @@ class GossipStrategy(Strategy):
                   ) -> tuple[float | None, torch.Tensor, float, bool, bool, float]:
         """(loss, sum of partition grads, compute s, straggled, injected straggler, idle s)."""
         faults = self.ctx.faults
+        if step in self._crash:
+            os.kill(os.getpid(), signal.SIGKILL)  # injected crash (tests): as a real kill -9
         if pool is None:
             loss, gs, spent = grads.compute(x)
             extra, injected = faults.delay(step, spent)
@@ -244,19 +264,43 @@ class GossipStrategy(Strategy):
             cancel.set()
             return None, x, time.perf_counter() - t0, True, injected, 0.0
 
-    def _gossip(self, y: torch.Tensor, nbrs: list[int], w_self: float, w_nbr: dict[int, float],
-                rounds: int) -> torch.Tensor:
-        """``rounds`` rounds of x_i <- W_ii y_i + sum_j W_ij y_j with the neighbours."""
+    def _world(self, view: PeerView, step: int, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` (world collectives); if it fails because ranks are marked dead, drop
+        them and return None (the caller falls back), otherwise re-raise."""
+        try:
+            return fn(*args)
+        except WorkerFailed as err:
+            marked = self.ctx.transport.liveness.dead_ranks(err.ranks or None)
+            if not marked:
+                raise
+            view.learn(marked, step, why="collective failed")
+            return None
+
+    def _gossip(self, y: torch.Tensor, view: PeerView, rounds: int, step: int) -> torch.Tensor:
+        """``rounds`` rounds of x_i <- W_ii y_i + sum_j W_ij y_j with the live neighbours; a
+        neighbour whose exchange fails because it died is dropped (its weight folded)."""
         tr = self.ctx.transport
         for _ in range(rounds):
-            sends = [tr.send(y.clone(), j) for j in nbrs]
+            nbrs, w_self, w_nbr = view.row()
+            sends = [(j, tr.send(y.clone(), j)) for j in nbrs]
             bufs = {j: torch.empty_like(y) for j in nbrs}
-            recvs = [tr.recv(bufs[j], j) for j in nbrs]
-            for h in recvs + sends:
-                h.wait()
+            recvs = [(j, tr.recv(bufs[j], j)) for j in nbrs]
+            lost: set[int] = set()
+            for j, h in recvs + sends:
+                if j in lost:
+                    continue
+                try:
+                    h.wait()
+                except WorkerFailed as err:
+                    if j not in err.ranks:
+                        raise
+                    lost.add(j)
+            if lost:
+                view.learn(lost, step)
+                _, w_self, w_nbr = view.row()
             out = y * w_self
-            for j in nbrs:
-                out += w_nbr[j] * bufs[j]
+            for j, w in w_nbr.items():
+                out += w * bufs[j]
             y = out
         return y
 
@@ -278,6 +322,23 @@ class GossipStrategy(Strategy):
         if opt is not None:
             out["opt_error"] = float(stats[1]) / world
             out["avg_opt_error"] = float(((mean - opt.double()) ** 2).sum())
+        self.ctx.recorder.eval(step, accuracy=acc, loss=tloss, **out)
+        return {"step": step, "wall": self.ctx.recorder.wall(), "test_loss": tloss,
+                "accuracy": acc, **out}
+
+    def _evaluate_local(self, step: int, x: torch.Tensor, model: torch.nn.Module,
+                        mparams: list[torch.Tensor], opt: torch.Tensor | None,
+                        survivors: int) -> dict[str, Any]:
+        """After a loss: this peer's own model on the whole test set, no collective."""
+        with torch.no_grad():
+            vector_to_parameters(x, mparams)
+        correct, loss_sum, count = evaluate_shard(model, self.ctx.workload, 0, 1,
+                                                  self.ctx.transport.device).tolist()
+        acc = correct / count if self.ctx.workload.task == "classification" else None
+        tloss = loss_sum / max(count, 1.0)
+        out: dict[str, Any] = {"local": True, "survivors": survivors}
+        if opt is not None:
+            out["opt_error"] = float(((x.double() - opt.double()) ** 2).sum())
         self.ctx.recorder.eval(step, accuracy=acc, loss=tloss, **out)
         return {"step": step, "wall": self.ctx.recorder.wall(), "test_loss": tloss,
                 "accuracy": acc, **out}
