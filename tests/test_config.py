@@ -63,3 +63,11 @@ def test_missing_and_malformed_config_files(tmp_path):
         load_config(path=bad)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_options(["ratio"])
+
+
+def test_checkpoints_with_a_strategy_that_cannot_write_them_is_refused():
+    with pytest.raises(ConfigError, match="does not write checkpoints"):
+        load_config(**{"strategy.name": "gossip", "checkpoint_every": 10})
+    with pytest.raises(ConfigError, match="allreduce"):
+        load_config(**{"strategy.name": "param_server", "resume": True})
+    assert load_config(**{"strategy.name": "allreduce", "checkpoint_every": 10}).checkpoint_every

@@ -237,6 +237,13 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
+        from tandem.strategies import STRATEGIES
+
+        if (self.checkpoint_every or self.resume) and \
+                not STRATEGIES[self.strategy.name].supports_checkpoints:
+            ok = sorted(n for n, c in STRATEGIES.items() if c.supports_checkpoints)
+            raise ValueError(f"checkpoint_every/resume: strategy {self.strategy.name!r} does not "
+                             f"write checkpoints yet; strategies that do: {ok}")
         for sw in self.slow_workers:
             if sw.rank >= self.workers:
                 raise ValueError(f"slow_workers: rank {sw.rank} >= workers ({self.workers})")

@@ -33,6 +33,7 @@ from tandem.strategies.training import (
 @register
 class AllReduceStrategy(Strategy):
     name = "allreduce"
+    supports_checkpoints = True
 
     def setup(self) -> None:
         ctx = self.ctx

@@ -72,6 +72,8 @@ class Strategy:
     #: True when the strategy finishes without some data workers (a parameter server with
     #: ``min_workers``): no closing barrier, and the launcher tolerates those workers' deaths
     tolerates_lost_workers: ClassVar[bool] = False
+    #: True when the strategy writes checkpoints and can ``--resume`` from them
+    supports_checkpoints: ClassVar[bool] = False
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field, field_validator
 
-from tandem.errors import ConfigError, PeerTimeout
+from tandem.errors import PeerTimeout
 from tandem.strategies.base import Strategy, StrategyOptions, WorkerContext
 from tandem.strategies.registry import register
 from tandem.strategies.training import LocalTrainer, evaluate, is_eval_step, screen_gradients
@@ -103,9 +103,6 @@ class PipelineStrategy(Strategy):
 
     def setup(self) -> None:
         ctx = self.ctx
-        if getattr(ctx.cfg, "resume", False):
-            raise ConfigError("strategy pipeline cannot resume from a checkpoint yet; "
-                              "rerun the sweep, or resume each variant's solo config")
         self.variants = variant_configs(ctx.cfg)
         self.lanes: list[Lane] = []
         built: dict[str, Any] = {}
