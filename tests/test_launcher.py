@@ -28,7 +28,9 @@ def test_ctrl_c_reaps_all_workers(tmp_path):
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "tandem"), "train", "--workers", "3", "--steps",
          "100000", "--no-progress", "--out", str(tmp_path / "r")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        # stderr to a file, not a pipe nobody reads: a full pipe would block the writers
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "wb"),
+        start_new_session=True)
     try:
         deadline = time.monotonic() + 60
         while len(child_pids(proc.pid)) < 3 and time.monotonic() < deadline:
@@ -37,7 +39,10 @@ def test_ctrl_c_reaps_all_workers(tmp_path):
         assert len(kids) >= 3, "workers did not start"
         time.sleep(3)
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail("Ctrl-C did not end the launcher within 30 s: " + _diagnose(proc.pid, tmp_path))
         for k in kids:
             assert not Path(f"/proc/{k}").exists() or \
                 Path(f"/proc/{k}/stat").read_text().split()[2] == "Z", f"worker {k} left running"
@@ -45,3 +50,17 @@ def test_ctrl_c_reaps_all_workers(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def _diagnose(pid: int, tmp_path: Path) -> str:
+    """What each process of the tree is blocked in, and what the launcher printed."""
+    lines = []
+    for p in [pid, *child_pids(pid)]:
+        try:
+            stat = Path(f"/proc/{p}/stat").read_text().split()
+            wchan = Path(f"/proc/{p}/wchan").read_text()
+            lines.append(f"pid {p} state {stat[2]} wchan {wchan}")
+        except OSError:
+            lines.append(f"pid {p} gone")
+    err = (tmp_path / "stderr.txt").read_text(errors="replace")[-3000:]
+    return "; ".join(lines) + "\nstderr:\n" + err
