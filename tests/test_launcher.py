@@ -42,7 +42,8 @@ def test_ctrl_c_reaps_all_workers(tmp_path):
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            pytest.fail("Ctrl-C did not end the launcher within 30 s: " + _diagnose(proc.pid, tmp_path))
+            pytest.fail("Ctrl-C did not end the launcher within 30 s: "
+                        + _diagnose(proc.pid, tmp_path))
         for k in kids:
             assert not Path(f"/proc/{k}").exists() or \
                 Path(f"/proc/{k}/stat").read_text().split()[2] == "Z", f"worker {k} left running"
