@@ -24,13 +24,22 @@ def test_error_in_one_worker_is_reported_with_its_rank_and_text():
     assert "boom on rank 1" in str(info.value)
 
 
-def test_ctrl_c_reaps_all_workers(tmp_path):
+def _default_sigint() -> None:
+    # A shell without job control starts background jobs with SIGINT ignored, and an ignored
+    # signal stays ignored across exec: give the launcher a terminal's default disposition.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("sig, group", [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_ctrl_c_and_sigterm_reap_all_workers(tmp_path, sig, group):
+    """Ctrl-C (SIGINT to the whole process group) or SIGTERM to the launcher alone: every
+    worker is gone afterwards."""
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "tandem"), "train", "--workers", "3", "--steps",
          "100000", "--no-progress", "--out", str(tmp_path / "r")],
         # stderr to a file, not a pipe nobody reads: a full pipe would block the writers
         stdout=subprocess.DEVNULL, stderr=open(tmp_path / "stderr.txt", "wb"),
-        start_new_session=True)
+        start_new_session=True, preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 60
         while len(child_pids(proc.pid)) < 3 and time.monotonic() < deadline:
@@ -38,11 +47,14 @@ def test_ctrl_c_reaps_all_workers(tmp_path):
         kids = child_pids(proc.pid)
         assert len(kids) >= 3, "workers did not start"
         time.sleep(3)
-        os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        if group:
+            os.killpg(proc.pid, sig)  # what a terminal's Ctrl-C does
+        else:
+            os.kill(proc.pid, sig)  # what a scheduler's kill does
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            pytest.fail("Ctrl-C did not end the launcher within 30 s: "
+            pytest.fail(f"{sig.name} did not end the launcher within 30 s: "
                         + _diagnose(proc.pid, tmp_path))
         for k in kids:
             assert not Path(f"/proc/{k}").exists() or \

@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -52,6 +53,7 @@ def _child(
             "TANDEM_STORE_HOSTED": "1",
         }
     )
+    _die_with_parent()
     import torch
 
     torch.set_num_threads(int(env.get("TANDEM_THREADS", "1")))
@@ -73,6 +75,29 @@ def _child(
 
     util._exit_function()
     os._exit(0)
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends this child SIGKILL if the launcher dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the launcher's own reaping still applies
+        pass
+
+
+def _raise_on_sigterm() -> Any:
+    """While workers run, SIGTERM to the launcher unwinds like Ctrl-C, so they are reaped."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -138,6 +163,7 @@ def spawn(
             if not value.startswith(("WorkerFailed", "PeerTimeout")):
                 mark_dead(store, rank, f"raised {value.splitlines()[0][:200]}")
 
+    previous_term = _raise_on_sigterm()
     try:
         for p in procs:
             p.start()
@@ -155,6 +181,8 @@ def spawn(
                 )
     finally:
         _reap(procs)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
         for r, _ in pipes:
             r.close()
     lost = {r for r, e in errors.items() if tolerate_death is not None and tolerate_death(r)
