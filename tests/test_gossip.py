@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import tandem
 from tandem.config import StragglerConfig
-from tandem.errors import TandemError
+from tandem.errors import TandemError, WorkerFailed
 from tandem.sim import SimConfig, floor_table, simulate, study
 from tandem.strategies.gossip import data_partitions
 from tandem.topology import make_topology
@@ -166,3 +166,17 @@ def test_gossip_goes_on_without_a_killed_peer(tmp_path):
     make_topology("ring", world).without({victim}).check()
     with pytest.raises(TandemError, match="splits"):
         make_topology("ring", world).without({1, 3})
+
+
+def test_nan_gradient_makes_the_peer_a_straggler_or_stops(tmp_path):
+    """A NaN gradient never reaches the neighbours: skip turns the peer into a straggler for
+    that step (counted), stop ends the run naming the rank and step."""
+    base = {"strategy": {"name": "gossip", "options": {"mode": "goco", "full_batch": True}},
+            "workload": {"name": "regression", "redundancy": 2}, "workers": 3, "steps": 12,
+            "lr": 0.1, "seed": 0, "progress": False, "inject_nan": ["1:4"]}
+    s = tandem.train(dict(base, nan_policy="skip", out=str(tmp_path / "skip")))
+    assert s["results"][1]["skipped_steps"] == 1 and s["results"][0]["skipped_steps"] == 0
+    assert s["results"][1]["straggled_steps"] >= 1
+    assert s["final_test_loss"] == s["final_test_loss"]  # finite: not NaN
+    with pytest.raises(WorkerFailed, match="rank 1: non-finite gradient at step 4"):
+        tandem.train(dict(base, out=str(tmp_path / "stop")))

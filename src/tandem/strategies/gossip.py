@@ -67,7 +67,13 @@ from tandem.coding import make_allocation, sgc_weight
 from tandem.errors import ConfigError, WorkerFailed
 from tandem.strategies.base import Strategy, StrategyOptions
 from tandem.strategies.registry import register
-from tandem.strategies.training import build_model, evaluate, evaluate_shard, is_eval_step
+from tandem.strategies.training import (
+    build_model,
+    evaluate,
+    evaluate_shard,
+    is_eval_step,
+    screen_gradients,
+)
 from tandem.topology import PeerView, make_topology
 from tandem.workloads.base import ShardLoader, partition
 
@@ -179,13 +185,21 @@ class GossipStrategy(Strategy):
                  allocation=list(alloc.held[rank]))
         trajectory: list[float] = []
         evals: list[dict[str, Any]] = []
-        n_straggled = 0
+        n_straggled = n_skipped = 0
+        nan_steps = {tuple(v) for v in cfg.inject_nan}
         try:
             for step in range(total):
                 t0 = time.perf_counter()
                 view.poll(step)
                 loss, g, compute_s, straggled, injected, idle_s = self._gradient(
                     step, x, grads, pool, o)
+                if not straggled:
+                    if (rank, step) in nan_steps:
+                        g = torch.full_like(g, float("nan"))  # injected (tests)
+                    # A NaN/Inf gradient never reaches the neighbours: with the skip policy the
+                    # peer counts as a straggler for this step (e_i = 0), as GOCO allows.
+                    (g,), bad = screen_gradients([g], cfg.nan_policy, rank, step)
+                    straggled, n_skipped = straggled or bad, n_skipped + bad
                 n_straggled += int(straggled)
                 lr = cfg.lr / (1.0 + o.lr_decay * step)
                 y = x.clone()
@@ -221,7 +235,7 @@ class GossipStrategy(Strategy):
                 pool.shutdown(wait=False, cancel_futures=True)
         with torch.no_grad():
             vector_to_parameters(x, mparams)
-        return {"steps": total, "straggled_steps": n_straggled,
+        return {"steps": total, "straggled_steps": n_straggled, "skipped_steps": n_skipped,
                 "straggle_rate": n_straggled / total,
                 "trajectory": trajectory, "evals": evals if rank == min(view.alive) else [],
                 "lost_peers": sorted(view.dead),
