@@ -139,7 +139,7 @@ def test_torchrun_max_restarts_resumes_from_checkpoint(tmp_path):
     r = subprocess.run([str(torchrun), "--nproc_per_node=2", "--max-restarts=1", "--rdzv-backend",
                         "c10d", "--rdzv-endpoint", "127.0.0.1:0", "-m", "tandem.cli", "worker",
                         "--config", str(path)], capture_output=True, text=True, timeout=240,
-                       cwd=tmp_path)
+                       cwd=tmp_path, env=dict(os.environ, TMPDIR=str(tmp_path)))  # its folders
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((cfg.run_dir() / "summary.json").read_text())
     assert summary["final_test_loss"] == pytest.approx(ref["final_test_loss"], abs=1e-6)
