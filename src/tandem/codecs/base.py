@@ -136,6 +136,11 @@ class Codec:
 
     # ---- message level ------------------------------------------------------------------------
     def encode(self, grads: list[torch.Tensor]) -> Message:
+        """The code of this worker's gradient.
+
+        The message's tensors must be fresh (not views of ``grads`` or of the codec's memory):
+        a ``sum`` exchange all-reduces them in place, without a defensive copy.
+        """
         raise NotImplementedError
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
@@ -195,7 +200,7 @@ class Codec:
         if size == 1:
             return self.decode(msg)
         if self.transfer == "sum":
-            buf = [t.clone() for t in msg.tensors]
+            buf = msg.tensors  # encode's tensors are ours (see Codec.encode): reduce in place
             pendings = [transport.all_reduce(t, group=group) for t in buf]
             for p in pendings:
                 p.wait()

@@ -40,24 +40,22 @@ def _act(kind: str) -> nn.Module:
     return nn.LeakyReLU(0.1) if kind == "leaky_relu" else nn.Identity()
 
 
-def _encoder(ch: int, act: str) -> nn.Sequential:
+def _stack(conv: type[nn.Module], sizes: list[int], act: str) -> nn.Sequential:
+    """Four stride-2 (transposed) convolutions through ``sizes`` channels, ``act`` between."""
     layers: list[nn.Module] = []
-    sizes = [1, ch, ch, ch, 4]
     for i in range(4):
-        layers.append(nn.Conv1d(sizes[i], sizes[i + 1], 4, stride=2, padding=1))
+        layers.append(conv(sizes[i], sizes[i + 1], 4, stride=2, padding=1))
         if i < 3:
             layers.append(_act(act))
     return nn.Sequential(*layers)
+
+
+def _encoder(ch: int, act: str) -> nn.Sequential:
+    return _stack(nn.Conv1d, [1, ch, ch, ch, 4], act)
 
 
 def _decoder(ch: int, act: str) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    sizes = [4, ch, ch, ch, 1]
-    for i in range(4):
-        layers.append(nn.ConvTranspose1d(sizes[i], sizes[i + 1], 4, stride=2, padding=1))
-        if i < 3:
-            layers.append(_act(act))
-    return nn.Sequential(*layers)
+    return _stack(nn.ConvTranspose1d, [4, ch, ch, ch, 1], act)
 
 
 class Autoencoder(nn.Module):

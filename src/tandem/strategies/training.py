@@ -90,10 +90,10 @@ class LocalTrainer:
         self.model.zero_grad(set_to_none=True)
         loss = self.ctx.workload.loss_fn(self.model(x), y)
         loss.backward()
-        grads = [
-            p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-            for p in self.params
-        ]
+        # No copy: the next compute() drops p.grad (set_to_none) instead of zeroing it in place,
+        # and apply() installs a new tensor, so these gradients stay ours.
+        grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+                 for p in self.params]
         if (self.worker, step) in self._crash_steps and not self.ctx.cfg.resume:
             os.kill(os.getpid(), signal.SIGKILL)  # injected crash (tests, kill benchmark)
         if (self.worker, step) in self._nan_steps:
