@@ -67,7 +67,8 @@ def test_missing_and_malformed_config_files(tmp_path):
 
 def test_checkpoints_with_a_strategy_that_cannot_write_them_is_refused():
     with pytest.raises(ConfigError, match="does not write checkpoints"):
-        load_config(**{"strategy.name": "gossip", "checkpoint_every": 10})
+        load_config(**{"strategy.name": "coded_ps", "checkpoint_every": 10})
     with pytest.raises(ConfigError, match="allreduce"):
-        load_config(**{"strategy.name": "param_server", "resume": True})
-    assert load_config(**{"strategy.name": "allreduce", "checkpoint_every": 10}).checkpoint_every
+        load_config(**{"strategy.name": "coded_ps", "resume": True})
+    for name in ("allreduce", "local", "pipeline", "gossip", "param_server", "bsp_shared"):
+        assert load_config(**{"strategy.name": name, "checkpoint_every": 10}).checkpoint_every

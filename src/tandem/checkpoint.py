@@ -22,12 +22,15 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from tandem.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # Fields that do not change a run's trajectory: a resume may change them.
 _FREE_FIELDS = {
@@ -163,3 +166,90 @@ class Checkpointer:
         if state.get("step") != meta["step"] or state.get("config") != self.fingerprint:
             raise CheckpointError(f"checkpoint file {path} does not match {latest}")
         return state
+
+
+def check_resume(cfg: Any) -> None:
+    """Launcher-side check of ``--resume`` (call it from ``Strategy.processes``): the run
+    directory holds a checkpoint written by this configuration. Raises CheckpointError naming the
+    fields that changed, before any process starts (the workers check again when they load)."""
+    if not cfg.resume:
+        return
+    run_dir = Path(cfg.run_dir())
+    latest = run_dir / "checkpoints" / "LATEST"
+    if not latest.is_file():
+        raise CheckpointError(f"cannot resume {run_dir}: it holds no checkpoint "
+                              "(run it with --checkpoint-every N)")
+    try:
+        saved = json.loads(latest.read_text())["config"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{latest} is corrupt ({err})") from None
+    data = cfg.model_dump(mode="json")
+    if saved == config_fingerprint(data):
+        return
+    changed = _changed_fields(run_dir / "config.yaml", saved, data)
+    raise CheckpointError(
+        f"cannot resume {run_dir}: its checkpoint was written by a different configuration"
+        + (f" (changed: {changed})" if changed else "")
+        + "; resume with the run's own config.yaml, changing only steps, timeouts or output "
+        "options")
+
+
+def _changed_fields(path: Path, fingerprint: str, now: dict[str, Any]) -> str:
+    """``a.b: old -> new`` for the trajectory-shaping fields that differ from the run's own
+    config.yaml, when that file is the one the checkpoint was written with (else empty)."""
+    from tandem.config import load_config
+
+    try:
+        then = load_config(path=path).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - only used to word the error
+        return ""
+    if config_fingerprint(then) != fingerprint:
+        return ""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict):
+            return {prefix: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if prefix or k not in _FREE_FIELDS:
+                out.update(flat(v, f"{prefix}{k}."))
+        return out
+
+    a = {k.rstrip("."): v for k, v in flat(then).items()}
+    b = {k.rstrip("."): v for k, v in flat(now).items()}
+    return ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}"
+                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
+class StrategyCheckpoints:
+    """The save/resume pattern every checkpointing strategy shares.
+
+    Build it in ``setup`` *after* the models (building a model reseeds torch's RNG), then:
+    ``state = ckpt.resume()`` gives the saved dict (global RNG states already restored) or None
+    on a fresh run; after each step ``if ckpt.due(step, total): ckpt.save(step + 1, state)``
+    inside ``rec.evaluating()``. ``state`` is the strategy's own (tensors, numbers, strings,
+    lists and dicts of them: ``weights_only`` loading refuses anything else); the RNG states are
+    added here. ``barrier`` defaults to the world barrier: every rank must save at the same step.
+    """
+
+    def __init__(self, ctx: Any, *, barrier: Callable[[], Any] | None = None) -> None:
+        cfg = ctx.cfg
+        self.resuming = bool(cfg.resume)
+        self.ckpt = Checkpointer(ctx.run_dir, ctx.rank,
+                                 config_fingerprint(cfg.model_dump(mode="json")),
+                                 every=cfg.checkpoint_every)
+        self._barrier = barrier or (lambda: ctx.transport.barrier().wait())
+
+    def resume(self) -> dict[str, Any] | None:
+        """The saved state of this rank when resuming (CheckpointError if unusable), else None."""
+        if not self.resuming:
+            return None
+        state = self.ckpt.load()
+        set_rng_state(state["rng"])
+        return state
+
+    def due(self, step: int, total: int) -> bool:
+        return self.ckpt.due(step, total)
+
+    def save(self, next_step: int, state: dict[str, Any]) -> None:
+        self.ckpt.save(next_step, {**state, "rng": rng_state()}, self._barrier)

@@ -8,7 +8,8 @@ import pkgutil
 
 from tandem.strategies.registry import STRATEGIES, register
 
-_SUPPORT = {"base", "registry", "training", "bsp_roles", "ps_server", "ps_worker", "sharding"}
+_SUPPORT = {"base", "registry", "training", "bsp_roles", "bsp_worker", "ps_server", "ps_worker",
+            "sharding", "gossip_data", "pipeline_lanes", "overlap"}
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name not in _SUPPORT and not _mod.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_mod.name}")

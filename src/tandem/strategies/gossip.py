@@ -47,6 +47,15 @@ peer is lost the world all-reduce of the evaluation and ``wait``'s barrier are i
 rank cannot join): each survivor then evaluates its own model alone (eval records with
 ``local: true``; ``opt_error`` is its own distance, no ``consensus_error``) and ``wait`` mode paces
 the survivors through the neighbour exchanges only.
+
+Checkpoints (``--checkpoint-every N``): every peer saves its parameters x_i, its partitions' data
+positions, its counters and records, the world size, mixing matrix, allocation and GOCO weight;
+``--resume`` continues bit-exactly (without ``deadline_s``: real deadlines are timing-dependent, so
+such a run resumes from its saved state but is not reproducible anyway). Checkpoints are written
+only while every peer is alive: after a loss, ``LATEST`` keeps naming the last full-world set and a
+resume restarts *every* peer from it, on the original topology (consistent, since no peer had been
+lost then). Resuming with another topology, worker count, redundancy or mode is refused with
+:class:`~tandem.errors.CheckpointError`.
 """
 
 from __future__ import annotations
@@ -63,9 +72,11 @@ import torch
 from pydantic import Field
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from tandem.checkpoint import StrategyCheckpoints, check_resume
 from tandem.coding import make_allocation, sgc_weight
-from tandem.errors import ConfigError, WorkerFailed
+from tandem.errors import CheckpointError, ConfigError, WorkerFailed
 from tandem.strategies.base import Strategy, StrategyOptions
+from tandem.strategies.gossip_data import PartitionGradients, data_partitions, loader_seed
 from tandem.strategies.registry import register
 from tandem.strategies.training import (
     build_model,
@@ -75,7 +86,9 @@ from tandem.strategies.training import (
     screen_gradients,
 )
 from tandem.topology import PeerView, make_topology
-from tandem.workloads.base import ShardLoader, partition
+
+__all__ = ["GossipOptions", "GossipStrategy", "PartitionGradients", "check_peer_state",
+           "data_partitions", "loader_seed"]
 
 
 class GossipOptions(StrategyOptions):
@@ -92,69 +105,17 @@ class GossipOptions(StrategyOptions):
     lr_decay: float = Field(default=0.0, ge=0)
 
 
-def data_partitions(workload: Any, parts: int, scheme: str, labels_per_worker: int,
-                    seed: int) -> list[torch.Tensor]:
-    """The M data partitions (sample indices) gradient coding replicates; ``redundant`` = iid."""
-    scheme = "iid" if scheme == "redundant" else scheme
-    return partition(workload.train.y, parts, scheme, labels_per_worker=labels_per_worker,
-                     seed=seed)
-
-
-def loader_seed(seed: int, peer: int, part: int) -> int:
-    """Minibatch order of partition ``part`` on ``peer`` (each copy draws its own batches)."""
-    return (seed * 1_000_003 + peer) * 1009 + part
-
-
-class PartitionGradients:
-    """Gradients of the partitions one worker holds, computed on a private model copy.
-
-    The private copy lets a helper thread compute at a snapshot of the parameters while the main
-    thread gossips, and lets a late computation be abandoned safely.
-    """
-
-    def __init__(self, ctx: Any, peer: int, held: list[int], full_batch: bool,
-                 floor_s: float = 0.0) -> None:
-        cfg, work = ctx.cfg, ctx.workload
-        self.model = build_model(work, cfg.seed, ctx.transport.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.loss_fn, self.device, self.floor_s = work.loss_fn, ctx.transport.device, floor_s
-        parts = data_partitions(work, cfg.workers, cfg.workload.partition,
-                                cfg.workload.labels_per_worker, cfg.seed)
-        self.held = held
-        self.full: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.loaders: list[ShardLoader] = []
-        for k in held:
-            if full_batch:
-                self.full.append((work.train.x[parts[k]], work.train.y[parts[k]]))
-            else:
-                self.loaders.append(ShardLoader(work.train, parts[k], cfg.batch_size,
-                                                seed=loader_seed(cfg.seed, peer, k)))
-
-    def compute(self, flat: torch.Tensor) -> tuple[float, list[torch.Tensor], float]:
-        """(mean loss, one flat gradient per held partition, seconds incl. the compute floor)."""
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            vector_to_parameters(flat, self.params)
-        self.model.train()
-        losses, grads = [], []
-        for j in range(len(self.held)):
-            x, y = self.full[j] if self.full else self.loaders[j].next_batch()
-            loss = self.loss_fn(self.model(x.to(self.device)), y.to(self.device))
-            g = torch.autograd.grad(loss, self.params)
-            grads.append(torch.cat([t.reshape(-1) for t in g]).detach())
-            losses.append(float(loss.detach()))
-        spent = time.perf_counter() - t0
-        if spent < self.floor_s:
-            time.sleep(self.floor_s - spent)
-            spent = self.floor_s
-        return sum(losses) / len(losses), grads, spent
-
-
 @register
 class GossipStrategy(Strategy):
     name = "gossip"
     Options = GossipOptions
     tolerates_lost_workers = True
+    supports_checkpoints = True
+
+    @classmethod
+    def processes(cls, cfg: Any) -> int:
+        check_resume(cfg)  # another topology or worker count is refused here, before any start
+        return cfg.workers
 
     def run(self) -> dict[str, Any]:
         ctx, o, cfg = self.ctx, self.opts, self.ctx.cfg
@@ -185,10 +146,22 @@ class GossipStrategy(Strategy):
                  allocation=list(alloc.held[rank]))
         trajectory: list[float] = []
         evals: list[dict[str, Any]] = []
-        n_straggled = n_skipped = 0
+        n_straggled = n_skipped = start = 0
         nan_steps = {tuple(v) for v in cfg.inject_nan}
+        self.ckpt, self._ckpt_stopped = StrategyCheckpoints(ctx), False
+        peer = {"world": world, "W": torch.as_tensor(topo.W, dtype=torch.float64),
+                "held": [int(k) for k in alloc.held[rank]], "weight": float(weight)}
+        state = self.ckpt.resume()
+        if state is not None:
+            check_peer_state(state["peer"], peer)
+            x = state["x"].to(x)
+            for loader, ls in zip(grads.loaders, state["loaders"], strict=True):
+                loader.load_state_dict(ls)
+            start, n_straggled, n_skipped = (int(state[k]) for k in ("step", "straggled",
+                                                                        "skipped"))
+            trajectory, evals = list(state["trajectory"]), list(state["evals"])
         try:
-            for step in range(total):
+            for step in range(start, total):
                 t0 = time.perf_counter()
                 view.poll(step)
                 loss, g, compute_s, straggled, injected, idle_s = self._gradient(
@@ -230,6 +203,12 @@ class GossipStrategy(Strategy):
                                              mparams, opt)
                         evals.append(ev or self._evaluate_local(step, x, model, mparams, opt,
                                                                 len(view.alive)))
+                if self.ckpt.due(step, total):
+                    with rec.evaluating():
+                        self._checkpoint(view, step, {
+                            "x": x, "loaders": [ld.state_dict() for ld in grads.loaders],
+                            "straggled": n_straggled, "skipped": n_skipped, "evals": evals,
+                            "trajectory": trajectory, "peer": {**peer, "lost": sorted(view.dead)}})
         finally:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
@@ -242,6 +221,18 @@ class GossipStrategy(Strategy):
                 "params": [q.detach().clone() for q in mparams]}
 
     # ---- one step's pieces ---------------------------------------------------------------------
+    def _checkpoint(self, view: PeerView, step: int, state: dict[str, Any]) -> None:
+        """Save after ``step`` while every peer is alive. Once a peer is lost no checkpoint is
+        written (a set needs every rank, and the lost one cannot save): LATEST keeps naming the
+        last full-world state, and a resume restarts every peer from it."""
+        if view.dead:
+            if not self._ckpt_stopped:
+                self._ckpt_stopped = True
+                self.ctx.recorder.info(checkpoints_stopped_at_step=step,
+                                       lost_peers=sorted(view.dead))
+            return
+        self._world(view, step, self.ckpt.save, step + 1, state)
+
     def _gradient(self, step: int, x: torch.Tensor, grads: PartitionGradients,
                   pool: ThreadPoolExecutor | None, o: GossipOptions
                   ) -> tuple[float | None, torch.Tensor, float, bool, bool, float]:
@@ -357,3 +348,22 @@ class GossipStrategy(Strategy):
         return {"step": step, "wall": self.ctx.recorder.wall(), "test_loss": tloss,
                 "accuracy": acc, **out}
 
+
+def check_peer_state(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """Refuse a gossip checkpoint that does not fit this peer: written after peers were lost,
+    or for another world size, mixing matrix, coding allocation or GOCO weight. (The config
+    fingerprint already refuses changed options; this also catches a change in how the topology
+    or the allocation is built, e.g. after an upgrade.)"""
+    if saved.get("lost"):
+        raise CheckpointError(f"gossip checkpoint was written after peers {saved['lost']} were "
+                              "lost; it cannot restore the re-weighted topology")
+    if saved["world"] != now["world"]:
+        raise CheckpointError(f"gossip checkpoint has {saved['world']} peers, this run "
+                              f"{now['world']}: resume with the same number of workers")
+    if saved["W"].shape != now["W"].shape or not torch.equal(saved["W"], now["W"]):
+        raise CheckpointError("gossip checkpoint was written with another topology (mixing "
+                              "matrix); resume with the run's own topology options")
+    if saved["held"] != now["held"] or saved["weight"] != now["weight"]:
+        raise CheckpointError(f"gossip checkpoint holds partitions {saved['held']} (weight "
+                              f"{saved['weight']}), this run {now['held']} ({now['weight']}): "
+                              "resume with the run's own redundancy, allocation and mode")
