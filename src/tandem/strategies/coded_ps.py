@@ -18,10 +18,24 @@ Options: ``s`` (stragglers tolerated; default ``redundancy - 1``, and ``redundan
 for meaningful timing with many processes per core), ``code_seed``.
 Tune: s = the number of stragglers you expect per step; each extra unit costs one more partition
 gradient per worker per step.
+
+Reliability. Non-finite gradients are screened on the worker before they are sent
+(:func:`~tandem.strategies.training.screen_gradients`): ``--nan-policy stop`` ends the run naming
+the rank and step; ``skip`` sends a "skipped" answer instead of the coded gradient and counts it
+(``skipped_steps``). The server treats a skipped answer like a straggler: it decodes from the
+others when n - s usable answers remain, else it leaves the parameters unchanged for that step
+(``dropped_steps``). A worker that dies (its receive fails, or the launcher marks it dead) is a
+*permanent straggler* (``tolerates_lost_workers``): the server drops it, records ``lost_worker``
+and goes on while at most s workers are lost, since any n - s answers decode exactly; beyond that
+it raises :class:`~tandem.errors.WorkerFailed` naming the lost ranks. The server's death ends the
+run. Checkpoints are not written (``--checkpoint-every`` is refused): late workers' computations
+are always in flight, and the server holds no state beyond the parameters.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from typing import Any, Literal
 
@@ -30,13 +44,27 @@ from pydantic import Field
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from tandem.coding import gradient_code
-from tandem.errors import ConfigError, PeerTimeout
+from tandem.errors import ConfigError, PeerTimeout, TandemError, WorkerFailed
 from tandem.strategies.base import Strategy, StrategyOptions
 from tandem.strategies.gossip import PartitionGradients
+from tandem.strategies.param_server import wait_on
 from tandem.strategies.registry import register
-from tandem.strategies.training import build_model, evaluate_shard, is_eval_step
+from tandem.strategies.training import (
+    build_model,
+    evaluate_shard,
+    is_eval_step,
+    screen_gradients,
+)
+from tandem.telemetry.log import get_logger
 
+log = get_logger(__name__)
 STOP = -1.0
+DEAD_POLL_S = 0.25
+
+
+def skipped_tag(step: int) -> float:
+    """The tag of a worker's "gradient skipped" answer for ``step`` (normal answers: ``step``)."""
+    return float(-2 - step)
 
 
 class CodedPSOptions(StrategyOptions):
@@ -51,6 +79,8 @@ class CodedPSOptions(StrategyOptions):
 class CodedPSStrategy(Strategy):
     name = "coded_ps"
     Options = CodedPSOptions
+    #: a dead worker is a permanent straggler while at most s are lost (see module doc)
+    tolerates_lost_workers = True
 
     @classmethod
     def processes(cls, cfg: Any) -> int:
@@ -80,25 +110,34 @@ class CodedPSStrategy(Strategy):
         grads = PartitionGradients(ctx, i, held, o.full_batch, o.compute_floor_s)
         n_params = sum(p.numel() for p in grads.params)
         buf = torch.empty(n_params + 1)
-        done = 0
+        done = skipped = 0
+        nan_at = {tuple(x) for x in ctx.cfg.inject_nan}
+        crash_at = {tuple(x) for x in ctx.cfg.inject_crash}
         while True:
             t0 = time.perf_counter()
-            tr.recv(buf, server).wait()
+            wait_on(tr.recv(buf, server), tr, server, None)  # while the server lives
             idle_s = time.perf_counter() - t0
             step = int(buf[0])
             if buf[0] == STOP:
                 break
             loss, gs, spent = grads.compute(buf[1:].clone())
+            if (i, step) in crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # injected crash (tests)
+            if (i, step) in nan_at:
+                gs[0].fill_(float("nan"))
             compute_s, straggled = ctx.faults.apply(done, spent)
-            coded = self.code.encode(i, gs)
+            gs, was_skipped = screen_gradients(gs, ctx.cfg.nan_policy, i, step)
+            skipped += was_skipped
+            tag = skipped_tag(step) if was_skipped else float(step)
+            coded = torch.zeros(n_params) if was_skipped else self.code.encode(i, gs)
             t1 = time.perf_counter()
-            tr.send(torch.cat([torch.tensor([float(step)]), coded]), server).wait()
+            wait_on(tr.send(torch.cat([torch.tensor([tag]), coded]), server), tr, server, None)
             b = tr.end_step()
             rec.step(done, compute_s=compute_s, comm_s=time.perf_counter() - t1, idle_s=idle_s,
                      bytes_sent=b.sent, bytes_recv=b.recv, loss=loss, straggled=straggled,
-                     server_step=step)
+                     server_step=step, **({"skipped": True} if was_skipped else {}))
             done += 1
-        return {"steps": done}
+        return {"steps": done, "skipped_steps": skipped}
 
     # ---- server --------------------------------------------------------------------------------
     def _server(self) -> dict[str, Any]:
@@ -112,29 +151,41 @@ class CodedPSStrategy(Strategy):
         total = self.total_steps(cfg, len(ctx.workload.train))
         every = self.eval_every(total)
         inbox: dict[int, tuple[torch.Tensor, Any]] = {}
+        self.lost: dict[int, str] = {}
+        self.live = set(range(n))
 
-        def dispatch(j: int, step: float) -> None:
-            tr.send(torch.cat([torch.tensor([step]), x]), j)
-            if step != STOP:
-                b = torch.empty(x.numel() + 1)
-                inbox[j] = (b, tr.recv(b, j))
+        def dispatch(j: int, step: float) -> Any:
+            try:
+                sent = tr.send(torch.cat([torch.tensor([step]), x]), j)
+                if step != STOP:
+                    b = torch.empty(x.numel() + 1)
+                    inbox[j] = (b, tr.recv(b, j))
+                return sent
+            except TandemError as err:
+                self._lose(j, f"send failed: {err}", inbox)
+                return None
 
         for j in range(n):
             dispatch(j, 0.0)
         used = [0] * n
+        dropped = 0
         trajectory: list[float] = []
         for step in range(total):
             t0 = time.perf_counter()
-            got = self._collect(step, inbox, dispatch, t0)
+            got, declined = self._collect(step, inbox, dispatch, t0)
             wait_s = time.perf_counter() - t0
-            full = self.code.decode(got)
-            x -= cfg.lr * full / n
-            for j in got:
-                used[j] += 1
-                if step + 1 < total:
+            extra: dict[str, Any] = {"survivors": sorted(got)}
+            if len(got) >= n - self.code.s:
+                full = self.code.decode(got)
+                x -= cfg.lr * full / n
+            else:  # skipped answers left too few to decode: no update this step
+                dropped += 1
+                extra["dropped"] = True
+            for j in sorted(got) + sorted(declined):
+                used[j] += j in got
+                if step + 1 < total and j in self.live:
                     dispatch(j, float(step + 1))
             b = tr.end_step()
-            extra: dict[str, Any] = {"survivors": sorted(got)}
             if opt is not None:
                 extra["opt_error"] = float(((x.double() - opt) ** 2).sum())
                 trajectory.append(extra["opt_error"])
@@ -149,39 +200,88 @@ class CodedPSStrategy(Strategy):
                     acc = correct / count if ctx.workload.task == "classification" else None
                     rec.eval(step, accuracy=acc, loss=loss_sum / max(count, 1.0),
                              **({"opt_error": trajectory[-1]} if trajectory else {}))
-        for j in range(n):  # let every worker finish its last job, then stop it
+        stops = []
+        for j in range(n):  # let every live worker finish its last job, then stop it
             if j in inbox:
-                inbox.pop(j)[1].wait()
-            dispatch(j, STOP)
+                try:
+                    inbox.pop(j)[1].wait()
+                except TandemError as err:
+                    self._lose(j, str(err), inbox, final=True)
+            if j in self.live:
+                stops.append((j, dispatch(j, STOP)))
+        for j, pend in stops:  # no closing barrier (lost workers): make sure STOP arrived
+            try:
+                if pend is not None:
+                    pend.wait()
+            except TandemError as err:
+                self._lose(j, f"stop not delivered: {err}", inbox, final=True)
         with torch.no_grad():
             vector_to_parameters(x, params)
         return {"steps": total, "used_per_worker": used, "trajectory": trajectory,
+                "dropped_steps": dropped, "skipped_steps": 0,
+                "lost_workers": {str(j): why for j, why in self.lost.items()},
                 "params": [p.detach().clone() for p in params]}
 
+    def _lose(self, j: int, why: str, inbox: dict[int, Any], final: bool = False) -> None:
+        """Worker ``j`` is gone: a permanent straggler while the code can decode without it."""
+        if j in self.lost:
+            return
+        inbox.pop(j, None)
+        self.live.discard(j)
+        self.lost[j] = why
+        n, s = self.ctx.cfg.workers, self.code.s
+        log.warning("coded_ps server: lost worker rank %d (%s); %d of %d workers left", j, why,
+                    len(self.live), n)
+        self.ctx.recorder.info(lost_worker=j, lost_reason=why[:300])
+        if len(self.live) < n - s and not final:
+            lost = sorted(self.lost)
+            raise WorkerFailed(
+                f"coded_ps server: worker rank(s) {lost} lost ({why}); the code (s={s}) decodes "
+                f"from any {n - s} of the {n} workers and only {len(self.live)} are left. Use "
+                "a larger s (and workload redundancy s+1) to survive more lost workers.",
+                ranks=lost)
+
     def _collect(self, step: int, inbox: dict[int, tuple[torch.Tensor, Any]], dispatch: Any,
-                 t0: float) -> dict[int, torch.Tensor]:
-        """The first n - s coded gradients computed at this step's parameters."""
+                 t0: float) -> tuple[dict[int, torch.Tensor], set[int]]:
+        """The first n - s coded gradients computed at this step's parameters, and the workers
+        that answered this step with a skipped (non-finite) gradient. Returns early with fewer
+        than n - s when every live worker has answered and too many skipped."""
         n, s = self.ctx.cfg.workers, self.code.s
         got: dict[int, torch.Tensor] = {}
+        declined: set[int] = set()
         deadline = t0 + self.ctx.cfg.timeout_s
-        while len(got) < n - s:
+        next_poll = time.perf_counter() + DEAD_POLL_S
+        while len(got) < n - s and len(got) + len(declined) < len(self.live):
             progressed = False
             for j, (buf, pend) in list(inbox.items()):
                 if not pend.done():
                     continue
-                pend.wait(0)
                 del inbox[j]
                 progressed = True
-                if int(buf[0]) == step:
+                try:
+                    pend.wait(0)
+                except TandemError as err:
+                    self._lose(j, str(err), inbox)
+                    continue
+                tag = int(buf[0])
+                if tag == step:
                     got[j] = buf[1:].clone()
+                elif tag == int(skipped_tag(step)):
+                    declined.add(j)
                 else:  # a late answer to an old step: hand this worker the newest parameters
                     dispatch(j, float(step))
             if not progressed:
-                if time.perf_counter() > deadline:
-                    missing = sorted(set(range(n)) - set(got))
+                now = time.perf_counter()
+                if now > next_poll:  # the launcher marks dead ranks in the store
+                    next_poll = now + DEAD_POLL_S
+                    waiting = sorted(self.live - got.keys() - declined)
+                    for j in self.ctx.transport.liveness.dead_ranks(waiting):
+                        self._lose(j, self.ctx.transport.liveness.describe([j]), inbox)
+                if now > deadline:
+                    missing = sorted(self.live - got.keys() - declined)
                     raise PeerTimeout(f"coded_ps server: step {step} has {len(got)} of the "
                                       f"{n - s} coded gradients it needs after "
                                       f"{self.ctx.cfg.timeout_s:.0f}s; workers {missing} are "
                                       "silent", ranks=missing)
                 time.sleep(0.0005)
-        return got
+        return got, declined

@@ -34,16 +34,32 @@ move the model the same distance per gradient and differ only in waiting and sta
 
 Never-blocking receive: the pull's receive is posted right after the push; the transport's waiter
 thread completes it, and the worker polls :meth:`Pending.done` (an event) between steps.
+
+Checkpoints (``--checkpoint-every N``, N counted in *worker steps*): after step N, 2N, ... every
+process saves its state at one consistent point, a checkpoint barrier. The workers agree (through
+the rendezvous store) on the highest push count T among them; a worker behind pushes what it has
+(in candidate mode at most one extra round, possibly an empty push), and every worker waits for
+its pull, so no message is in flight and the servers have applied exactly T rounds (sync,
+candidate) or every push made so far (async, ssp). Each worker then sends the servers a
+checkpoint mark; a server saves once every live worker's mark has arrived. Workers save model,
+local/candidate state (unpushed sum U, base model, version), codec memory, data position and RNG;
+servers save their shard, optimizer, version, clocks and codec state. The barrier runs on the
+store and skips dead ranks' marks, so a lost worker abandons that checkpoint (``LATEST`` keeps
+naming the last complete set) instead of failing the run. ``--resume`` restarts every process
+from ``LATEST``: in ``sync`` mode the result equals an uninterrupted run to the last bit; in the
+other modes the restored state is exact and the rest of the run is as timing-dependent as any.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
 from pydantic import Field
 
+from tandem.checkpoint import check_resume
 from tandem.errors import ConfigError, PeerTimeout, WorkerFailed
 from tandem.strategies.base import Strategy, StrategyOptions
 from tandem.strategies.registry import register
@@ -57,7 +73,57 @@ PUSH_HEADER = 5
 PULL_HEADER = 4
 FLAG_FINAL = 1
 FLAG_META = 2
+FLAG_CKPT = 4   # a worker's checkpoint mark: no gradient, "I have stopped for the checkpoint"
 POLL_S = 1.0
+
+
+class CheckpointAbandoned(Exception):
+    """A rank of the checkpoint died before reaching it: the set stays incomplete."""
+
+
+def store_gather(transport: Any, tag: str, value: int, ranks: Iterable[int],
+                 timeout_s: float, complete: bool = True) -> dict[int, int]:
+    """Publish ``value`` under ``tag`` and collect the values ``ranks`` publish: a barrier on the
+    rendezvous store that tolerates dead ranks (a collective would fail on them).
+
+    Returns the values of every rank that arrived. A rank marked dead before arriving is left out;
+    with ``complete`` :class:`CheckpointAbandoned` is then raised once everyone else has arrived,
+    so that every survivor abandons the same checkpoint. A live rank silent past ``timeout_s``
+    raises :class:`PeerTimeout` naming it.
+    """
+    store, live = transport.store, transport.liveness
+    # One TCPStore client serves this process, and the heartbeat thread uses it too: every use
+    # goes under the liveness lock (concurrent requests on one client can interleave and hang).
+    lock = live._lock
+
+    def arrived(r: int) -> int | None:
+        with lock:
+            key = f"ckpt/{tag}/{r}"
+            return int(store.get(key).decode()) if store.check([key]) else None
+
+    with lock:
+        store.set(f"ckpt/{tag}/{transport.rank}", str(value))
+    ranks = list(ranks)
+    got: dict[int, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for r in ranks:
+            if r not in got and (v := arrived(r)) is not None:
+                got[r] = v
+        missing = [r for r in ranks if r not in got]
+        if not missing:
+            return got
+        dead = live.dead_ranks(missing)
+        if dead:  # arrival keys are set before death, so re-read before trusting the mark
+            dead = [r for r in dead if arrived(r) is None]
+        if dead and len(dead) == len(missing):
+            if not complete:
+                return got
+            raise CheckpointAbandoned(f"checkpoint {tag}: rank(s) {dead} died before it")
+        if time.monotonic() > deadline:
+            raise PeerTimeout(f"checkpoint {tag}: rank(s) {missing} did not reach it within "
+                              f"{timeout_s:.0f}s", ranks=missing)
+        time.sleep(0.01)
 
 
 class ParamServerOptions(StrategyOptions):
@@ -108,10 +174,12 @@ def wait_on(pending: Pending, transport: Any, peer: int, limit_s: float | None,
 class ParamServerStrategy(Strategy):
     name = "param_server"
     tolerates_lost_workers = True
+    supports_checkpoints = True
     Options = ParamServerOptions
 
     @classmethod
     def processes(cls, cfg: Any) -> int:
+        check_resume(cfg)  # a mismatched --resume fails here, before any process starts
         return cfg.workers + cfg.strategy_options().servers
 
     def setup(self) -> None:

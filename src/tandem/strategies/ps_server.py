@@ -19,6 +19,10 @@ sends nothing for ``timeout_s`` while the server needs its push is *lost*: the s
 rank and the reason, records ``lost_worker`` in the event log and goes on with the others while
 at least ``min_workers`` live; below that it raises :class:`WorkerFailed` naming the rank.
 
+Checkpoints: a worker's checkpoint mark (``FLAG_CKPT``) arrives after all its pushes; once every
+live worker's mark is in, every push before the checkpoint has been applied and answered, so the
+server saves (:meth:`PSServer._checkpoint`) and joins the store barrier of the set.
+
 Telemetry: one step record per applied update (``role = server``) with its bytes, ``staleness``
 (global updates applied between the version a push's oldest gradient was computed on and its
 application), ``local_steps`` (per push) and, for ssp, ``clock_gap`` at each answer.
@@ -34,13 +38,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tandem.checkpoint import StrategyCheckpoints
 from tandem.codecs.base import Message
 from tandem.errors import PeerTimeout, TandemError, WorkerFailed
 from tandem.strategies.param_server import (
+    FLAG_CKPT,
     FLAG_FINAL,
     FLAG_META,
     PULL_HEADER,
+    CheckpointAbandoned,
     pull_dtype,
+    store_gather,
     wait_on,
 )
 from tandem.strategies.sharding import plan_shards, split
@@ -92,6 +100,51 @@ class PSServer:
         self.local_steps: list[int] = []
         self.max_gap = 0
         self.deferred_count = 0
+        self.updates_recorded = 0
+        self.marked: dict[int, int] = {}  # worker -> the step its checkpoint mark names
+        self._tag = ""
+        ranks = range(cfg.workers + opts.servers)
+        self.ckpt = StrategyCheckpoints(ctx, barrier=lambda: store_gather(
+            ctx.transport, f"{self._tag}/saved", 1, ranks, cfg.timeout_s))
+        self.saves = 0
+        state = self.ckpt.resume()
+        if state is not None:
+            self._load(state)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    _SAVED = ("version", "clock", "staleness", "local_steps", "max_gap", "deferred_count",
+              "updates_recorded")
+
+    def _load(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, state["params"], strict=True):
+                p.copy_(v)
+        self.opt.load_state_dict(state["optimizer"])
+        for w, cs in enumerate(state["codecs"]):
+            self.codecs[w].load_state_dict(cs)
+        server = state["server"]
+        for key in self._SAVED:
+            setattr(self, key, server[key])
+        self.clock = {int(w): int(c) for w, c in enumerate(server["clock"])}
+
+    def _checkpoint(self) -> None:
+        """Save once every live worker has stopped at the checkpoint (its mark arrived)."""
+        if not self.active or not self.active <= self.marked.keys():
+            return
+        next_step = max(self.marked[w] for w in self.active)  # the same for all: the workers'
+        self._tag = str(next_step)
+        state = {"params": [p.detach().clone() for p in self.params],
+                 "optimizer": self.opt.state_dict(),
+                 "codecs": [self.codecs[w].state_dict() for w in range(self.workers)],
+                 "server": {**{k: getattr(self, k) for k in self._SAVED},
+                            "clock": [self.clock[w] for w in range(self.workers)]}}
+        self.marked.clear()
+        with self.ctx.recorder.evaluating():
+            try:
+                self.ckpt.save(next_step, state)
+                self.saves += 1
+            except CheckpointAbandoned as err:
+                self.ctx.recorder.info(checkpoint_abandoned=next_step, reason=str(err)[:300])
 
     # ---- receiving ----------------------------------------------------------------------------
     def _recv_message(self, w: int) -> list[torch.Tensor]:
@@ -107,6 +160,9 @@ class PSServer:
         try:
             while not self.stop.is_set():
                 msg = self._recv_message(w)
+                if int(msg[0][3]) & FLAG_CKPT:
+                    self.queue.put(("ckpt", w, int(msg[0][2])))
+                    continue
                 self.queue.put(("push", w, msg))
                 if int(msg[0][3]) & FLAG_FINAL:
                     return
@@ -148,6 +204,8 @@ class PSServer:
                 f"({why}); {left} of {self.workers} workers left, fewer than min_workers="
                 f"{self.min_workers}. Set --strategy-opt min_workers=N to go on with fewer.",
                 ranks=[w])
+        if self.marked:  # the others may all be waiting at a checkpoint for this one
+            self._checkpoint()
 
     def _next(self, timeout: float = 0.2) -> tuple[str, int, Any] | None:
         try:
@@ -168,10 +226,23 @@ class PSServer:
         self.sends.append((w, self.ctx.transport.send_packed([header, *values], w)))
         self.sends = [(r, p) for r, p in self.sends if not p.done()]
 
-    def _record(self, step: int, **fields: Any) -> None:
+    def _record(self, **fields: Any) -> None:
         b = self.ctx.transport.end_step()
+        step, self.updates_recorded = self.updates_recorded, self.updates_recorded + 1
         self.ctx.recorder.step(step, compute_s=0.0, comm_s=0.0, idle_s=0.0, bytes_sent=b.sent,
                                bytes_recv=b.recv, loss=None, version=self.version, **fields)
+
+    def _mark(self, w: int, step: int, expected: dict[int, float]) -> None:
+        """Worker ``w`` stopped for the checkpoint after ``step`` steps; save once all have."""
+        if w in self.lost:
+            return
+        self.marked[w] = step
+        expected.pop(w, None)
+        self._checkpoint()
+        if not self.marked:  # saved (or abandoned): every worker pushes next
+            now = time.monotonic()
+            for j in self.active:
+                expected[j] = now
 
     def _check_silent(self, expected: dict[int, float]) -> None:
         now = time.monotonic()
@@ -183,7 +254,6 @@ class PSServer:
     # ---- modes ----------------------------------------------------------------------------------
     def _rounds(self) -> None:
         """sync and candidate: one averaged update per round of pushes from every live worker."""
-        step = 0
         while self.active:
             got: dict[int, tuple[list[int], list[torch.Tensor]]] = {}
             start = time.monotonic()
@@ -194,6 +264,8 @@ class PSServer:
                     kind, w, payload = item
                     if kind == "lost":
                         self._lose(w, payload)
+                    elif kind == "ckpt":
+                        self._mark(w, payload, expected)
                     elif w not in self.lost:
                         got[w] = self._decode(w, payload)
                         expected.pop(w, None)
@@ -216,12 +288,10 @@ class PSServer:
                     self.finished.add(w)
                 else:
                     self._reply(w)
-            self._record(step, staleness=stale, local_steps=steps, contributors=order)
-            step += 1
+            self._record(staleness=stale, local_steps=steps, contributors=order)
 
     def _per_push(self, bound: int | None) -> None:
         """async (``bound=None``) and ssp: apply each push on arrival; ssp holds answers back."""
-        step = 0
         deferred: list[tuple[int, int]] = []
         expected = dict.fromkeys(self.active, time.monotonic())
         while self.active:
@@ -231,6 +301,8 @@ class PSServer:
                 kind, w, payload = item
                 if kind == "lost":
                     self._lose(w, payload)
+                elif kind == "ckpt":
+                    self._mark(w, payload, expected)
                 elif w not in self.lost:
                     header, grads = self._decode(w, payload)
                     self.clock[w] += 1
@@ -245,8 +317,7 @@ class PSServer:
                     else:
                         fresh = (w, self.clock[w])
                         deferred.append(fresh)
-                    self._record(step, staleness=stale, worker=w, clock=self.clock[w])
-                    step += 1
+                    self._record(staleness=stale, worker=w, clock=self.clock[w])
             floor = min((self.clock[j] for j in self.active), default=None)
             keep = []
             for w, k in deferred:
@@ -293,4 +364,5 @@ class PSServer:
                 "staleness_max": max(stale), "staleness_mean": sum(stale) / len(stale),
                 "local_steps_mean": sum(self.local_steps) / max(1, len(self.local_steps)),
                 "max_clock_gap": self.max_gap, "deferred_replies": self.deferred_count,
-                "lost_workers": {str(w): why for w, why in self.lost.items()}}
+                "lost_workers": {str(w): why for w, why in self.lost.items()},
+                "checkpoints": self.saves}

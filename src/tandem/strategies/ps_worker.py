@@ -17,6 +17,9 @@ of the finished model, paid once per run.
 Telemetry per step: compute / comm / idle seconds, bytes pushed (sent) and pulled (received),
 ``round`` (pushes so far), ``since_merge`` and, on push steps, ``pushed_steps`` (local steps in
 the push). Worker 0 evaluates the latest *global* model it has received (not its local model).
+
+Checkpoints: :meth:`PSWorker._checkpoint` runs the worker's half of the checkpoint barrier
+described in :mod:`.param_server` (agree on the push count, flush, mark the servers, save).
 """
 
 from __future__ import annotations
@@ -27,12 +30,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tandem.checkpoint import StrategyCheckpoints
 from tandem.errors import PeerTimeout, WorkerFailed
 from tandem.strategies.param_server import (
+    FLAG_CKPT,
     FLAG_FINAL,
     FLAG_META,
+    CheckpointAbandoned,
     pull_dtype,
     pull_specs,
+    store_gather,
     wait_on,
 )
 from tandem.strategies.sharding import join, plan_shards, split
@@ -87,6 +94,61 @@ class PSWorker:
         self.pushes = 0
         self.pushed_steps: list[int] = []
         self.since_merge = 0
+        self.skipped = 0
+        self.start_step = 0
+        self._tag = ""
+        ranks = range(cfg.workers + opts.servers)
+        self.ckpt = StrategyCheckpoints(ctx, barrier=lambda: store_gather(
+            ctx.transport, f"{self._tag}/saved", 1, ranks, cfg.timeout_s))
+        state = self.ckpt.resume()  # after every model is built (building one reseeds torch)
+        if state is not None:
+            self._load(state)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    _SAVED = ("base", "version", "unpushed", "squares", "k", "oldest", "cand", "pushes",
+              "pushed_steps", "since_merge", "skipped")
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        for codec, cs in zip(self.codecs, state["codecs"], strict=True):
+            codec.load_state_dict(cs)
+            codec.set_total_steps(self.total)
+        for key in self._SAVED:
+            setattr(self, key, state["worker"][key])
+        self.start_step = int(state["step"])  # last_meta stays None: the meta is sent again
+
+    @torch.no_grad()
+    def _checkpoint(self, step: int) -> None:
+        """The worker's half of the checkpoint barrier after ``step`` (see :mod:`.param_server`)."""
+        ctx, cfg, t = self.ctx, self.ctx.cfg, self.ctx.transport
+        self._tag = tag = f"{step + 1}"
+        counts = store_gather(t, f"{tag}/pushes", self.pushes, range(cfg.workers),
+                              cfg.timeout_s, complete=False)
+        target = max(counts.values())
+        while self.pushes < target:  # behind by at most one round: push what we have
+            if self.inflight is not None:
+                self._merge()
+            if self.unpushed is None:
+                self.unpushed = [torch.zeros_like(p) for p in self.params]
+                self.oldest = self.version
+            self._push(final=False)
+        if self.inflight is not None:
+            self._merge()
+        mark = torch.tensor([self.pushes, self.oldest, step + 1, FLAG_CKPT, 0], dtype=torch.int64)
+        for s, rank in enumerate(self.servers):
+            try:
+                wait_on(t.send_message([mark], rank), t, rank, cfg.timeout_s)
+            except (WorkerFailed, PeerTimeout) as err:
+                raise self._server_error(err, s) from err
+        self._reap_sends()
+        state = {"trainer": self.trainer.state_dict(),
+                 "codecs": [c.state_dict() for c in self.codecs],
+                 "worker": {key: getattr(self, key) for key in self._SAVED}}
+        try:
+            self.ckpt.save(step + 1, state)
+        except CheckpointAbandoned as err:
+            ctx.recorder.info(checkpoint_abandoned=step + 1, reason=str(err)[:300])
+            self.ckpt.ckpt.every = 0  # a lost rank can never complete a set again
 
     # ---- pushes and pulls ---------------------------------------------------------------------
     def _server_error(self, err: BaseException, s: int) -> WorkerFailed:
@@ -194,13 +256,13 @@ class PSWorker:
         every = self.strategy.eval_every(total)
         solo = Group(None, [ctx.rank])
         idle_total = busy_total = final_sync = 0.0
-        sent = recv = skipped = 0
-        for step in range(total):
+        sent = recv = 0
+        for step in range(self.start_step, total):
             loss, grads, compute_s, straggled = self.trainer.compute(step)
             extra: dict[str, Any] = {}
             grads, was_skipped = screen_gradients(grads, ctx.cfg.nan_policy, ctx.rank, step)
             if was_skipped:
-                skipped += 1
+                self.skipped += 1
                 extra["skipped"] = True
             t1 = time.perf_counter()
             idle = 0.0
@@ -238,6 +300,9 @@ class PSWorker:
                             p.copy_(v.view_as(p))
                     acc, tloss = evaluate(self.eval_model, ctx.workload, ctx.transport, solo)
                 rec.eval(step, accuracy=acc, loss=tloss, version=self.version)
+            if self.ckpt.due(step, total):
+                with rec.evaluating():  # checkpoint I/O and its barrier are not training time
+                    self._checkpoint(step)
         steps_per_round = sum(self.pushed_steps) / max(1, len(self.pushed_steps))
         summary = {"role": "worker", "steps": total, "pushes": self.pushes,
                    "local_steps_per_round": steps_per_round,
@@ -245,7 +310,8 @@ class PSWorker:
                    "pushed_steps_total": sum(self.pushed_steps),
                    "idle_s": idle_total, "final_sync_s": final_sync,
                    "idle_fraction": idle_total / busy_total if busy_total > 0 else 0.0,
-                   "push_bytes": sent, "pull_bytes": recv, "skipped_steps": skipped}
+                   "push_bytes": sent, "pull_bytes": recv, "skipped_steps": self.skipped,
+                   "resumed_from": self.start_step}
         rec.info(**{f"worker{ctx.rank}_{k}": v for k, v in summary.items() if k != "role"})
         summary["params"] = [p.detach().clone() for p in self.params]
         return summary
