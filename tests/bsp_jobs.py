@@ -13,11 +13,12 @@ def train_job(cfg: dict[str, Any]) -> dict[str, Any]:
     """One process of a whole ``bsp_shared`` run; tensors come back as lists.
 
     The launcher's pipe pickles tensors by sharing their memory with the parent, which fails once
-    the child has exited; lists travel by value.
+    the child has exited; lists travel by value. The caller merges the events once every process
+    has ended (rank 0 is a worker here, which may end before the others wrote their last record).
     """
     from tandem import worker
 
-    out = worker.main(cfg, None, True, finalize=True)
+    out = worker.main(cfg, None, True)
     if "params" in out:
         out["params"] = [p.reshape(-1).tolist() for p in out["params"]]
     out.pop("summary", None)
@@ -128,3 +129,16 @@ def quadratic_job(centers: list[float], numel: int, lr: float, budget: int,
             seg.unlink()
     t.close()
     return out
+
+
+def torn_add_job(path: str, numel: int, complete: int) -> None:
+    """Local worker 0 of the segment at ``path``: ``complete`` whole adds of ones, then one add
+    during which it SIGKILLs itself (the ``die_midway`` hook), holding the lock. Never returns."""
+    from tandem.transport.shm import MachineSegment
+
+    seg = MachineSegment.attach(path, numel, 2)
+    ones = torch.ones(numel)
+    for _ in range(complete):
+        assert seg.add(ones, 0, 0)[0] == "added"
+    seg.add(ones, 0, 0, die_midway=True)
+    raise AssertionError("die_midway returned")

@@ -18,6 +18,7 @@ from tandem.errors import ConfigError
 from tandem.launch import spawn
 from tandem.strategies import STRATEGIES
 from tandem.strategies.bsp_shared import BspSharedOptions, local_layout, torchrun_layout
+from tandem.telemetry.summary import merge_events
 from tandem.transport.shm import MachineSegment
 
 DIGITS_D = 64 * 128 + 128 + 128 * 10 + 10  # the digits MLP's parameter count
@@ -76,6 +77,7 @@ def _run(tmp_path, name, **opts):
     prepare_run_dir(cfg)
     procs = STRATEGIES["bsp_shared"].processes(cfg)
     results = spawn(bsp_jobs.train_job, procs, cfg.model_dump(mode="json"), timeout_s=150)
+    merge_events(tmp_path / name)
     events = [json.loads(ln) for ln in (tmp_path / name / "events.jsonl").read_text().splitlines()]
     return cfg, results, events
 

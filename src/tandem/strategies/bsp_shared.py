@@ -44,7 +44,19 @@ Dead workers (``tolerates_lost_workers``): a worker that dies (``kill -9``, ``in
 let go by the launcher; its agent learns of it from the store, the superstep closes with the
 survivors' gradients and the budget becomes ``steps x survivors + what the dead ones
 contributed``. The summary lists the dead ranks in ``lost_ranks``; an agent's death still fails
-the run (its workers see no new model, the other agents' exchange names it).
+the run (its workers stop at once: they watch its dead mark in the store, and an agent that
+raises sets the segment's stop flag; the other agents' exchange names it).
+
+Checkpoints (``supports_checkpoints``): ``--checkpoint-every N`` counts *supersteps*. At every
+N-th superstep boundary the agents pause their workers through shared memory (each worker
+writes its file: data position, RNG, counters), read out, apply, then write theirs (model,
+optimizer, codec memory of the inter-machine exchange, superstep, applied gradients, budget,
+per-worker counts, dead workers) and the controller moves ``LATEST`` (handshake, and what a dead
+or stuck worker does to it: :mod:`tandem.strategies.bsp_roles`). ``--resume`` restores model,
+optimizer, codec, superstep and counters exactly and each worker's minibatch sequence; which
+gradients land in which superstep afterwards depends on timing, as in any run. Workers dead at
+the checkpoint stay out (*retired*). Test hook: ``TANDEM_BSP_DIE_MID_ADD=<worker>:<step>``
+kills that worker in the middle of an add (a torn add; ``tests/test_bsp_reliability.py``).
 """
 
 from __future__ import annotations
@@ -56,8 +68,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from tandem.checkpoint import Checkpointer, config_fingerprint, rng_state, set_rng_state
 from tandem.config import RunConfig
-from tandem.errors import ConfigError
+from tandem.errors import CheckpointError, ConfigError
 from tandem.strategies.base import Strategy, StrategyOptions
 from tandem.strategies.bsp_roles import Agent, AgentConfig, WorkerLoop, flatten, unflatten
 from tandem.strategies.registry import register
@@ -170,6 +183,8 @@ class BspSharedStrategy(Strategy):
     Options = BspSharedOptions
     #: a dead ML worker stops adding; the agents finish the superstep and the run without it
     tolerates_lost_workers = True
+    #: every ``checkpoint_every`` *supersteps* (see bsp_roles for the handshake)
+    supports_checkpoints = True
 
     @classmethod
     def processes(cls, cfg: RunConfig) -> int:
@@ -177,10 +192,13 @@ class BspSharedStrategy(Strategy):
         return cfg.workers + len(machine_split(cfg.workers, opts))
 
     def setup(self) -> None:
-        """Before the clock starts: roles, the agents' group, the shared segment of each machine.
+        """Before the clock starts: roles, the agents' group, the shared segment of each machine,
+        and on ``--resume`` each process's checkpoint file.
 
         The agent creates the segment and publishes its path in the store; once every process
         has attached (the barrier), the agent unlinks the name, so nothing can leak afterwards.
+        A resumed agent marks the workers that were dead at the checkpoint *retired* in the
+        segment before publishing it; those workers then load nothing and end at once.
         """
         ctx = self.ctx
         opts: BspSharedOptions = self.opts  # type: ignore[assignment]
@@ -191,18 +209,46 @@ class BspSharedStrategy(Strategy):
         self.model = build_model(ctx.workload, ctx.cfg.seed, ctx.transport.device)
         numel = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         n_local = len(self.layout.worker_ranks[self.machine])
+        # files numbered from the controller, so that the Checkpointer's "rank 0 writes LATEST"
+        # is the controller (under the local launcher rank 0 is a worker that may die)
+        self.ckpt = Checkpointer(ctx.run_dir, (ctx.rank - self.layout.agent_ranks[0]) % ctx.world,
+                                 config_fingerprint(ctx.cfg.model_dump(mode="json")),
+                                 every=ctx.cfg.checkpoint_every)
+        self.state: dict[str, Any] | None = None
+        self.retired = False
+        if ctx.cfg.resume and self.kind == "agent":
+            self.state = self._load()
         self.seg: MachineSegment | None = None
         try:
             if self.kind == "agent":
                 self.seg = MachineSegment.create(numel, n_local)
+                for i in (self.state or {}).get("agent", {}).get("dead", []):
+                    self.seg.retire(int(i))
                 ctx.transport.store.set(key, str(self.seg.path))
             else:
                 path = ctx.transport.store.get(key).decode()
                 self.seg = MachineSegment.attach(path, numel, n_local)
+                self.retired = self.seg.is_retired(self.local)
+                if ctx.cfg.resume and not self.retired:
+                    self.state = self._load()
             ctx.transport.barrier().wait()
         finally:
             if self.seg is not None and self.kind == "agent":
                 self.seg.unlink()  # attached or failed: the name is no longer needed
+
+    def _load(self) -> dict[str, Any]:
+        state = self.ckpt.load()
+        index = self.layout.worker_index.get(self.ctx.rank, self.machine)
+        if state.get("role") != self.kind or state.get("index") != index:
+            raise CheckpointError(f"checkpoint file {self.ckpt.rank} holds {state.get('role')} "
+                                  f"{state.get('index')}, not {self.kind} {index}: was the "
+                                  "layout (workers, machines, split) changed?")
+        return state
+
+    def _save(self, cid: int, state: dict[str, Any], barrier: Any) -> None:
+        index = self.layout.worker_index.get(self.ctx.rank, self.machine)
+        self.ckpt.save(cid, {**state, "role": self.kind, "index": index, "rng": rng_state()},
+                       barrier)
 
     def run(self) -> dict[str, Any]:
         seg = self.seg
@@ -229,14 +275,28 @@ class BspSharedStrategy(Strategy):
             grads_per_superstep=opts.grads_per_superstep, share=len(ids) / ctx.cfg.workers,
             normalize=opts.normalize, eval_every_grads=self.eval_every(total) * ctx.cfg.workers,
             stall_timeout_s=ctx.cfg.timeout_s, worker_ids=ids, steps_per_worker=total,
-            worker_ranks=list(layout.worker_ranks[machine]))
+            worker_ranks=list(layout.worker_ranks[machine]),
+            checkpoint_every=ctx.cfg.checkpoint_every)
         codec = ctx.make_codec()
         if hasattr(codec, "set_total_steps"):
             codec.set_total_steps(total)
+
+        def barrier() -> None:  # the agents' barrier (workers are held in shared memory)
+            if layout.machines > 1:
+                ctx.transport.all_reduce(torch.zeros(1), group=group, category="control").wait()
+
         agent = Agent(seg, params, build_optimizer(model, ctx.cfg), cfg, transport=ctx.transport,
                       group=group, codec=codec, recorder=rec, is_controller=machine == 0,
-                      evaluate=lambda: evaluate(model, ctx.workload, ctx.transport, group))
-        out = agent.run()
+                      evaluate=lambda: evaluate(model, ctx.workload, ctx.transport, group),
+                      save=lambda cid, state: self._save(cid, {"agent": state}, barrier))
+        if self.state is not None:
+            agent.load_state_dict(self.state["agent"])
+            set_rng_state(self.state["rng"])
+        try:
+            out = agent.run()
+        except BaseException:
+            seg.abort()  # our workers would otherwise wait timeout_s for a model that never comes
+            raise
         stale = [h["staleness_mean"] for h in agent.history if h["gradients"]]
         rec.info(bsp_machines=layout.machines, bsp_supersteps=out["supersteps"],
                  bsp_mean_staleness=sum(stale) / len(stale) if stale else 0.0)
@@ -247,10 +307,18 @@ class BspSharedStrategy(Strategy):
                 local: int) -> dict[str, Any]:
         ctx = self.ctx
         index = layout.worker_index[ctx.rank]
+        if self.retired:  # dead at the checkpoint we resume from: it stays out (budget as then)
+            ctx.recorder.info(retired_worker=index)
+            return {"role": "worker", "worker": index, "machine": machine, "retired": True,
+                    "gradients": 0, "dropped": 0, "steps": 0, "skipped_steps": 0}
         ctx.faults = ComputeFaults.from_config(ctx.cfg, index)  # slow-worker by worker index
         trainer = LocalTrainer(ctx, worker=index, model=self.model)
         params = trainer.params
-        skipped = 0
+        state = self.state
+        skipped = 0 if state is None else int(state["skipped"])
+        if state is not None:
+            trainer.loader.load_state_dict(state["loader"])
+            set_rng_state(state["rng"])
 
         def compute(flat: torch.Tensor, version: int, step: int) -> tuple[float, torch.Tensor,
                                                                           float, bool]:
@@ -265,10 +333,26 @@ class BspSharedStrategy(Strategy):
             skipped += was_skipped
             return loss, flatten(grads), compute_s, straggled
 
+        def save(cid: int, counters: dict[str, int], barrier: Any) -> None:
+            self._save(cid, {"loop": counters, "loader": trainer.loader.state_dict(),
+                             "skipped": skipped}, barrier)
+
         compute.version = -1  # type: ignore[attr-defined]
         loop = WorkerLoop(seg, local, compute, recorder=ctx.recorder, transport=ctx.transport,
                           max_staleness=self.opts.max_staleness,  # type: ignore[attr-defined]
-                          stall_timeout_s=ctx.cfg.timeout_s)
+                          stall_timeout_s=ctx.cfg.timeout_s, agent_rank=layout.agent_ranks[machine],
+                          save=save, resume=None if state is None else state["loop"],
+                          die_mid_add=_die_mid_add(index, ctx.cfg.resume))
         out = loop.run()
         return dict(out, worker=index, machine=machine, steps=out["gradients"],
                     skipped_steps=skipped)
+
+
+def _die_mid_add(worker: int, resume: bool) -> int | None:
+    """Test hook ``TANDEM_BSP_DIE_MID_ADD=<worker>:<step>``: that worker SIGKILLs itself in the
+    middle of adding its gradient of that step (a torn add; see ``MachineSegment.add``)."""
+    spec = os.environ.get("TANDEM_BSP_DIE_MID_ADD")
+    if not spec or resume:
+        return None
+    who, step = (int(x) for x in spec.split(":"))
+    return step if who == worker else None

@@ -28,6 +28,11 @@ swap. A word still set there can only belong to a dead worker (a live one would 
 so the retired buffer is *torn*: :meth:`swap` zeroes it and reports its gradients as
 ``discarded`` (with the torn workers) instead of applying a sum nobody can correct.
 
+Checkpoints use three more words, all polled, never waited on in the kernel: a request word
+(the checkpoint id while the agent wants its workers to save), one ack word per worker (the id
+it saved last) and one *retired* word per worker (set by a resumed agent for a worker that was
+already dead at the checkpoint). The protocol itself lives in :mod:`tandem.strategies.bsp_roles`.
+
 Lifetime: the agent creates the file (under ``/dev/shm`` where it exists), the workers open it,
 and once everyone has attached the agent unlinks the name, so nothing is left behind even if a
 process is killed later: the kernel frees the memory with the last mapping. :meth:`unlink` is
@@ -42,6 +47,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import tempfile
 import time
 import uuid
@@ -56,7 +62,9 @@ from tandem.errors import TandemError
 # int64 header fields
 _LATEST, _SEQ0, _SEQ1, _STOP, _ACTIVE = 0, 1, 2, 3, 4
 _BASE, _COUNT, _STALE_SUM, _STALE_MAX, _DROPPED = 5, 7, 9, 11, 13  # two entries each (buffer 0/1)
+_CKPT = 15  # checkpoint request: its id (> 0) while the agent asks the workers to save, else 0
 _FIXED = 16
+_PER_WORKER_WORDS = 5  # per local worker: 2 counts (buffer 0/1), in-add, checkpoint ack, retired
 
 
 def shm_dir() -> Path:
@@ -76,7 +84,7 @@ class MachineSegment:
     def __init__(self, path: Path, numel: int, local_workers: int, *, create: bool) -> None:
         self.path = Path(path)
         self.numel, self.local_workers = int(numel), int(local_workers)
-        self.header_len = _FIXED + 3 * self.local_workers
+        self.header_len = _FIXED + _PER_WORKER_WORDS * self.local_workers
         header_bytes = self.header_len * 8
         loss_bytes = 2 * 8
         data_bytes = 4 * self.numel * 4
@@ -100,6 +108,8 @@ class MachineSegment:
         w = self.local_workers
         self.per_worker = self.header[_FIXED: _FIXED + 2 * w].view(2, w)
         self.in_add = self.header[_FIXED + 2 * w: _FIXED + 3 * w]  # buffer + 1 while adding
+        self.acks = self.header[_FIXED + 3 * w: _FIXED + 4 * w]    # last checkpoint id saved
+        self.retired = self.header[_FIXED + 4 * w: _FIXED + 5 * w]  # 1: dead before a resume
         if create:
             self.header.zero_()
             self.loss_sum.zero_()
@@ -179,10 +189,14 @@ class MachineSegment:
         return bool(self.header[_STOP])
 
     def add(self, grad: torch.Tensor, version: int, worker: int, loss: float = 0.0,
-            max_staleness: int | None = None) -> tuple[str, int]:
+            max_staleness: int | None = None, *, die_midway: bool = False) -> tuple[str, int]:
         """Add one gradient computed on model ``version``. Returns ``(status, staleness)`` with
         status ``"added"``, ``"dropped"`` (staler than ``max_staleness``: counted, not summed) or
-        ``"stopped"`` (the run is over; the gradient is not counted)."""
+        ``"stopped"`` (the run is over; the gradient is not counted).
+
+        ``die_midway`` is a test hook: the process SIGKILLs itself after adding half of the
+        gradient, holding the lock with its in-progress word set (a torn add, see the module doc).
+        """
         with self.locked():
             h = self.header
             if h[_STOP]:
@@ -193,6 +207,10 @@ class MachineSegment:
                 h[_DROPPED + a] += 1
                 return "dropped", stale
             self.in_add[worker] = a + 1  # a death from here to the reset leaves a torn buffer
+            if die_midway:
+                half = grad.numel() // 2
+                self.acc[a][:half].add_(grad.reshape(-1)[:half])
+                os.kill(os.getpid(), signal.SIGKILL)
             self.acc[a].add_(grad.reshape(-1))
             h[_COUNT + a] += 1
             self.per_worker[a, worker] += 1
@@ -241,6 +259,39 @@ class MachineSegment:
         self.per_worker[a].zero_()
         self.loss_sum[a] = 0.0
         return out
+
+    def abort(self) -> None:
+        """The agent failed: its workers stop adding and end their loops at once."""
+        self.header[_STOP] = 1
+
+    def set_base(self, version: int) -> None:
+        """Gradients added from now on update model ``version`` (a resumed run starts there)."""
+        with self.locked():
+            self.header[_BASE + int(self.header[_ACTIVE])] = version
+
+    # ---- checkpoint handshake (see bsp_roles: the agent asks, each worker saves and acks) ----
+    def request_checkpoint(self, cid: int) -> None:
+        """Ask the workers to save checkpoint ``cid`` (> 0) and wait until :meth:`release`."""
+        self.header[_CKPT] = cid
+
+    def checkpoint_request(self) -> int:
+        return int(self.header[_CKPT])
+
+    def ack_checkpoint(self, worker: int, cid: int) -> None:
+        self.acks[worker] = cid
+
+    def acked(self, worker: int, cid: int) -> bool:
+        return int(self.acks[worker]) == cid
+
+    def release(self) -> None:
+        self.header[_CKPT] = 0
+
+    def retire(self, worker: int) -> None:
+        """Mark a worker that was dead at the checkpoint a run resumes from: it stays out."""
+        self.retired[worker] = 1
+
+    def is_retired(self, worker: int) -> bool:
+        return bool(int(self.retired[worker]))
 
     def pending_count(self) -> int:
         """Gradients in the active accumulator so far (a racy read; for polling only)."""
