@@ -12,6 +12,13 @@ Reliability: ``--checkpoint-every N`` saves model, optimizer, codec memory, data
 states every N steps; ``--resume`` continues bit-exactly. A NaN/Inf gradient is caught before it
 is sent: ``--nan-policy stop`` ends the run with an error naming the rank and step, ``skip`` sends
 zeros for that worker's step instead (its contribution is dropped) and counts the step.
+
+Overlap (``--strategy-opt overlap=true``; off by default): with the dense codec the gradients live
+in one flat buffer and each bucket's all-reduce starts from a gradient hook as soon as backward
+has filled it (:mod:`tandem.strategies.overlap`), as DDP does; the update is the same mean. It
+steps aside (one all-reduce after backward) with ``--nan-policy skip``, with injected stragglers,
+slow workers or NaNs (their effects come after backward), and for every other codec.
+``bucket_kb`` sets the bucket size (0: auto).
 """
 
 from __future__ import annotations
@@ -19,8 +26,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tandem.checkpoint import Checkpointer, config_fingerprint, rng_state, set_rng_state
-from tandem.strategies.base import Strategy
+from pydantic import Field
+
+from tandem.checkpoint import StrategyCheckpoints, check_resume
+from tandem.strategies.base import Strategy, StrategyOptions
+from tandem.strategies.overlap import BucketedAllReduce
 from tandem.strategies.registry import register
 from tandem.strategies.training import (
     LocalTrainer,
@@ -30,43 +40,88 @@ from tandem.strategies.training import (
 )
 
 
+class AllReduceOptions(StrategyOptions):
+    overlap: bool = Field(False, description="dense codec: all-reduce gradient buckets during "
+                          "backward (steps aside for nan_policy=skip and injected faults); off "
+                          "by default: on an oversubscribed CPU the engine's thread slows "
+                          "backward more than it hides")
+    bucket_kb: float = Field(0.0, ge=0, description="overlap bucket size in KB; 0: auto (a "
+                             "quarter of the gradient, 64 KB to 25 MB)")
+
+
 @register
 class AllReduceStrategy(Strategy):
     name = "allreduce"
+    Options = AllReduceOptions
     supports_checkpoints = True
+
+    @classmethod
+    def processes(cls, cfg: Any) -> int:
+        check_resume(cfg)  # a mismatched --resume fails here, before any process starts
+        return cfg.workers
 
     def setup(self) -> None:
         ctx = self.ctx
         self.trainer = LocalTrainer(ctx)
         self.codec = ctx.make_codec()
+        self.overlap: BucketedAllReduce | None = None
+        if getattr(self.codec, "zero_copy_gradients", False) and \
+                self.trainer.use_flat_gradients():  # DDP's gradient_as_bucket_view
+            cfg = ctx.cfg
+            faults = ctx.faults
+            quiet = (cfg.nan_policy == "stop" and not cfg.inject_nan and faults.slow_factor == 1.0
+                     and (faults.stragglers is None or faults.stragglers.p <= 0))
+            if self.opts.overlap and quiet and ctx.world > 1 and self.codec.opts.momentum == 0:
+                self.overlap = BucketedAllReduce(self.trainer, ctx.transport,
+                                                 int(self.opts.bucket_kb * 1024))
         self.total = self.total_steps(ctx.cfg, len(ctx.workload.train))
         if hasattr(self.codec, "set_total_steps"):
             self.codec.set_total_steps(self.total)
-        self.ckpt = Checkpointer(ctx.run_dir, ctx.rank,
-                                 config_fingerprint(ctx.cfg.model_dump(mode="json")),
-                                 every=ctx.cfg.checkpoint_every)
+        self.ckpt = StrategyCheckpoints(ctx)
         self.start_step = 0
         self.skipped = 0
-        if ctx.cfg.resume:
-            state = self.ckpt.load()
+        state = self.ckpt.resume()
+        if state is not None:
             self.trainer.load_state_dict(state["trainer"])
             self.codec.load_state_dict(state["codec"])
-            set_rng_state(state["rng"])
             self.start_step, self.skipped = int(state["step"]), int(state["skipped"])
 
     def _save(self, next_step: int) -> None:
-        state = {"trainer": self.trainer.state_dict(), "codec": self.codec.state_dict(),
-                 "rng": rng_state(), "skipped": self.skipped}
-        self.ckpt.save(next_step, state, lambda: self.ctx.transport.barrier().wait())
+        self.ckpt.save(next_step, {"trainer": self.trainer.state_dict(),
+                                   "codec": self.codec.state_dict(), "skipped": self.skipped})
+
+    def _after_step(self, step: int, total: int, every: int) -> None:
+        ctx, rec = self.ctx, self.ctx.recorder
+        if is_eval_step(step, every, total):
+            with rec.evaluating():
+                acc, tloss = evaluate(self.trainer.model, ctx.workload, ctx.transport)
+            rec.eval(step, accuracy=acc, loss=tloss)
+        if self.ckpt.due(step, total):
+            with rec.evaluating():  # checkpoint I/O is not training time either
+                self._save(step + 1)
 
     def run(self) -> dict[str, Any]:
         ctx, trainer, codec, total = self.ctx, self.trainer, self.codec, self.total
         every = self.eval_every(total)
         rec = ctx.recorder
         for step in range(self.start_step, total):
+            if self.overlap is not None:
+                self.overlap.arm(step)
+                loss, grads, compute_s, straggled = trainer.compute(step)
+                t1 = time.perf_counter()
+                mean = self.overlap.finish()
+                codec.step += 1
+                comm_s = time.perf_counter() - t1
+                trainer.apply(mean)
+                b = ctx.transport.end_step()
+                rec.step(step, compute_s=compute_s, comm_s=comm_s, idle_s=0.0, bytes_sent=b.sent,
+                         bytes_recv=b.recv, loss=loss, straggled=straggled)
+                self._after_step(step, total, every)
+                continue
             loss, grads, compute_s, straggled = trainer.compute(step)
             extra: dict[str, Any] = {}
-            grads, skipped = screen_gradients(grads, ctx.cfg.nan_policy, ctx.rank, step)
+            grads, skipped = screen_gradients(grads, ctx.cfg.nan_policy, ctx.rank, step,
+                                              flat=trainer.flat_grad)
             if skipped:
                 self.skipped += 1
                 extra["skipped"] = True
@@ -77,14 +132,10 @@ class AllReduceStrategy(Strategy):
             b = ctx.transport.end_step()
             rec.step(step, compute_s=compute_s, comm_s=comm_s, idle_s=0.0, bytes_sent=b.sent,
                      bytes_recv=b.recv, loss=loss, straggled=straggled, **extra)
-            if is_eval_step(step, every, total):
-                with rec.evaluating():
-                    acc, tloss = evaluate(trainer.model, ctx.workload, ctx.transport)
-                rec.eval(step, accuracy=acc, loss=tloss)
-            if self.ckpt.due(step, total):
-                with rec.evaluating():  # checkpoint I/O is not training time either
-                    self._save(step + 1)
+            self._after_step(step, total, every)
         info = codec.describe()
+        if self.overlap is not None:
+            info = {**info, "overlap_buckets": self.overlap.count}
         if info:
             rec.info(codec=info)
         return {"steps": total, "skipped_steps": self.skipped,

@@ -77,6 +77,38 @@ class LocalTrainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._nan_steps = {tuple(x) for x in ctx.cfg.inject_nan}
         self._crash_steps = {tuple(x) for x in ctx.cfg.inject_crash}
+        self.flat_grad: torch.Tensor | None = None
+        self._grad_views: list[torch.Tensor] = []
+
+    def use_flat_gradients(self) -> bool:
+        """Make every ``p.grad`` a view of one flat buffer that backward accumulates into.
+
+        This is DDP's ``gradient_as_bucket_view``: no gradient tensors are allocated per step,
+        and a codec that reduces the whole gradient (``dense``) sends this buffer as it is,
+        without concatenating the layers first. The price: the gradients :meth:`compute`
+        returns are overwritten by the next :meth:`compute`, so only a strategy that is done
+        with them within the step (``allreduce``) may turn this on. Returns False (and changes
+        nothing) when the parameters do not share one dtype.
+        """
+        if not self.params or len({p.dtype for p in self.params}) != 1:
+            return False
+        first = self.params[0]
+        self.flat_grad = torch.zeros(sum(p.numel() for p in self.params), dtype=first.dtype,
+                                     device=first.device)
+        self._grad_views, offset = [], 0
+        for p in self.params:
+            self._grad_views.append(self.flat_grad[offset: offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return True
+
+    def _reset_gradients(self) -> None:
+        if self.flat_grad is None:
+            self.model.zero_grad(set_to_none=True)
+            return
+        self.flat_grad.zero_()
+        for p, view in zip(self.params, self._grad_views, strict=True):
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                p.grad = view  # backward then adds into the buffer in place
 
     def compute(self, step: int) -> tuple[float, list[torch.Tensor], float, bool]:
         """Forward/backward on the next minibatch. Returns (loss, grads, compute_s, straggled).
@@ -87,11 +119,12 @@ class LocalTrainer:
         x, y = self.loader.next_batch()
         x, y = x.to(self.device), y.to(self.device)
         self.model.train()
-        self.model.zero_grad(set_to_none=True)
+        self._reset_gradients()
         loss = self.ctx.workload.loss_fn(self.model(x), y)
         loss.backward()
         # No copy: the next compute() drops p.grad (set_to_none) instead of zeroing it in place,
-        # and apply() installs a new tensor, so these gradients stay ours.
+        # and apply() installs a new tensor, so these gradients stay ours (unless
+        # use_flat_gradients() was called: then they live until the next compute()).
         grads = [p.grad.detach() if p.grad is not None else torch.zeros_like(p)
                  for p in self.params]
         if (self.worker, step) in self._crash_steps and not self.ctx.cfg.resume:
@@ -119,13 +152,15 @@ class LocalTrainer:
 
 
 def screen_gradients(grads: list[torch.Tensor], policy: str, rank: int, step: int,
-                     what: str = "") -> tuple[list[torch.Tensor], bool]:
+                     what: str = "", *, flat: torch.Tensor | None = None
+                     ) -> tuple[list[torch.Tensor], bool]:
     """Catch a NaN/Inf gradient before it is sent: ``stop`` raises naming the rank and step,
     ``skip`` replaces it by zeros (this worker's contribution to the step is dropped).
 
-    Returns the gradients to send and whether the step was skipped.
+    ``flat``: the one buffer the gradients live in (``use_flat_gradients``), screened in one
+    pass. Returns the gradients to send and whether the step was skipped.
     """
-    if check_finite(grads):
+    if check_finite([flat] if flat is not None else grads):
         return grads, False
     if policy == "stop":
         raise_non_finite(rank, step, what)
