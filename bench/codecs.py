@@ -60,6 +60,11 @@ CODEC_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("lgc ps", "lgc", {"variant": "ps", "dense_first_last": False}),
     ("lgc rar", "lgc", {"variant": "rar", "dense_first_last": False}),
 ]
+#: rows run only when named in ``--only`` (references for LGC: top-k at LGC's density with the
+#: same DGC ramp as LGC's default warm-up, 0.05 -> 1e-3 over the first 10 % of the steps)
+EXTRA_ROWS: list[tuple[str, str, dict[str, Any]]] = [
+    ("topk 0.001", "topk", {"ratio": 1e-3, "warmup_start": 0.05}),
+]
 COLUMNS = ["config", "final_acc", "gap_pts", "bytes/worker/step", "ratio_to_dense",
            "stage3_bytes", "stage3_ratio", "time_to_target_s", "train_wall_s", "codec_ms",
            "backward_ms", "overhead"]
@@ -253,8 +258,15 @@ def main() -> None:
     ap.add_argument("--workload", default="fashion")
     ap.add_argument("--n-test", type=int, default=5000)
     ap.add_argument("--runs", default="runs/bench-codecs", help="where the run records go")
-    ap.add_argument("--only", default="", help="comma-separated row names (debugging)")
+    ap.add_argument("--only", default="", help="comma-separated row names (debugging; also "
+                    "the extra rows: " + ", ".join(r for r, _, _ in EXTRA_ROWS) + ")")
+    ap.add_argument("--results", default="", help="directory for codecs.json (default "
+                    "bench/results; give another one for partial runs)")
     args = ap.parse_args()
+    if args.results:
+        import bench.harness
+
+        bench.harness.RESULTS = Path(args.results)
 
     import tandem
     from tandem.config import load_config
@@ -285,9 +297,11 @@ def main() -> None:
         s = finalize_run(root / "ddp", cfg.model_dump(mode="json"), target_accuracy=args.target)
         print(f"[codecs] ddp done in {time.time() - t0:.0f} s", flush=True)
         rows.append(("ddp (dense hook)", s, root / "ddp"))
-    for row, name, opts in CODEC_ROWS:
-        if only and row not in only:
+    for row, name, opts in CODEC_ROWS + EXTRA_ROWS:
+        if (only and row not in only) or (not only and (row, name, opts) in EXTRA_ROWS):
             continue
+        if name == "topk" and "warmup_start" in opts:  # the ramp over 10 % of the run
+            opts = {**opts, "warmup_steps": max(1, round(0.1 * args.steps))}
         out = root / row.replace(" ", "_")
         cfg_dict = dict(base, name=row, out=str(out),
                         codec={"name": name, "options": {**opts, "momentum": MOMENTUM}})

@@ -20,8 +20,9 @@ from tandem.transport import costs
 
 SHAPES = [(8, 8), (8,), (128, 128), (128,), (64, 128), (64,), (10, 64), (10,)]
 N, WARM, AE, COMP = 2, 3, 60, 25
+#: ef_clip off: these tests check the exact error-feedback bookkeeping (nothing forgotten)
 OPTS = {"ratio": 0.01, "innovation_ratio": 1e-4, "warmup_steps": WARM, "ae_steps": AE,
-        "ae_iters": 2, "ae_lr": 3e-3}
+        "ae_iters": 2, "ae_lr": 3e-3, "ef_clip": 0}
 
 
 @lru_cache(maxsize=2)
@@ -200,3 +201,75 @@ def test_ps_reconstruction_is_contractive_for_each_worker():
 
     for ratios in run_threads(2, job):
         assert max(ratios) <= 1.0 + 1e-5, ratios
+
+
+def test_rar_guard_keeps_error_feedback_bounded():
+    """LGC-RAR regression: with an autoencoder that has barely trained (2 stage-2 steps), the
+    latent round reconstructs the workers' values worse than sending nothing; error feedback
+    then keeps ``-reconstruction`` and, with ``rar_fallback="off"``, the residuals grow
+    geometrically (checked below: past 100x the sum of all gradient norms). With the guard
+    (default ``best``) the leader sees that its own code loses and the round falls back to
+    exact values on its largest positions, a split of the entries: every fallback round and
+    every leader round is contractive (``||r_next|| <= ||g + r||``), so ``||r_T||`` stays
+    below the sum of the gradient norms. Breaks if the guard stops firing, if a fallback round
+    is not a plain split, or if the leader's choice is not applied identically everywhere."""
+    shapes = [(8, 8), (8,), (128, 128), (128,), (64, 128), (64,), (10, 64), (10,)]
+    steps = 2 + 2 + 40
+    grads = correlated_grads(shapes, 2, steps, noise=0.05)
+    base = {"variant": "rar", "ratio": 0.01, "innovation_ratio": 1e-4, "warmup_steps": 2,
+            "ae_steps": 2, "dense_first_last": False, "ef_clip": 0}
+
+    def job(mode):
+        def body(t):
+            c = make_codec("lgc", {**base, "rar_fallback": mode}, seed=0)
+            norms, bound, ok = [], 0.0, True
+            for s, step in enumerate(grads):
+                x = torch.cat([a.reshape(-1) for a in c.with_residual(step[t.rank])])
+                before = c.fallbacks
+                c.exchange(step[t.rank], t)
+                r = float(torch.cat([a.reshape(-1) for a in c.residuals]).norm())
+                bound += float(torch.cat([a.reshape(-1) for a in step[t.rank]]).norm())
+                if s >= 4 and (c.fallbacks > before or s % 2 == t.rank):
+                    ok &= r <= float(x.norm()) * (1 + 1e-6)
+                norms.append(r)
+            return norms, bound, ok, c.fallbacks
+        return body
+
+    for norms, bound, ok, fell in run_threads(2, job("best")):
+        assert ok and fell > 0
+        assert max(norms) <= bound, (max(norms), bound)
+    for norms, bound, _, fell in run_threads(2, job("off")):
+        assert fell == 0 and norms[-1] > 100 * bound  # what the guard prevents
+
+
+
+@pytest.mark.parametrize("variant", ["rar", "ps"])
+def test_ef_clip_caps_the_residual(variant):
+    """``ef_clip`` (default 2): after every exchange the residual's norm is at most
+    ``ef_clip * ||u||``, u = this step's momentum-corrected gradient ``0.9 v + g``, in every
+    stage, and the cap binds at rho = 1e-3 (without it the residual grows past it). Breaks if
+    the cap is skipped, applied to a copy (the per-layer residual views must see it) or
+    measured against the wrong norm."""
+    shapes = [(8, 8), (8,), (128, 128), (128,), (64, 128), (64,), (10, 64), (10,)]
+    grads = correlated_grads(shapes, 2, 16, noise=0.5)
+    base = {"variant": variant, "ratio": 1e-3, "warmup_steps": 3, "ae_steps": 5,
+            "dense_first_last": False, "momentum": 0.9}
+
+    def job(opts):
+        def body(t):
+            c = make_codec("lgc", {**base, **opts}, seed=0)
+            ratios = []
+            for step in grads:
+                g = torch.cat([a.reshape(-1) for a in step[t.rank]])
+                v = g * 0 if c.velocity is None else torch.cat([a.reshape(-1)
+                                                                for a in c.velocity])
+                c.exchange(step[t.rank], t)
+                r = torch.cat([a.reshape(-1) for a in c.residuals])
+                ratios.append(float(r.norm() / (0.9 * v + g).norm()))
+            return ratios
+        return body
+
+    capped = run_threads(2, job({}))
+    assert max(max(r) for r in capped) <= 2.0 * (1 + 1e-5)
+    free = run_threads(2, job({"ef_clip": 0}))
+    assert max(max(r) for r in free) > 2.5

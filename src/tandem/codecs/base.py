@@ -38,6 +38,7 @@ which :meth:`Codec.exchange` sets to the caller's rank in the group.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -91,6 +92,12 @@ class CodecOptions(BaseModel):
                                    "where entries were sent (DGC momentum factor masking)")
 
 
+def unflat(flat: torch.Tensor, shapes: list[tuple[int, ...]]) -> list[torch.Tensor]:
+    """Per-layer views of a flat buffer (``torch.split`` + ``view``: no copy)."""
+    sizes = [math.prod(s) for s in shapes]
+    return [t.view(s) for t, s in zip(flat.split(sizes), shapes, strict=True)]
+
+
 def group_rank(transport: Transport, group: Group | None) -> tuple[int, int]:
     """(this process's rank inside ``group``, the group's size)."""
     g = group or transport.world_group
@@ -129,6 +136,9 @@ class Codec:
         #: tests set this to keep the last ``transmitted`` (what receivers reconstruct of ours)
         self.track_transmitted = False
         self.transmitted: list[torch.Tensor] | None = None
+        self._shapes: list[tuple[int, ...]] = []
+        #: attr -> (the per-layer views last set, their flat buffer): see :meth:`corrected_flat`
+        self._flat_cache: dict[str, tuple[Any, torch.Tensor]] = {}
 
     def set_total_steps(self, n: int) -> None:
         """The strategy tells the codec the run length (LGC and warm-up ramps scale with it)."""
@@ -189,6 +199,59 @@ class Codec:
                 vel = [u if s is None else u.masked_fill(s.view(u.shape), 0.0)
                        for u, s in zip(vel, sent, strict=True)]
             self.velocity, self._velocity_next = vel, None
+
+    # ---- error feedback on one flat buffer (the fast path of the sparse and sign codecs) -------
+    # The same state as above (``residuals`` / ``velocity`` are per-layer views of one flat
+    # buffer), in a few whole-buffer operations instead of a few per layer: on a small model
+    # the per-operation overhead, not the arithmetic, is the codec's cost.
+    def _flat(self, attr: str, like: torch.Tensor) -> torch.Tensor:
+        views = getattr(self, attr)
+        cached = self._flat_cache.get(attr)
+        if cached is not None and cached[0] is views:
+            return cached[1]
+        if views is None:
+            return torch.zeros_like(like)
+        return torch.cat([v.reshape(-1).float() for v in views])
+
+    def _set_flat(self, attr: str, flat: torch.Tensor) -> None:
+        views = unflat(flat, self._shapes)
+        setattr(self, attr, views)
+        self._flat_cache[attr] = (views, flat)
+
+    def corrected_flat(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`with_residual` as one fresh fp32 buffer (the layers concatenated)."""
+        self._shapes = [tuple(g.shape) for g in grads]
+        flat = torch.cat([g.detach().reshape(-1) for g in grads]).float()
+        m = float(self.opts.momentum)
+        if m > 0:
+            flat = torch.mul(self._flat("velocity", flat), m).add_(flat)
+            self._velocity_next = flat
+        if not self.uses_error_feedback():
+            return flat
+        return flat + self._flat("residuals", flat)
+
+    def keep_flat(self, corrected: torch.Tensor, *, transmitted: torch.Tensor | None = None,
+                  split: torch.Tensor | None = None, sent: torch.Tensor | None = None) -> None:
+        """:meth:`keep_residual` for :meth:`corrected_flat`'s buffer. Either ``transmitted``
+        (a dense reconstruction: ``r = corrected - transmitted``) or ``split``, the positions
+        sent exactly (``r`` = ``corrected`` zeroed there, in place: ``corrected`` is consumed).
+        ``sent``: positions whose velocity is zeroed (momentum masking; default ``split``)."""
+        if self.track_transmitted:
+            if transmitted is None:
+                transmitted = torch.zeros_like(corrected)
+                transmitted[split] = corrected[split]
+            self.transmitted = [t.clone() for t in unflat(transmitted, self._shapes)]
+        if self.uses_error_feedback():
+            self._set_flat("residuals", corrected - transmitted if split is None
+                           else corrected.index_fill_(0, split, 0.0))
+        vel = self._velocity_next
+        if self.opts.momentum > 0 and vel is not None:
+            sent = split if sent is None else sent
+            if sent is not None and self.opts.momentum_masking:
+                vel = vel.index_fill(0, sent, 0.0) if vel is corrected else \
+                    vel.index_fill_(0, sent, 0.0)
+            self._set_flat("velocity", vel)
+            self._velocity_next = None
 
     # ---- exchange level -----------------------------------------------------------------------
     def exchange(self, grads: list[torch.Tensor], transport: Transport,

@@ -5,6 +5,14 @@
 order inside each byte), which keeps packing to contiguous vector operations. A 1-bit sign costs
 1/8 byte and QSGD's 5-bit codes 5/8 byte per element: the message size on the wire is the
 information content, not a padded integer type.
+
+How (cost: a handful of whole-tensor integer operations, no per-bit loop): packing views every
+8 bits (one uint8 each, 0 or 1) as one little-endian int64 and gathers their low bits into one
+byte with a single multiplication (``* MAGIC >> 56``: the eight shifted copies land on bits
+56..63 and every cross term lands below bit 56 or above bit 63, so no carries); unpacking looks
+each byte up in a 256-entry table of int64 "spread" values (bit j of the byte in byte j) and
+views the result as uint8 bits. :func:`unpack_bits` takes a 2-D tensor of equally long buffers
+too (one row per message), so decoding N gathered codes is one call.
 """
 
 from __future__ import annotations
@@ -20,33 +28,70 @@ def packed_size(n: int, width: int) -> int:
 
 
 def pack_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
-    """Pack non-negative integer ``codes`` (< 2**width) into a uint8 tensor."""
+    """Pack non-negative integer ``codes`` (< 2**width) into a uint8 tensor (bool codes are
+    1-bit)."""
     if not 1 <= width <= 16:
         raise ValueError(f"width must be in 1..16, got {width}")
     codes = codes.reshape(-1)
     n = codes.numel()
-    total = packed_size(n, width) * 8
-    bits = torch.zeros(total, dtype=torch.uint8)
-    src = codes.to(torch.int32)
-    for b in range(width):
-        bits[b * n: (b + 1) * n] = ((src >> b) & 1).to(torch.uint8)
-    rows = bits.view(-1, 8)
-    out = rows[:, 0].clone()
-    for j in range(1, 8):
-        out |= rows[:, j] << j
-    return out
+    nbytes = packed_size(n, width)
+    bits = torch.zeros(nbytes * 8, dtype=torch.uint8)
+    if width == 1:
+        bits[:n] = codes.to(torch.uint8)
+    else:
+        src = codes.to(torch.int32)
+        planes = src.unsqueeze(0).bitwise_right_shift(_SHIFTS[:width].unsqueeze(1))
+        bits[: n * width].view(width, n).copy_(planes.bitwise_and_(1))
+    return bits_to_bytes(bits)
+
+
+def bits_to_bytes(bits: torch.Tensor) -> torch.Tensor:
+    """uint8 bits (0/1, a multiple of 8 of them, contiguous) -> their bytes, LSB first."""
+    word = bits.view(torch.int64).mul(_MAGIC)
+    return word.bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
+
+
+def bytes_to_bits(buf: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes (any shape ``(..., b)``) -> their bits as uint8 0/1 ``(..., 8 b)``."""
+    spread = _SPREAD.index_select(0, buf.reshape(-1).to(torch.int64))
+    return spread.view(torch.uint8).view(*buf.shape[:-1], buf.shape[-1] * 8)
 
 
 def unpack_bits(buf: torch.Tensor, n: int, width: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: the first ``n`` codes as int64."""
-    if buf.numel() != packed_size(n, width):
+    """Inverse of :func:`pack_bits`: the first ``n`` codes as int64. ``buf`` may be 2-D
+    ``(messages, bytes)``: the result is then ``(messages, n)``, all decoded at once."""
+    if buf.shape[-1] != packed_size(n, width):
         raise ValueError(f"expected {packed_size(n, width)} bytes for {n} codes of {width} bits, "
-                         f"got {buf.numel()}")
-    bits = torch.empty(buf.numel(), 8, dtype=torch.uint8)
-    for j in range(8):
-        bits[:, j] = (buf >> j) & 1
-    planes = bits.view(-1)[: n * width].view(width, n)
-    out = planes[0].to(torch.int64)
+                         f"got {buf.shape[-1]}")
+    rows = buf.shape[:-1]
+    if n == 0:
+        return torch.zeros(*rows, 0, dtype=torch.int64)
+    planes = unpack_planes(buf.reshape(-1, buf.shape[-1]), n, width)
+    return combine_planes(planes).to(torch.int64).view(*rows, n)
+
+
+def unpack_planes(buf: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """``(m, bytes)`` packed codes -> their ``(m, width, n)`` uint8 bit planes (0/1)."""
+    m, nbytes = buf.shape
+    return bytes_to_bits(buf).view(m, nbytes * 8)[:, : n * width].view(m, width, n)
+
+
+def combine_planes(planes: torch.Tensor) -> torch.Tensor:
+    """``(m, width, n)`` uint8 bit planes -> ``(m, n)`` codes, in the narrowest integer type
+    (uint8 up to 8 bits): one shift-or per plane over contiguous rows."""
+    width = planes.shape[1]
+    if width == 1:
+        return planes[:, 0]
+    kind = torch.uint8 if width <= 8 else torch.int32
+    acc = planes[:, 0].to(kind)
     for b in range(1, width):
-        out |= planes[b].to(torch.int64) << b
-    return out
+        acc.bitwise_or_(planes[:, b].to(kind).bitwise_left_shift_(b))
+    return acc
+
+
+#: bytes -> bit-gathering multiplier: sum over j of 2**(56 - 7 j)
+_MAGIC = sum(1 << (56 - 7 * j) for j in range(8))
+_SHIFTS = torch.arange(16, dtype=torch.int32)
+#: _SPREAD[byte] = bit j of byte in byte j of an int64 (little-endian)
+_SPREAD = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).mul(
+    torch.tensor([1 << (8 * j) for j in range(8)])).sum(1)

@@ -15,12 +15,21 @@ Method (Abrahamyan & Deligiannis, patent EP3920097 and arXiv 2103.08870; see doc
    ``m = ceil(innovation_ratio * D)`` positions where its own code is worst; every worker encodes
    its values on I to a latent of ~K/4 floats; the latents and the values at the m positions are
    all-reduced (mean) and everyone decodes ``D(mean z)`` onto I, exact at the m positions.
+   Guard (``rar_fallback``): if the leader's own code (after the fix-ups) loses to exact
+   values on its ``Z + m`` largest positions (``best``) or to sending nothing
+   (``worse_than_none``), the round sends those exact values instead, in the same slots
+   (same bytes; the flag is the sign of the scale), which keeps error feedback contractive.
    ``variant="ps"``: the leader broadcasts I, the scale and its latent ``E(v_r)``; each worker
    predicts its own values with its decoder ``p_i = D_i(E(v_r))`` and sends only its innovation:
    its least-squares gain ``a_i`` on ``p_i`` (one float, which makes the reconstruction
    contractive so error feedback stays bounded) and the m positions where ``a_i p_i`` is worst,
    with their true values; every worker (the emulated server) decodes all N and averages.
-4. Error feedback keeps ``x - (what the group reconstructs of this worker's values)``.
+4. Error feedback keeps ``x - (what the group reconstructs of this worker's values)``, its norm
+   capped at ``ef_clip * ||u||`` (u: this step's momentum-corrected gradient; default 2), so
+   entries delayed for hundreds of steps at rho = 1e-3 cannot return as one destabilising burst.
+
+Modules: this one (options, plan, stages 1-2, message level, state); the compressed rounds in
+:mod:`.lgc_ps` and :mod:`.lgc_rar`; the autoencoder in :mod:`.lgc_ae`.
 
 Design choices (documented in docs/lgc.md): the leader sends its positions *ordered by its own
 values* (the order of a set that is sent anyway costs nothing), which turns every worker's value
@@ -36,16 +45,16 @@ Tuning: ``ratio`` sets K (1e-3 in the paper); ``innovation_ratio`` the PS uplink
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from pydantic import Field
 
-from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register
-from tandem.codecs.dense import flatten, unflatten
+from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register, unflat
 from tandem.codecs.lgc_ae import AETrainer, Ctx, latent_size, mean_ms, rms
+from tandem.codecs.lgc_ps import ps_round
+from tandem.codecs.lgc_rar import rar_round
 from tandem.codecs.topk import keep_count, numel, select_topk, sparse_mean
 from tandem.transport.packing import pack, unpack
 
@@ -77,6 +86,13 @@ class LGCOptions(CodecOptions):
     activation: Literal["none", "leaky_relu"] = Field("none", description="between conv layers")
     leader: Literal["rotating", "fixed"] = Field("rotating", description="rotating: step mod N; "
                                                  "fixed: rank 0")
+    ef_clip: float = Field(2.0, ge=0, description="cap the error-feedback residual's norm at "
+                           "ef_clip x the norm of this step's (momentum-corrected) gradient; "
+                           "0 = off")
+    rar_fallback: Literal["best", "worse_than_none", "off"] = Field(
+        "best", description="rar: the leader replaces the latent round by exact values on its "
+        "Z+m largest positions (same bytes) when its code loses to them (best) or is worse than "
+        "sending nothing (worse_than_none)")
 
 
 @dataclass
@@ -88,6 +104,9 @@ class Plan:
     k: int
     m: int
     z: int
+    #: the compressed layers are one contiguous range of the flat gradient: [start, stop)
+    start: int = 0
+    stop: int = 0
 
 
 @register
@@ -104,11 +123,19 @@ class LGCCodec(Codec):
         self.ae: AETrainer | None = None
         self.codec_s: list[float] = []
         self.resyncs = 0
+        self.fallbacks = 0
+        self._plans: dict[tuple[tuple[int, ...], ...], Plan] = {}
         self.synced = False
         self._sent_idx: torch.Tensor | None = None
 
     # ---- plan and stages --------------------------------------------------------------------
     def plan(self, shapes: list[tuple[int, ...]]) -> Plan:
+        key = tuple(tuple(s) for s in shapes)
+        if key not in self._plans:
+            self._plans[key] = self._make_plan(list(key))
+        return self._plans[key]
+
+    def _make_plan(self, shapes: list[tuple[int, ...]]) -> Plan:
         o = self.opts
         multi = [i for i, s in enumerate(shapes) if len(s) >= 2]
         dense: set[int] = set()
@@ -119,7 +146,14 @@ class LGCCodec(Codec):
         sizes = [numel(shapes[i]) for i in comp]
         k = sum(keep_count(n, o.ratio) for n in sizes)
         m = min(k, max(1, math.ceil(o.innovation_ratio * sum(sizes) - 1e-9)))
-        return Plan(shapes, sorted(dense), comp, sizes, k, m, latent_size(k) if k else 0)
+        offs = [0]
+        for sh in shapes:
+            offs.append(offs[-1] + numel(sh))
+        if comp and comp != list(range(comp[0], comp[-1] + 1)):
+            raise AssertionError("lgc: compressed layers must be contiguous")
+        start, stop = (offs[comp[0]], offs[comp[-1] + 1]) if comp else (0, 0)
+        return Plan(shapes, sorted(dense), comp, sizes, k, m, latent_size(k) if k else 0,
+                    start, stop)
 
     def stage_lengths(self) -> tuple[int, int]:
         o = self.opts
@@ -167,9 +201,10 @@ class LGCCodec(Codec):
         self.rank = me
         g = group or transport.world_group
         p = self.plan([tuple(t.shape) for t in grads])
-        corrected = self.with_residual(grads)
-        x = flatten([corrected[i].float() for i in p.comp])
-        dense = flatten([corrected[i].float() for i in p.dense])
+        flat = self.corrected_flat(grads)
+        unorm = self._step_norm(grads)
+        x = flat[p.start: p.stop]
+        dense = self._dense_part(p, flat)
         stage = self.stage_at(self.step) if p.k else 1
         leader = self.leader_at(self.step, n)
         src = g.ranks[leader]
@@ -200,34 +235,44 @@ class LGCCodec(Codec):
                 out_x = summed[dense.numel():]
         elif out_x is None:
             out_x = x
-        out = self._assemble(p, out_x, dense)
-        transmitted = self._assemble(p, sent_x, flatten([corrected[i].float() for i in p.dense]))
-        self.keep_residual(corrected, transmitted, self._masks(p, x.numel()))
+        out = self._join(p, out_x, dense)
+        transmitted = self._join(p, sent_x, self._dense_part(p, flat))
+        sent, self._sent_idx = self._sent_idx, None
+        self.keep_flat(flat, transmitted=transmitted, sent=None if sent is None else sent + p.start)
+        self._clip_residual(unorm)
         self.step += 1
-        return out
+        return unflat(out, p.shapes)
 
-    def _masks(self, p: Plan, dim: int) -> list[torch.Tensor | None] | None:
-        """Momentum factor masking: the sparsified positions sent this step (dense layers and
-        dense warm-up: none)."""
-        idx, self._sent_idx = self._sent_idx, None
-        if idx is None:
+    def _step_norm(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """``||u||`` (the local velocity with momentum correction) for ``ef_clip``, else None."""
+        if not self.opts.ef_clip:
             return None
-        mask = torch.zeros(dim, dtype=torch.bool)
-        mask[idx] = True
-        out: list[torch.Tensor | None] = [None] * len(p.shapes)
-        for i, t in zip(p.comp, unflatten(mask, [p.shapes[i] for i in p.comp]), strict=True):
-            out[i] = t
-        return out
+        u = self._velocity_next
+        return u.norm() if u is not None else torch.cat([g.reshape(-1) for g in grads]).norm()
 
-    def _assemble(self, p: Plan, comp_flat: torch.Tensor, dense_flat: torch.Tensor
-                  ) -> list[torch.Tensor]:
-        out: list[torch.Tensor] = [torch.empty(0)] * len(p.shapes)
-        for i, t in zip(p.comp, unflatten(comp_flat, [p.shapes[i] for i in p.comp]), strict=True):
-            out[i] = t
-        for i, t in zip(p.dense, unflatten(dense_flat, [p.shapes[i] for i in p.dense]),
-                        strict=True):
-            out[i] = t
-        return out
+    def _clip_residual(self, unorm: torch.Tensor | None) -> None:
+        """``ef_clip``: scale the flat residual (the per-layer views see it) to at most
+        ``ef_clip * ||u||``: this forgets the oldest part of long-delayed entries rather than
+        sending it as one burst (see docs/lgc.md, "Residual cap")."""
+        cached = self._flat_cache.get("residuals")
+        if unorm is None or cached is None or cached[0] is not self.residuals:
+            return
+        cap, rn = self.opts.ef_clip * float(unorm), float(cached[1].norm())
+        if rn > cap > 0:
+            cached[1].mul_(cap / rn)
+
+    @staticmethod
+    def _dense_part(p: Plan, flat: torch.Tensor) -> torch.Tensor:
+        if not p.dense:
+            return flat.new_empty(0)
+        return torch.cat([flat[: p.start], flat[p.stop:]])
+
+    @staticmethod
+    def _join(p: Plan, comp_flat: torch.Tensor, dense_flat: torch.Tensor) -> torch.Tensor:
+        """The flat gradient from its compressed range and its dense layers."""
+        if not p.dense:
+            return comp_flat
+        return torch.cat([dense_flat[: p.start], comp_flat, dense_flat[p.start:]])
 
     def _topk_round(self, x: torch.Tensor, p: Plan, ctx: Ctx) -> tuple[torch.Tensor, ...]:
         """Stage 1: plain top-k with error feedback (values fp32 + int32 positions), gathered,
@@ -244,7 +289,7 @@ class LGCCodec(Codec):
         parts = [unpack(b, [(torch.float32, (k,)), (torch.int32, (k,))]) for b in bufs]
         return sparse_mean([a for a, _ in parts], [b for _, b in parts], x.numel()), sent
 
-    def _shared_positions(self, x: torch.Tensor, p: Plan, ctx: Ctx,
+    def shared_positions(self, x: torch.Tensor, p: Plan, ctx: Ctx,
                           extra: list[torch.Tensor] | None = None,
                           specs: list[tuple[torch.dtype, tuple[int, ...]]] | None = None,
                           order: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -264,7 +309,7 @@ class LGCCodec(Codec):
 
     def _train_round(self, x: torch.Tensor, p: Plan, ctx: Ctx) -> tuple[torch.Tensor, ...]:
         """Stage 2: values on the leader's positions, gathered; one AE step on all of them."""
-        idx = self._shared_positions(x, p, ctx)[0]
+        idx = self.shared_positions(x, p, ctx)[0]
         self._sent_idx = idx
         v = x[idx]
         vs = torch.stack(ctx.all_gather(v)) if ctx.n > 1 else v.unsqueeze(0)
@@ -279,74 +324,10 @@ class LGCCodec(Codec):
     def _compressed_round(self, x: torch.Tensor, dense: torch.Tensor, p: Plan, ctx: Ctx
                           ) -> tuple[torch.Tensor, ...]:
         ae = self.trainer(p, ctx.n)
-        lead = ctx.me == ctx.leader
-        out = torch.zeros_like(x)
-        sent = torch.zeros_like(x)
-        order = self.ordered_topk(x, p) if lead else None
+        order = self.ordered_topk(x, p) if ctx.me == ctx.leader else None
         if self.opts.variant == "rar":
-            t0 = time.perf_counter()
-            extra = None
-            if lead:  # scale, and the m positions where the leader's own code is worst
-                s_r = rms(x[order])
-                err = (x[order] - ae.decode(ae.encode(x[order] / s_r)) * s_r).abs()
-                extra = [torch.stack([s_r]), err.topk(p.m, sorted=False).indices.to(torch.int32)]
-            lead_s = time.perf_counter() - t0
-            idx, s, fix = self._shared_positions(x, p, ctx, extra, [(torch.float32, (1,)),
-                                                                    (torch.int32, (p.m,))], order)
-            fix = fix.long()
-            self._sent_idx = idx
-            t0 = time.perf_counter()
-            v = x[idx]
-            z = ae.encode(v / s)
-            mine = ae.decode(z) * s
-            mine[fix] = v[fix]
-            spent = lead_s + time.perf_counter() - t0
-            buf = torch.cat([dense, z, v[fix]])
-            if ctx.n > 1:
-                buf = ctx.all_reduce(buf).wait() / ctx.n
-            t0 = time.perf_counter()
-            nd = dense.numel()
-            got = ae.decode(buf[nd: nd + p.z]) * s
-            got[fix] = buf[nd + p.z:]
-            out[idx] = got
-            self.codec_s.append(spent + time.perf_counter() - t0)
-            sent[idx] = mine
-            return out, sent, buf[:nd]
-        extra = None
-        t0 = time.perf_counter()
-        if lead:
-            s_r = rms(x[order])
-            extra = [torch.stack([s_r]), ae.encode(x[order] / s_r)]
-        lead_s = time.perf_counter() - t0
-        idx, s, z = self._shared_positions(x, p, ctx, extra, [(torch.float32, (1,)),
-                                                              (torch.float32, (p.z,))], order)
-        t0 = time.perf_counter() - lead_s
-        self._sent_idx = idx
-        v = x[idx]
-        preds = [ae.decode(z, j) * s for j in range(ctx.n)]
-        # This worker's least-squares gain on its prediction: gain * pred is the projection of
-        # v onto pred, so ||v - gain * pred|| <= ||v|| whatever the decoder says. Without it a
-        # prediction driven by the leader's latent and scale can exceed v many times over; error
-        # feedback then keeps -pred, the next leader's scale grows with it, and the run diverges.
-        mine = preds[ctx.me]
-        gain = (v @ mine) / (mine @ mine).clamp_min(1e-30)
-        err = (v - gain * mine).abs()
-        pos = err.topk(p.m, sorted=False).indices
-        code = pack([gain.reshape(1).float(), v[pos], pos.to(torch.int32)])
-        t1 = time.perf_counter()
-        msgs = ctx.all_gather(code) if ctx.n > 1 else [code]
-        t2 = time.perf_counter()
-        recon = []
-        for j, b in enumerate(msgs):
-            a, vals, where = unpack(b, [(torch.float32, (1,)), (torch.float32, (p.m,)),
-                                        (torch.int32, (p.m,))])
-            r = preds[j] * a
-            r[where.long()] = vals
-            recon.append(r)
-        out[idx] = torch.stack(recon).mean(0)
-        sent[idx] = recon[ctx.me]
-        self.codec_s.append((t1 - t0) + (time.perf_counter() - t2))
-        return out, sent, dense
+            return rar_round(self, x, dense, p, ctx, ae, order)
+        return ps_round(self, x, dense, p, ctx, ae, order)
 
     def _verify_sync(self, p: Plan, ctx: Ctx) -> None:
         """Once, on entering stage 3: check that every copy of the AE is identical (control
@@ -369,20 +350,22 @@ class LGCCodec(Codec):
     # with error feedback (+ the dense layers), positions ordered by value.
     def encode(self, grads: list[torch.Tensor]) -> Message:
         p = self.plan([tuple(t.shape) for t in grads])
-        corrected = self.with_residual(grads)
-        x = flatten([corrected[i].float() for i in p.comp])
-        dense = flatten([corrected[i].float() for i in p.dense])
+        flat = self.corrected_flat(grads)
+        x = flat[p.start: p.stop]
+        dense = self._dense_part(p, flat)
         idx = self.ordered_topk(x, p)
         msg = Message([idx.to(torch.int32), x[idx], dense], {"shapes": p.shapes, "dim": x.numel()})
-        self._sent_idx = idx
-        self.keep_residual(corrected, self.decode(msg), self._masks(p, x.numel()))
+        self.keep_flat(flat, transmitted=self._decode_flat(p, msg), sent=idx + p.start)
         return msg
+
+    def _decode_flat(self, p: Plan, msg: Message) -> torch.Tensor:
+        x = torch.zeros(msg.meta["dim"])
+        x[msg.tensors[0].long()] = msg.tensors[1]
+        return self._join(p, x, msg.tensors[2])
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
         p = self.plan(msg.meta["shapes"])
-        x = torch.zeros(msg.meta["dim"])
-        x[msg.tensors[0].long()] = msg.tensors[1]
-        return self._assemble(p, x, msg.tensors[2])
+        return unflat(self._decode_flat(p, msg), p.shapes)
 
     # ---- state and report ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -413,6 +396,7 @@ class LGCCodec(Codec):
             k = ae.meta["k"]
             info.update(k=k, latent_floats=latent_size(k), ae_params=ae.n_params,
                         ae_memory_bytes=ae.memory_bytes(), ae_resyncs=self.resyncs,
+                        rar_fallbacks=self.fallbacks,
                         ae_train_ms_per_step=mean_ms(ae.train_s),
                         ae_loss_first=ae.losses[0] if ae.losses else None,
                         ae_loss_last=ae.losses[-1] if ae.losses else None,

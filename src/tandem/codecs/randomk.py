@@ -15,7 +15,7 @@ Bytes per worker per step: all-reduce of ``4 * k`` bytes, ``k = ceil(ratio * D)`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import Field
@@ -27,9 +27,9 @@ from tandem.codecs.base import (
     group_rank,
     register,
     step_generator,
+    unflat,
 )
-from tandem.codecs.dense import flatten, unflatten
-from tandem.codecs.topk import keep_count, sent_masks
+from tandem.codecs.topk import keep_count
 
 if TYPE_CHECKING:
     from tandem.transport.group import Group, Transport
@@ -49,8 +49,19 @@ class RandomKCodec(Codec):
     error_feedback = True
     Options = RandomKOptions
 
+    def __init__(self, options: Any = None, *, seed: int = 0) -> None:
+        super().__init__(options, seed=seed)
+        self._pos_key: tuple[int, int] | None = None
+        self._pos = torch.empty(0, dtype=torch.int64)
+
     def positions(self, dim: int, step: int) -> torch.Tensor:
         """The positions of ``step``: the same on every worker with the same seed."""
+        if self._pos_key == (dim, step):
+            return self._pos
+        self._pos_key, self._pos = (dim, step), self._draw(dim, step)
+        return self._pos
+
+    def _draw(self, dim: int, step: int) -> torch.Tensor:
         gen = step_generator(self.seed, step, 0x52414E44)
         k = keep_count(dim, self.opts.ratio)
         if 4 * k > dim:
@@ -64,11 +75,10 @@ class RandomKCodec(Codec):
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
-        corrected = self.with_residual(grads)
-        flat = flatten([c.float() for c in corrected])
+        flat = self.corrected_flat(grads)
         idx = self.positions(flat.numel(), self.step)
         msg = Message([flat[idx]], {"shapes": shapes, "dim": flat.numel()})
-        self.keep_residual(corrected, self.decode(msg), sent_masks(idx, flat.numel(), shapes))
+        self.keep_flat(flat, split=idx)
         return msg
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
@@ -76,7 +86,7 @@ class RandomKCodec(Codec):
         receiver sets ``step`` before decoding, so the positions never travel)."""
         out = torch.zeros(msg.meta["dim"], dtype=torch.float32)
         out[self.positions(msg.meta["dim"], self.step)] = msg.tensors[0]
-        return unflatten(out, msg.meta["shapes"])
+        return unflat(out, msg.meta["shapes"])
 
     def exchange(self, grads: list[torch.Tensor], transport: Transport,
                  group: Group | None = None) -> list[torch.Tensor]:

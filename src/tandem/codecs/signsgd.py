@@ -17,12 +17,13 @@ Transfer: gathered (the scales differ per worker). Bytes per code: ``4 * L + cei
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 from pydantic import Field
 
-from tandem.codecs.base import Codec, CodecOptions, Message, register
-from tandem.codecs.bits import pack_bits, unpack_bits
-from tandem.codecs.dense import flatten, unflatten
+from tandem.codecs.base import Codec, CodecOptions, Message, register, unflat
+from tandem.codecs.bits import pack_bits, unpack_planes
 from tandem.codecs.topk import numel
 
 
@@ -41,18 +42,46 @@ class SignSGDCodec(Codec):
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
-        corrected = self.with_residual(grads)
-        scales = torch.stack([c.float().abs().mean() if c.numel() else torch.zeros(())
-                              for c in corrected])
-        flat = flatten([c.float() for c in corrected])
-        bits = pack_bits((flat >= 0).to(torch.int64), 1)
-        msg = Message([scales, bits], {"shapes": shapes, "dim": flat.numel()})
-        self.keep_residual(corrected, self.decode(msg))
+        key = tuple(shapes)
+        flat = self.corrected_flat(grads)
+        counts = layer_counts(key)
+        scales = torch.segment_reduce(flat.abs(), "sum", lengths=counts).div_(counts.clamp_min(1))
+        positive = flat >= 0
+        msg = Message([scales, pack_bits(positive, 1)], {"shapes": shapes, "dim": flat.numel()})
+        if self.uses_error_feedback() or self.track_transmitted:
+            # what the receivers decode, computed directly (no unpack of our own bits)
+            per = scales.index_select(0, layer_ids(key))
+            self.keep_flat(flat, transmitted=torch.where(positive, per, per.neg()))
+        else:
+            self.keep_flat(flat, transmitted=flat)
         return msg
 
+    def _decode_mean(self, msgs: list[Message]) -> torch.Tensor:
+        """The mean of the decoded messages, in one batch: all sign bits unpacked at once,
+        ``(2 bit - 1) * scale`` summed over the messages."""
+        key, dim, k = tuple(msgs[0].meta["shapes"]), msgs[0].meta["dim"], len(msgs)
+        bits = torch.stack([m.tensors[1] for m in msgs])
+        scales = torch.stack([m.tensors[0] for m in msgs])
+        signs = unpack_planes(bits, dim, 1).view(k, dim).to(torch.float32)
+        per = scales.index_select(1, layer_ids(key))
+        out = signs.mul_(2.0).sub_(1.0).mul_(per)
+        return out.sum(0).div_(k) if k > 1 else out.view(-1)
+
     def decode(self, msg: Message) -> list[torch.Tensor]:
-        shapes = msg.meta["shapes"]
-        signs = unpack_bits(msg.tensors[1], msg.meta["dim"], 1).float() * 2.0 - 1.0
-        counts = torch.tensor([numel(s) for s in shapes], dtype=torch.int64)
-        per = torch.repeat_interleave(msg.tensors[0], counts)
-        return unflatten(per * signs, shapes)
+        return unflat(self._decode_mean([msg]), msg.meta["shapes"])
+
+    def aggregate(self, msgs: list[Message]) -> list[torch.Tensor]:
+        return unflat(self._decode_mean(msgs), msgs[0].meta["shapes"])
+
+
+@lru_cache(maxsize=16)
+def layer_counts(shapes: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """Entries per layer (int64), cached per model."""
+    return torch.tensor([numel(s) for s in shapes], dtype=torch.int64)
+
+
+@lru_cache(maxsize=16)
+def layer_ids(shapes: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """The layer of every entry (cached per model)."""
+    counts = layer_counts(shapes)
+    return torch.repeat_interleave(torch.arange(counts.numel()), counts)

@@ -22,13 +22,14 @@ moves ``(N - 1) * 8k`` per rank.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import Literal
 
 import torch
 from pydantic import Field
 
 from tandem.codecs.base import Codec, CodecOptions, Message, register
-from tandem.codecs.dense import flatten, unflatten
+from tandem.codecs.dense import unflatten
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -40,18 +41,72 @@ def keep_count(n: int, ratio: float) -> int:
     return max(1, min(n, math.ceil(ratio * n - 1e-9))) if n > 0 else 0
 
 
+#: layers at most this long take a plain ``torch.topk``; longer ones a threshold pre-filter
+SMALL = 4096
+#: strided samples per long layer from which the pre-filter's threshold is read
+SAMPLES = 512
+
+
+@lru_cache(maxsize=64)
+def _layout(sizes: tuple[int, ...], ratio: float) -> tuple[torch.Tensor, ...]:
+    """Cached index tensors for :func:`select_topk` (one set per model and density)."""
+    big = [i for i, n in enumerate(sizes) if n > SMALL]
+    offs = [0]
+    for n in sizes:
+        offs.append(offs[-1] + n)
+    sample = torch.cat([offs[i] + torch.arange(SAMPLES) * sizes[i] // SAMPLES for i in big]) \
+        if big else torch.empty(0, dtype=torch.int64)
+    # the sample rank of the threshold: ~3x the expected share of the top k, plus a margin of 4
+    # (a deficit, fewer than k candidates above it, falls back to an exact torch.topk)
+    rank = torch.tensor([min(SAMPLES - 1, math.ceil(3 * keep_count(sizes[i], ratio) * SAMPLES
+                                                     / sizes[i]) + 4) for i in big])
+    ks = torch.tensor([keep_count(sizes[i], ratio) for i in big])
+    starts = torch.tensor([offs[i] for i in big])
+    ends = torch.tensor([offs[i + 1] for i in big])
+    return torch.tensor(big, dtype=torch.int64), sample, rank, ks, starts, ends
+
+
+def _topk_long(mag: torch.Tensor, layout: tuple[torch.Tensor, ...]) -> list[torch.Tensor] | None:
+    """Exact per-layer top-k of the long layers through a threshold pre-filter: a threshold
+    below each layer's k-th largest (read from strided samples) keeps a few times k
+    candidates, and an exact top-k among them is the exact top-k of the layer (ties aside).
+    ``None`` when a threshold was too high (fewer than k candidates): the caller runs
+    ``torch.topk`` on the whole layer instead."""
+    big, sample, rank, ks, starts, ends = layout
+    nb = big.numel()
+    samp = mag[sample].view(nb, SAMPLES).sort(1, descending=True).values
+    thr = samp.gather(1, rank.view(nb, 1)).view(nb)
+    out = []
+    for j in range(nb):
+        seg = mag[int(starts[j]): int(ends[j])]
+        cand = (seg >= thr[j]).nonzero().view(-1)
+        k = int(ks[j])
+        if cand.numel() < k:
+            return None
+        out.append(cand[seg[cand].topk(k, sorted=False).indices] + int(starts[j]))
+    return out
+
+
 def select_topk(flat: torch.Tensor, sizes: list[int], ratio: float,
                 scope: str = "layer") -> torch.Tensor:
-    """Positions (int64, into ``flat``) of the largest |entries|: per layer or global."""
+    """Positions (int64, into ``flat``) of the largest |entries|: per layer or global.
+
+    Exact (the k largest, ties broken arbitrarily). Layers longer than :data:`SMALL` are
+    pre-filtered by a sampled threshold (DGC's trick, kept exact: only the candidates above it
+    are sorted), which is several times cheaper than ``torch.topk`` over the whole layer."""
     mag = flat.abs()
     if scope == "global":
-        return mag.topk(keep_count(flat.numel(), ratio), sorted=False).indices
+        sizes = [flat.numel()]
+    layout = _layout(tuple(sizes), float(ratio))
+    long_parts = _topk_long(mag, layout) if layout[0].numel() else []
     parts, offset = [], 0
-    for n in sizes:
+    big = set(layout[0].tolist())
+    for i, n in enumerate(sizes):
         k = keep_count(n, ratio)
-        if k:
+        if k and (i not in big or long_parts is None):
             parts.append(mag[offset: offset + n].topk(k, sorted=False).indices + offset)
         offset += n
+    parts += long_parts or []
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
 
 
@@ -97,13 +152,11 @@ class TopKCodec(Codec):
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
-        corrected = self.with_residual(grads)
-        flat = flatten([c.float() for c in corrected])
+        flat = self.corrected_flat(grads)
         sizes = [numel(s) for s in shapes]
         idx = select_topk(flat, sizes, self.ratio_at(self.step), self.opts.scope)
-        values = flat[idx]
-        msg = Message([values, idx.to(torch.int32)], {"shapes": shapes, "dim": flat.numel()})
-        self.keep_residual(corrected, self.decode(msg), sent_masks(idx, flat.numel(), shapes))
+        msg = Message([flat[idx], idx.to(torch.int32)], {"shapes": shapes, "dim": flat.numel()})
+        self.keep_flat(flat, split=idx)
         return msg
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
