@@ -44,26 +44,28 @@ def link_timing(net: str, sizes: list[int]) -> list[tuple[int, float, float]]:
     return rows
 
 
-def die_mid_run(victim: int, steps: int) -> int:
+def die_mid_run(victim: int, steps: int, caller_waits: bool = False) -> int:
     """Every rank all-reduces in a loop; ``victim`` kills itself with SIGKILL at step 3."""
     t = transport_from_env(timeout_s=20)
     for step in range(steps):
         if t.rank == victim and step == 3:
             os.kill(os.getpid(), signal.SIGKILL)
-        t.all_reduce(torch.ones(10)).wait()
+        t.all_reduce(torch.ones(10), caller_waits=caller_waits).wait()
         time.sleep(0.05)
     t.close()
     return steps
 
 
-def silent_peer(timeout_s: float) -> int:
+def silent_peer(timeout_s: float, caller_waits: bool = False) -> int:
     """Rank 1 never joins the all-reduce (it sleeps): rank 0's wait must name rank 1."""
     t = transport_from_env(timeout_s=timeout_s)
     if t.rank == 1:
         time.sleep(timeout_s + 8)
         t.close(graceful=False)
         return 1
-    t.all_reduce(torch.ones(10)).wait()
+    pending = t.all_reduce(torch.ones(10), caller_waits=caller_waits)
+    assert caller_waits == (type(pending).__name__ == "CallerWait")
+    pending.wait()
     return 0
 
 

@@ -42,11 +42,12 @@ def test_emulated_link_time_matches_model():
         assert p2p == pytest.approx(want_p2p, rel=0.25), (n, p2p, want_p2p)
 
 
-def test_killed_worker_is_named_by_survivors_within_timeout():
+@pytest.mark.parametrize("caller_waits", [False, True])
+def test_killed_worker_is_named_by_survivors_within_timeout(caller_waits):
     timeout = 20
     t0 = time.monotonic()
     with pytest.raises(WorkerFailed) as info:
-        spawn(jobs.die_mid_run, 3, 2, 200, timeout_s=120)
+        spawn(jobs.die_mid_run, 3, 2, 200, caller_waits, timeout_s=120)
     elapsed = time.monotonic() - t0
     err = info.value
     assert 2 in err.ranks and "rank 2" in str(err)
@@ -56,8 +57,9 @@ def test_killed_worker_is_named_by_survivors_within_timeout():
     assert elapsed < timeout + 10
 
 
-def test_silent_peer_is_named_on_timeout():
+@pytest.mark.parametrize("caller_waits", [False, True])
+def test_silent_peer_is_named_on_timeout(caller_waits):
     with pytest.raises(WorkerFailed) as info:
-        spawn(jobs.silent_peer, 2, 4.0, timeout_s=60)
+        spawn(jobs.silent_peer, 2, 4.0, caller_waits, timeout_s=60)
     msg = info.value.details[0]
     assert "PeerTimeout" in msg and "[1]" in msg, msg

@@ -78,6 +78,7 @@ class DenseCodec(Codec):
         self.rank, size = group_rank(transport, group)
         self.step += 1
         if size > 1:
-            transport.all_reduce(span, group=group).wait()
+            # the caller waits at once and a failed exchange ends the run: skip the waiter thread
+            transport.all_reduce(span, group=group, caller_waits=True).wait()
             span.div_(size)
         return unflatten(span, [tuple(g.shape) for g in grads])

@@ -46,7 +46,7 @@ class ProcessGroupTransport:
         return group or self.world_group
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, group: Group | None = None,
-                   category: str = "train") -> Done:
+                   category: str = "train", caller_waits: bool = False) -> Done:
         g = self._g(group)
         t = costs.all_reduce(tensor.numel() * tensor.element_size(), g.size)
         self.meter.record("all_reduce", t.sent, t.recv, category=category)

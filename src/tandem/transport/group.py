@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tandem.config import NetConfig
 from tandem.transport import costs
 from tandem.transport.accounting import ByteMeter, StepBytes
-from tandem.transport.liveness import Liveness, Pending, Scheduler, Waiters
+from tandem.transport.liveness import CallerWait, Liveness, Pending, Scheduler, Waiters
 from tandem.transport.packing import (
     TensorSpec,
     header_of,
@@ -149,8 +149,13 @@ class Transport:
         *,
         group: Group | None = None,
         category: str = "train",
+        caller_waits: bool = False,
     ) -> Pending:
-        """In-place all-reduce; the handle's result is ``tensor``."""
+        """In-place all-reduce; the handle's result is ``tensor``.
+
+        ``caller_waits``: the caller waits at once and a failed wait ends its run; then, with no
+        emulated link on CPU, the caller's own thread waits on the engine (:class:`CallerWait`,
+        one thread wake-up fewer per collective)."""
         g = self._group(group)
         nbytes = tensor.numel() * tensor.element_size()
         traffic = costs.all_reduce(nbytes, g.size)
@@ -161,6 +166,9 @@ class Transport:
         issued = time.monotonic()
         self._note_collective(g)
         work = dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=g.pg, async_op=True)
+        if caller_waits and self.link.net is None and self.device.type == "cpu":
+            return CallerWait(work, tensor, pending.what, self.liveness,
+                              None if g is self.world_group else g.ranks, self.timeout_s)
         self._finish_collective(work, pending, traffic, issued, tensor, group=g)
         return pending
 
