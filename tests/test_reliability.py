@@ -158,3 +158,15 @@ def test_screen_gradients_policies():
         screen_gradients(bad, "stop", 4, 9, " in m")
     zeros, skipped = screen_gradients(bad, "skip", 4, 9)
     assert skipped and all(float(z.abs().sum()) == 0 for z in zeros)
+
+
+def test_finite_check_is_exact_around_its_fast_path():
+    """check_finite trusts a finite sum; an overflowing sum of finite values is still finite,
+    and a +Inf/-Inf pair (whose sum is NaN) or a lone NaN is still caught."""
+    from tandem.strategies.training import check_finite
+
+    big = torch.full((10,), 3e38)  # finite elements whose float32 sum overflows to inf
+    assert not torch.isfinite(big.sum()) and check_finite([big])
+    assert not check_finite([torch.tensor([float("inf"), float("-inf")])])
+    assert not check_finite([torch.ones(4), torch.tensor([0.0, float("nan")])])
+    assert check_finite([torch.randn(1000), torch.zeros(3)])

@@ -168,6 +168,14 @@ def screen_gradients(grads: list[torch.Tensor], policy: str, rank: int, step: in
 
 
 def check_finite(grads: list[torch.Tensor]) -> bool:
+    """True when no element is NaN or Inf.
+
+    A finite sum proves it (NaN and Inf propagate through a sum, and Inf + -Inf is NaN), at
+    ~1/30 of the cost of an elementwise test on a step's gradient; only a non-finite sum (a
+    real NaN/Inf, or an overflow of huge finite values) is checked element by element.
+    """
+    if all(math.isfinite(float(g.sum())) for g in grads):
+        return True
     return all(bool(torch.isfinite(g).all()) for g in grads)
 
 
