@@ -399,7 +399,7 @@ def report(b: Bench, args: Any, rows: list[tuple[str, dict[str, Any], Path]], ba
     b.note("codec_ms: median of 20 exchange() calls on real gradients (batch 32, 1 thread) through "
            f"a zero-cost {args.workers}-rank stand-in transport whose peers echo this rank "
            "(LGC: fixed leader = this rank, compressed stage); backward_ms: median "
-           "loss.backward() of the same model and batches; machine shared and loaded")
+           "loss.backward() of the same model and batches")
     b.note(f"benchmark wall time {time.time() - t_start:.0f} s")
     b.finish()
 

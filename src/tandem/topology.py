@@ -345,7 +345,7 @@ class PeerView:
         live = self.liveness
         if live is None:
             return proposal
-        with live._lock:  # the heartbeat thread shares this store client
+        with live.store_lock:  # the heartbeat thread shares this store client
             if not live.store.check([f"dead/{d}"]):
                 live.store.set(f"dead/{d}", f"stopped answering rank {self.rank}'s gossip")
             won = live.store.compare_set(f"gossip/drop/{d}", "", str(proposal))

@@ -92,9 +92,7 @@ def store_gather(transport: Any, tag: str, value: int, ranks: Iterable[int],
     raises :class:`PeerTimeout` naming it.
     """
     store, live = transport.store, transport.liveness
-    # One TCPStore client serves this process, and the heartbeat thread uses it too: every use
-    # goes under the liveness lock (concurrent requests on one client can interleave and hang).
-    lock = live._lock
+    lock = live.store_lock  # the heartbeat thread shares this process's store client
 
     def arrived(r: int) -> int | None:
         with lock:

@@ -220,6 +220,12 @@ class Liveness:
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def store_lock(self) -> threading.Lock:
+        """Hold it around any other use of this process's store client: the heartbeat thread
+        uses the same client, and concurrent requests on one client can interleave and hang."""
+        return self._lock
+
     def mark_dead(self, rank: int, why: str) -> None:
         with self._lock:
             self.store.set(f"dead/{rank}", why)
