@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import threading
 import time
 
 import torch
@@ -102,3 +104,19 @@ def raise_on_rank(bad: int) -> int:
     t.all_reduce(torch.ones(4)).wait()
     t.close()
     return t.rank
+
+
+def kill_after_checkpoint(run_dir, min_step: int, victim: int = 1):
+    """``spawn`` on_start hook: SIGKILL process ``victim`` once LATEST names a step >=
+    ``min_step`` (a real kill -9 at a moment a checkpoint exists)."""
+    def on_start(procs, _store):
+        def killer():
+            latest = run_dir / "checkpoints" / "LATEST"
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if latest.is_file() and json.loads(latest.read_text())["step"] >= min_step:
+                    os.kill(procs[victim].pid, signal.SIGKILL)
+                    return
+                time.sleep(0.01)
+        threading.Thread(target=killer, daemon=True).start()
+    return on_start

@@ -5,14 +5,11 @@ coded_ps (NaN screen, a dead worker as a permanent straggler). Real gloo process
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 
 import pytest
 import torch
 
+import jobs
 import ps_jobs
 import tandem
 from tandem import worker
@@ -23,21 +20,6 @@ from tandem.workloads.base import partition
 
 BASE = {"workload": {"name": "digits"}, "codec": "dense", "workers": 2, "steps": 24,
         "batch_size": 16, "lr": 0.1, "momentum": 0.9, "seed": 3, "progress": False}
-
-
-def _kill_after_checkpoint(run_dir, min_step: int, victim: int):
-    """on_start hook: SIGKILL rank ``victim`` once LATEST names a step >= ``min_step``."""
-    def on_start(procs, _store):
-        def killer():
-            latest = run_dir / "checkpoints" / "LATEST"
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if latest.is_file() and json.loads(latest.read_text())["step"] >= min_step:
-                    os.kill(procs[victim].pid, signal.SIGKILL)
-                    return
-                time.sleep(0.01)
-        threading.Thread(target=killer, daemon=True).start()
-    return on_start
 
 
 def test_sync_kill_server_then_resume_equals_uninterrupted(tmp_path):
@@ -51,7 +33,7 @@ def test_sync_kill_server_then_resume_equals_uninterrupted(tmp_path):
     prepare_run_dir(cfg)
     with pytest.raises(WorkerFailed) as info:
         spawn(worker.main, 3, cfg.model_dump(mode="json"), None, True, timeout_s=120,
-              on_start=_kill_after_checkpoint(cfg.run_dir(), 12, victim=2))
+              on_start=jobs.kill_after_checkpoint(cfg.run_dir(), 12, victim=2))
     assert 2 in info.value.ranks
     latest = json.loads((cfg.run_dir() / "checkpoints" / "LATEST").read_text())
     assert 12 <= latest["step"] < 24

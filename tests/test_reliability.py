@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-import time
 
 import pytest
 import torch
 
+import jobs
 import tandem
 from tandem import worker
 from tandem.api import prepare_run_dir
@@ -28,20 +26,6 @@ def _cfg(out, codec="dense", **kw):
     return tandem.load_config(base)
 
 
-def _kill_after_checkpoint(run_dir, min_step):
-    def on_start(procs, _store):
-        def killer():
-            latest = run_dir / "checkpoints" / "LATEST"
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                if latest.is_file() and json.loads(latest.read_text())["step"] >= min_step:
-                    os.kill(procs[1].pid, signal.SIGKILL)
-                    return
-                time.sleep(0.01)
-        threading.Thread(target=killer, daemon=True).start()
-    return on_start
-
-
 @pytest.mark.parametrize("codec", ["dense", "topk"])
 def test_kill_then_resume_equals_uninterrupted(tmp_path, codec):
     if codec not in CODECS:
@@ -52,7 +36,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, codec):
     prepare_run_dir(cfg)
     with pytest.raises(WorkerFailed) as info:
         spawn(worker.main, 2, cfg.model_dump(mode="json"), None, True, timeout_s=120,
-              on_start=_kill_after_checkpoint(cfg.run_dir(), 16))
+              on_start=jobs.kill_after_checkpoint(cfg.run_dir(), 16))
     assert 1 in info.value.ranks
     latest = json.loads((cfg.run_dir() / "checkpoints" / "LATEST").read_text())
     assert 16 <= latest["step"] < 40
