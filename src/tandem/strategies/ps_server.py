@@ -252,6 +252,21 @@ class PSServer:
                 self._lose(w, f"no push within {self.ctx.cfg.timeout_s:.0f}s")
 
     # ---- modes ----------------------------------------------------------------------------------
+    def _take(self, expected: dict[int, float]) -> tuple[int, Any] | None:
+        """The next push as (worker, payload), or None; a lost worker or a checkpoint mark that
+        arrives instead is handled here, the same way in every mode."""
+        item = self._next()
+        if item is None:
+            return None
+        kind, w, payload = item
+        if kind == "lost":
+            self._lose(w, payload)
+        elif kind == "ckpt":
+            self._mark(w, payload, expected)
+        elif w not in self.lost:
+            return w, payload
+        return None
+
     def _rounds(self) -> None:
         """sync and candidate: one averaged update per round of pushes from every live worker."""
         while self.active:
@@ -259,16 +274,10 @@ class PSServer:
             start = time.monotonic()
             expected = dict.fromkeys(self.active, start)
             while not self.active <= got.keys():
-                item = self._next()
-                if item is not None:
-                    kind, w, payload = item
-                    if kind == "lost":
-                        self._lose(w, payload)
-                    elif kind == "ckpt":
-                        self._mark(w, payload, expected)
-                    elif w not in self.lost:
-                        got[w] = self._decode(w, payload)
-                        expected.pop(w, None)
+                push = self._take(expected)
+                if push is not None:
+                    got[push[0]] = self._decode(*push)
+                    expected.pop(push[0], None)
                 self._check_silent(expected)
             order = sorted(w for w in got if w not in self.lost)
             if not order:
@@ -295,29 +304,24 @@ class PSServer:
         deferred: list[tuple[int, int]] = []
         expected = dict.fromkeys(self.active, time.monotonic())
         while self.active:
-            item = self._next()
+            push = self._take(expected)
             fresh = None
-            if item is not None:
-                kind, w, payload = item
-                if kind == "lost":
-                    self._lose(w, payload)
-                elif kind == "ckpt":
-                    self._mark(w, payload, expected)
-                elif w not in self.lost:
-                    header, grads = self._decode(w, payload)
-                    self.clock[w] += 1
-                    self._apply(grads, 1.0 / self._live())
-                    stale = self.version - 1 - header[1]
-                    self.staleness.append(stale)
-                    self.local_steps.append(header[2])
-                    expected.pop(w, None)
-                    if header[3] & FLAG_FINAL:
-                        self.active.discard(w)
-                        self.finished.add(w)
-                    else:
-                        fresh = (w, self.clock[w])
-                        deferred.append(fresh)
-                    self._record(staleness=stale, worker=w, clock=self.clock[w])
+            if push is not None:
+                w = push[0]
+                header, grads = self._decode(*push)
+                self.clock[w] += 1
+                self._apply(grads, 1.0 / self._live())
+                stale = self.version - 1 - header[1]
+                self.staleness.append(stale)
+                self.local_steps.append(header[2])
+                expected.pop(w, None)
+                if header[3] & FLAG_FINAL:
+                    self.active.discard(w)
+                    self.finished.add(w)
+                else:
+                    fresh = (w, self.clock[w])
+                    deferred.append(fresh)
+                self._record(staleness=stale, worker=w, clock=self.clock[w])
             floor = min((self.clock[j] for j in self.active), default=None)
             keep = []
             for w, k in deferred:
