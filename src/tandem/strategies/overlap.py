@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tandem.strategies.training import raise_non_finite
+from tandem.strategies.training import check_finite, raise_non_finite
 
 if TYPE_CHECKING:
     from tandem.strategies.training import LocalTrainer
@@ -110,7 +110,7 @@ class BucketedAllReduce:
     def _launch(self, b: int) -> None:
         lo, hi = self.buckets[b]
         span = self.flat[lo:hi]
-        if not bool(torch.isfinite(span).all()):
+        if not check_finite([span]):
             self._armed = False
             raise_non_finite(self.transport.rank, self._step)
         self._pending.append(self.transport.all_reduce(span))
