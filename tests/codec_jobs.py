@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from tandem.codecs import make_codec
+from tandem.codecs.positions import positions_nbytes
 from tandem.transport import costs
 from tandem.transport.accounting import ByteMeter
 from tandem.transport.adapter import Done
@@ -142,16 +143,19 @@ def lgc_expected_sent(p: Any, variant: str, step: int, rank: int, n: int, warm: 
     the warm-up's (ramped) top-k count at ``step`` (default: the plan's K)."""
     dense = 4 * sum(_numel(p.shapes[i]) for i in p.dense)
     k, z, m = p.k, p.z, p.m
+    d = sum(p.sizes)
+    pk, pm = positions_nbytes(k, d), positions_nbytes(m, k)
     lead = rank == step % n
     ar = costs.all_reduce(dense, n).sent
     if step < warm:
-        return ar + costs.all_gather(8 * (k if k_warm is None else k_warm), n).sent
+        kw = k if k_warm is None else k_warm
+        return ar + costs.all_gather(4 * kw + positions_nbytes(kw, d), n).sent
     if step < warm + ae:
-        return ar + costs.broadcast(4 * k, n, lead).sent + costs.all_gather(4 * k, n).sent
+        return ar + costs.broadcast(pk, n, lead).sent + costs.all_gather(4 * k, n).sent
     if variant == "ps":
-        return (ar + costs.broadcast(4 * k + 4 + 4 * z, n, lead).sent
-                + costs.all_gather(4 + 8 * m, n).sent)
-    return (costs.broadcast(4 * k + 4 + 4 * m, n, lead).sent
+        return (ar + costs.broadcast(pk + 4 + 4 * z, n, lead).sent
+                + costs.all_gather(4 + 4 * m + pm, n).sent)
+    return (costs.broadcast(pk + 4 + pm, n, lead).sent
             + costs.all_reduce(dense + 4 * z + 4 * m, n).sent)
 
 

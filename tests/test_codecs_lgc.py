@@ -14,6 +14,7 @@ import torch
 from codec_jobs import correlated_grads, mean_of, run_threads
 from tandem.codecs import make_codec
 from tandem.codecs.lgc_ae import latent_size
+from tandem.codecs.positions import positions_nbytes
 from tandem.codecs.topk import keep_count
 from tandem.errors import ConfigError
 from tandem.transport import costs
@@ -116,16 +117,22 @@ def test_reconstructs_mean_of_correlated_gradients(variant):
 @pytest.mark.parametrize("variant", ["rar", "ps"])
 def test_per_step_bytes_match_m1(variant):
     """Breaks if LGC sends more (or less) than M1 says, counted exactly by the meter. Per rank:
-    dense layers all-reduced; stage 1 top-k all-gathered (8 bytes per entry); stage 2 leader's
-    int32 positions broadcast + fp32 values all-gathered; stage 3 the leader broadcasts
-    positions + scale (+ its ~K/4-float latent in PS, + the m fix-up positions in RAR); then PS
-    all-gathers each worker's innovation (m values + m positions: ~2 rho_in D numbers) and RAR
-    all-reduces the ~K/4-float latent with the m fix-up values and the dense layers."""
+    dense layers all-reduced; stage 1 top-k all-gathered (fp32 value + a ceil(log2 D)-bit
+    position per entry); stage 2 the leader's positions broadcast + fp32 values all-gathered;
+    stage 3 the leader broadcasts positions + scale (+ its ~K/4-float latent in PS, + the m
+    fix-up positions in RAR); then PS all-gathers each worker's innovation (a gain, m values,
+    m positions) and RAR all-reduces the ~K/4-float latent with the m fix-up values and the
+    dense layers."""
     c = make_codec("lgc", OPTS)
     p = c.plan(SHAPES)
     dense = 4 * sum(math.prod(SHAPES[i]) for i in p.dense)
     k, z, m = p.k, p.z, p.m
-    assert m == math.ceil(1e-4 * sum(p.sizes))
+    d = sum(p.sizes)
+    assert m == math.ceil(1e-4 * d)
+    # positions travel in ceil(log2 D) bits (into the compressed range) or ceil(log2 K) bits
+    # (into the leader's K-vector)
+    pk, pm = positions_nbytes(k, d), positions_nbytes(m, k)
+    assert pk == math.ceil(k * math.ceil(math.log2(d)) / 8) < 4 * k
     _, res = run(variant)
     for rank, (_, _, _, sent) in enumerate(res):
         for s, got in enumerate(sent):
@@ -134,14 +141,14 @@ def test_per_step_bytes_match_m1(variant):
             if s < WARM:  # the DGC ramp: k from warmup_start down to the plan's K
                 kw = sum(keep_count(n, c.warmup_ratio(s)) for n in p.sizes)
                 assert kw > k if s else kw == sum(keep_count(n, 0.05) for n in p.sizes)
-                want = ar + costs.all_gather(8 * kw, N).sent
+                want = ar + costs.all_gather(4 * kw + positions_nbytes(kw, d), N).sent
             elif s < WARM + AE:
-                want = ar + costs.broadcast(4 * k, N, lead).sent + costs.all_gather(4 * k, N).sent
+                want = ar + costs.broadcast(pk, N, lead).sent + costs.all_gather(4 * k, N).sent
             elif variant == "ps":
-                want = (ar + costs.broadcast(4 * k + 4 + 4 * z, N, lead).sent
-                        + costs.all_gather(4 + 8 * m, N).sent)
+                want = (ar + costs.broadcast(pk + 4 + 4 * z, N, lead).sent
+                        + costs.all_gather(4 + 4 * m + pm, N).sent)
             else:
-                want = (costs.broadcast(4 * k + 4 + 4 * m, N, lead).sent
+                want = (costs.broadcast(pk + 4 + pm, N, lead).sent
                         + costs.all_reduce(dense + 4 * z + 4 * m, N).sent)
             assert got == want, (rank, s)
 

@@ -55,6 +55,7 @@ from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, registe
 from tandem.codecs.lgc_ae import AETrainer, Ctx, latent_size, mean_ms, rms
 from tandem.codecs.lgc_ps import ps_round
 from tandem.codecs.lgc_rar import rar_round
+from tandem.codecs.positions import pack_positions, positions_nbytes, unpack_positions
 from tandem.codecs.topk import keep_count, numel, select_topk, sparse_mean
 from tandem.transport.packing import pack, unpack
 
@@ -209,11 +210,8 @@ class LGCCodec(Codec):
         leader = self.leader_at(self.step, n)
         src = g.ranks[leader]
         ctx = Ctx(transport, group, n, me, leader, src)
-        extra = torch.empty(0)
-        if stage == 1 and self.opts.warmup == "dense":
-            extra = x
         dense_pending = None
-        payload = torch.cat([dense, extra])
+        payload = torch.cat([dense, x]) if stage == 1 and self.opts.warmup == "dense" else dense
         if n > 1 and payload.numel() and not (stage == 3 and self.opts.variant == "rar"):
             dense_pending = ctx.all_reduce(payload)
         if not p.k:
@@ -236,12 +234,40 @@ class LGCCodec(Codec):
         elif out_x is None:
             out_x = x
         out = self._join(p, out_x, dense)
-        transmitted = self._join(p, sent_x, self._dense_part(p, flat))
-        sent, self._sent_idx = self._sent_idx, None
-        self.keep_flat(flat, transmitted=transmitted, sent=None if sent is None else sent + p.start)
+        self._keep(flat, p, sent_x)
         self._clip_residual(unorm)
         self.step += 1
         return unflat(out, p.shapes)
+
+    def _keep(self, flat: torch.Tensor, p: Plan, sent_x: torch.Tensor | None) -> None:
+        """Error feedback: ``r = flat - (what the group reconstructs of this worker)``.
+
+        The rounds return ``sent_x`` as this worker's reconstructed values on the positions
+        ``self._sent_idx`` (``None``: sent exactly), so the residual is ``flat`` itself with
+        those K entries corrected and the dense layers zeroed, in place: no dense
+        reconstruction vector and no whole-buffer subtraction (the result is the same to the
+        bit). Without sparse positions (stage-1 dense warm-up, no compressed layer), or when a
+        test tracks ``transmitted``, the dense reconstruction is built as before."""
+        idx, self._sent_idx = self._sent_idx, None
+        if idx is None or self.track_transmitted:
+            x = flat[p.start: p.stop]
+            if idx is not None:
+                vals = x[idx] if sent_x is None else sent_x
+                sent_x = torch.zeros_like(x)
+                sent_x[idx] = vals
+            transmitted = self._join(p, x if sent_x is None else sent_x,
+                                     self._dense_part(p, flat))
+            self.keep_flat(flat, transmitted=transmitted,
+                           sent=None if idx is None else idx + p.start)
+            return
+        flat[: p.start].zero_()
+        flat[p.stop:].zero_()
+        x = flat[p.start: p.stop]
+        if sent_x is None:
+            x.index_fill_(0, idx, 0.0)
+        else:
+            x.index_add_(0, idx, sent_x, alpha=-1)
+        self.keep_flat(flat, split=idx[:0], sent=idx + p.start)
 
     def _step_norm(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
         """``||u||`` (the local velocity with momentum correction) for ``ef_clip``, else None."""
@@ -275,36 +301,40 @@ class LGCCodec(Codec):
         return torch.cat([dense_flat[: p.start], comp_flat, dense_flat[p.start:]])
 
     def _topk_round(self, x: torch.Tensor, p: Plan, ctx: Ctx) -> tuple[torch.Tensor, ...]:
-        """Stage 1: plain top-k with error feedback (values fp32 + int32 positions), gathered,
+        """Stage 1: plain top-k with error feedback (fp32 values + positions of
+        :func:`position_bits` bits), gathered,
         at the ramped density of :meth:`warmup_ratio` (the same k on every worker)."""
         idx = select_topk(x, p.sizes, self.warmup_ratio(self.step))
         self._sent_idx = idx
-        k = idx.numel()
-        vals, pos = x[idx], idx.to(torch.int32)
-        sent = torch.zeros_like(x)
-        sent[idx] = vals
+        k, d = idx.numel(), x.numel()
+        vals = x[idx]
         if ctx.n == 1:
-            return sent, sent
-        bufs = ctx.all_gather(pack([vals, pos]))
-        parts = [unpack(b, [(torch.float32, (k,)), (torch.int32, (k,))]) for b in bufs]
-        return sparse_mean([a for a, _ in parts], [b for _, b in parts], x.numel()), sent
+            out = torch.zeros_like(x)
+            out[idx] = vals
+            return out, None
+        bufs = ctx.all_gather(pack([vals, pack_positions(idx, d)]))
+        specs = [(torch.float32, (k,)), (torch.uint8, (positions_nbytes(k, d),))]
+        parts = [unpack(b, specs) for b in bufs]
+        return sparse_mean([a for a, _ in parts], [unpack_positions(b, k, d) for _, b in parts],
+                           d), None
 
     def shared_positions(self, x: torch.Tensor, p: Plan, ctx: Ctx,
                           extra: list[torch.Tensor] | None = None,
                           specs: list[tuple[torch.dtype, tuple[int, ...]]] | None = None,
                           order: torch.Tensor | None = None) -> list[torch.Tensor]:
         """The leader broadcasts its ordered positions (and ``extra`` tensors of ``specs``)."""
-        specs = [(torch.int32, (p.k,))] + (specs or [])
+        d = x.numel()
+        specs = [(torch.uint8, (positions_nbytes(p.k, d),))] + (specs or [])
         if ctx.me == ctx.leader:
             order = self.ordered_topk(x, p) if order is None else order
-            buf = pack([order.to(torch.int32)] + (extra or []))
+            buf = pack([pack_positions(order, d)] + (extra or []))
         else:
             buf = torch.empty(sum(math.prod(s) * torch.empty((), dtype=d).element_size()
                                   for d, s in specs), dtype=torch.uint8)
         if ctx.n > 1:
             ctx.broadcast(buf)
         parts = unpack(buf, specs)
-        parts[0] = parts[0].long()
+        parts[0] = unpack_positions(parts[0], p.k, d)
         return parts
 
     def _train_round(self, x: torch.Tensor, p: Plan, ctx: Ctx) -> tuple[torch.Tensor, ...]:
@@ -315,11 +345,9 @@ class LGCCodec(Codec):
         vs = torch.stack(ctx.all_gather(v)) if ctx.n > 1 else v.unsqueeze(0)
         out = torch.zeros_like(x)
         out[idx] = vs.mean(0)
-        sent = torch.zeros_like(x)
-        sent[idx] = v
         scale = rms(vs[ctx.leader])
         self.trainer(p, ctx.n).train_step(vs / scale, ctx.leader, self.opts.ae_iters)
-        return out, sent
+        return out, None
 
     def _compressed_round(self, x: torch.Tensor, dense: torch.Tensor, p: Plan, ctx: Ctx
                           ) -> tuple[torch.Tensor, ...]:
@@ -354,13 +382,15 @@ class LGCCodec(Codec):
         x = flat[p.start: p.stop]
         dense = self._dense_part(p, flat)
         idx = self.ordered_topk(x, p)
-        msg = Message([idx.to(torch.int32), x[idx], dense], {"shapes": p.shapes, "dim": x.numel()})
+        msg = Message([pack_positions(idx, x.numel()), x[idx], dense],
+                      {"shapes": p.shapes, "dim": x.numel()})
         self.keep_flat(flat, transmitted=self._decode_flat(p, msg), sent=idx + p.start)
         return msg
 
     def _decode_flat(self, p: Plan, msg: Message) -> torch.Tensor:
-        x = torch.zeros(msg.meta["dim"])
-        x[msg.tensors[0].long()] = msg.tensors[1]
+        d = msg.meta["dim"]
+        x = torch.zeros(d)
+        x[unpack_positions(msg.tensors[0], msg.tensors[1].numel(), d)] = msg.tensors[1]
         return self._join(p, x, msg.tensors[2])
 
     def decode(self, msg: Message) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tandem.codecs.lgc_ae import AETrainer, Ctx, rms
+from tandem.codecs.positions import pack_positions, positions_nbytes, unpack_positions
 from tandem.transport.packing import pack, unpack
 
 if TYPE_CHECKING:
@@ -27,11 +28,10 @@ if TYPE_CHECKING:
 def ps_round(c: LGCCodec, x: torch.Tensor, dense: torch.Tensor, p: Plan, ctx: Ctx,
              ae: AETrainer, order: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """One compressed PS round: ``(mean on the compressed range, this worker's reconstruction
-    (for error feedback), the dense layers)``. ``order``: the leader's ordered top-k (None on
-    the other ranks)."""
+    on the positions ``c._sent_idx`` (for error feedback), the dense layers)``. ``order``: the
+    leader's ordered top-k (None on the other ranks)."""
     lead = ctx.me == ctx.leader
     out = torch.zeros_like(x)
-    sent = torch.zeros_like(x)
     extra = None
     t0 = time.perf_counter()
     if lead:
@@ -52,18 +52,17 @@ def ps_round(c: LGCCodec, x: torch.Tensor, dense: torch.Tensor, p: Plan, ctx: Ct
     gain = (v @ mine) / (mine @ mine).clamp_min(1e-30)
     err = (v - gain * mine).abs()
     pos = err.topk(p.m, sorted=False).indices
-    code = pack([gain.reshape(1).float(), v[pos], pos.to(torch.int32)])
+    code = pack([gain.reshape(1).float(), v[pos], pack_positions(pos, p.k)])
     t1 = time.perf_counter()
     msgs = ctx.all_gather(code) if ctx.n > 1 else [code]
     t2 = time.perf_counter()
     recon = []
     for j, b in enumerate(msgs):
         a, vals, where = unpack(b, [(torch.float32, (1,)), (torch.float32, (p.m,)),
-                                    (torch.int32, (p.m,))])
+                                    (torch.uint8, (positions_nbytes(p.m, p.k),))])
         r = preds[j] * a
-        r[where.long()] = vals
+        r[unpack_positions(where, p.m, p.k)] = vals
         recon.append(r)
     out[idx] = torch.stack(recon).mean(0)
-    sent[idx] = recon[ctx.me]
     c.codec_s.append((t1 - t0) + (time.perf_counter() - t2))
-    return out, sent, dense
+    return out, recon[ctx.me], dense

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from tandem.codecs.lgc_ae import AETrainer, Ctx, rms
+from tandem.codecs.positions import pack_positions, positions_nbytes, unpack_positions
 
 if TYPE_CHECKING:
     from tandem.codecs.lgc import LGCCodec, Plan
@@ -34,10 +35,10 @@ if TYPE_CHECKING:
 def rar_round(c: LGCCodec, x: torch.Tensor, dense: torch.Tensor, p: Plan, ctx: Ctx,
               ae: AETrainer, order: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """One compressed RAR round: ``(mean on the compressed range, this worker's
-    reconstruction (for error feedback), the mean of the dense layers)``."""
+    reconstruction on the positions ``c._sent_idx`` (None: its exact values; for error
+    feedback), the mean of the dense layers)``."""
     lead = ctx.me == ctx.leader
     out = torch.zeros_like(x)
-    sent = torch.zeros_like(x)
     t0 = time.perf_counter()
     extra = None
     nx = p.z + p.m  # exact values that fit in the latent's and the fix-ups' slots
@@ -50,10 +51,10 @@ def rar_round(c: LGCCodec, x: torch.Tensor, dense: torch.Tensor, p: Plan, ctx: C
         if fall_back(c.opts.rar_fallback, v_r, err, fix, nx):
             order = order[v_r.abs().argsort(descending=True, stable=True)]
             s_r, fix = -s_r, torch.zeros_like(fix)
-        extra = [torch.stack([s_r]), fix.to(torch.int32)]
+        extra = [torch.stack([s_r]), pack_positions(fix, p.k)]
     lead_s = time.perf_counter() - t0
-    idx, s, fix = c.shared_positions(x, p, ctx, extra, [(torch.float32, (1,)),
-                                                        (torch.int32, (p.m,))], order)
+    idx, s, fix = c.shared_positions(x, p, ctx, extra, [
+        (torch.float32, (1,)), (torch.uint8, (positions_nbytes(p.m, p.k),))], order)
     t0 = time.perf_counter()
     nd = dense.numel()
     if float(s) < 0:  # fallback: exact values on the leader's nx largest positions
@@ -66,10 +67,9 @@ def rar_round(c: LGCCodec, x: torch.Tensor, dense: torch.Tensor, p: Plan, ctx: C
         if ctx.n > 1:
             buf = ctx.all_reduce(buf).wait() / ctx.n
         out[idx] = buf[nd:]
-        sent[idx] = v
         c.codec_s.append(spent)
-        return out, sent, buf[:nd]
-    fix = fix.long()
+        return out, None, buf[:nd]
+    fix = unpack_positions(fix, p.m, p.k)
     c._sent_idx = idx
     v = x[idx]
     z = ae.encode(v / s)
@@ -84,8 +84,7 @@ def rar_round(c: LGCCodec, x: torch.Tensor, dense: torch.Tensor, p: Plan, ctx: C
     got[fix] = buf[nd + p.z:]
     out[idx] = got
     c.codec_s.append(spent + time.perf_counter() - t0)
-    sent[idx] = mine
-    return out, sent, buf[:nd]
+    return out, mine, buf[:nd]
 
 
 def fall_back(mode: str, v_r: torch.Tensor, err: torch.Tensor, fix: torch.Tensor,
