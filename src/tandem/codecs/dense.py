@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from tandem.codecs.base import Codec, Message, group_rank, register
+from tandem.codecs.base import Codec, Message, group_rank, register, unflat
 
 if TYPE_CHECKING:
     from tandem.transport.group import Group, Transport
@@ -62,10 +62,13 @@ class DenseCodec(Codec):
     zero_copy_gradients = True
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
+        """One fresh fp32 buffer: the gradient, or with momentum correction the new velocity
+        (kept as one flat buffer, see :meth:`Codec.corrected_flat`), copied for the wire."""
         shapes = [tuple(g.shape) for g in grads]
-        grads = self.with_residual(grads)  # momentum correction only (no error feedback)
-        self.keep_residual(grads, grads)
-        return Message([flatten([g.detach().float() for g in grads])], {"shapes": shapes})
+        flat = self.momentum_flat(grads)  # momentum correction only (no error feedback)
+        if self.opts.momentum > 0:
+            flat = flat.clone()  # the velocity stays ours: the all-reduce works in place
+        return Message([flat], {"shapes": shapes})
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
         return unflatten(msg.tensors[0], msg.meta["shapes"])
@@ -74,7 +77,15 @@ class DenseCodec(Codec):
                  group: Group | None = None) -> list[torch.Tensor]:
         span = contiguous_span(grads) if self.opts.momentum == 0 else None
         if span is None or span.dtype != torch.float32:
-            return super().exchange(grads, transport, group)
+            # one buffer, averaged in place (one division, not one per layer)
+            self.rank, size = group_rank(transport, group)
+            msg = self.encode(grads)
+            self.step += 1
+            buf = msg.tensors[0]
+            if size > 1:
+                transport.all_reduce(buf, group=group).wait()
+                buf.div_(size)
+            return unflat(buf, msg.meta["shapes"])
         self.rank, size = group_rank(transport, group)
         self.step += 1
         if size > 1:

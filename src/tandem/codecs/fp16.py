@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from pydantic import Field
 
-from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register
-from tandem.codecs.dense import flatten, unflatten
+from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register, unflat
+from tandem.codecs.dense import unflatten
 
 if TYPE_CHECKING:
     from tandem.transport.group import Group, Transport
@@ -38,10 +38,8 @@ class CastCodec(Codec):
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
-        grads = self.with_residual(grads)  # momentum correction only (no error feedback)
-        self.keep_residual(grads, grads)
-        return Message([flatten([g.detach().float() for g in grads]).to(self.dtype)],
-                       {"shapes": shapes})
+        flat = self.momentum_flat(grads)  # momentum correction only (no error feedback)
+        return Message([flat.to(self.dtype)], {"shapes": shapes})
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
         return unflatten(msg.tensors[0].float(), msg.meta["shapes"])
@@ -51,9 +49,7 @@ class CastCodec(Codec):
         self.rank, size = group_rank(transport, group)
         self.step += 1
         shapes = [tuple(g.shape) for g in grads]
-        grads = self.with_residual(grads)
-        self.keep_residual(grads, grads)
-        flat = flatten([g.detach().float() for g in grads])
+        flat = self.momentum_flat(grads)  # may be the velocity: never written below
         pre = self.opts.prescale and size > 1
         code = (flat / size if pre else flat).to(self.dtype)
         if size > 1:
@@ -61,7 +57,7 @@ class CastCodec(Codec):
         out = code.float()
         if not pre and size > 1:
             out = out / size
-        return unflatten(out, shapes)
+        return unflat(out, shapes)
 
 
 @register

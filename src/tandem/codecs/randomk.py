@@ -67,7 +67,7 @@ class RandomKCodec(Codec):
         if 4 * k > dim:
             return torch.randperm(dim, generator=gen)[:k].sort().values
         # k << dim: draw with replacement, drop repeats, pick k of them at random (O(k log k)).
-        pool = torch.empty(0, dtype=torch.int64)
+        pool = torch.randint(dim, (k + k // 4 + 16,), generator=gen).unique()
         while pool.numel() < k:
             more = torch.randint(dim, (k + k // 4 + 16,), generator=gen)
             pool = torch.cat([pool, more]).unique()
@@ -77,7 +77,7 @@ class RandomKCodec(Codec):
         shapes = [tuple(g.shape) for g in grads]
         flat = self.corrected_flat(grads)
         idx = self.positions(flat.numel(), self.step)
-        msg = Message([flat[idx]], {"shapes": shapes, "dim": flat.numel()})
+        msg = Message([flat.index_select(0, idx)], {"shapes": shapes, "dim": flat.numel()})
         self.keep_flat(flat, split=idx)
         return msg
 
@@ -85,7 +85,7 @@ class RandomKCodec(Codec):
         """Values onto the positions of the codec's current ``step`` (the message's step: a
         receiver sets ``step`` before decoding, so the positions never travel)."""
         out = torch.zeros(msg.meta["dim"], dtype=torch.float32)
-        out[self.positions(msg.meta["dim"], self.step)] = msg.tensors[0]
+        out.index_copy_(0, self.positions(msg.meta["dim"], self.step), msg.tensors[0].float())
         return unflat(out, msg.meta["shapes"])
 
     def exchange(self, grads: list[torch.Tensor], transport: Transport,

@@ -22,14 +22,18 @@ moves ``(N - 1) * 8k`` per rank.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from pydantic import Field
 
-from tandem.codecs.base import Codec, CodecOptions, Message, register
+from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register, unflat
 from tandem.codecs.dense import unflatten
+
+if TYPE_CHECKING:
+    from tandem.transport.group import Group, Transport
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -47,67 +51,70 @@ SMALL = 4096
 SAMPLES = 512
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """Everything :func:`select_topk` needs for one model and density, as Python ints and
+    cached tensors, so a call does no ``.item()``/``.tolist()`` on its own bookkeeping."""
+
+    small: tuple[tuple[int, int, int], ...]  # (start, end, k) of the short layers (k > 0)
+    big: tuple[tuple[int, int, int], ...]  # (start, end, k) of the long layers
+    every: tuple[tuple[int, int, int], ...]  # (start, end, k) of every layer with k > 0
+    sample: torch.Tensor  # strided sample positions of the long layers
+    ranks: tuple[int, ...]  # per long layer, the sample rank of its threshold
+    top: int  # 1 + the largest rank: how many sorted samples per long layer are read
+    offsets: torch.Tensor  # per kept entry (short layers, then long ones): its layer's start
+
+
 @lru_cache(maxsize=64)
-def _layout(sizes: tuple[int, ...], ratio: float) -> tuple[torch.Tensor, ...]:
-    """Cached index tensors for :func:`select_topk` (one set per model and density)."""
-    big = [i for i, n in enumerate(sizes) if n > SMALL]
+def _plan(sizes: tuple[int, ...], ratio: float) -> _Plan:
+    """Cached layout for :func:`select_topk` (one per model and density)."""
     offs = [0]
     for n in sizes:
         offs.append(offs[-1] + n)
-    sample = torch.cat([offs[i] + torch.arange(SAMPLES) * sizes[i] // SAMPLES for i in big]) \
+    rows = [(offs[i], offs[i + 1], keep_count(n, ratio)) for i, n in enumerate(sizes)]
+    big = tuple(r for r, n in zip(rows, sizes, strict=True) if n > SMALL)
+    small = tuple(r for r, n in zip(rows, sizes, strict=True) if n <= SMALL and r[2])
+    sample = torch.cat([s + torch.arange(SAMPLES) * (e - s) // SAMPLES for s, e, _ in big]) \
         if big else torch.empty(0, dtype=torch.int64)
     # the sample rank of the threshold: ~3x the expected share of the top k, plus a margin of 4
     # (a deficit, fewer than k candidates above it, falls back to an exact torch.topk)
-    rank = torch.tensor([min(SAMPLES - 1, math.ceil(3 * keep_count(sizes[i], ratio) * SAMPLES
-                                                     / sizes[i]) + 4) for i in big])
-    ks = torch.tensor([keep_count(sizes[i], ratio) for i in big])
-    starts = torch.tensor([offs[i] for i in big])
-    ends = torch.tensor([offs[i + 1] for i in big])
-    return torch.tensor(big, dtype=torch.int64), sample, rank, ks, starts, ends
-
-
-def _topk_long(mag: torch.Tensor, layout: tuple[torch.Tensor, ...]) -> list[torch.Tensor] | None:
-    """Exact per-layer top-k of the long layers through a threshold pre-filter: a threshold
-    below each layer's k-th largest (read from strided samples) keeps a few times k
-    candidates, and an exact top-k among them is the exact top-k of the layer (ties aside).
-    ``None`` when a threshold was too high (fewer than k candidates): the caller runs
-    ``torch.topk`` on the whole layer instead."""
-    big, sample, rank, ks, starts, ends = layout
-    nb = big.numel()
-    samp = mag[sample].view(nb, SAMPLES).sort(1, descending=True).values
-    thr = samp.gather(1, rank.view(nb, 1)).view(nb)
-    out = []
-    for j in range(nb):
-        seg = mag[int(starts[j]): int(ends[j])]
-        cand = (seg >= thr[j]).nonzero().view(-1)
-        k = int(ks[j])
-        if cand.numel() < k:
-            return None
-        out.append(cand[seg[cand].topk(k, sorted=False).indices] + int(starts[j]))
-    return out
+    ranks = tuple(min(SAMPLES - 1, math.ceil(3 * k * SAMPLES / (e - s)) + 4) for s, e, k in big)
+    offsets = torch.tensor([s for s, _, k in small + big for _ in range(k)], dtype=torch.int64)
+    return _Plan(small, big, tuple(r for r in rows if r[2]), sample, ranks,
+                 max(ranks, default=-1) + 1, offsets)
 
 
 def select_topk(flat: torch.Tensor, sizes: list[int], ratio: float,
                 scope: str = "layer") -> torch.Tensor:
     """Positions (int64, into ``flat``) of the largest |entries|: per layer or global.
 
-    Exact (the k largest, ties broken arbitrarily). Layers longer than :data:`SMALL` are
-    pre-filtered by a sampled threshold (DGC's trick, kept exact: only the candidates above it
-    are sorted), which is several times cheaper than ``torch.topk`` over the whole layer."""
+    Exact (the k largest, ties broken arbitrarily); the short layers' positions come first,
+    then the long layers'. Layers longer than :data:`SMALL` are pre-filtered by a sampled
+    threshold (DGC's trick, kept exact): a threshold below the layer's k-th largest, read
+    from strided samples, keeps a few times k candidates, and an exact top-k among them is the
+    exact top-k of the layer. That is several times cheaper than ``torch.topk`` over the
+    whole layer; if a threshold was too high (fewer than k candidates) the call falls back to
+    ``torch.topk`` on every layer. Cost: about 4 tensor operations per short layer and 6 per
+    long one, the layer offsets added by one cached tensor."""
     mag = flat.abs()
     if scope == "global":
         sizes = [flat.numel()]
-    layout = _layout(tuple(sizes), float(ratio))
-    long_parts = _topk_long(mag, layout) if layout[0].numel() else []
-    parts, offset = [], 0
-    big = set(layout[0].tolist())
-    for i, n in enumerate(sizes):
-        k = keep_count(n, ratio)
-        if k and (i not in big or long_parts is None):
-            parts.append(mag[offset: offset + n].topk(k, sorted=False).indices + offset)
-        offset += n
-    parts += long_parts or []
-    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+    plan = _plan(tuple(sizes), float(ratio))
+    parts = [mag[s:e].topk(k, sorted=False).indices for s, e, k in plan.small]
+    if plan.big:
+        nb = len(plan.big)
+        # the (rank+1)-th largest sample of each long layer (topk's sorted values = sort's)
+        tops = mag.index_select(0, plan.sample).view(nb, SAMPLES).topk(plan.top, 1).values.tolist()
+        for (s, e, k), row, rank in zip(plan.big, tops, plan.ranks, strict=True):
+            seg = mag[s:e]
+            cand = (seg >= row[rank]).nonzero().view(-1)
+            if cand.numel() < k:
+                parts = [mag[s:e].topk(k, sorted=False).indices + s for s, e, k in plan.every]
+                return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+            parts.append(cand[seg[cand].topk(k, sorted=False).indices])
+    if not parts:
+        return torch.empty(0, dtype=torch.int64)
+    return torch.cat(parts).add_(plan.offsets)
 
 
 def sent_masks(idx: torch.Tensor, dim: int, shapes: list[tuple[int, ...]]
@@ -150,14 +157,24 @@ class TopKCodec(Codec):
             return o.ratio
         return o.warmup_start * (o.ratio / o.warmup_start) ** (step / o.warmup_steps)
 
-    def encode(self, grads: list[torch.Tensor]) -> Message:
+    def _encode(self, grads: list[torch.Tensor]) -> tuple[Message, torch.Tensor]:
+        """The message and its packed bytes: values and int32 positions are written straight
+        into one uint8 buffer (the wire format of ``Message.pack``), so exchange packs nothing."""
         shapes = [tuple(g.shape) for g in grads]
         flat = self.corrected_flat(grads)
         sizes = [numel(s) for s in shapes]
         idx = select_topk(flat, sizes, self.ratio_at(self.step), self.opts.scope)
-        msg = Message([flat[idx], idx.to(torch.int32)], {"shapes": shapes, "dim": flat.numel()})
+        k = idx.numel()
+        packed = torch.empty(8 * k, dtype=torch.uint8)
+        vals, pos = packed[: 4 * k].view(torch.float32), packed[4 * k:].view(torch.int32)
+        torch.index_select(flat, 0, idx, out=vals)
+        pos.copy_(idx)
+        msg = Message([vals, pos], {"shapes": shapes, "dim": flat.numel()})
         self.keep_flat(flat, split=idx)
-        return msg
+        return msg, packed
+
+    def encode(self, grads: list[torch.Tensor]) -> Message:
+        return self._encode(grads)[0]
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
         out = torch.zeros(msg.meta["dim"], dtype=torch.float32)
@@ -168,3 +185,31 @@ class TopKCodec(Codec):
         meta = msgs[0].meta
         out = sparse_mean([m.tensors[0] for m in msgs], [m.tensors[1] for m in msgs], meta["dim"])
         return unflatten(out, meta["shapes"])
+
+    def exchange(self, grads: list[torch.Tensor], transport: Transport,
+                 group: Group | None = None) -> list[torch.Tensor]:
+        """:meth:`Codec.exchange` for top-k, with the gathered codes read in place: each
+        worker's bytes are viewed as (values, positions), not unpacked into copies, and added
+        into the mean by one ``index_add_`` per worker, in worker order (the same sums, in the
+        same order, as :func:`sparse_mean`)."""
+        self.rank, size = group_rank(transport, group)
+        msg, packed = self._encode(grads)
+        self.step += 1
+        if size == 1:
+            return self.decode(msg)
+        bufs = transport.all_gather(packed, group=group).wait()
+        k = msg.tensors[0].numel()
+        out = torch.zeros(msg.meta["dim"], dtype=torch.float32)
+        for b in bufs:
+            if b.numel() != 8 * k:
+                raise ValueError(f"top-k code of {b.numel()} bytes, expected {8 * k}")
+            out.index_add_(0, _view(b[4 * k:], torch.int32), _view(b[: 4 * k], torch.float32))
+        return unflat(out.div_(len(bufs)), msg.meta["shapes"])
+
+
+def _view(chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``chunk`` (uint8) read as ``dtype`` without a copy when its alignment allows."""
+    try:
+        return chunk.view(dtype)
+    except RuntimeError:
+        return chunk.clone().view(dtype)
