@@ -185,6 +185,22 @@ class AETrainer:
         with torch.inference_mode():
             return self.model.decode(z.unsqueeze(0), j)[0]
 
+    def decode_all(self, z: torch.Tensor) -> torch.Tensor:
+        """``(decoders, K)``: every decoder's output for the one latent ``z`` (LGC-PS's
+        predictions). With the linear autoencoder this is one matrix-vector product through the
+        decoders' matrices stacked; the result equals :meth:`decode` per decoder."""
+        if self.meta["activation"] == "none":
+            w, b = self._stacked()
+            return torch.addmv(b, w, z).view(len(self.model.decoders), -1)
+        return torch.stack([self.decode(z, j) for j in range(len(self.model.decoders))])
+
+    def _stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        decs = self._affine()[1]
+        if len(self._maps) == 2:  # stack once per frozen autoencoder (cleared with _maps)
+            w = torch.cat([d[0] for d in decs]).contiguous()
+            self._maps = (*self._maps, (w, torch.cat([d[1] for d in decs])))
+        return self._maps[2]
+
     def checksum(self) -> torch.Tensor:
         """Three float64 sums of the weights: equal on all workers iff (almost surely) in sync."""
         flat = torch.cat([p.detach().reshape(-1).double() for p in self.model.parameters()])

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from tandem.codecs.lgc_ae import AETrainer, Ctx, rms
-from tandem.codecs.positions import pack_positions, positions_nbytes, unpack_positions
-from tandem.transport.packing import pack, unpack
+from tandem.codecs.positions import pack_positions, unpack_positions
+from tandem.transport.packing import pack
 
 if TYPE_CHECKING:
     from tandem.codecs.lgc import LGCCodec, Plan
@@ -43,7 +43,7 @@ def ps_round(c: LGCCodec, x: torch.Tensor, dense: torch.Tensor, p: Plan, ctx: Ct
     t0 = time.perf_counter() - lead_s
     c._sent_idx = idx
     v = x[idx]
-    preds = [ae.decode(z, j) * s for j in range(ctx.n)]
+    preds = ae.decode_all(z).mul_(s)  # (N, K): every worker's prediction
     # This worker's least-squares gain on its prediction: gain * pred is the projection of v
     # onto pred, so ||v - gain * pred|| <= ||v|| whatever the decoder says. Without it a
     # prediction driven by the leader's latent and scale can exceed v many times over; error
@@ -56,13 +56,12 @@ def ps_round(c: LGCCodec, x: torch.Tensor, dense: torch.Tensor, p: Plan, ctx: Ct
     t1 = time.perf_counter()
     msgs = ctx.all_gather(code) if ctx.n > 1 else [code]
     t2 = time.perf_counter()
-    recon = []
-    for j, b in enumerate(msgs):
-        a, vals, where = unpack(b, [(torch.float32, (1,)), (torch.float32, (p.m,)),
-                                    (torch.uint8, (positions_nbytes(p.m, p.k),))])
-        r = preds[j] * a
-        r[unpack_positions(where, p.m, p.k)] = vals
-        recon.append(r)
-    out[idx] = torch.stack(recon).mean(0)
+    # all N innovations decoded at once: rows of (gain, m values, m packed positions)
+    rows = torch.stack(msgs)
+    gains = rows[:, :4].contiguous().view(torch.float32)
+    vals = rows[:, 4: 4 + 4 * p.m].contiguous().view(torch.float32)
+    where = unpack_positions(rows[:, 4 + 4 * p.m:], p.m, p.k)
+    recon = preds.mul_(gains).scatter_(1, where, vals)
+    out[idx] = recon.mean(0)
     c.codec_s.append((t1 - t0) + (time.perf_counter() - t2))
     return out, recon[ctx.me], dense

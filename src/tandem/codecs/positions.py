@@ -57,13 +57,19 @@ def pack_positions(idx: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def unpack_positions(buf: torch.Tensor, k: int, dim: int) -> torch.Tensor:
-    """The inverse of :func:`pack_positions`: int64 positions, in the order they were packed."""
+    """The inverse of :func:`pack_positions`: int64 positions, in the order they were packed.
+    ``buf`` may be 2-D ``(messages, bytes)`` (the result is then ``(messages, k)``), so the
+    positions of N gathered messages decode in one call."""
     w = position_bits(dim)
-    buf = buf.reshape(-1)
+    rows = buf.shape[:-1]
+    buf = buf.reshape(-1, buf.shape[-1])
     if w < 16:
-        return unpack_bits(buf, k, w).to(torch.int64)
-    low = buf[: 2 * k].contiguous().view(torch.int16).to(torch.int64).bitwise_and_(0xFFFF)
-    if w == 16:
-        return low
-    high = unpack_bits(buf[2 * k:], k, w - 16).to(torch.int64)
-    return low.bitwise_or_(high.bitwise_left_shift_(16))
+        return unpack_bits(buf, k, w).view(*rows, k)
+    words = buf[:, : 2 * k].reshape(-1)
+    if words.storage_offset() % 2:  # a 16-bit view needs an even start
+        words = words.clone()
+    low = words.view(torch.int16).to(torch.int64).bitwise_and_(0xFFFF)
+    if w > 16:
+        high = unpack_bits(buf[:, 2 * k:].contiguous(), k, w - 16).view(-1, k)
+        low.bitwise_or_(high.reshape(-1).bitwise_left_shift_(16))
+    return low.view(*rows, k)
