@@ -280,3 +280,22 @@ def test_ef_clip_caps_the_residual(variant):
     assert max(max(r) for r in capped) <= 2.0 * (1 + 1e-5)
     free = run_threads(2, job({"ef_clip": 0}))
     assert max(max(r) for r in free) > 2.5
+
+
+def test_large_k_runs_the_convolutions_and_agrees_with_the_matrix_form(monkeypatch):
+    """Breaks if the frozen autoencoder's matrix form (O(K^2) memory: 4 GB of activations to
+    read off at ResNet-18's K) were used beyond AFFINE_MAX_K, or if the two forms disagreed."""
+    from tandem.codecs import lgc_ae
+
+    ae = lgc_ae.AETrainer(40, 3, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    ae.train_step(torch.randn(3, 40, generator=gen), leader=0)
+    v = torch.randn(40, generator=gen)
+    assert ae.linear
+    z, d, all_d = ae.encode(v), ae.decode(v[:12], 2), ae.decode_all(v[:12])
+    monkeypatch.setattr(lgc_ae, "AFFINE_MAX_K", 39)
+    assert not ae.linear
+    torch.testing.assert_close(ae.encode(v), z, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ae.decode(v[:12], 2), d, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ae.decode_all(v[:12]), all_d, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(all_d[2], d)

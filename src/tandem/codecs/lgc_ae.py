@@ -26,6 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
+#: the largest K whose frozen linear autoencoder runs as matrices (a few MB); see AETrainer.linear
+AFFINE_MAX_K = 1024
+
 
 def padded_length(k: int) -> int:
     return 16 * max(1, math.ceil(k / 16))
@@ -171,15 +174,22 @@ class AETrainer:
                 self._maps = (((ze[1:] - ze[0]).t().contiguous(), ze[0].clone()), decs)
         return self._maps
 
+    @property
+    def linear(self) -> bool:
+        """Use the matrix form: a linear autoencoder whose matrices stay small. Reading them
+        off costs a batch of K + 1 vectors through the encoder and memory O(K^2), so beyond
+        :data:`AFFINE_MAX_K` (a large model's K is in the thousands) the convolutions run."""
+        return self.meta["activation"] == "none" and self.meta["k"] <= AFFINE_MAX_K
+
     def encode(self, v: torch.Tensor) -> torch.Tensor:
-        if self.meta["activation"] == "none":
+        if self.linear:
             w, b = self._affine()[0]
             return torch.addmv(b, w, v)
         with torch.inference_mode():
             return self.model.encode(v.unsqueeze(0))[0]
 
     def decode(self, z: torch.Tensor, j: int = 0) -> torch.Tensor:
-        if self.meta["activation"] == "none":
+        if self.linear:
             w, b = self._affine()[1][j]
             return torch.addmv(b, w, z)
         with torch.inference_mode():
@@ -189,7 +199,7 @@ class AETrainer:
         """``(decoders, K)``: every decoder's output for the one latent ``z`` (LGC-PS's
         predictions). With the linear autoencoder this is one matrix-vector product through the
         decoders' matrices stacked; the result equals :meth:`decode` per decoder."""
-        if self.meta["activation"] == "none":
+        if self.linear:
             w, b = self._stacked()
             return torch.addmv(b, w, z).view(len(self.model.decoders), -1)
         return torch.stack([self.decode(z, j) for j in range(len(self.model.decoders))])
