@@ -9,15 +9,20 @@ information content, not a padded integer type.
 How (cost: a handful of whole-tensor integer operations, no per-bit loop): packing views every
 8 bits (one uint8 each, 0 or 1) as one little-endian int64 and gathers their low bits into one
 byte with a single multiplication (``* MAGIC >> 56``: the eight shifted copies land on bits
-56..63 and every cross term lands below bit 56 or above bit 63, so no carries); unpacking looks
-each byte up in a 256-entry table of int64 "spread" values (bit j of the byte in byte j) and
-views the result as uint8 bits. :func:`unpack_bits` takes a 2-D tensor of equally long buffers
-too (one row per message), so decoding N gathered codes is one call.
+56..63 and every cross term lands below bit 56 or above bit 63, so no carries) and copies each
+product's top byte out through a strided uint8 view (:func:`bits_to_bytes` can write straight
+into a slice of a wire buffer); unpacking looks each byte up in a 256-entry table of int64
+"spread" values (bit j of the byte in byte j; an int32 index, ~0.7 ns per byte, the dominant
+cost of unpacking) and views the result as uint8 bits. :func:`unpack_bits` takes a 2-D tensor
+of equally long buffers too (one row per message), so decoding N gathered codes is one call.
+Callers on a hot path (QSGD, signSGD) write their bits into a reused, zero-padded buffer and
+call :func:`bits_to_bytes` directly, skipping :func:`pack_bits`' fresh zeroed buffer.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -45,16 +50,38 @@ def pack_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
     return bits_to_bytes(bits)
 
 
-def bits_to_bytes(bits: torch.Tensor) -> torch.Tensor:
-    """uint8 bits (0/1, a multiple of 8 of them, contiguous) -> their bytes, LSB first."""
+def bits_to_bytes(bits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 bits (0/1, a multiple of 8 of them, contiguous) -> their bytes, LSB first.
+
+    ``out``: an optional uint8 tensor of ``bits.numel() // 8`` elements to write into (e.g. a
+    slice of a wire buffer; saves a copy). Two operations: the magic multiplication, then a
+    strided copy of each product's top byte (byte 7 of a little-endian int64)."""
     word = bits.view(torch.int64).mul(_MAGIC)
-    return word.bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
+    if _LITTLE:
+        top = word.view(torch.uint8)[7::8]
+    else:
+        top = word.bitwise_right_shift_(56).bitwise_and_(0xFF).to(torch.uint8)
+    if out is None:
+        return top.clone() if _LITTLE else top
+    return out.copy_(top)
 
 
 def bytes_to_bits(buf: torch.Tensor) -> torch.Tensor:
     """uint8 bytes (any shape ``(..., b)``) -> their bits as uint8 0/1 ``(..., 8 b)``."""
-    spread = _SPREAD.index_select(0, buf.reshape(-1).to(torch.int64))
+    spread = _SPREAD.index_select(0, buf.to(torch.int32).reshape(-1))
     return spread.view(torch.uint8).view(*buf.shape[:-1], buf.shape[-1] * 8)
+
+
+def bytes_to_signs(buf: torch.Tensor, one: int = 1) -> torch.Tensor:
+    """uint8 bytes ``(..., b)`` -> one int8 per bit ``(..., 8 b)``: ``one`` where the bit is 1,
+    ``-one`` where it is 0 (``one`` = 1: ``2 bit - 1``, what a sign code decodes to; -1: the
+    factor ``1 - 2 bit`` of a sign-bit plane), by the same one-lookup-per-byte as
+    :func:`bytes_to_bits` with a table of +-1 lanes (saves two passes over the bits)."""
+    if one not in (1, -1):
+        raise ValueError(f"one must be 1 or -1, got {one}")
+    table = _SIGNS if one == 1 else _NEG_SIGNS
+    spread = table.index_select(0, buf.to(torch.int32).reshape(-1))
+    return spread.view(torch.int8).view(*buf.shape[:-1], buf.shape[-1] * 8)
 
 
 def unpack_bits(buf: torch.Tensor, n: int, width: int) -> torch.Tensor:
@@ -89,9 +116,15 @@ def combine_planes(planes: torch.Tensor) -> torch.Tensor:
     return acc
 
 
+_LITTLE = sys.byteorder == "little"
 #: bytes -> bit-gathering multiplier: sum over j of 2**(56 - 7 j)
 _MAGIC = sum(1 << (56 - 7 * j) for j in range(8))
 _SHIFTS = torch.arange(16, dtype=torch.int32)
 #: _SPREAD[byte] = bit j of byte in byte j of an int64 (little-endian)
 _SPREAD = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).mul(
     torch.tensor([1 << (8 * j) for j in range(8)])).sum(1)
+#: _SIGNS[byte] = +1 (bit j set) or -1 in int8 lane j of an int64 (little-endian lanes)
+_SIGNS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).mul(2).sub(1).to(
+    torch.int8).contiguous().view(torch.int64).reshape(256)
+_NEG_SIGNS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).mul(-2).add(1).to(
+    torch.int8).contiguous().view(torch.int64).reshape(256)
