@@ -250,21 +250,22 @@ def test_rar_guard_keeps_error_feedback_bounded():
 
 
 
-@pytest.mark.parametrize("variant", ["rar", "ps"])
-def test_ef_clip_caps_the_residual(variant):
-    """``ef_clip`` (default 2): after every exchange the residual's norm is at most
-    ``ef_clip * ||u||``, u = this step's momentum-corrected gradient ``0.9 v + g``, in every
-    stage, and the cap binds at rho = 1e-3 (without it the residual grows past it). Breaks if
-    the cap is skipped, applied to a copy (the per-layer residual views must see it) or
-    measured against the wrong norm."""
+@pytest.mark.parametrize("name,variant", [("lgc", "rar"), ("lgc", "ps"), ("topk", None)])
+def test_ef_clip_caps_the_residual(name, variant):
+    """``ef_clip`` (LGC's default 2; top-k's option, default off): after every exchange the
+    residual's norm is at most ``ef_clip * ||u||``, u = this step's momentum-corrected gradient
+    ``0.9 v + g``, in every stage, and the cap binds at rho = 1e-3 (without it the residual
+    grows past it). Breaks if the cap is skipped, applied to a copy (the per-layer residual
+    views must see it) or measured against the wrong norm."""
     shapes = [(8, 8), (8,), (128, 128), (128,), (64, 128), (64,), (10, 64), (10,)]
     grads = correlated_grads(shapes, 2, 16, noise=0.5)
-    base = {"variant": variant, "ratio": 1e-3, "warmup_steps": 3, "ae_steps": 5,
-            "dense_first_last": False, "momentum": 0.9}
+    base = {"ratio": 1e-3, "momentum": 0.9, "ef_clip": 2.0}
+    if name == "lgc":
+        base.update(variant=variant, warmup_steps=3, ae_steps=5, dense_first_last=False)
 
     def job(opts):
         def body(t):
-            c = make_codec("lgc", {**base, **opts}, seed=0)
+            c = make_codec(name, {**base, **opts}, seed=0)
             ratios = []
             for step in grads:
                 g = torch.cat([a.reshape(-1) for a in step[t.rank]])

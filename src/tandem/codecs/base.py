@@ -293,6 +293,29 @@ class Codec:
             self._set_flat("velocity", vel)
             self._velocity_next = None
 
+    # ---- residual cap (``ef_clip``, error-feedback codecs that offer it) -----------------------
+    def step_norm(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
+        """``||u||``, this step's gradient (momentum-corrected: the new velocity) for the
+        residual cap, or None when the codec's ``ef_clip`` is 0 or absent. Call it after
+        :meth:`corrected_flat` and before :meth:`keep_flat`."""
+        if not getattr(self.opts, "ef_clip", 0):
+            return None
+        u = self._velocity_next
+        return u.norm() if u is not None else torch.cat([g.reshape(-1) for g in grads]).norm()
+
+    def cap_residual(self, unorm: torch.Tensor | None) -> None:
+        """``ef_clip``: scale the flat residual (the per-layer views see it) down to at most
+        ``ef_clip * ||u||``. At a density of 1e-3 an entry can wait hundreds of steps; its
+        accumulated value then lands as one burst that can throw the model back to chance
+        (seen on the benchmark CNN right after a DGC warm-up ramp). The cap forgets the oldest
+        part of such entries instead. Costs one norm; sends nothing."""
+        cached = self._flat_cache.get("residuals")
+        if unorm is None or cached is None or cached[0] is not self.residuals:
+            return
+        cap, rn = float(self.opts.ef_clip) * float(unorm), float(cached[1].norm())
+        if rn > cap > 0:
+            cached[1].mul_(cap / rn)
+
     # ---- exchange level -----------------------------------------------------------------------
     def exchange(self, grads: list[torch.Tensor], transport: Transport,
                  group: Group | None = None) -> list[torch.Tensor]:

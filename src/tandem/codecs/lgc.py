@@ -203,7 +203,7 @@ class LGCCodec(Codec):
         g = group or transport.world_group
         p = self.plan([tuple(t.shape) for t in grads])
         flat = self.corrected_flat(grads)
-        unorm = self._step_norm(grads)
+        unorm = self.step_norm(grads)
         x = flat[p.start: p.stop]
         dense = self._dense_part(p, flat)
         stage = self.stage_at(self.step) if p.k else 1
@@ -235,7 +235,7 @@ class LGCCodec(Codec):
             out_x = x
         out = self._join(p, out_x, dense)
         self._keep(flat, p, sent_x)
-        self._clip_residual(unorm)
+        self.cap_residual(unorm)
         self.step += 1
         return unflat(out, p.shapes)
 
@@ -268,24 +268,6 @@ class LGCCodec(Codec):
         else:
             x.index_add_(0, idx, sent_x, alpha=-1)
         self.keep_flat(flat, split=idx[:0], sent=idx + p.start)
-
-    def _step_norm(self, grads: list[torch.Tensor]) -> torch.Tensor | None:
-        """``||u||`` (the local velocity with momentum correction) for ``ef_clip``, else None."""
-        if not self.opts.ef_clip:
-            return None
-        u = self._velocity_next
-        return u.norm() if u is not None else torch.cat([g.reshape(-1) for g in grads]).norm()
-
-    def _clip_residual(self, unorm: torch.Tensor | None) -> None:
-        """``ef_clip``: scale the flat residual (the per-layer views see it) to at most
-        ``ef_clip * ||u||``: this forgets the oldest part of long-delayed entries rather than
-        sending it as one burst (see docs/lgc.md, "Residual cap")."""
-        cached = self._flat_cache.get("residuals")
-        if unorm is None or cached is None or cached[0] is not self.residuals:
-            return
-        cap, rn = self.opts.ef_clip * float(unorm), float(cached[1].norm())
-        if rn > cap > 0:
-            cached[1].mul_(cap / rn)
 
     @staticmethod
     def _dense_part(p: Plan, flat: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,12 @@ Compression, Lin et al. 2018). Tuning:
 * ``warmup_steps``/``warmup_start``: the density decays exponentially from ``warmup_start`` to
   ``ratio`` over the first steps (DGC uses 0.25 -> 0.001 over 4 epochs), which keeps the early,
   fast-changing phase of training close to dense.
+* ``ef_clip`` (default 0, off): cap the residual's norm at ``ef_clip`` x this step's gradient
+  norm. At 0.001 an entry can wait hundreds of steps and land as one burst; on the benchmark
+  CNN right after a 40-step ramp to 0.001 that burst threw the model back to 0.14 test
+  accuracy before it recovered. A cap of 1-4 removed the dip but ended 8-10 points lower after
+  400 steps (it forgets what it clips), so it is off by default: use it when a run must never
+  regress, not for the best final accuracy.
 
 Transfer: gathered (every worker picks different positions, so codes cannot be summed).
 Bytes per worker per code: ``8 * k`` (fp32 value + int32 position per kept entry); an all-gather
@@ -132,6 +138,10 @@ def sparse_mean(values: list[torch.Tensor], indices: list[torch.Tensor], dim: in
     return out / len(values)
 
 
+#: default residual cap of top-k (see :meth:`Codec.cap_residual`)
+EF_CLIP = 0.0
+
+
 class TopKOptions(CodecOptions):
     ratio: float = Field(0.01, gt=0, le=1, description="fraction of entries sent")
     scope: Literal["layer", "global"] = Field(
@@ -139,6 +149,8 @@ class TopKOptions(CodecOptions):
     error_feedback: bool = Field(True, description="accumulate what was not sent")
     warmup_steps: int = Field(0, ge=0, description="steps of DGC ramp from warmup_start to ratio")
     warmup_start: float = Field(0.25, gt=0, le=1, description="density at step 0 of the ramp")
+    ef_clip: float = Field(EF_CLIP, ge=0, description="cap the residual's norm at ef_clip x "
+                           "the norm of this step's (momentum-corrected) gradient; 0 = off")
 
 
 @register
@@ -162,6 +174,7 @@ class TopKCodec(Codec):
         into one uint8 buffer (the wire format of ``Message.pack``), so exchange packs nothing."""
         shapes = [tuple(g.shape) for g in grads]
         flat = self.corrected_flat(grads)
+        unorm = self.step_norm(grads)
         sizes = [numel(s) for s in shapes]
         idx = select_topk(flat, sizes, self.ratio_at(self.step), self.opts.scope)
         k = idx.numel()
@@ -171,6 +184,7 @@ class TopKCodec(Codec):
         pos.copy_(idx)
         msg = Message([vals, pos], {"shapes": shapes, "dim": flat.numel()})
         self.keep_flat(flat, split=idx)
+        self.cap_residual(unorm)
         return msg, packed
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
