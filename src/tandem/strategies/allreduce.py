@@ -85,6 +85,7 @@ class AllReduceStrategy(Strategy):
             self.trainer.load_state_dict(state["trainer"])
             self.codec.load_state_dict(state["codec"])
             self.start_step, self.skipped = int(state["step"]), int(state["skipped"])
+            ctx.recorder.resume_from(self.start_step)  # the killed run's later steps: rolled back
 
     def _save(self, next_step: int) -> None:
         self.ckpt.save(next_step, {"trainer": self.trainer.state_dict(),

@@ -216,6 +216,8 @@ class BspSharedStrategy(Strategy):
                                  every=ctx.cfg.checkpoint_every)
         self.state: dict[str, Any] | None = None
         self.retired = False
+        if self.kind == "agent":  # before the clock starts, so that the start record says so
+            ctx.recorder.role = "controller"  # agents' supersteps are not worker steps
         if ctx.cfg.resume and self.kind == "agent":
             self.state = self._load()
         self.seg: MachineSegment | None = None
@@ -243,6 +245,9 @@ class BspSharedStrategy(Strategy):
             raise CheckpointError(f"checkpoint file {self.ckpt.rank} holds {state.get('role')} "
                                   f"{state.get('index')}, not {self.kind} {index}: was the "
                                   "layout (workers, machines, split) changed?")
+        # the killed run's records after the checkpoint are rolled back (in this role's units)
+        self.ctx.recorder.resume_from(int(state["agent"]["superstep"] if self.kind == "agent"
+                                          else state["loop"]["step"]))
         return state
 
     def _save(self, cid: int, state: dict[str, Any], barrier: Any) -> None:
@@ -266,7 +271,6 @@ class BspSharedStrategy(Strategy):
         ctx = self.ctx
         opts: BspSharedOptions = self.opts  # type: ignore[assignment]
         rec = ctx.recorder
-        rec.role = "controller"  # agents' supersteps are not worker steps in summaries
         params = [p for p in model.parameters() if p.requires_grad]
         total = self.total_steps(ctx.cfg, len(ctx.workload.train))
         ids = [layout.worker_index[r] for r in layout.worker_ranks[machine]]

@@ -160,6 +160,7 @@ class GossipStrategy(Strategy):
             start, n_straggled, n_skipped = (int(state[k]) for k in ("step", "straggled",
                                                                         "skipped"))
             trajectory, evals = list(state["trajectory"]), list(state["evals"])
+            rec.resume_from(start)  # the killed run's later steps: rolled back
         try:
             for step in range(start, total):
                 t0 = time.perf_counter()

@@ -36,6 +36,7 @@ class LocalStrategy(Strategy):
         if state is not None:
             self.trainer.load_state_dict(state["trainer"])
             self.start_step = int(state["step"])
+            self.ctx.recorder.resume_from(self.start_step)  # later steps: rolled back
 
     def run(self) -> dict[str, Any]:
         ctx = self.ctx

@@ -132,6 +132,8 @@ class PipelineStrategy(Strategy):
             for lane, lane_state in zip(self.lanes, state["lanes"], strict=True):
                 lane.load_state_dict(lane_state)
             self.start_step = int(state["step"])
+            for rec in [ctx.recorder, *(lane.ctx.recorder for lane in self.lanes)]:
+                rec.resume_from(self.start_step)  # the killed run's later steps: rolled back
 
     def _workload(self, vcfg: RunConfig, built: dict[str, Any]) -> Any:
         base = self.ctx.cfg

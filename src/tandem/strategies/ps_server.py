@@ -110,6 +110,7 @@ class PSServer:
         state = self.ckpt.resume()
         if state is not None:
             self._load(state)
+            ctx.recorder.resume_from(self.updates_recorded)  # server steps count its updates
 
     # ---- checkpoints ----------------------------------------------------------------------------
     _SAVED = ("version", "clock", "staleness", "local_steps", "max_gap", "deferred_count",

@@ -103,6 +103,7 @@ class PSWorker:
         state = self.ckpt.resume()  # after every model is built (building one reseeds torch)
         if state is not None:
             self._load(state)
+            ctx.recorder.resume_from(self.start_step)  # the killed run's later steps: rolled back
 
     # ---- checkpoints ----------------------------------------------------------------------------
     _SAVED = ("base", "version", "unpushed", "squares", "k", "oldest", "cand", "pushes",

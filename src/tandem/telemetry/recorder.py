@@ -18,19 +18,30 @@ Typical use inside a strategy's loop::
                 rec.eval(step, accuracy=acc, loss=test_loss)
     rec.close()
 
-Record kinds: ``start`` (t0, role, world), ``step``, ``eval``, ``info`` and ``end`` (this rank's
-totals). Every record carries ``kind``, ``rank`` and ``wall``. ``wall`` is seconds of *training*
-since :meth:`Recorder.start`: time spent inside :meth:`Recorder.evaluating` is subtracted, so
-time-to-accuracy compares methods fairly however often they evaluate. When one rank evaluates
-while the others wait for it, every rank should wrap that phase (evaluation and the wait) in
-``evaluating()``, so that all ranks' walls stay on one axis.
+Record kinds: ``start`` (t0, role, world), ``step``, ``eval``, ``info``, ``resume`` (see below)
+and ``end`` (this rank's totals). Every record carries ``kind``, ``rank`` and ``wall``. ``wall`` is
+seconds of *training* since :meth:`Recorder.start`: time spent inside :meth:`Recorder.evaluating`
+is subtracted, so time-to-accuracy compares methods fairly however often they evaluate. When one
+rank evaluates while the others wait for it, every rank should wrap that phase (evaluation and the
+wait) in ``evaluating()``, so that all ranks' walls stay on one axis.
 :func:`tandem.telemetry.summary.finalize_run` merges the per-rank files and summarises them.
+
+Resuming (``append=True``): the interrupted run's records stay. A strategy that restored a
+checkpoint taken before step ``S`` (steps ``0..S-1`` done) calls :meth:`Recorder.resume_from` with
+``S`` in *its own record-step units* (a bsp worker's local step, a PS server's update count): the
+records of steps ``>= S`` that the killed run wrote after the checkpoint (and its trailing ``info``
+and ``end`` records) move, per rank, to ``events.rank<R>.rolled_back.jsonl``, the rank file is
+rewritten atomically, and a ``resume`` record (step, rolled_back, lost_wall_s) marks the spot.
+So every step is in the run record exactly once and nothing is deleted. The time axis goes on from
+the *checkpoint's* point in time (the latest wall the kept records hold), so the record reads as
+the trajectory that was kept; the training time the failure threw away is ``lost_wall_s``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -55,6 +66,42 @@ def _last_wall(path: Path) -> float:
             except (ValueError, AttributeError):
                 continue
     return last
+
+
+def _wall_of(line: bytes) -> float | None:
+    try:
+        value = json.loads(line).get("wall")
+        return None if value is None else float(value)
+    except (ValueError, AttributeError, TypeError):
+        return None
+
+
+def split_rolled_back(lines: list[bytes], step: int) -> tuple[list[bytes], list[bytes]]:
+    """``(kept, rolled_back)`` lines of an interrupted run resumed before ``step``.
+
+    Rolled back: ``step``/``eval`` records of steps ``>= step``; the ``info`` and ``end`` records
+    after the first of them (they describe the lost work); lines that are not JSON (a record torn
+    by the kill). ``start`` and earlier ``resume`` records are always kept."""
+    kept: list[bytes] = []
+    gone: list[bytes] = []
+    past = False
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            kind = rec.get("kind")
+        except (ValueError, AttributeError):
+            gone.append(line)
+            continue
+        if kind in ("step", "eval") and int(rec.get("step", -1)) >= step:
+            past = True
+            gone.append(line)
+        elif kind == "end" or (past and kind == "info"):
+            gone.append(line)
+        else:
+            kept.append(line)
+    return kept, gone
 
 
 def _json_default(obj: Any) -> Any:
@@ -137,7 +184,13 @@ class Recorder:
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # On resume, keep the interrupted run's events and continue its time axis.
+        # Until resume_from() says which steps were lost, continue from the last recorded wall.
         self._wall_offset = _last_wall(self.path) if append else 0.0
+        if append and self.path.is_file() and self.path.stat().st_size and \
+                not self.path.read_bytes().endswith(b"\n"):
+            with open(self.path, "ab") as fh:  # a kill tore the last line: don't glue onto it
+                fh.write(b"\n")
+        self._inherited = self.path.stat().st_size if append and self.path.is_file() else 0
         self._file: IO[str] | None = open(self.path, "a" if append else "w", buffering=1,
                                           encoding="utf-8")
         if progress and progress_total and self.rank == 0:
@@ -183,6 +236,64 @@ class Recorder:
                 self._eval_depth -= 1
                 if self._eval_depth == 0:
                     self._eval_excluded += max(0.0, _now() - self._eval_enter)
+
+    # ---- resume -------------------------------------------------------------------------------
+    @property
+    def rolled_back_path(self) -> Path:
+        """Where :meth:`resume_from` moves this rank's records of lost steps."""
+        return self.run_dir / f"events.rank{self.rank}.rolled_back.jsonl"
+
+    def resume_from(self, step: int, **fields: Any) -> int:
+        """The run resumed from a checkpoint taken before ``step`` (in this rank's record-step
+        units): move the interrupted run's records of steps ``>= step`` to
+        :attr:`rolled_back_path` (appended, fsynced), rewrite the rank file without them
+        (atomically), continue the time axis from the latest kept wall and write a ``resume``
+        record. Returns the number of lines moved. Call it once, best before :meth:`start`; if
+        called after, this Recorder's own records so far are shifted onto the new time axis."""
+        with self._lock:
+            if self._file is None:
+                raise RuntimeError(f"Recorder for rank {self.rank} is closed")
+            self._file.flush()
+            data = self.path.read_bytes()
+            inherited, own = data[:self._inherited], data[self._inherited:]
+            kept, gone = split_rolled_back(inherited.splitlines(), int(step))
+            old = self._wall_offset
+            new = max((w for w in map(_wall_of, kept) if w is not None), default=0.0)
+            lost = max([old, *(w for w in map(_wall_of, gone) if w is not None)]) - new
+            shifted = [self._shift(line, new - old) for line in own.splitlines() if line.strip()]
+            if gone:
+                with open(self.rolled_back_path, "ab") as fh:
+                    fh.write(b"".join(line + b"\n" for line in gone))
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            record = {"kind": "resume", "rank": self.rank, "wall": new, "step": int(step),
+                      "rolled_back": len(gone), "lost_wall_s": max(0.0, lost),
+                      "role": self.role, **fields}
+            head = b"".join(line + b"\n" for line in kept) + (dumps(record) + "\n").encode()
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            with open(tmp, "wb") as fh:
+                fh.write(head + b"".join(line + b"\n" for line in shifted))
+                fh.flush()
+                os.fsync(fh.fileno())
+            self._file.close()
+            os.replace(tmp, self.path)
+            self._inherited = len(head)
+            self._file = open(self.path, "a", buffering=1, encoding="utf-8")
+            self._wall_offset = new
+            return len(gone)
+
+    @staticmethod
+    def _shift(line: bytes, delta: float) -> bytes:
+        """One of this Recorder's own lines moved onto the resumed time axis."""
+        if not delta:
+            return line
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return line
+        if isinstance(rec, dict) and rec.get("wall") is not None:
+            rec["wall"] = max(0.0, float(rec["wall"]) + delta)
+        return dumps(rec).encode()
 
     # ---- records ------------------------------------------------------------------------------
     def step(

@@ -49,9 +49,11 @@ def _atomic_write(path: Path, text: str) -> None:
 def merge_events(run_dir: Path) -> list[dict]:
     """Merge ``events.rank*.jsonl`` into ``events.jsonl`` sorted by ``(wall, rank)``; return them.
 
-    A truncated last line (a worker killed mid-write) is dropped. When there are no per-rank files
-    but an ``events.jsonl`` exists, it is read back as is. Raises :class:`TandemError` when the
-    directory holds no events at all.
+    A truncated last line (a worker killed mid-write) is dropped. The
+    ``events.rank<R>.rolled_back.jsonl`` files (records of steps a resumed run did again, see
+    :meth:`Recorder.resume_from`) are not merged: each step counts once. When there are no per-rank
+    files but an ``events.jsonl`` exists, it is read back as is. Raises :class:`TandemError` when
+    the directory holds no events at all.
     """
     run_dir = Path(run_dir)
     files = rank_files(run_dir)
@@ -111,8 +113,10 @@ def summarize(run_dir: Path, config: dict, *, target_accuracy: float | None = No
     is that time summed over all step records divided by compute+comm+idle summed likewise;
     ``wall_time_s`` is the latest wall of any step or eval record (evaluation time excluded);
     ``time_to_target_s`` / ``steps_to_target`` come from the first evaluation reaching the target
-    (None when none did). Several ranks evaluating the same step count as one evaluation with
-    their mean metrics (see :mod:`tandem.telemetry.curves`).
+    (None when none did). ``resumes`` / ``resumed_at_steps`` / ``lost_wall_s``: the lowest resumed
+    rank's ``resume`` records (the wall lost is not in ``wall_time_s``). Several ranks evaluating
+    the same step count as one evaluation with their mean metrics (see
+    :mod:`tandem.telemetry.curves`).
     """
     run_dir = Path(run_dir)
     config = dict(config or {})
@@ -143,6 +147,9 @@ def summarize(run_dir: Path, config: dict, *, target_accuracy: float | None = No
         hit = first_reaching(evals, loss=float(target_loss)) if target_loss is not None else None
     last = evals[-1] if evals else None
     info, info_by_rank = _collect_info(records)
+    resumes = [r for r in records if r.get("kind") == "resume"]
+    first = min((int(r.get("rank", 0)) for r in resumes), default=0)
+    resumes = [r for r in resumes if int(r.get("rank", 0)) == first]
 
     summary: dict[str, Any] = {
         "run": config.get("name") or run_dir.name,
@@ -172,6 +179,9 @@ def summarize(run_dir: Path, config: dict, *, target_accuracy: float | None = No
         "time_to_target_s": hit["wall"] if hit else None,
         "steps_to_target": hit["step"] if hit else None,
         "bytes_to_target": hit["bytes"] if hit else None,
+        "resumes": len(resumes),
+        "resumed_at_steps": [int(r.get("step", 0)) for r in resumes],
+        "lost_wall_s": sum(float(r.get("lost_wall_s") or 0.0) for r in resumes),
         "info": info,
     }
     if info_by_rank:
