@@ -6,7 +6,8 @@ buffers as rows) must give exactly what the straightforward per-entry formulatio
 same message bytes, the same decoded mean (signed zeros included), the same error-feedback and
 momentum state. The references below are that formulation, written with the public
 :mod:`tandem.codecs.bits` functions. Shapes are odd on purpose (layer and plane boundaries
-inside bytes, empty layers, buckets that straddle nothing)."""
+inside bytes, empty layers, buckets that straddle nothing); every test runs on the small-model
+and on the large-model paths (see ``size_path``)."""
 
 from __future__ import annotations
 
@@ -16,12 +17,25 @@ import pytest
 import torch
 
 from codec_jobs import run_threads
-from tandem.codecs import make_codec
+from tandem.codecs import make_codec, qsgd, signsgd
 from tandem.codecs.base import Message, step_generator
 from tandem.codecs.bits import pack_bits, unpack_bits
 from tandem.codecs.qsgd import bucket_counts, level_bits, uniform16
 
 SHAPES = [(3, 5), (7,), (2, 3, 4), (1,), (0,), (131,), (9, 9)]
+
+
+@pytest.fixture(params=["small", "large", "large-gather"])
+def size_path(request, monkeypatch):
+    """Runs a test on the small-model path, then with every model counted as large (encode
+    scratch reused in place, messages decoded one at a time; per run of buckets, or, with too
+    many runs, through the per-entry bucket gather)."""
+    if request.param != "small":
+        monkeypatch.setattr(qsgd, "_LARGE", 1)
+        monkeypatch.setattr(signsgd, "_LARGE", 1)
+    if request.param == "large-gather":
+        monkeypatch.setattr(qsgd, "_runs", lambda counts, most=32: None)
+    return request.param
 
 
 def grads(seed: int, shapes=SHAPES) -> list[torch.Tensor]:
@@ -75,7 +89,7 @@ def ref_qsgd_mean(msgs: list[list[torch.Tensor]], shapes, s: int, bucket: int) -
                                   {"levels": 127, "bucket_size": 10},
                                   {"levels": 255, "bucket_size": 7},
                                   {"levels": 1000, "bucket_size": 64}])
-def test_qsgd_matches_reference_bitwise(opts):
+def test_qsgd_matches_reference_bitwise(opts, size_path):
     """Breaks if QSGD's bytes, decoded mean (1 or 3 messages) or momentum state differ in any
     bit from the per-entry reference (e.g. a wrong plane, sign or bucket norm)."""
     s, bucket = opts.get("levels", 15), opts.get("bucket_size", 512)
@@ -103,7 +117,7 @@ def test_qsgd_matches_reference_bitwise(opts):
 
 
 @pytest.mark.parametrize("opts", [{}, {"momentum": 0.9}, {"error_feedback": False}])
-def test_signsgd_matches_reference_bitwise(opts):
+def test_signsgd_matches_reference_bitwise(opts, size_path):
     """Breaks if signSGD's bytes, decoded mean, transmitted values or residuals differ in any
     bit from the reference (``where(c >= 0, scale, -scale)`` per layer, zero positive)."""
     c = make_codec("signsgd", opts, seed=0)
@@ -133,7 +147,7 @@ def test_signsgd_matches_reference_bitwise(opts):
 
 
 @pytest.mark.parametrize("name,opts", [("qsgd", {"bucket_size": 16}), ("signsgd", {})])
-def test_exchange_equals_aggregate_of_gathered_codes(name, opts):
+def test_exchange_equals_aggregate_of_gathered_codes(name, opts, size_path):
     """Breaks if the overridden ``exchange`` (gathered buffers decoded as rows) differs from
     ``aggregate`` of the ranks' messages, or the ranks disagree."""
     world = 3

@@ -12,11 +12,14 @@ byte with a single multiplication (``* MAGIC >> 56``: the eight shifted copies l
 56..63 and every cross term lands below bit 56 or above bit 63, so no carries) and copies each
 product's top byte out through a strided uint8 view (:func:`bits_to_bytes` can write straight
 into a slice of a wire buffer); unpacking looks each byte up in a 256-entry table of int64
-"spread" values (bit j of the byte in byte j; an int32 index, ~0.7 ns per byte, the dominant
+"spread" values (bit j of the byte in byte j; an int32 index, ~1 ns per byte, the dominant
 cost of unpacking) and views the result as uint8 bits. :func:`unpack_bits` takes a 2-D tensor
 of equally long buffers too (one row per message), so decoding N gathered codes is one call.
 Callers on a hot path (QSGD, signSGD) write their bits into a reused, zero-padded buffer and
-call :func:`bits_to_bytes` directly, skipping :func:`pack_bits`' fresh zeroed buffer.
+call :func:`bits_to_bytes` directly, skipping :func:`pack_bits`' fresh zeroed buffer. On large
+buffers (millions of bytes) fresh temporaries cost more in page faults (~3 ms per 4 MB) than
+the arithmetic: :func:`bits_to_bytes` can multiply in place and the unpackers can look up
+through caller-owned ``index``/``out`` buffers.
 """
 
 from __future__ import annotations
@@ -50,13 +53,17 @@ def pack_bits(codes: torch.Tensor, width: int) -> torch.Tensor:
     return bits_to_bytes(bits)
 
 
-def bits_to_bytes(bits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def bits_to_bytes(bits: torch.Tensor, out: torch.Tensor | None = None, *,
+                  in_place: bool = False) -> torch.Tensor:
     """uint8 bits (0/1, a multiple of 8 of them, contiguous) -> their bytes, LSB first.
 
     ``out``: an optional uint8 tensor of ``bits.numel() // 8`` elements to write into (e.g. a
     slice of a wire buffer; saves a copy). Two operations: the magic multiplication, then a
-    strided copy of each product's top byte (byte 7 of a little-endian int64)."""
-    word = bits.view(torch.int64).mul(_MAGIC)
+    strided copy of each product's top byte (byte 7 of a little-endian int64). ``in_place``:
+    multiply in ``bits`` itself (it is garbage afterwards; on a large buffer this saves a fresh
+    product buffer and its page faults)."""
+    word = bits.view(torch.int64)
+    word = word.mul_(_MAGIC) if in_place else word.mul(_MAGIC)
     if _LITTLE:
         top = word.view(torch.uint8)[7::8]
     else:
@@ -66,22 +73,42 @@ def bits_to_bytes(bits: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     return out.copy_(top)
 
 
-def bytes_to_bits(buf: torch.Tensor) -> torch.Tensor:
-    """uint8 bytes (any shape ``(..., b)``) -> their bits as uint8 0/1 ``(..., 8 b)``."""
-    spread = _SPREAD.index_select(0, buf.to(torch.int32).reshape(-1))
+def bytes_to_bits(buf: torch.Tensor, *, index: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 bytes (any shape ``(..., b)``) -> their bits as uint8 0/1 ``(..., 8 b)``.
+
+    ``index`` (int32) and ``out`` (int64), at least one entry per byte: reused buffers for the
+    lookup's indices and result (on a large buffer fresh ones cost more in page faults than the
+    lookup itself); the result is then a view of ``out``."""
+    spread = _lookup(_SPREAD, buf, index, out)
     return spread.view(torch.uint8).view(*buf.shape[:-1], buf.shape[-1] * 8)
 
 
-def bytes_to_signs(buf: torch.Tensor, one: int = 1) -> torch.Tensor:
+def bytes_to_signs(buf: torch.Tensor, one: int = 1, *, index: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 bytes ``(..., b)`` -> one int8 per bit ``(..., 8 b)``: ``one`` where the bit is 1,
     ``-one`` where it is 0 (``one`` = 1: ``2 bit - 1``, what a sign code decodes to; -1: the
     factor ``1 - 2 bit`` of a sign-bit plane), by the same one-lookup-per-byte as
-    :func:`bytes_to_bits` with a table of +-1 lanes (saves two passes over the bits)."""
+    :func:`bytes_to_bits` with a table of +-1 lanes (saves two passes over the bits);
+    ``index``/``out`` as there."""
     if one not in (1, -1):
         raise ValueError(f"one must be 1 or -1, got {one}")
-    table = _SIGNS if one == 1 else _NEG_SIGNS
-    spread = table.index_select(0, buf.to(torch.int32).reshape(-1))
+    spread = _lookup(_SIGNS if one == 1 else _NEG_SIGNS, buf, index, out)
     return spread.view(torch.int8).view(*buf.shape[:-1], buf.shape[-1] * 8)
+
+
+def _lookup(table: torch.Tensor, buf: torch.Tensor, index: torch.Tensor | None,
+            out: torch.Tensor | None) -> torch.Tensor:
+    """``table[byte]`` for every byte of ``buf`` (int64), through the optional buffers."""
+    n = buf.numel()
+    if index is None:  # convert first: a strided ``buf`` is then copied once, not twice
+        idx = buf.to(torch.int32).reshape(-1)
+    else:
+        idx = index[:n]
+        idx.view(buf.shape).copy_(buf)
+    if out is None:
+        return table.index_select(0, idx)
+    return torch.index_select(table, 0, idx, out=out[:n])
 
 
 def unpack_bits(buf: torch.Tensor, n: int, width: int) -> torch.Tensor:

@@ -11,23 +11,32 @@ servers since each worker's code decodes on its own. Tuning: ``levels`` trades b
 (variance per bucket <= min(b / s^2, sqrt(b) / s) * ||v||^2); ``bucket_size`` 512 (the paper's
 choice) keeps the variance low; larger buckets spend fewer bytes on norms but add noise.
 
-Cost (whole-buffer operations on one flat fp32 buffer; on the 46k-entry CNN with 4 ranks
-about half of the previous implementation's time, and bit for bit the same codes and means):
-the bucket norms come from one ``segment_reduce`` (a sequential fp32 sum, ~1 ns per entry, kept
-for its exact rounding), the per-entry norm from one cached index; the rounding noise is 16 bits
-per entry cut from 64-bit random words (a quarter of the generator calls of one fp32 uniform per
-entry; the bias this grid adds is below 2^-17 of one level, far inside the Monte-Carlo test's
-bound). The level is read from the float's mantissa after adding 2^23 (no float -> int
-conversion) and cut into bit planes 8 entries at a time through int64 lanes, written into a
-reused zero-padded bit buffer, and packed straight into the wire buffer (norms then planes, the
-layout :meth:`Message.pack` gives). ``exchange`` sends that buffer and decodes the gathered ones
-as rows of one stacked tensor; the decode is batched: bit planes unpacked together (one table
-lookup per byte, the largest single cost), levels combined and signed in int8 (for
-``levels`` <= 127), then each run of equal buckets scaled by a broadcast view of its norms in
-one ``_foreach_mul_`` and the messages summed. What remains is mostly per-entry floors: the
-sequential norm sum, the random words, the unpack lookup, the fp32 sum over messages. Tuning
-for speed: ``bucket_size`` 0 or a multiple of the layer sizes keeps the runs few (more than 32
-runs fall back to a per-entry gather).
+Cost (whole-buffer operations on one flat fp32 buffer, bit for bit the same codes and means
+as the per-entry formulation): the bucket norms come from one ``segment_reduce`` (a sequential
+fp32 sum, ~1 ns per entry, kept for its exact rounding); the rounding noise is 16 bits per entry
+cut from 64-bit random words (a quarter of the generator calls of one fp32 uniform per entry;
+the bias this grid adds is below 2^-17 of one level, far inside the Monte-Carlo test's bound).
+The level is read from the float's mantissa after adding 2^23 (no float -> int conversion) and
+cut into bit planes 8 entries at a time through int64 lanes, written into a reused zero-padded
+bit buffer, and packed straight into the wire buffer (norms then planes, the layout
+:meth:`Message.pack` gives). ``exchange`` sends that buffer and decodes the gathered ones: bit
+planes unpacked by one table lookup per byte, levels combined and signed in int8 (for
+``levels`` <= 127), converted once, each run of equal buckets scaled by a broadcast view of its
+norms (one ``_foreach_mul_``), and the messages summed.
+
+Small models (the 46k-entry CNN, 4 ranks: ~1 ms, per-op overhead dominates): the messages are
+stacked and decoded as one ``(k, D)`` batch, ``encode`` divides by a per-entry gather of the
+norms. Large models (>= 2^20 entries; ResNet-18, 11.2M, 4 ranks: ~0.35-0.4x the time of the
+batched code, which spent most of it in page faults of fresh 50-200 MB temporaries and in
+per-entry norm gathers): every per-entry temporary lives in the plan's reused scratch
+(~14 bytes per entry with 15 levels, held by the codec between steps; the 8-byte per-entry
+bucket index is no longer built while the runs suffice), ``encode`` divides per run of buckets,
+and the messages are decoded one at a time into that scratch and added into the (fresh) mean,
+in the order ``sum(0)`` adds them. What remains is per-entry floors: the sequential norm sum,
+the random words, the unpack lookup (~1.5 ns per packed byte), the fp32 passes over each
+message, and the base class's concatenation and momentum. Tuning for speed: ``bucket_size`` 0
+or a multiple of the layer sizes keeps the runs few (more than max(32, D / 65536) runs fall
+back to a per-entry gather).
 
 Transfer: gathered. Bytes per code: ``4 * n_buckets + ceil(D * (w + 1) / 8)`` with
 ``w = ceil(log2(levels + 1))`` bits per level plus one sign bit.
@@ -55,6 +64,7 @@ from tandem.codecs.base import (
 )
 from tandem.codecs.bits import (
     bits_to_bytes,
+    bytes_to_bits,
     bytes_to_signs,
     combine_planes,
     packed_size,
@@ -92,15 +102,33 @@ def uniform16(n: int, gen: torch.Generator) -> torch.Tensor:
 @dataclass
 class _Plan:
     """Per-model constants and scratch memory of one codec instance (never shared between
-    instances: the scratch buffers are written on every call)."""
+    instances: the scratch buffers are written on every call). The scratch is reused because
+    on a large model a fresh buffer costs more in page faults than the operation writing it
+    (~3 ms per 4 MB touched): encode and the decode share it (mag: the scaled magnitudes, then
+    the decoded values of one message; raw: squares, the random draws as fp32, the levels'
+    cut planes, then the byte indices of the unpack lookup; bits: the random words, the bit
+    planes, the magic products, then the unpacked bits)."""
 
     counts: torch.Tensor  # bucket sizes (int64)
-    ids: torch.Tensor  # the bucket of every entry
+    sizes: tuple[int, ...]  # the same, as the key of the cached bucket ids
     runs: list[tuple[int, int]] | None  # runs of equal buckets: (buckets, bucket size)
-    bits: torch.Tensor  # uint8 bit planes, padded to whole bytes (the tail stays 0)
+    bits: torch.Tensor  # uint8 bit planes, padded to whole int64 words (the tail is re-zeroed)
     levels: torch.Tensor  # uint8 levels, padded to whole int64 words
     shifts: torch.Tensor  # (w, 1) shifts that cut a level into its bit planes
     nbytes: int
+    mag: torch.Tensor  # fp32 scratch, one per entry
+    raw: torch.Tensor  # int64 scratch of max(4 D, 8 w ceil(D / 8)) bytes
+    ids: torch.Tensor | None = None  # the bucket of every entry, built on first use
+
+    def bucket_ids(self) -> torch.Tensor:
+        if self.ids is None:
+            self.ids = _bucket_ids(self.sizes)
+        return self.ids
+
+    def __post_init__(self) -> None:
+        self.sq = self.raw.view(torch.float32)[: self.mag.numel()]  # fp32 view of raw
+        w, words = self.shifts.numel(), self.levels.numel() // 8
+        self.cut = self.raw[: w * words].view(w, words)  # (w, words) int64 view of raw
 
 
 class QSGDOptions(CodecOptions):
@@ -126,11 +154,13 @@ class QSGDCodec(Codec):
             dim, w = sum(counts), level_bits(self.opts.levels)
             nbytes = packed_size(dim, w + 1)
             kind = torch.int64 if w <= 8 else torch.int32
+            words = -(-dim // 8)
             plan = plans[key] = _Plan(
-                _bucket_tensor(counts), _bucket_ids(counts), _runs(counts),
+                _bucket_tensor(counts), counts, _runs(counts, max(32, dim >> 16)),
                 torch.zeros(nbytes * 8, dtype=torch.uint8),
-                torch.zeros(-(-dim // 8) * 8, dtype=torch.uint8),
-                torch.arange(w, dtype=kind).unsqueeze(1), nbytes)
+                torch.zeros(words * 8, dtype=torch.uint8),
+                torch.arange(w, dtype=kind).unsqueeze(1), nbytes,
+                torch.empty(dim), torch.empty(max(-(-dim // 2), w * words), dtype=torch.int64))
         return plan
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
@@ -143,30 +173,41 @@ class QSGDCodec(Codec):
         nb = plan.counts.numel()
         wire = torch.empty(4 * nb + plan.nbytes, dtype=torch.uint8)
         norms = wire[: 4 * nb].view(torch.float32)
-        mag = flat.abs()
-        torch.sqrt(torch.segment_reduce(mag * mag, "sum", lengths=plan.counts, unsafe=True),
-                   out=norms)
+        mag = torch.abs(flat, out=plan.mag)
+        sq = torch.mul(mag, mag, out=plan.sq)
+        torch.sqrt(torch.segment_reduce(sq, "sum", lengths=plan.counts, unsafe=True), out=norms)
         # |v| / ||v|| * s + u, floored: level l with E[l] = s |v| / ||v|| (0 where the norm is 0)
-        scaled = mag.div_(norms.clamp_min(1e-30).index_select(0, plan.ids)).mul_(s)
+        bits, large, clamped = plan.bits, n >= _LARGE, norms.clamp_min(1e-30)
+        if large and plan.runs is not None:  # per run of buckets: no per-entry gather
+            _per_bucket(torch._foreach_div_, mag.unsqueeze(0), clamped.unsqueeze(0), plan)
+        else:
+            mag.div_(clamped.index_select(0, plan.bucket_ids()))
+        scaled = mag.mul_(s)
         gen = step_generator(self.seed, self.rank, self.step, 0x51534744)
         # uniform16's draws, fused: (h + 32768.5) * 2^-16 is exact, so adding it via alpha
-        # rounds exactly like adding the uniform itself
-        half = _random_halves(n, gen).to(torch.float32).add_(32768.5)
+        # rounds exactly like adding the uniform itself (on a large model the words go into
+        # the bit buffer, free until the planes are cut)
+        words = bits.view(torch.int64)[: (n + 3) // 4] if large else \
+            torch.empty((n + 3) // 4, dtype=torch.int64)
+        words.random_(-(1 << 63), (1 << 63) - 1, generator=gen)
+        half = sq.copy_(words.view(torch.int16)[:n]).add_(32768.5)
         level = scaled.add_(half, alpha=1.0 / 65536).floor_().clamp_(0, s)
         # + 2^23: the integer level now sits in the low mantissa bits (an exact float add), so
         # its bits are read from the int32 view: no float -> int conversion
         low = level.add_(8388608.0).view(torch.int32)
-        bits = plan.bits
         planes = bits[: w * n].view(w, n)
         if w <= 8:  # the levels as bytes, 8 to an int64: each shift cuts 8 entries' bit b
             lv = plan.levels
             lv[:n].copy_(low.view(torch.uint8)[0::4])
-            cut = lv.view(torch.int64).unsqueeze(0).bitwise_right_shift(plan.shifts)
+            cut = torch.bitwise_right_shift(lv.view(torch.int64).unsqueeze(0), plan.shifts,
+                                            out=plan.cut)
             planes.copy_(cut.bitwise_and_(_LANES).view(torch.uint8).view(w, -1)[:, :n])
         else:
             planes.copy_(low.unsqueeze(0).bitwise_right_shift(plan.shifts).bitwise_and_(1))
         torch.lt(flat, 0, out=bits[w * n: (w + 1) * n].view(torch.bool))
-        bits_to_bytes(bits, out=wire[4 * nb:])
+        if large and bits.numel() > (w + 1) * n:  # the zero padding, overwritten last time
+            bits[(w + 1) * n:].zero_()
+        bits_to_bytes(bits, out=wire[4 * nb:], in_place=large)
         self._wire = wire
         return Message([norms, wire[4 * nb:]], {"shapes": shapes, "dim": n})
 
@@ -194,9 +235,45 @@ class QSGDCodec(Codec):
         out = value.sum(0) if k > 1 else value.view(-1)
         return unflat(out.mul_(1.0 / (s * k)), shapes)
 
+    def _decode_each(self, codes: list[tuple[torch.Tensor, torch.Tensor]],
+                     shapes: list[tuple[int, ...]], dim: int) -> list[torch.Tensor]:
+        """The mean of ``k`` > 1 codes ``(norms, packed planes)`` of a large model (``levels``
+        <= 127), one message at a time into the plan's scratch buffers: its bytes unpacked
+        by the table lookup into the bit buffer, the levels combined and signed in int8, as
+        fp32 scaled per run of buckets and added to the sum, in the order of ``sum(0)``."""
+        s, w, k = self.opts.levels, level_bits(self.opts.levels), len(codes)
+        plan = self._plan(shapes)
+        nb = packed_size(dim, w + 1)
+        index, spread = plan.raw.view(torch.int32), plan.bits.view(torch.int64)
+        level, value = plan.levels[:dim], plan.mag[:dim]
+        out = None
+        for norms, packed in codes:
+            bits = bytes_to_bits(packed[:nb], index=index, out=spread)
+            planes = bits[: (w + 1) * dim].view(w + 1, dim)
+            if w == 1:
+                level.copy_(planes[0])
+            else:
+                torch.add(planes[0], planes[1], alpha=2, out=level)
+            for b in range(2, w):
+                level.add_(planes[b], alpha=1 << b)
+            # -level where the sign bit is set: (level ^ -1) + 1, in uint8 (a level 0 with
+            # sign 1 gives +0, as the batched int8 path)
+            sign = planes[w].neg_()
+            value.copy_(level.bitwise_xor_(sign).sub_(sign).view(torch.int8))
+            _per_bucket(torch._foreach_mul_, value.unsqueeze(0), norms.unsqueeze(0), plan)
+            # the sum in the order of sum(0): (0 + v0) + v1 + ...; 0 + v0 = v0 + 0
+            out = torch.add(value, 0.0) if out is None else out.add_(value)
+        assert out is not None
+        return unflat(out.mul_(1.0 / (s * k)), shapes)
+
+    def _large(self, k: int, dim: int) -> bool:
+        return k > 1 and dim >= _LARGE and level_bits(self.opts.levels) <= 7
+
     def _decode_mean(self, msgs: list[Message]) -> list[torch.Tensor]:
-        """The mean of the decoded messages, all in one batch."""
+        """The mean of the decoded messages, all in one batch (a large model: one by one)."""
         shapes, dim = msgs[0].meta["shapes"], msgs[0].meta["dim"]
+        if self._large(len(msgs), dim):
+            return self._decode_each([(m.tensors[0], m.tensors[1]) for m in msgs], shapes, dim)
         if len(msgs) == 1:
             norms, bits = msgs[0].tensors[0].unsqueeze(0), msgs[0].tensors[1].unsqueeze(0)
         else:
@@ -222,8 +299,12 @@ class QSGDCodec(Codec):
         if size == 1:
             return self.decode(msg)
         bufs = transport.all_gather(self._wire, group=group).wait()
-        rows = torch.stack(bufs)
         cut = 4 * msg.tensors[0].numel()
+        if self._large(len(bufs), msg.meta["dim"]):
+            # (the scales/norms cloned: a gathered buffer need not be 4-byte aligned)
+            return self._decode_each([(b[:cut].clone().view(torch.float32), b[cut:]) for b in bufs],
+                                     msg.meta["shapes"], msg.meta["dim"])
+        rows = torch.stack(bufs)
         norms = rows[:, :cut].contiguous().view(torch.float32)
         return self._decode_rows(norms, rows[:, cut:], msg.meta["shapes"], msg.meta["dim"])
 
@@ -232,19 +313,25 @@ def _per_bucket(op: Callable[..., Any], values: torch.Tensor, norms: torch.Tenso
                 plan: _Plan) -> None:
     """``op`` (e.g. ``torch._foreach_mul_``) of every entry of the ``(k, D)`` rows ``values``
     by its bucket's entry of the ``(k, buckets)`` rows ``norms``, in place: one foreach call
-    over broadcast views, one per run of equal buckets (the 46k-entry CNN has 9 runs; with
-    k = 4 rows this is half the cost of a per-entry gather of the norms, ~0.5 ns per entry; with
-    one row the gather wins, so ``encode`` gathers), or a gather when there are many runs."""
+    over broadcast views, one per run of equal buckets (the 46k-entry CNN has 9 runs, ResNet-18
+    with 512-entry buckets 33; with k = 4 rows this is half the cost of a per-entry gather of
+    the norms, ~0.5 ns per entry, and on a large model far less even for one row; for one row
+    of a small model ``encode`` gathers, which is cheaper there), or a gather when there are
+    many runs."""
+    k = values.shape[0]
     if plan.runs is None:
-        op([values], [norms.index_select(1, plan.ids)])
+        op([values], [norms.index_select(1, plan.bucket_ids())])
         return
-    k, runs = values.shape[0], plan.runs
+    runs = plan.runs
     cols = values.split([count * size for count, size in runs], dim=1)
     per = norms.split([count for count, _ in runs], dim=1)
     op([c.view(k, count, size) for c, (count, size) in zip(cols, runs, strict=True)],
        [p.unsqueeze(2) for p in per])
 
 
+#: entries from which a model counts as large: messages are decoded one at a time into reused
+#: buffers (bounded scratch memory, no page faults) instead of as one (k, D) batch
+_LARGE = 1 << 20
 #: the low bit of each byte of an int64
 _LANES = 0x0101010101010101
 
