@@ -183,10 +183,12 @@ def codec_costs(workload: Any, seed: int, batch: int, world: int, reps: int = 20
     """Median ``loss.backward()`` ms, and median ``exchange`` ms per codec row (one thread)."""
     import torch
 
+    from tandem.allocator import tune_allocator
     from tandem.codecs import make_codec
     from tandem.strategies.training import build_model
 
     torch.set_num_threads(1)
+    tune_allocator()  # as in every worker process (see tandem.allocator)
     model = build_model(workload, seed)
     gen = torch.Generator().manual_seed(seed)
     back, grads = [], []

@@ -120,3 +120,10 @@ def kill_after_checkpoint(run_dir, min_step: int, victim: int = 1):
                 time.sleep(0.01)
         threading.Thread(target=killer, daemon=True).start()
     return on_start
+
+
+def allocator_state() -> tuple[bool, bool]:
+    """(was this process's allocator tuned before the job ran, is it tuned when asked now)."""
+    from tandem import allocator
+
+    return allocator.APPLIED, allocator.tune_allocator()

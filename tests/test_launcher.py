@@ -77,3 +77,11 @@ def _diagnose(pid: int, tmp_path: Path) -> str:
             lines.append(f"pid {p} gone")
     err = (tmp_path / "stderr.txt").read_text(errors="replace")[-3000:]
     return "; ".join(lines) + "\nstderr:\n" + err
+
+
+def test_children_keep_large_buffers_in_the_heap(monkeypatch):
+    """Breaks if the launcher stops tuning its children's allocator (large per-step buffers
+    would be page-faulted again every step, see tandem.allocator) or ignores TANDEM_MALLOC=0."""
+    assert spawn(jobs.allocator_state, 2, timeout_s=60) == [(True, True), (True, True)]
+    monkeypatch.setenv("TANDEM_MALLOC", "0")
+    assert spawn(jobs.allocator_state, 1, timeout_s=60) == [(False, False)]

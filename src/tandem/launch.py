@@ -25,6 +25,7 @@ from collections.abc import Callable
 from multiprocessing import connection as mp_connection
 from typing import Any
 
+from tandem.allocator import tune_allocator
 from tandem.errors import TandemError, WorkerFailed
 from tandem.transport.rendezvous import host_store, mark_dead
 
@@ -54,6 +55,7 @@ def _child(
         }
     )
     _die_with_parent()
+    tune_allocator()  # before the first large tensor (see tandem.allocator)
     import torch
 
     torch.set_num_threads(int(env.get("TANDEM_THREADS", "1")))

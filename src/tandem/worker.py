@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from tandem.allocator import tune_allocator
 from tandem.config import RunConfig
 from tandem.runtime import transport_from_env
 from tandem.strategies import STRATEGIES
@@ -27,6 +28,7 @@ from tandem.workloads.base import Workload
 def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
          return_params: bool = False, finalize: bool = False) -> dict[str, Any]:
     """Run this process's role of the job described by ``cfg_data``; return its final figures."""
+    tune_allocator()  # under torchrun too (see tandem.allocator; TANDEM_MALLOC=0 turns it off)
     cfg = RunConfig.model_validate(cfg_data)
     if not cfg.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and \
             (cfg.run_dir() / "checkpoints" / "LATEST").is_file():
