@@ -57,7 +57,6 @@ from tandem.codecs.base import (
     Codec,
     CodecOptions,
     Message,
-    group_rank,
     register,
     step_generator,
     unflat,
@@ -70,10 +69,12 @@ from tandem.codecs.bits import (
     packed_size,
     unpack_planes,
 )
+from tandem.codecs.gathered import LARGE as _LARGE
+from tandem.codecs.gathered import ScaledBitsGather
 from tandem.codecs.topk import numel
 
 if TYPE_CHECKING:
-    from tandem.transport.group import Group, Transport
+    pass
 
 
 def level_bits(levels: int) -> int:
@@ -137,7 +138,7 @@ class QSGDOptions(CodecOptions):
 
 
 @register
-class QSGDCodec(Codec):
+class QSGDCodec(ScaledBitsGather, Codec):
     """qsgd: per-bucket fp32 norm + bit-packed sign and stochastic level per entry; gathered."""
 
     name = "qsgd"
@@ -287,26 +288,6 @@ class QSGDCodec(Codec):
     def aggregate(self, msgs: list[Message]) -> list[torch.Tensor]:
         return self._decode_mean(msgs)
 
-    def exchange(self, grads: list[torch.Tensor], transport: Transport,
-                 group: Group | None = None) -> list[torch.Tensor]:
-        """:meth:`Codec.exchange`'s gather path with the same bytes on the wire (norms then
-        planes, as :meth:`Message.pack` lays them out), without re-packing our code or
-        splitting every gathered buffer into fresh tensors: the buffers are stacked once and
-        decoded as rows."""
-        self.rank, size = group_rank(transport, group)
-        msg = self.encode(grads)
-        self.step += 1
-        if size == 1:
-            return self.decode(msg)
-        bufs = transport.all_gather(self._wire, group=group).wait()
-        cut = 4 * msg.tensors[0].numel()
-        if self._large(len(bufs), msg.meta["dim"]):
-            # (the scales/norms cloned: a gathered buffer need not be 4-byte aligned)
-            return self._decode_each([(b[:cut].clone().view(torch.float32), b[cut:]) for b in bufs],
-                                     msg.meta["shapes"], msg.meta["dim"])
-        rows = torch.stack(bufs)
-        norms = rows[:, :cut].contiguous().view(torch.float32)
-        return self._decode_rows(norms, rows[:, cut:], msg.meta["shapes"], msg.meta["dim"])
 
 
 def _per_bucket(op: Callable[..., Any], values: torch.Tensor, norms: torch.Tensor,
@@ -329,9 +310,6 @@ def _per_bucket(op: Callable[..., Any], values: torch.Tensor, norms: torch.Tenso
        [p.unsqueeze(2) for p in per])
 
 
-#: entries from which a model counts as large: messages are decoded one at a time into reused
-#: buffers (bounded scratch memory, no page faults) instead of as one (k, D) batch
-_LARGE = 1 << 20
 #: the low bit of each byte of an int64
 _LANES = 0x0101010101010101
 

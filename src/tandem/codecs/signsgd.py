@@ -38,12 +38,14 @@ from typing import TYPE_CHECKING
 import torch
 from pydantic import Field
 
-from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register, unflat
+from tandem.codecs.base import Codec, CodecOptions, Message, register, unflat
 from tandem.codecs.bits import bits_to_bytes, bytes_to_signs, packed_size
+from tandem.codecs.gathered import LARGE as _LARGE
+from tandem.codecs.gathered import ScaledBitsGather
 from tandem.codecs.topk import numel
 
 if TYPE_CHECKING:
-    from tandem.transport.group import Group, Transport
+    pass
 
 
 class SignSGDOptions(CodecOptions):
@@ -51,13 +53,16 @@ class SignSGDOptions(CodecOptions):
 
 
 @register
-class SignSGDCodec(Codec):
+class SignSGDCodec(ScaledBitsGather, Codec):
     """signsgd: mean-|g| scale (fp32) per layer + 1 bit per entry, error feedback; gathered."""
 
     name = "signsgd"
     transfer = "gather"
     error_feedback = True
     Options = SignSGDOptions
+
+    def _large(self, k: int, dim: int) -> bool:
+        return dim >= _LARGE
 
     def _bits(self, dim: int) -> torch.Tensor:
         """This instance's scratch bit buffer (one bool per entry, padded to whole bytes with
@@ -155,31 +160,8 @@ class SignSGDCodec(Codec):
     def aggregate(self, msgs: list[Message]) -> list[torch.Tensor]:
         return self._decode_mean(msgs)
 
-    def exchange(self, grads: list[torch.Tensor], transport: Transport,
-                 group: Group | None = None) -> list[torch.Tensor]:
-        """:meth:`Codec.exchange`'s gather path with the same bytes on the wire (scales then
-        bits, as :meth:`Message.pack` lays them out), without re-packing our code or splitting
-        every gathered buffer into fresh tensors: the buffers are stacked once, decoded as
-        rows."""
-        self.rank, size = group_rank(transport, group)
-        msg = self.encode(grads)
-        self.step += 1
-        if size == 1:
-            return self.decode(msg)
-        bufs = transport.all_gather(self._wire, group=group).wait()
-        cut = 4 * msg.tensors[0].numel()
-        if msg.meta["dim"] >= _LARGE:
-            # (the scales/norms cloned: a gathered buffer need not be 4-byte aligned)
-            return self._decode_each([(b[:cut].clone().view(torch.float32), b[cut:]) for b in bufs],
-                                     msg.meta["shapes"], msg.meta["dim"])
-        rows = torch.stack(bufs)
-        scales = rows[:, :cut].contiguous().view(torch.float32)
-        return self._decode_rows(scales, rows[:, cut:], msg.meta["shapes"], msg.meta["dim"])
 
 
-#: entries from which a model counts as large: messages are decoded one at a time into reused
-#: buffers (bounded scratch memory, no page faults) instead of as one (k, D) batch
-_LARGE = 1 << 20
 
 
 def _scale_layers(values: torch.Tensor, scales: torch.Tensor, sizes: tuple[int, ...]) -> None:
