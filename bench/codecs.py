@@ -59,6 +59,7 @@ CODEC_ROWS: list[tuple[str, str, dict[str, Any]]] = [
     ("randomk 0.01", "randomk", {"ratio": 0.01}),
     ("qsgd", "qsgd", {}),
     ("powersgd r2", "powersgd", {"rank": 2}),
+    ("powersgd r4", "powersgd", {"rank": 4}),  # just under 1/10 of dense bytes on this CNN
     ("signsgd", "signsgd", {}),
     ("lgc ps", "lgc", {"variant": "ps", "dense_first_last": False, "ratio": LGC_RATIO["ps"]}),
     ("lgc rar", "lgc", {"variant": "rar", "dense_first_last": False,
