@@ -274,7 +274,8 @@ class Codec:
                   split: torch.Tensor | None = None, sent: torch.Tensor | None = None) -> None:
         """:meth:`keep_residual` for :meth:`corrected_flat`'s buffer. Either ``transmitted``
         (a dense reconstruction: ``r = corrected - transmitted``) or ``split``, the positions
-        sent exactly (``r`` = ``corrected`` zeroed there, in place: ``corrected`` is consumed).
+        sent exactly (``r`` = ``corrected`` zeroed there). Both work in place: ``corrected`` is
+        consumed and becomes the residual (no gradient-sized allocation per step).
         ``sent``: positions whose velocity is zeroed (momentum masking; default ``split``)."""
         if self.track_transmitted:
             if transmitted is None:
@@ -282,7 +283,7 @@ class Codec:
                 transmitted[split] = corrected[split]
             self.transmitted = [t.clone() for t in unflat(transmitted, self._shapes)]
         if self.uses_error_feedback():
-            self._set_flat("residuals", corrected - transmitted if split is None
+            self._set_flat("residuals", corrected.sub_(transmitted) if split is None
                            else corrected.index_fill_(0, split, 0.0))
         vel = self._velocity_next
         if self.opts.momentum > 0 and vel is not None:

@@ -58,14 +58,10 @@ STEP_TIMES = ("compute_s", "comm_s", "idle_s")
 
 def _last_wall(path: Path) -> float:
     """The last wall time recorded in an events file (0 if none): where a resumed run goes on."""
-    last = 0.0
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                last = max(last, float(json.loads(line).get("wall", 0.0)))
-            except (ValueError, AttributeError):
-                continue
-    return last
+    if not path.exists():
+        return 0.0
+    return max((w for w in map(_wall_of, path.read_bytes().splitlines()) if w is not None),
+               default=0.0)
 
 
 def _wall_of(line: bytes) -> float | None:
@@ -183,13 +179,14 @@ class Recorder:
                 ) from None
             self._writer = SummaryWriter(log_dir=str(self.run_dir / "tb"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        # On resume, keep the interrupted run's events and continue its time axis.
-        # Until resume_from() says which steps were lost, continue from the last recorded wall.
+        # On resume, keep the interrupted run's events and continue its time axis (from the last
+        # recorded wall until resume_from() says which steps were lost).
         self._wall_offset = _last_wall(self.path) if append else 0.0
-        if append and self.path.is_file() and self.path.stat().st_size and \
-                not self.path.read_bytes().endswith(b"\n"):
-            with open(self.path, "ab") as fh:  # a kill tore the last line: don't glue onto it
-                fh.write(b"\n")
+        if append and self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as fh:  # a kill tore the last line: don't glue onto it
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
         self._inherited = self.path.stat().st_size if append and self.path.is_file() else 0
         self._file: IO[str] | None = open(self.path, "a" if append else "w", buffering=1,
                                           encoding="utf-8")
