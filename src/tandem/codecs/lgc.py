@@ -28,8 +28,9 @@ Method (Abrahamyan & Deligiannis, patent EP3920097 and arXiv 2103.08870; see doc
    capped at ``ef_clip * ||u||`` (u: this step's momentum-corrected gradient; default 2), so
    entries delayed for hundreds of steps at rho = 1e-3 cannot return as one destabilising burst.
 
-Modules: this one (options, plan, stages 1-2, message level, state); the compressed rounds in
-:mod:`.lgc_ps` and :mod:`.lgc_rar`; the autoencoder in :mod:`.lgc_ae`.
+Modules: this one (options, plan, stage schedule, message level, state); the rounds of stages 1
+and 2 in :mod:`.lgc_stages`, the compressed rounds in :mod:`.lgc_ps` and :mod:`.lgc_rar`; the
+autoencoder in :mod:`.lgc_ae`.
 
 Design choices (documented in docs/lgc.md): the leader sends its positions *ordered by its own
 values* (the order of a set that is sent anyway costs nothing), which turns every worker's value
@@ -52,11 +53,12 @@ import torch
 from pydantic import Field
 
 from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register, unflat
-from tandem.codecs.lgc_ae import AETrainer, Ctx, latent_size, mean_ms, rms
+from tandem.codecs.lgc_ae import AETrainer, Ctx, latent_size, mean_ms
 from tandem.codecs.lgc_ps import ps_round
 from tandem.codecs.lgc_rar import rar_round
+from tandem.codecs.lgc_stages import topk_round, train_round
 from tandem.codecs.positions import pack_positions, positions_nbytes, unpack_positions
-from tandem.codecs.topk import keep_count, numel, select_topk, sparse_mean
+from tandem.codecs.topk import keep_count, numel, select_topk
 from tandem.transport.packing import pack, unpack
 
 if TYPE_CHECKING:
@@ -219,9 +221,9 @@ class LGCCodec(Codec):
         elif stage == 1 and self.opts.warmup == "dense":
             out_x, sent_x = None, x
         elif stage == 1:
-            out_x, sent_x = self._topk_round(x, p, ctx)
+            out_x, sent_x = topk_round(self, x, p, ctx)
         elif stage == 2:
-            out_x, sent_x = self._train_round(x, p, ctx)
+            out_x, sent_x = train_round(self, x, p, ctx)
         else:
             if not self.synced:
                 self._verify_sync(p, ctx)
@@ -282,24 +284,6 @@ class LGCCodec(Codec):
             return comp_flat
         return torch.cat([dense_flat[: p.start], comp_flat, dense_flat[p.start:]])
 
-    def _topk_round(self, x: torch.Tensor, p: Plan, ctx: Ctx) -> tuple[torch.Tensor, ...]:
-        """Stage 1: plain top-k with error feedback (fp32 values + positions of
-        :func:`position_bits` bits), gathered,
-        at the ramped density of :meth:`warmup_ratio` (the same k on every worker)."""
-        idx = select_topk(x, p.sizes, self.warmup_ratio(self.step))
-        self._sent_idx = idx
-        k, d = idx.numel(), x.numel()
-        vals = x[idx]
-        if ctx.n == 1:
-            out = torch.zeros_like(x)
-            out[idx] = vals
-            return out, None
-        bufs = ctx.all_gather(pack([vals, pack_positions(idx, d)]))
-        specs = [(torch.float32, (k,)), (torch.uint8, (positions_nbytes(k, d),))]
-        parts = [unpack(b, specs) for b in bufs]
-        return sparse_mean([a for a, _ in parts], [unpack_positions(b, k, d) for _, b in parts],
-                           d), None
-
     def shared_positions(self, x: torch.Tensor, p: Plan, ctx: Ctx,
                           extra: list[torch.Tensor] | None = None,
                           specs: list[tuple[torch.dtype, tuple[int, ...]]] | None = None,
@@ -318,18 +302,6 @@ class LGCCodec(Codec):
         parts = unpack(buf, specs)
         parts[0] = unpack_positions(parts[0], p.k, d)
         return parts
-
-    def _train_round(self, x: torch.Tensor, p: Plan, ctx: Ctx) -> tuple[torch.Tensor, ...]:
-        """Stage 2: values on the leader's positions, gathered; one AE step on all of them."""
-        idx = self.shared_positions(x, p, ctx)[0]
-        self._sent_idx = idx
-        v = x[idx]
-        vs = torch.stack(ctx.all_gather(v)) if ctx.n > 1 else v.unsqueeze(0)
-        out = torch.zeros_like(x)
-        out[idx] = vs.mean(0)
-        scale = rms(vs[ctx.leader])
-        self.trainer(p, ctx.n).train_step(vs / scale, ctx.leader, self.opts.ae_iters)
-        return out, None
 
     def _compressed_round(self, x: torch.Tensor, dense: torch.Tensor, p: Plan, ctx: Ctx
                           ) -> tuple[torch.Tensor, ...]:
