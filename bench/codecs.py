@@ -17,9 +17,10 @@ stage; stage lengths from the codec's ``describe()``).
 
 Codec cost is measured apart, in this process with one thread like a worker: ``loss.backward()``
 of the same model on real 32-sample batches against one ``codec.exchange`` on those gradients
-through :class:`IdenticalPeers`, a stand-in transport of 4 ranks that all send what this rank
-sends and costs no time. That runs the codec's real 4-rank code path (4 messages decoded for
-gathered codes, both PowerSGD rounds, LGC's leader work) without the link; medians of 20 reps.
+through :class:`bench.codec_cost.IdenticalPeers`, a stand-in transport of 4 ranks that all send
+what this rank sends and costs no time. That runs the codec's real 4-rank code path (4 messages
+decoded for gathered codes, both PowerSGD rounds, LGC's leader work) without the link; medians of
+20 reps.
 
 Tuning: ``--steps`` sets the budget (the benchmark must stay under ~12 minutes on the 2-core
 machine; each row costs ~10 s of process start plus training and evaluation), ``--eval-every``
@@ -39,11 +40,12 @@ import argparse
 import json
 import math
 import shutil
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.codec_cost import codec_costs
+from bench.codecs_ddp import ddp_job
 from bench.harness import Bench
 
 NET = "100mbit:1ms"
@@ -80,149 +82,6 @@ EXTRA_ROWS: list[tuple[str, str, dict[str, Any]]] = [
 COLUMNS = ["config", "final_acc", "gap_pts", "bytes/worker/step", "ratio_to_dense",
            "stage3_bytes", "stage3_ratio", "time_to_target_s", "compute_to_target_s",
            "train_wall_s", "codec_ms", "backward_ms", "overhead", "overhead_resnet18"]
-
-
-# ---- the DDP row (runs in the spawned workers) ----------------------------------------------
-def _timed_hook(state, bucket):  # no annotations: DDP checks the hook's signature
-    from tandem.codecs.ddp import codec_hook
-
-    t0 = time.perf_counter()
-    fut = codec_hook(state, bucket)
-    state.comm_s = getattr(state, "comm_s", 0.0) + time.perf_counter() - t0
-    return fut
-
-
-def ddp_job(cfg_data: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    """One rank of torch DDP + the dense codec hook through a Tandem Transport, recorded with
-    Tandem's Recorder exactly like a strategy (same model, optimizer, shard and batch order)."""
-    import torch
-    from torch.nn.parallel import DistributedDataParallel
-
-    from tandem.codecs import ddp_hook, make_codec
-    from tandem.config import RunConfig
-    from tandem.runtime import transport_from_env
-    from tandem.strategies.training import build_model, build_optimizer, evaluate, is_eval_step
-    from tandem.telemetry.recorder import Recorder
-    from tandem.workloads import build_workload
-    from tandem.workloads.base import ShardLoader, partition
-
-    cfg = RunConfig.model_validate(cfg_data)
-    torch.set_num_threads(cfg.threads_per_worker)
-    transport = transport_from_env(net=cfg.net, timeout_s=cfg.timeout_s, seed=cfg.seed)
-    rank, ok = transport.rank, False
-    try:
-        work = build_workload(cfg.workload, cfg.seed)
-        model = DistributedDataParallel(build_model(work, cfg.seed))
-        state, _ = ddp_hook(make_codec("dense", {"momentum": MOMENTUM}, seed=cfg.seed),
-                            transport=transport,
-                            total_steps=cfg.steps)
-        model.register_comm_hook(state, _timed_hook)
-        opt = build_optimizer(model, cfg)
-        w = cfg.workload
-        shard = partition(work.train.y, cfg.workers, w.partition, redundancy=w.redundancy,
-                          labels_per_worker=w.labels_per_worker, seed=cfg.seed)[rank]
-        loader = ShardLoader(work.train, shard, cfg.batch_size, seed=cfg.seed * 1000 + rank)
-        rec = Recorder(Path(run_dir), rank, world=transport.world, progress=False)
-        total, every = int(cfg.steps or 1), cfg.eval_every or max(1, int(cfg.steps or 1) // 20)
-        transport.barrier().wait()
-        rec.start()
-        for step in range(total):
-            t0 = time.perf_counter()
-            state.comm_s = 0.0
-            x, y = loader.next_batch()
-            opt.zero_grad(set_to_none=True)
-            loss = work.loss_fn(model(x), y)
-            loss.backward()  # the hook (and the emulated link) runs inside backward
-            opt.step()
-            spent = time.perf_counter() - t0
-            b = transport.end_step()
-            rec.step(step, compute_s=spent - state.comm_s, comm_s=state.comm_s, idle_s=0.0,
-                     bytes_sent=b.sent, bytes_recv=b.recv, loss=float(loss.detach()))
-            if is_eval_step(step, every, total):
-                with rec.evaluating():
-                    acc, tloss = evaluate(model.module, work, transport)
-                rec.eval(step, accuracy=acc, loss=tloss)
-        rec.close()
-        transport.barrier().wait()
-        ok = True
-    finally:
-        transport.close(graceful=ok)
-    return {"rank": rank}
-
-
-# ---- codec cost, single process ---------------------------------------------------------------
-class _Done:
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def wait(self, timeout: float | None = None) -> Any:
-        return self.value
-
-
-class IdenticalPeers:
-    """A Transport stand-in for rank 0 of ``world`` ranks whose peers all send exactly what this
-    rank sends: sums are ``world`` x the input, gathers ``world`` copies, broadcasts keep ours.
-    It costs no time, so timing ``exchange`` through it measures the codec's computation only."""
-
-    def __init__(self, world: int) -> None:
-        from tandem.transport.group import Group
-
-        self.rank, self.world = 0, world
-        self.world_group = Group(None, list(range(world)))
-
-    def all_reduce(self, t: Any, op: str = "sum", *, group: Any = None,
-                   category: str = "train") -> _Done:
-        if op == "sum":
-            t.mul_(self.world)
-        return _Done(t)
-
-    def all_gather(self, t: Any, *, group: Any = None, category: str = "train") -> _Done:
-        return _Done([t.clone() for _ in range(self.world)])
-
-    def broadcast(self, t: Any, src: int, *, group: Any = None, category: str = "train") -> _Done:
-        return _Done(t)
-
-
-def codec_costs(workload: Any, seed: int, batch: int, world: int, reps: int = 20
-                ) -> tuple[float, dict[str, float]]:
-    """Median ``loss.backward()`` ms, and median ``exchange`` ms per codec row (one thread)."""
-    import torch
-
-    from tandem.allocator import tune_allocator
-    from tandem.codecs import make_codec
-    from tandem.strategies.training import build_model
-
-    torch.set_num_threads(1)
-    tune_allocator()  # as in every worker process (see tandem.allocator)
-    model = build_model(workload, seed)
-    gen = torch.Generator().manual_seed(seed)
-    back, grads = [], []
-    for _ in range(reps + 3):
-        idx = torch.randint(len(workload.train), (batch,), generator=gen)
-        x, y = workload.train.x[idx], workload.train.y[idx]
-        model.zero_grad(set_to_none=True)
-        loss = workload.loss_fn(model(x), y)
-        t0 = time.perf_counter()
-        loss.backward()
-        back.append(time.perf_counter() - t0)
-        grads.append([p.grad.detach().clone() for p in model.parameters()])
-    backward_ms = 1e3 * statistics.median(back[3:])
-    peers = IdenticalPeers(world)
-    out: dict[str, float] = {}
-    for row, name, opts in CODEC_ROWS:
-        if name == "lgc":  # reach the compressed stage quickly; rank 0 leads (the busier role)
-            opts = {**opts, "warmup_steps": 2, "ae_steps": 10, "leader": "fixed"}
-        codec = make_codec(name, {**opts, "momentum": MOMENTUM}, seed=seed)
-        warm = 12 if name == "lgc" else 3
-        times = []
-        for i in range(warm + reps):
-            g = [t.clone() for t in grads[i % len(grads)]]
-            t0 = time.perf_counter()
-            codec.exchange(g, peers)
-            if i >= warm:
-                times.append(time.perf_counter() - t0)
-        out[row] = 1e3 * statistics.median(times)
-    return backward_ms, out
 
 
 # ---- runs ------------------------------------------------------------------------------------
@@ -322,7 +181,7 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
 
     print("[codecs] measuring codec cost (1 process, 1 thread)", flush=True)
-    backward_ms, codec_ms = codec_costs(work, 0, 32, args.workers)
+    backward_ms, codec_ms = codec_costs(work, 0, 32, args.workers, CODEC_ROWS, MOMENTUM)
     scale: dict[str, float] = {}
     if args.scale_workload != "none":
         from tandem.config import WorkloadConfig
@@ -330,7 +189,8 @@ def main() -> None:
 
         print(f"[codecs] measuring codec cost on {args.scale_workload} gradients", flush=True)
         big = build_workload(WorkloadConfig(name=args.scale_workload), 0)
-        back_big, ms_big = codec_costs(big, 0, args.scale_batch, args.workers, reps=5)
+        back_big, ms_big = codec_costs(big, 0, args.scale_batch, args.workers, CODEC_ROWS,
+                                       MOMENTUM, reps=5)
         scale = {row: ms / back_big for row, ms in ms_big.items()}
         scale["backward_ms"] = back_big
 
@@ -338,7 +198,7 @@ def main() -> None:
         cfg = load_config(dict(base, name="ddp", out=str(root / "ddp")))
         (root / "ddp").mkdir(parents=True, exist_ok=True)
         t0 = time.time()
-        spawn(ddp_job, args.workers, cfg.model_dump(mode="json"), str(root / "ddp"),
+        spawn(ddp_job, args.workers, cfg.model_dump(mode="json"), str(root / "ddp"), MOMENTUM,
               timeout_s=600, env={"TANDEM_THREADS": "1"})
         s = finalize_run(root / "ddp", cfg.model_dump(mode="json"), target_accuracy=args.target)
         print(f"[codecs] ddp done in {time.time() - t0:.0f} s", flush=True)
