@@ -11,6 +11,7 @@ import time
 import torch
 
 from tandem.config import NetConfig
+from tandem.errors import WorkerFailed
 from tandem.runtime import transport_from_env
 
 
@@ -127,3 +128,25 @@ def allocator_state() -> tuple[bool, bool]:
     from tandem import allocator
 
     return allocator.APPLIED, allocator.tune_allocator()
+
+
+def net_string_and_failing_completion() -> dict:
+    """``net`` given as a spec string works; then an error raised while completing an operation
+    (here the link model, after the engine finished) reaches the caller at once."""
+    t = transport_from_env(net="50mbit:2ms", timeout_s=30)
+    out: dict = {"net": (t.link.net.bandwidth_bps, t.link.net.latency_s)}
+    t.all_reduce(torch.ones(10)).wait()
+
+    def broken(*args: object, **kwargs: object) -> float:
+        raise RuntimeError("link model failed")
+
+    t.link.collective_done_time = broken  # type: ignore[method-assign]
+    t0 = time.monotonic()
+    try:
+        t.all_reduce(torch.ones(10)).wait()
+        out["error"] = None
+    except WorkerFailed as err:  # Pending.wait names the operation and keeps the cause
+        out["error"] = str(err)
+    out["seconds"] = time.monotonic() - t0
+    t.close(graceful=False)
+    return out

@@ -9,9 +9,10 @@ import pytest
 
 import jobs
 from tandem.config import NetConfig
-from tandem.errors import WorkerFailed
+from tandem.errors import ConfigError, WorkerFailed
 from tandem.launch import spawn
 from tandem.transport import costs
+from tandem.transport.group import as_net
 
 
 def test_byte_counts_exact_for_all_reduce_broadcast_and_p2p():
@@ -63,3 +64,25 @@ def test_silent_peer_is_named_on_timeout(caller_waits):
         spawn(jobs.silent_peer, 2, 4.0, caller_waits, timeout_s=60)
     msg = info.value.details[0]
     assert "PeerTimeout" in msg and "[1]" in msg, msg
+
+
+def test_net_spec_is_parsed_or_refused_up_front():
+    """Breaks if a string or a wrong type reaches the link emulator: it used to fail inside the
+    transport's completion thread, so the first collective hung until its deadline."""
+    assert as_net(None) is None
+    assert as_net("100mbit:1ms") == NetConfig.parse("100mbit:1ms")
+    cfg = NetConfig.parse("1gbit")
+    assert as_net(cfg) is cfg
+    with pytest.raises(ConfigError, match="fast"):
+        as_net("fast")
+    with pytest.raises(ConfigError, match="int"):
+        as_net(100)
+
+
+def test_error_while_completing_an_operation_reaches_the_caller_at_once():
+    """Breaks if an exception raised after the engine's wait (the link model, the scheduler) is
+    lost in the transport's thread: the caller would wait for the 30 s deadline instead."""
+    for r in spawn(jobs.net_string_and_failing_completion, 2, timeout_s=90):
+        assert r["net"] == (50e6, 0.002)
+        assert r["error"].endswith("failed: link model failed"), r["error"]
+        assert r["seconds"] < 5

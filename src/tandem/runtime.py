@@ -12,7 +12,7 @@ import os
 
 from tandem.config import NetConfig
 from tandem.errors import ConfigError
-from tandem.transport.group import Transport, pick_backend
+from tandem.transport.group import Transport, as_net, pick_backend
 from tandem.transport.rendezvous import store_from_env
 
 
@@ -24,9 +24,12 @@ def env_rank_world() -> tuple[int, int]:
                           "`tandem train` or `torchrun`") from None
 
 
-def transport_from_env(*, net: NetConfig | None = None, timeout_s: float = 60.0, seed: int = 0,
-                       backend: str = "auto") -> Transport:
-    """Join the job described by the environment and return this process's transport."""
+def transport_from_env(*, net: NetConfig | str | None = None, timeout_s: float = 60.0,
+                       seed: int = 0, backend: str = "auto") -> Transport:
+    """Join the job described by the environment and return this process's transport.
+    ``net``: an emulated link, as a :class:`NetConfig` or a spec string like ``"100mbit:1ms"``
+    (checked before joining, so a bad one fails at once on every rank)."""
+    net = as_net(net)
     rank, world = env_rank_world()
     store = store_from_env(rank, world, timeout_s)
     name, device = pick_backend(backend)

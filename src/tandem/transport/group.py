@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from tandem.config import NetConfig
+from tandem.errors import ConfigError
 from tandem.transport import costs
 from tandem.transport.accounting import ByteMeter, StepBytes
 from tandem.transport.liveness import CallerWait, Liveness, Pending, Scheduler, Waiters
@@ -54,6 +55,20 @@ class Group:
         return len(self.ranks)
 
 
+def as_net(net: NetConfig | str | None) -> NetConfig | None:
+    """``net`` as a :class:`NetConfig`: a spec string (``"100mbit:1ms"``) is parsed; anything
+    else is refused here, not deep inside a communication thread."""
+    if net is None or isinstance(net, NetConfig):
+        return net
+    if isinstance(net, str):
+        try:
+            return NetConfig.parse(net)
+        except ValueError as err:  # pydantic's errors are ValueErrors too
+            raise ConfigError(f"net {net!r}: {err}") from None
+    raise ConfigError(f"net must be a NetConfig, a string like '100mbit:1ms' or None, not "
+                      f"{type(net).__name__}")
+
+
 class Transport:
     """Asynchronous, metered, deadline-bounded communication for one process."""
 
@@ -64,11 +79,12 @@ class Transport:
         store: Any,
         *,
         backend: str = "gloo",
-        net: NetConfig | None = None,
+        net: NetConfig | str | None = None,
         timeout_s: float = 60.0,
         seed: int = 0,
         device: torch.device | None = None,
     ) -> None:
+        net = as_net(net)
         self.rank, self.world, self.backend = rank, world, backend
         self.timeout_s = timeout_s
         self.device = device or torch.device("cpu")
@@ -112,15 +128,17 @@ class Transport:
         group: Group | None = None,
     ) -> None:
         def run() -> None:
+            # any error, the engine's or ours, goes to the caller at once: an exception left in
+            # this thread would leave the caller waiting for its deadline with no cause
             try:
                 work.wait()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
+                done_at = self.link.collective_done_time(traffic, issued, time.monotonic(),
+                                                         seconds)
+                self._complete_at(done_at, pending, result)
             except BaseException as err:  # noqa: BLE001 - reported to the caller
                 pending.set_error(err)
-                return
-            done_at = self.link.collective_done_time(traffic, issued, time.monotonic(), seconds)
-            self._complete_at(done_at, pending, result)
 
         key = None if group is None or group is self.world_group else id(group.pg)
         self._waiters.ordered_for(key).submit(run)
