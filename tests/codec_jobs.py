@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from tandem.codecs import make_codec
+from tandem.codecs.dense import DenseCodec
 from tandem.codecs.positions import positions_nbytes
 from tandem.transport import costs
 from tandem.transport.accounting import ByteMeter
@@ -221,19 +222,23 @@ def ddp_job(steps: int) -> dict:
 
     try:
         plain = DDP(model())
-        hooked = DDP(model(), bucket_cap_mb=0.01)
+        hooked = DDP(model(), bucket_cap_mb=0.01)  # overlapped: exchanges on the hook's thread
         state, hook = ddp_hook(make_codec("dense"))
         hooked.register_comm_hook(state, hook)
+        inline = DDP(model(), bucket_cap_mb=0.01)
+        istate, ihook = ddp_hook(make_codec("dense"), overlap=False)
+        inline.register_comm_hook(istate, ihook)
         topk = DDP(model(), bucket_cap_mb=0.01)
         tstate, thook = ddp_hook(make_codec("topk", {"ratio": 0.1}))
         topk.register_comm_hook(tstate, thook)
-        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, hooked, topk)]
+        models = (plain, hooked, inline, topk)
+        opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
         gen = torch.Generator().manual_seed(100 + t.rank)
         losses = []
         for _ in range(steps):
             x = torch.randn(16, 20, generator=gen)
             y = torch.randint(0, 4, (16,), generator=gen)
-            for m, opt in zip((plain, hooked, topk), opts, strict=True):
+            for m, opt in zip(models, opts, strict=True):
                 opt.zero_grad()
                 loss = nn.functional.cross_entropy(m(x), y)
                 loss.backward()
@@ -241,7 +246,42 @@ def ddp_job(steps: int) -> dict:
             losses.append(loss.item())
         return {"plain": [p.detach().clone() for p in plain.parameters()],
                 "hooked": [p.detach().clone() for p in hooked.parameters()],
+                "inline": [p.detach().clone() for p in inline.parameters()],
                 "buckets": len(state.codecs), "topk_sent": tstate.transport.meter.sent_total(),
-                "dense_sent": state.transport.meter.sent_total(), "topk_losses": losses}
+                "dense_sent": state.transport.meter.sent_total(), "topk_losses": losses,
+                "threads": sorted({th.name.rsplit("_", 1)[0] for th in threading.enumerate()})}
     finally:
         t.close()
+
+
+class _FailingDense(DenseCodec):
+    """The dense codec, except that its third exchange raises (a codec or link failure)."""
+
+    def exchange(self, grads, transport, group=None):  # noqa: ANN001, ANN201 - test double
+        if self.step == 2:
+            raise RuntimeError("codec failed at step 2")
+        return super().exchange(grads, transport, group)
+
+
+def ddp_hook_error_job(overlap: bool) -> str:
+    """A failing exchange in the hook must surface from ``backward()``, with its message."""
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tandem.codecs import ddp_hook
+    from tandem.runtime import transport_from_env
+
+    t = transport_from_env(timeout_s=30)
+    try:
+        torch.manual_seed(0)
+        m = DDP(nn.Linear(8, 2))
+        state, hook = ddp_hook(_FailingDense(), overlap=overlap)
+        m.register_comm_hook(state, hook)
+        for step in range(4):
+            try:
+                m(torch.randn(4, 8)).sum().backward()
+            except RuntimeError as err:
+                return f"step {step}: {err}"
+        return "no error"
+    finally:
+        t.close(graceful=False)

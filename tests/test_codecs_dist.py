@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from codec_jobs import codec_bytes_job, ddp_job, lgc_expected_sent
+from codec_jobs import codec_bytes_job, ddp_hook_error_job, ddp_job, lgc_expected_sent
 from tandem.codecs import make_codec
 from tandem.codecs.qsgd import bucket_counts, level_bits
 from tandem.codecs.topk import keep_count
@@ -78,14 +79,25 @@ def test_packed_sizes_equal_formula_and_meter():
 
 def test_ddp_dense_hook_equals_plain_ddp():
     """Breaks if ``ddp_hook`` does not return the bucket mean in DDP's layout (per-bucket codec
-    instances with small buckets), so that 20 steps with the dense hook drift from plain DDP;
-    or if a compressing hook (top-k) stops running or stops saving bytes."""
+    instances with small buckets), so that 20 steps with the dense hook drift from plain DDP,
+    overlapped (the exchanges on the hook's thread) or inline; or if a compressing hook (top-k)
+    stops running or stops saving bytes."""
     res = spawn(ddp_job, 2, 20, timeout_s=120)
     for r in res:
         assert r["buckets"] > 1
-        for a, b in zip(r["plain"], r["hooked"], strict=True):
+        assert "tandem-ddp-hook" in r["threads"]  # the overlapped hook did use its thread
+        for a, b, c in zip(r["plain"], r["hooked"], r["inline"], strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6)
         assert 0 < r["topk_sent"] < r["dense_sent"] / 4  # 8 bytes x 10% vs 4 bytes
         assert all(math.isfinite(x) for x in r["topk_losses"])
     for a, b in zip(res[0]["hooked"], res[1]["hooked"], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_ddp_hook_error_surfaces_from_backward(overlap):
+    """Breaks if an exchange that fails inside the hook is lost (the overlapped hook runs it on
+    another thread): backward must raise at that step, with the codec's message."""
+    for msg in spawn(ddp_hook_error_job, 2, overlap, timeout_s=90):
+        assert msg.startswith("step 2:") and "codec failed at step 2" in msg, msg

@@ -10,8 +10,17 @@ codec's :meth:`~tandem.codecs.base.Codec.exchange` over the bucket's gradients (
 instance per bucket, since error-feedback residuals and PowerSGD's Q are per layer) through
 :class:`ProcessGroupTransport`, a small Transport-compatible adapter over a ``torch.distributed``
 process group that charges bytes with the same formulas as Tandem's transport (so
-``state.transport.meter`` reports the codec's traffic), and returns a completed future holding the
-group mean in the bucket's buffer.
+``state.transport.meter`` reports the codec's traffic), and returns a future that completes with
+the group mean in the bucket's buffer.
+
+Overlap (``overlap=True``, the default): the exchanges run on one background thread, bucket after
+bucket in the order DDP hands them over (the same on every rank), while autograd computes the
+remaining gradients; DDP waits for every bucket's future before the optimizer step, as it does
+for its own all-reduce. Measured with 2 processes on ResNet-18 (batch 16, 3 buckets, the dense
+codec over an emulated 1 Gbit/s link): 0.90 s per step against 1.13-1.16 s with
+``overlap=False``. A model that fits one bucket (DDP's first bucket holds up to 1 MB) has
+nothing to overlap. ``overlap=False`` runs each exchange inside the hook call (simpler to time
+and to debug). Errors and deadline expiries of an exchange are raised by DDP's backward.
 
 Codecs that need the run length (``lgc``) get it from ``total_steps`` (counted per bucket step).
 The codec's seed must be the same on every rank (shared random indices, PowerSGD's Q).
@@ -20,6 +29,7 @@ The codec's seed must be the same on every rank (shared random indices, PowerSGD
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +53,22 @@ class CodecHookState:
     template: Codec
     transport: Any  # a Transport, or the ProcessGroupTransport adapter
     total_steps: int | None = None
+    overlap: bool = True
     codecs: dict[tuple[int, ...], Codec] = field(default_factory=dict)
     step: int = 0
+    _runner: ThreadPoolExecutor | None = field(default=None, repr=False)
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the one exchange thread (FIFO: buckets keep DDP's order)."""
+        if self._runner is None:
+            self._runner = ThreadPoolExecutor(1, thread_name_prefix="tandem-ddp-hook")
+        self._runner.submit(job)
+
+    def close(self) -> None:
+        """Stop the exchange thread (it also ends with the process)."""
+        if self._runner is not None:
+            self._runner.shutdown(wait=True)
+            self._runner = None
 
     def codec_for(self, index: int, params: list[torch.Tensor]) -> Codec:
         key = tuple(id(p) for p in params)
@@ -63,32 +87,51 @@ class CodecHookState:
 
 
 def codec_hook(state, bucket):  # no annotations: DDP rejects any but the unevaluated classes
-    """``DistributedDataParallel`` comm hook: the bucket's mean gradient through the codec."""
-    codec = state.codec_for(bucket.index(), bucket.parameters())
-    grads = bucket.gradients()
-    mean = codec.exchange(grads, state.transport)
-    buf = bucket.buffer()
-    flat = flatten(mean)
-    if flat.numel() != buf.numel():
-        raise RuntimeError(f"bucket {bucket.index()}: codec returned {flat.numel()} entries for a "
-                           f"buffer of {buf.numel()}")
-    buf.copy_(flat.to(buf.dtype).view_as(buf))
+    """``DistributedDataParallel`` comm hook: the bucket's mean gradient through the codec
+    (on the state's exchange thread when ``state.overlap``)."""
+    index = bucket.index()
+    codec = state.codec_for(index, bucket.parameters())
+    grads, buf = bucket.gradients(), bucket.buffer()
     if bucket.is_last():
         state.step += 1
     fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(buf)
+
+    def run() -> None:
+        try:
+            _exchange_into(codec, grads, buf, state.transport, index)
+        except BaseException as err:  # noqa: BLE001 - DDP re-raises it from backward
+            fut.set_exception(err)
+            return
+        fut.set_result(buf)
+
+    if state.overlap:
+        state.submit(run)
+    else:
+        _exchange_into(codec, grads, buf, state.transport, index)
+        fut.set_result(buf)
     return fut
 
 
+def _exchange_into(codec: Codec, grads: list[torch.Tensor], buf: torch.Tensor, transport: Any,
+                   index: int) -> None:
+    flat = flatten(codec.exchange(grads, transport))
+    if flat.numel() != buf.numel():
+        raise RuntimeError(f"bucket {index}: codec returned {flat.numel()} entries for a "
+                           f"buffer of {buf.numel()}")
+    buf.copy_(flat.to(buf.dtype).view_as(buf))
+
+
 def ddp_hook(codec: Codec, *, process_group: Any = None, total_steps: int | None = None,
-             transport: Any = None,
+             transport: Any = None, overlap: bool = True,
              ) -> tuple[CodecHookState, Callable[[CodecHookState, Any], torch.futures.Future]]:
     """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook(state, hook)``.
 
     ``torch.distributed`` must be initialised (e.g. by ``tandem.runtime.transport_from_env``).
     Pass ``transport`` (a :class:`~tandem.transport.group.Transport`) to run the hook's traffic
     through Tandem's transport, emulated link and deadlines included; by default a thin adapter
-    over ``process_group`` is used.
+    over ``process_group`` is used. ``overlap``: exchange on a background thread while backward
+    goes on (see the module docstring); False exchanges inside the hook call.
     """
-    state = CodecHookState(codec, transport or ProcessGroupTransport(process_group), total_steps)
+    state = CodecHookState(codec, transport or ProcessGroupTransport(process_group), total_steps,
+                           overlap)
     return state, codec_hook
