@@ -86,3 +86,24 @@ def test_error_while_completing_an_operation_reaches_the_caller_at_once():
         assert r["net"] == (50e6, 0.002)
         assert r["error"].endswith("failed: link model failed"), r["error"]
         assert r["seconds"] < 5
+
+
+def test_timer_survives_a_failing_callback():
+    """Breaks if one raising delayed completion stops the timer thread: every later delayed
+    completion (emulated links) would then never fire and its caller would hang."""
+    import threading
+
+    from tandem.transport.liveness import Scheduler
+
+    sched, fired = Scheduler(), threading.Event()
+
+    def bad() -> None:
+        raise RuntimeError("callback failed")
+
+    now = time.monotonic()
+    sched.at(now, bad)
+    sched.at(now + 0.01, fired.set)
+    try:
+        assert fired.wait(5)
+    finally:
+        sched.stop()

@@ -260,10 +260,9 @@ class Transport:
             def wait() -> None:
                 try:
                     work.wait()
+                    self._complete_at(egress_done, pending, None)
                 except BaseException as err:  # noqa: BLE001
                     pending.set_error(err)
-                    return
-                self._complete_at(egress_done, pending, None)
 
             self._waiters.pool.submit(wait)
 
@@ -282,15 +281,15 @@ class Transport:
         work = dist.irecv(buf, src, group=self._p2p_pg, tag=tag)
 
         def wait() -> None:
-            try:
+            try:  # as in _finish_collective: every error reaches the caller at once
                 work.wait()
+                self.meter.record("recv", 0, nbytes, peer=src, category=category)
+                if buf is not tensor:
+                    tensor.copy_(buf)
+                self._complete_at(self.link.recv_done_time(nbytes, time.monotonic()), pending,
+                                  tensor)
             except BaseException as err:  # noqa: BLE001
                 pending.set_error(err)
-                return
-            self.meter.record("recv", 0, nbytes, peer=src, category=category)
-            if buf is not tensor:
-                tensor.copy_(buf)
-            self._complete_at(self.link.recv_done_time(nbytes, time.monotonic()), pending, tensor)
 
         self._waiters.pool.submit(wait)
         return pending

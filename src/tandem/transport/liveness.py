@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from datetime import timedelta
 from typing import Any
 
 from tandem.errors import PeerTimeout, WorkerFailed
+
+_log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 0.5
 STALE_S = 5.0
@@ -152,7 +155,10 @@ class Scheduler:
                 if self._stopped:
                     return
                 _, _, fn = heapq.heappop(self._heap)
-            fn()
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - one bad callback must not stop every later one
+                _log.exception("tandem-timer: a delayed completion raised")
 
     def stop(self) -> None:
         with self._cv:
