@@ -134,3 +134,37 @@ def test_tandem_train_finishes_without_a_killed_worker(tmp_path):
     assert summary["final_test_accuracy"] is not None
     events = (tmp_path / "run" / "events.rank3.jsonl").read_text()  # the server's record
     assert '"lost_worker":2' in events.replace(" ", "")
+
+
+CODEC_CASES = [("dense", {}), ("fp16", {}), ("bf16", {}), ("topk", {"ratio": 0.1}),
+               ("randomk", {"ratio": 0.1}), ("qsgd", {}), ("powersgd", {"rank": 2}),
+               ("signsgd", {}), ("lgc", {"total_steps": 10}),
+               ("lgc", {"total_steps": 10, "dense_first_last": False})]
+
+
+@pytest.mark.parametrize(("name", "opts"), CODEC_CASES)
+def test_message_metadata_travels_as_json(name, opts):
+    """Breaks if a codec's message metadata stops surviving the parameter server's wire format
+    (JSON, never pickle): the server would decode with the wrong shapes or fail; also if LGC's
+    message level fails on a model where every layer stays dense (no compressed layer)."""
+    from tandem.codecs import make_codec
+    from tandem.codecs.base import Message
+    from tandem.strategies.param_server import meta_from_bytes, meta_to_bytes
+
+    shapes = [(4, 1, 3, 3), (4,), (6, 36), (6,)]  # two weight layers: LGC keeps both dense
+    gen = torch.Generator().manual_seed(0)
+    msg = make_codec(name, opts, seed=0).encode([torch.randn(s, generator=gen) for s in shapes])
+    wire = meta_to_bytes(msg.meta)
+    assert wire.startswith(b"{") and b"shapes" in wire
+    got = make_codec(name, opts, seed=0).decode(Message(msg.tensors, meta_from_bytes(wire)))
+    want = make_codec(name, opts, seed=0).decode(Message(msg.tensors, dict(msg.meta)))
+    assert [tuple(t.shape) for t in got] == shapes
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_metadata_that_is_not_an_object_is_refused():
+    from tandem.strategies.param_server import meta_from_bytes
+
+    with pytest.raises(ValueError, match="JSON object"):
+        meta_from_bytes(b"[1, 2]")

@@ -62,6 +62,8 @@ def unpack_positions(buf: torch.Tensor, k: int, dim: int) -> torch.Tensor:
     positions of N gathered messages decode in one call."""
     w = position_bits(dim)
     rows = buf.shape[:-1]
+    if k == 0:  # e.g. LGC with every layer dense: nothing to decode (and nothing to reshape)
+        return torch.zeros(*rows, 0, dtype=torch.int64)
     buf = buf.reshape(-1, buf.shape[-1])
     if w < 16:
         return unpack_bits(buf, k, w).view(*rows, k)

@@ -52,6 +52,7 @@ other modes the restored state is exact and the rest of the run is as timing-dep
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 from typing import Any, Literal
@@ -75,6 +76,22 @@ FLAG_FINAL = 1
 FLAG_META = 2
 FLAG_CKPT = 4   # a worker's checkpoint mark: no gradient, "I have stopped for the checkpoint"
 POLL_S = 1.0
+
+
+def meta_to_bytes(meta: dict[str, Any]) -> bytes:
+    """A codec message's metadata (shapes, sizes: JSON types) as compact JSON bytes. JSON, not
+    pickle: a server never unpickles what arrives from the network."""
+    return json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+
+
+def meta_from_bytes(data: bytes) -> dict[str, Any]:
+    """The inverse of :func:`meta_to_bytes`; layer shapes come back as tuples."""
+    meta = json.loads(data.decode())
+    if not isinstance(meta, dict):
+        raise ValueError("codec metadata must be a JSON object")
+    if "shapes" in meta:
+        meta["shapes"] = [tuple(s) for s in meta["shapes"]]
+    return meta
 
 
 class CheckpointAbandoned(Exception):

@@ -30,7 +30,6 @@ application), ``local_steps`` (per push) and, for ssp, ``clock_gap`` at each ans
 
 from __future__ import annotations
 
-import pickle
 import queue
 import threading
 import time
@@ -47,6 +46,7 @@ from tandem.strategies.param_server import (
     FLAG_META,
     PULL_HEADER,
     CheckpointAbandoned,
+    meta_from_bytes,
     pull_dtype,
     store_gather,
     wait_on,
@@ -178,7 +178,7 @@ class PSServer:
         header = [int(v) for v in msg[0].tolist()]
         rest = msg[1:]
         if header[3] & FLAG_META:
-            self.meta[w] = pickle.loads(rest[0].numpy().tobytes())
+            self.meta[w] = meta_from_bytes(rest[0].numpy().tobytes())
             rest = rest[1:]
         codec = self.codecs[w]
         codec.step = header[4]

@@ -24,7 +24,6 @@ described in :mod:`.param_server` (agree on the push count, flush, mark the serv
 
 from __future__ import annotations
 
-import pickle
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +36,7 @@ from tandem.strategies.param_server import (
     FLAG_FINAL,
     FLAG_META,
     CheckpointAbandoned,
+    meta_to_bytes,
     pull_dtype,
     pull_specs,
     store_gather,
@@ -170,7 +170,7 @@ class PSWorker:
             codec.step += 1
             flags = FLAG_FINAL if final else 0
             extra: list[torch.Tensor] = []
-            meta = pickle.dumps(msg.meta)
+            meta = meta_to_bytes(msg.meta)
             if meta != self.last_meta[s]:
                 flags |= FLAG_META
                 extra.append(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
