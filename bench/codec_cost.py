@@ -33,7 +33,7 @@ class IdenticalPeers:
         self.world_group = Group(None, list(range(world)))
 
     def all_reduce(self, t: Any, op: str = "sum", *, group: Any = None,
-                   category: str = "train") -> _Done:
+                   category: str = "train", caller_waits: bool = False) -> _Done:
         if op == "sum":
             t.mul_(self.world)
         return _Done(t)

@@ -300,3 +300,28 @@ def test_large_k_runs_the_convolutions_and_agrees_with_the_matrix_form(monkeypat
     torch.testing.assert_close(ae.decode(v[:12], 2), d, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ae.decode_all(v[:12]), all_d, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(all_d[2], d)
+
+
+@pytest.mark.parametrize("variant", ["ps", "rar"])
+@pytest.mark.parametrize("shapes", [[(5, 7), (3,)], [(2, 3, 4), (), (1,), (40, 9)]])
+def test_one_worker_runs_every_stage(variant, shapes):
+    """Breaks if LGC cannot run alone (one worker, e.g. ``--workers 1``) through all three
+    stages on awkward layer shapes (scalars, one-entry layers): LGC-PS's innovation rows of a
+    single message did not view as floats once its byte length was not a multiple of 4.
+    Alone, the mean is this worker's own reconstruction, so nothing may come back non-finite."""
+    codec = make_codec("lgc", {"variant": variant, "dense_first_last": False, "ratio": 0.2,
+                               "warmup_steps": 2, "ae_steps": 3, "total_steps": 8}, seed=0)
+    gen = torch.Generator().manual_seed(0)
+
+    def job(t):
+        outs = []
+        for _ in range(8):
+            grads = [torch.randn(s, generator=gen) for s in shapes]
+            outs.append(codec.exchange(grads, t))
+        return outs
+
+    outs = run_threads(1, job)[0]
+    assert codec.stage_at(7) == 3 and codec.step == 8
+    for out in outs:
+        assert [tuple(o.shape) for o in out] == [tuple(s) for s in shapes]
+        assert all(bool(torch.isfinite(o).all()) for o in out)

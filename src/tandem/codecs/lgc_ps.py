@@ -58,10 +58,17 @@ def ps_round(c: LGCCodec, x: torch.Tensor, dense: torch.Tensor, p: Plan, ctx: Ct
     t2 = time.perf_counter()
     # all N innovations decoded at once: rows of (gain, m values, m packed positions)
     rows = torch.stack(msgs)
-    gains = rows[:, :4].contiguous().view(torch.float32)
-    vals = rows[:, 4: 4 + 4 * p.m].contiguous().view(torch.float32)
+    gains = _floats(rows[:, :4])
+    vals = _floats(rows[:, 4: 4 + 4 * p.m])
     where = unpack_positions(rows[:, 4 + 4 * p.m:], p.m, p.k)
     recon = preds.mul_(gains).scatter_(1, where, vals)
     out[idx] = recon.mean(0)
     c.codec_s.append((t1 - t0) + (time.perf_counter() - t2))
     return out, recon[ctx.me], dense
+
+
+def _floats(cols: torch.Tensor) -> torch.Tensor:
+    """``(N, 4j)`` bytes (columns of the gathered rows) -> ``(N, j)`` float32, via a fresh
+    row-major copy: ``contiguous()`` keeps a one-row slice's row stride (N = 1, a single
+    worker), which a byte -> float view refuses unless it happens to be a multiple of 4."""
+    return torch.empty(cols.shape, dtype=torch.uint8).copy_(cols).view(torch.float32)
