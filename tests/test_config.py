@@ -72,3 +72,14 @@ def test_checkpoints_with_a_strategy_that_cannot_write_them_is_refused():
         load_config(**{"strategy.name": "coded_ps", "resume": True})
     for name in ("allreduce", "local", "pipeline", "gossip", "param_server", "bsp_shared"):
         assert load_config(**{"strategy.name": name, "checkpoint_every": 10}).checkpoint_every
+
+
+def test_a_codec_the_strategy_cannot_use_is_refused_not_ignored():
+    """Breaks if gossip, coded_ps or local accept a compressing codec: they send exact values,
+    so the run would silently send dense bytes while its record named the codec."""
+    for name in ("gossip", "coded_ps", "local"):
+        with pytest.raises(ConfigError, match=f"strategy '{name}' uses no codec"):
+            load_config(**{"strategy.name": name, "codec.name": "topk"})
+        assert load_config(**{"strategy.name": name, "codec.name": "dense"}).codec.name == "dense"
+    for name in ("allreduce", "param_server", "pipeline", "bsp_shared"):
+        assert load_config(**{"strategy.name": name, "codec.name": "topk"}).codec.name == "topk"

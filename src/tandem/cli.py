@@ -154,6 +154,7 @@ def strategies() -> None:
     for name, cls in sorted(STRATEGIES.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         typer.echo(f"{name:<14} {doc}")
+        typer.echo(f"    codecs: {'dense only (' + cls.exact_exchange + ')' if cls.exact_exchange else 'any'}")
         for k, f in cls.Options.model_fields.items():
             typer.echo(f"    {k}={f.default!r}  {f.description or ''}")
 

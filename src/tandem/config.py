@@ -244,6 +244,12 @@ class RunConfig(_Strict):
             ok = sorted(n for n, c in STRATEGIES.items() if c.supports_checkpoints)
             raise ValueError(f"checkpoint_every/resume: strategy {self.strategy.name!r} does not "
                              f"write checkpoints yet; strategies that do: {ok}")
+        exact = STRATEGIES[self.strategy.name].exact_exchange
+        if exact and self.codec.name != "dense":
+            ok = sorted(n for n, c in STRATEGIES.items() if not c.exact_exchange)
+            raise ValueError(f"codec {self.codec.name!r}: strategy {self.strategy.name!r} uses no "
+                             f"codec ({exact}); use codec 'dense' with it, or a strategy that "
+                             f"encodes gradients: {ok}")
         for sw in self.slow_workers:
             if sw.rank >= self.workers:
                 raise ValueError(f"slow_workers: rank {sw.rank} >= workers ({self.workers})")

@@ -74,6 +74,9 @@ class Strategy:
     tolerates_lost_workers: ClassVar[bool] = False
     #: True when the strategy writes checkpoints and can ``--resume`` from them
     supports_checkpoints: ClassVar[bool] = False
+    #: why the strategy moves no codec messages (None: it encodes gradients with the run's
+    #: codec); such a strategy refuses any codec but ``dense`` instead of silently ignoring it
+    exact_exchange: ClassVar[str | None] = None
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx

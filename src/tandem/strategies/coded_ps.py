@@ -81,6 +81,8 @@ class CodedPSStrategy(Strategy):
     Options = CodedPSOptions
     #: a dead worker is a permanent straggler while at most s are lost (see module doc)
     tolerates_lost_workers = True
+    exact_exchange = ("the server decodes an exact linear combination of the coded gradients; "
+                      "a lossy codec would break exact recovery")
 
     @classmethod
     def processes(cls, cfg: Any) -> int:

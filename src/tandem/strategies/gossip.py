@@ -111,6 +111,8 @@ class GossipStrategy(Strategy):
     Options = GossipOptions
     tolerates_lost_workers = True
     supports_checkpoints = True
+    exact_exchange = ("peers mix exact parameters with their neighbours, as GOCO's analysis "
+                      "assumes; compressed gossip is not implemented")
 
     @classmethod
     def processes(cls, cfg: Any) -> int:

@@ -22,6 +22,7 @@ from tandem.strategies.training import LocalTrainer, evaluate, is_eval_step
 class LocalStrategy(Strategy):
     name = "local"
     supports_checkpoints = True
+    exact_exchange = "one process, no communication"
 
     @classmethod
     def processes(cls, cfg: Any) -> int:
