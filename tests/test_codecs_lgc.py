@@ -325,3 +325,25 @@ def test_one_worker_runs_every_stage(variant, shapes):
     for out in outs:
         assert [tuple(o.shape) for o in out] == [tuple(s) for s in shapes]
         assert all(bool(torch.isfinite(o).all()) for o in out)
+
+
+def test_warns_when_no_layer_is_compressed(caplog):
+    """Breaks if LGC silently sends everything dense: with ``dense_first_last`` a two-layer
+    model has no compressed layer, and the user must be told how to change that."""
+    import logging
+
+    codec = make_codec("lgc", {"total_steps": 10}, seed=0)
+    logger = logging.getLogger("tandem.codecs.lgc")
+    logger.addHandler(caplog.handler)
+    try:
+        assert codec.plan([(64, 8), (64,), (10, 64), (10,)]).k == 0
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "dense_first_last=false" in caplog.text
+    caplog.clear()
+    logger.addHandler(caplog.handler)
+    try:
+        assert codec.plan([(4, 8), (4,), (64, 4), (64,), (10, 64), (10,)]).k > 0
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "no layer" not in caplog.text

@@ -59,6 +59,7 @@ from tandem.codecs.lgc_rar import rar_round
 from tandem.codecs.lgc_stages import topk_round, train_round
 from tandem.codecs.positions import pack_positions, positions_nbytes, unpack_positions
 from tandem.codecs.topk import keep_count, numel, select_topk
+from tandem.telemetry.log import get_logger
 from tandem.transport.packing import pack, unpack
 
 if TYPE_CHECKING:
@@ -155,6 +156,11 @@ class LGCCodec(Codec):
         if comp and comp != list(range(comp[0], comp[-1] + 1)):
             raise AssertionError("lgc: compressed layers must be contiguous")
         start, stop = (offs[comp[0]], offs[comp[-1] + 1]) if comp else (0, 0)
+        if not k:
+            get_logger(__name__).warning(
+                "lgc: no layer is compressed (%d weight layers, dense_first_last=%s): every "
+                "gradient travels dense; set dense_first_last=false to compress them",
+                len(multi), o.dense_first_last)
         return Plan(shapes, sorted(dense), comp, sizes, k, m, latent_size(k) if k else 0,
                     start, stop)
 
