@@ -26,11 +26,20 @@ def _cfg(out, codec="dense", **kw):
     return tandem.load_config(base)
 
 
-@pytest.mark.parametrize("codec", ["dense", "topk"])
+CODEC_OPTIONS = {
+    "dense": {},
+    "topk": {"ratio": 0.05},
+    # LGC-PS, checkpointed at step 16 (inside its autoencoder stage, steps 4-23) or later: the
+    # resumed run must restore the AE, its Adam state and the stage schedule to match
+    "lgc": {"variant": "ps", "dense_first_last": False, "ratio": 0.05, "ae_fraction": 0.5},
+}
+
+
+@pytest.mark.parametrize("codec", ["dense", "topk", "lgc"])
 def test_kill_then_resume_equals_uninterrupted(tmp_path, codec):
     if codec not in CODECS:
         pytest.skip(f"codec {codec} not available")
-    opts = {"codec": {"name": codec, "options": {"ratio": 0.05}}} if codec == "topk" else {}
+    opts = {"codec": {"name": codec, "options": CODEC_OPTIONS[codec]}}
     ref = tandem.train(_cfg(tmp_path / "ref", **opts), return_results=True)
     cfg = _cfg(tmp_path / "killed", **opts)
     prepare_run_dir(cfg)
