@@ -285,3 +285,36 @@ def ddp_hook_error_job(overlap: bool) -> str:
         return "no error"
     finally:
         t.close(graceful=False)
+
+
+def ddp_lgc_job(overlap: bool) -> dict:
+    """DDP with an LGC hook through all three stages, inline or overlapped. DDP calls the hook
+    during backward, where autograd has gradients switched off; LGC's stage-2 autoencoder
+    training must still work."""
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from tandem.codecs import ddp_hook
+    from tandem.runtime import transport_from_env
+
+    t = transport_from_env(timeout_s=60)
+    try:
+        torch.manual_seed(0)
+        m = DDP(nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4)))
+        codec = make_codec("lgc", {"dense_first_last": False, "ratio": 0.05,
+                                   "warmup_steps": 2, "ae_steps": 4}, seed=0)
+        state, hook = ddp_hook(codec, total_steps=10, overlap=overlap)
+        m.register_comm_hook(state, hook)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        gen = torch.Generator().manual_seed(100 + t.rank)
+        for _ in range(10):
+            opt.zero_grad()
+            x, y = torch.randn(16, 20, generator=gen), torch.randint(0, 4, (16,), generator=gen)
+            nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+        info = state.describe()
+        return {"params": [p.detach().clone() for p in m.parameters()],
+                "ae_losses": [len(c.ae.losses) for c in state.codecs.values() if c.ae],
+                "steps": [d["steps"] for d in info]}
+    finally:
+        t.close()

@@ -9,7 +9,13 @@ import math
 import pytest
 import torch
 
-from codec_jobs import codec_bytes_job, ddp_hook_error_job, ddp_job, lgc_expected_sent
+from codec_jobs import (
+    codec_bytes_job,
+    ddp_hook_error_job,
+    ddp_job,
+    ddp_lgc_job,
+    lgc_expected_sent,
+)
 from tandem.codecs import make_codec
 from tandem.codecs.qsgd import bucket_counts, level_bits
 from tandem.codecs.topk import keep_count
@@ -101,3 +107,19 @@ def test_ddp_hook_error_surfaces_from_backward(overlap):
     another thread): backward must raise at that step, with the codec's message."""
     for msg in spawn(ddp_hook_error_job, 2, overlap, timeout_s=90):
         assert msg.startswith("step 2:") and "codec failed at step 2" in msg, msg
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_ddp_hook_runs_lgc_through_every_stage(overlap):
+    """Breaks if LGC cannot run as a DDP hook: DDP calls the hook inside backward, where
+    autograd is off, and LGC's autoencoder trains in stage 2 (inline, that raised "does not
+    require grad"); the ranks must end with the same parameters."""
+    res = spawn(ddp_lgc_job, 2, overlap, timeout_s=120)
+    for r in res:
+        # DDP rebuilds its bucket after step 1: that layout's codec runs steps 1-9 (stage 2 =
+        # steps 2-5: one autoencoder step each), the first layout's only step 0
+        assert max(r["steps"]) == 10
+        assert r["ae_losses"] == [4]
+        assert all(bool(torch.isfinite(p).all()) for p in r["params"])
+    for a, b in zip(res[0]["params"], res[1]["params"], strict=True):
+        assert torch.equal(a, b)

@@ -139,14 +139,18 @@ class AETrainer:
         return self.lambda1 * recon + self.lambda2 * sim
 
     def train_step(self, v: torch.Tensor, leader: int, iters: int = 1) -> float:
+        """``iters`` Adam steps on the gathered vectors ``v``. Gradients are enabled here: the
+        codec may run where autograd has switched them off (inside a DDP comm hook, which DDP
+        calls during backward)."""
         t0 = time.perf_counter()
         self._maps = None
         self.model.train()
         value = 0.0
         for _ in range(iters):
             self.opt.zero_grad(set_to_none=True)
-            loss = self.loss(v, leader)
-            loss.backward()
+            with torch.enable_grad():
+                loss = self.loss(v, leader)
+                loss.backward()
             self.opt.step()
             value = float(loss.detach())
         self.losses.append(value)
