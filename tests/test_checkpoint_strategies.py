@@ -78,14 +78,17 @@ def test_pipeline_two_models_kill_then_resume_equals_uninterrupted(tmp_path):
                           strategy={"name": "pipeline", "options": {"models": other}}))
 
 
-def test_gossip_resume_equals_uninterrupted_and_refuses_other_topologies(tmp_path):
+@pytest.mark.parametrize("codec", ["dense", "randomk"])
+def test_gossip_resume_equals_uninterrupted_and_refuses_other_topologies(tmp_path, codec):
     """Gossip goes on without a killed peer, so the first run stops by its step count (12, last
     checkpoint at 8) and the resume runs to 20: every peer of a 4-ring equals the uninterrupted
-    20-step run."""
+    20-step run. With random-k (compressed gossip) the public copies of the neighbours and the
+    codec's step (the shared positions) must come back too."""
     base = {"strategy": {"name": "gossip", "options": {"topology": "ring"}},
             "workload": {"name": "regression", "redundancy": 2, "options": {"n": 512}},
             "workers": 4, "batch_size": 16, "lr": 0.05, "momentum": 0.0, "seed": 2,
-            "progress": False, "checkpoint_every": 4}
+            "progress": False, "checkpoint_every": 4,
+            "codec": {"name": codec, "options": {"ratio": 0.3} if codec == "randomk" else {}}}
     ref = tandem.train(dict(base, steps=20, out=str(tmp_path / "ref")), return_results=True)
     run = tmp_path / "run"
     tandem.train(dict(base, steps=12, out=str(run)))

@@ -75,11 +75,14 @@ def test_checkpoints_with_a_strategy_that_cannot_write_them_is_refused():
 
 
 def test_a_codec_the_strategy_cannot_use_is_refused_not_ignored():
-    """Breaks if gossip, coded_ps or local accept a compressing codec: they send exact values,
-    so the run would silently send dense bytes while its record named the codec."""
-    for name in ("gossip", "coded_ps", "local"):
+    """Breaks if coded_ps or local accept a compressing codec: they send exact values, so the
+    run would silently send dense bytes while its record named the codec. Gossip takes the
+    self-contained codecs (compressed gossip) and refuses the rest."""
+    for name in ("coded_ps", "local"):
         with pytest.raises(ConfigError, match=f"strategy '{name}' uses no codec"):
             load_config(**{"strategy.name": name, "codec.name": "topk"})
         assert load_config(**{"strategy.name": name, "codec.name": "dense"}).codec.name == "dense"
-    for name in ("allreduce", "param_server", "pipeline", "bsp_shared"):
+    for name in ("allreduce", "param_server", "pipeline", "bsp_shared", "gossip"):
         assert load_config(**{"strategy.name": name, "codec.name": "topk"}).codec.name == "topk"
+    with pytest.raises(ConfigError, match="strategy 'gossip' sends each peer's code"):
+        load_config(**{"strategy.name": "gossip", "codec.name": "powersgd"})

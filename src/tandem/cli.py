@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -154,9 +154,21 @@ def strategies() -> None:
     for name, cls in sorted(STRATEGIES.items()):
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         typer.echo(f"{name:<14} {doc}")
-        typer.echo(f"    codecs: {'dense only (' + cls.exact_exchange + ')' if cls.exact_exchange else 'any'}")
+        typer.echo(f"    codecs: {_codec_support(cls)}")
         for k, f in cls.Options.model_fields.items():
             typer.echo(f"    {k}={f.default!r}  {f.description or ''}")
+
+
+def _codec_support(cls: Any) -> str:
+    """Which codecs a strategy takes, for ``tandem strategies``."""
+    from tandem.codecs import CODECS
+
+    if cls.exact_exchange:
+        return f"dense only ({cls.exact_exchange})"
+    if cls.peer_codes:
+        ok = ", ".join(sorted(n for n, c in CODECS.items() if c.self_contained))
+        return f"self-contained ones ({ok}): each peer decodes its neighbours' codes alone"
+    return "any"
 
 
 def _load_commands() -> None:

@@ -250,6 +250,15 @@ class RunConfig(_Strict):
             raise ValueError(f"codec {self.codec.name!r}: strategy {self.strategy.name!r} uses no "
                              f"codec ({exact}); use codec 'dense' with it, or a strategy that "
                              f"encodes gradients: {ok}")
+        if STRATEGIES[self.strategy.name].peer_codes:
+            from tandem.codecs import CODECS
+
+            if self.codec.name in CODECS and not CODECS[self.codec.name].self_contained:
+                ok = sorted(n for n, c in CODECS.items() if c.self_contained)
+                raise ValueError(f"codec {self.codec.name!r}: strategy {self.strategy.name!r} "
+                                 "sends each peer's code to its neighbours, who decode it alone; "
+                                 f"this codec needs a collective across all workers. Codecs that "
+                                 f"work here: {ok}")
         for sw in self.slow_workers:
             if sw.rank >= self.workers:
                 raise ValueError(f"slow_workers: rank {sw.rank} >= workers ({self.workers})")

@@ -141,6 +141,9 @@ class Codec:
     name: ClassVar[str] = ""
     transfer: ClassVar[Transfer] = "gather"
     error_feedback: ClassVar[bool] = False
+    #: a message any receiver decodes alone, from the model's shapes and the step (no collective
+    #: protocol, no learned state): what gossip needs, where each peer's code goes to neighbours
+    self_contained: ClassVar[bool] = True
     Options: ClassVar[type[CodecOptions]] = CodecOptions
 
     def __init__(self, options: CodecOptions | dict[str, Any] | None = None, *,
@@ -153,6 +156,9 @@ class Codec:
         self.rank = 0
         self.total_steps: int | None = None
         self.residuals: list[torch.Tensor] | None = None
+        #: False turns error feedback off for this instance whatever the options say: a strategy
+        #: that keeps its own memory of what was sent (compressed gossip's public copies) sets it
+        self.feedback = True
         #: momentum correction: the local velocity, and the one the current encode computed
         self.velocity: list[torch.Tensor] | None = None
         self._velocity_next: list[torch.Tensor] | None = None
@@ -186,7 +192,8 @@ class Codec:
 
     # ---- error feedback -----------------------------------------------------------------------
     def uses_error_feedback(self) -> bool:
-        return self.error_feedback and bool(getattr(self.opts, "error_feedback", True))
+        return self.feedback and self.error_feedback and \
+            bool(getattr(self.opts, "error_feedback", True))
 
     def with_residual(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """g~ = g + r (or g itself when error feedback is off); with momentum correction

@@ -120,6 +120,7 @@ class LGCCodec(Codec):
     name = "lgc"
     transfer = "led"
     error_feedback = True
+    self_contained = False  # a leader's indices and the shared autoencoder
     Options = LGCOptions
 
     def __init__(self, options: Any = None, *, seed: int = 0) -> None:

@@ -53,6 +53,7 @@ class PowerSGDCodec(Codec):
     name = "powersgd"
     transfer = "sum"
     error_feedback = True
+    self_contained = False  # P and Q need the group's all-reduces
     Options = PowerSGDOptions
 
     def __init__(self, options: Any = None, *, seed: int = 0) -> None:

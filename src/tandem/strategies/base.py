@@ -77,6 +77,9 @@ class Strategy:
     #: why the strategy moves no codec messages (None: it encodes gradients with the run's
     #: codec); such a strategy refuses any codec but ``dense`` instead of silently ignoring it
     exact_exchange: ClassVar[str | None] = None
+    #: True when each peer's code goes point to point to neighbours that decode it alone
+    #: (gossip): only codecs whose messages are self-contained qualify (not PowerSGD or LGC)
+    peer_codes: ClassVar[bool] = False
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx

@@ -76,6 +76,7 @@ from tandem.checkpoint import StrategyCheckpoints, check_resume
 from tandem.coding import make_allocation, sgc_weight
 from tandem.errors import CheckpointError, ConfigError, WorkerFailed
 from tandem.strategies.base import Strategy, StrategyOptions
+from tandem.strategies.gossip_choco import ChocoMixer, default_consensus_step
 from tandem.strategies.gossip_data import PartitionGradients, data_partitions, loader_seed
 from tandem.strategies.registry import register
 from tandem.strategies.training import (
@@ -103,6 +104,7 @@ class GossipOptions(StrategyOptions):
     compute_floor_s: float = Field(default=0.0, ge=0)
     full_batch: bool = False
     lr_decay: float = Field(default=0.0, ge=0)
+    consensus_step: float | None = Field(default=None, gt=0, le=1)
 
 
 @register
@@ -111,12 +113,13 @@ class GossipStrategy(Strategy):
     Options = GossipOptions
     tolerates_lost_workers = True
     supports_checkpoints = True
-    exact_exchange = ("peers mix exact parameters with their neighbours, as GOCO's analysis "
-                      "assumes; compressed gossip is not implemented")
+    peer_codes = True
 
     @classmethod
     def processes(cls, cfg: Any) -> int:
         check_resume(cfg)  # another topology or worker count is refused here, before any start
+        if cfg.codec.options.get("momentum"):
+            raise ConfigError("gossip uses plain SGD as in GOCO: drop the codec's momentum option")
         return cfg.workers
 
     def run(self) -> dict[str, Any]:
@@ -144,8 +147,15 @@ class GossipStrategy(Strategy):
         every = self.eval_every(total)
         threaded = o.deadline_s is not None and o.mode != "wait"
         pool = ThreadPoolExecutor(1, thread_name_prefix="gossip-grad") if threaded else None
+        mixer = None
+        if cfg.codec.name != "dense":  # compressed gossip (CHOCO); dense mixes exact parameters
+            codec = ctx.make_codec()
+            mixer = ChocoMixer(codec, x, [tuple(q.shape) for q in mparams],
+                               o.consensus_step or default_consensus_step(codec), tr, view)
+            mixer.codec.set_total_steps(total * o.gossip_rounds)
         rec.info(topology=topo.describe(), mode=o.mode, d=d, weight=weight, p_weight=p,
-                 allocation=list(alloc.held[rank]))
+                 allocation=list(alloc.held[rank]),
+                 consensus_step=None if mixer is None else mixer.gamma)
         trajectory: list[float] = []
         evals: list[dict[str, Any]] = []
         n_straggled = n_skipped = start = 0
@@ -162,6 +172,8 @@ class GossipStrategy(Strategy):
             start, n_straggled, n_skipped = (int(state[k]) for k in ("step", "straggled",
                                                                         "skipped"))
             trajectory, evals = list(state["trajectory"]), list(state["evals"])
+            if mixer is not None:
+                mixer.load_state_dict(state["choco"])
             rec.resume_from(start)  # the killed run's later steps: rolled back
         try:
             for step in range(start, total):
@@ -188,7 +200,8 @@ class GossipStrategy(Strategy):
                     self._world(view, step, lambda: tr.barrier().wait())
                     idle_s += time.perf_counter() - tb
                 t1 = time.perf_counter()
-                x = self._gossip(y, view, o.gossip_rounds, step)
+                x = mixer.mix(y, o.gossip_rounds, step) if mixer is not None else \
+                    self._gossip(y, view, o.gossip_rounds, step)
                 comm_s = time.perf_counter() - t1
                 b = tr.end_step()
                 extra: dict[str, Any] = {"straggled": straggled, "injected": injected}
@@ -211,7 +224,8 @@ class GossipStrategy(Strategy):
                         self._checkpoint(view, step, {
                             "x": x, "loaders": [ld.state_dict() for ld in grads.loaders],
                             "straggled": n_straggled, "skipped": n_skipped, "evals": evals,
-                            "trajectory": trajectory, "peer": {**peer, "lost": sorted(view.dead)}})
+                            "trajectory": trajectory, "peer": {**peer, "lost": sorted(view.dead)},
+                            "choco": None if mixer is None else mixer.state_dict()})
         finally:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
