@@ -36,6 +36,11 @@ Options and tuning:
   few cores; 0 (default) disables it.
 * ``lr_decay``: ``lr_t = lr / (1 + lr_decay * t)``; constant lr (0) shows GOCO's error floor.
 
+Codecs: with ``dense`` (default) peers mix exact parameters, as GOCO's analysis assumes; any
+other self-contained codec (fp16, bf16, QSGD, signSGD, top-k, random-k) runs CHOCO-gossip, which
+sends compressed differences against public copies (:mod:`.gossip_choco`; its step size is the
+``consensus_step`` option, default per codec).
+
 Telemetry: each step record has ``straggled`` and, on regression, ``opt_error = ||x_i - x*||^2``;
 each eval record has ``consensus_error`` (mean ||x_i - mean x||^2), ``opt_error`` (mean over peers)
 and ``avg_opt_error`` (||mean x - x*||^2); test loss/accuracy are of the averaged model.
