@@ -131,6 +131,9 @@ def test_topk_gossip_run_sends_the_codes_bytes_and_reaches_consensus(tmp_path):
     cons = _cons(tmp_path / "topk")
     assert len(cons) == 3 and cons[-1] < cons[0]
     assert s["final_test_accuracy"] > 0.9
+    # the peers' own models are evaluated too (the average model hides their disagreement)
+    ev = s["results"][0]["evals"][-1]
+    assert 0.5 < ev["peer_accuracy_min"] <= ev["peer_accuracy_mean"] <= 1.0
 
 
 def test_codecs_that_need_a_collective_or_momentum_are_refused(tmp_path):

@@ -43,7 +43,8 @@ sends compressed differences against public copies (:mod:`.gossip_choco`; its st
 
 Telemetry: each step record has ``straggled`` and, on regression, ``opt_error = ||x_i - x*||^2``;
 each eval record has ``consensus_error`` (mean ||x_i - mean x||^2), ``opt_error`` (mean over peers)
-and ``avg_opt_error`` (||mean x - x*||^2); test loss/accuracy are of the averaged model.
+and ``avg_opt_error`` (||mean x - x*||^2); test loss/accuracy are of the averaged model, and on
+classification ``peer_accuracy_min``/``peer_accuracy_mean`` are of the peers' own models.
 Optimizer: plain SGD as in the paper (momentum is refused; weight decay is applied locally).
 
 Lost peers (``tolerates_lost_workers``): a peer that dies is dropped and the survivors go on; see
@@ -83,11 +84,10 @@ from tandem.errors import CheckpointError, ConfigError, WorkerFailed
 from tandem.strategies.base import Strategy, StrategyOptions
 from tandem.strategies.gossip_choco import ChocoMixer, default_consensus_step
 from tandem.strategies.gossip_data import PartitionGradients, data_partitions, loader_seed
+from tandem.strategies.gossip_eval import evaluate_alone, evaluate_network
 from tandem.strategies.registry import register
 from tandem.strategies.training import (
     build_model,
-    evaluate,
-    evaluate_shard,
     is_eval_step,
     screen_gradients,
 )
@@ -220,10 +220,10 @@ class GossipStrategy(Strategy):
                     with rec.evaluating():
                         ev = None
                         if not view.dead:
-                            ev = self._world(view, step, self._evaluate, step, x, model,
+                            ev = self._world(view, step, evaluate_network, ctx, step, x, model,
                                              mparams, opt)
-                        evals.append(ev or self._evaluate_local(step, x, model, mparams, opt,
-                                                                len(view.alive)))
+                        evals.append(ev or evaluate_alone(ctx, step, x, model, mparams, opt,
+                                                          len(view.alive)))
                 if self.ckpt.due(step, total):
                     with rec.evaluating():
                         self._checkpoint(view, step, {
@@ -331,44 +331,6 @@ class GossipStrategy(Strategy):
             y = out
         return y
 
-    def _evaluate(self, step: int, x: torch.Tensor, model: torch.nn.Module,
-                  mparams: list[torch.Tensor], opt: torch.Tensor | None) -> dict[str, Any]:
-        """Consensus error, distance to the optimum and test loss of the averaged model."""
-        tr, world = self.ctx.transport, self.ctx.world
-        mean = x.double().clone()
-        tr.all_reduce(mean, category="eval").wait()
-        mean /= world
-        stats = torch.tensor([float(((x.double() - mean) ** 2).sum()),
-                              float(((x.double() - opt.double()) ** 2).sum()) if opt is not None
-                              else 0.0], dtype=torch.float64)
-        tr.all_reduce(stats, category="eval").wait()
-        with torch.no_grad():
-            vector_to_parameters(mean.to(x.dtype), mparams)
-        acc, tloss = evaluate(model, self.ctx.workload, tr)
-        out: dict[str, Any] = {"consensus_error": float(stats[0]) / world}
-        if opt is not None:
-            out["opt_error"] = float(stats[1]) / world
-            out["avg_opt_error"] = float(((mean - opt.double()) ** 2).sum())
-        self.ctx.recorder.eval(step, accuracy=acc, loss=tloss, **out)
-        return {"step": step, "wall": self.ctx.recorder.wall(), "test_loss": tloss,
-                "accuracy": acc, **out}
-
-    def _evaluate_local(self, step: int, x: torch.Tensor, model: torch.nn.Module,
-                        mparams: list[torch.Tensor], opt: torch.Tensor | None,
-                        survivors: int) -> dict[str, Any]:
-        """After a loss: this peer's own model on the whole test set, no collective."""
-        with torch.no_grad():
-            vector_to_parameters(x, mparams)
-        correct, loss_sum, count = evaluate_shard(model, self.ctx.workload, 0, 1,
-                                                  self.ctx.transport.device).tolist()
-        acc = correct / count if self.ctx.workload.task == "classification" else None
-        tloss = loss_sum / max(count, 1.0)
-        out: dict[str, Any] = {"local": True, "survivors": survivors}
-        if opt is not None:
-            out["opt_error"] = float(((x.double() - opt.double()) ** 2).sum())
-        self.ctx.recorder.eval(step, accuracy=acc, loss=tloss, **out)
-        return {"step": step, "wall": self.ctx.recorder.wall(), "test_loss": tloss,
-                "accuracy": acc, **out}
 
 
 def check_peer_state(saved: dict[str, Any], now: dict[str, Any]) -> None:
