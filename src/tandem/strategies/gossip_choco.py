@@ -88,7 +88,7 @@ class ChocoMixer:
         recvs = [(j, tr.recv_packed(msg.specs(), j)) for j in nbrs]
         got: dict[int, list[torch.Tensor]] = {}
         lost: set[int] = set()
-        for j, h in recvs + sends:
+        for is_recv, (j, h) in [(True, r) for r in recvs] + [(False, d) for d in sends]:
             if j in lost:
                 continue
             try:
@@ -98,7 +98,7 @@ class ChocoMixer:
                     raise
                 lost.add(j)
                 continue
-            if isinstance(out, list):
+            if is_recv:
                 got[j] = out
         if lost:
             self.view.learn(lost, step)
