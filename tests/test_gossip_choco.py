@@ -92,7 +92,7 @@ def test_public_copies_agree_and_the_average_is_kept(codec, opts):
     for i, m in enumerate(mixers):
         for j, copy in m.public.items():
             torch.testing.assert_close(copy, mixers[j].public[j], rtol=0, atol=0)
-        assert m.codec.residuals is None and m.codec.step == 3, i
+        assert m.codec.residuals is None and m.codec.step == 3 and m.codec.rank == i
     torch.testing.assert_close(torch.stack(got).mean(0), torch.stack(ys).mean(0),
                                rtol=1e-5, atol=1e-5)
     # and the mixing did something: the peers moved towards each other

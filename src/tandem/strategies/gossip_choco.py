@@ -60,6 +60,7 @@ class ChocoMixer:
     def __init__(self, codec: Codec, x0: torch.Tensor, shapes: list[tuple[int, ...]],
                  consensus_step: float, transport: Any, view: PeerView) -> None:
         codec.feedback = False  # the public copies play its part
+        codec.rank = transport.rank  # private randomness (QSGD's rounding) differs per peer
         self.codec, self.shapes, self.gamma = codec, shapes, float(consensus_step)
         self.transport, self.view, self.me = transport, view, transport.rank
         nbrs, _, _ = view.row()
