@@ -84,8 +84,8 @@ class ChocoMixer:
         tr, codec, me = self.transport, self.codec, self.me
         nbrs, _, _ = self.view.row()
         msg = codec.encode(unflat(y - self.public[me], self.shapes))
-        packed = msg.pack()
-        sends = [(j, tr.send(packed.clone(), j)) for j in nbrs]
+        packed = msg.pack()  # a fresh buffer, never written again: one for every neighbour
+        sends = [(j, tr.send(packed, j)) for j in nbrs]
         recvs = [(j, tr.recv_packed(msg.specs(), j)) for j in nbrs]
         got: dict[int, list[torch.Tensor]] = {}
         lost: set[int] = set()
