@@ -63,7 +63,7 @@ def silent_peer(timeout_s: float, caller_waits: bool = False) -> int:
     """Rank 1 never joins the all-reduce (it sleeps): rank 0's wait must name rank 1."""
     t = transport_from_env(timeout_s=timeout_s)
     if t.rank == 1:
-        time.sleep(timeout_s + 8)
+        time.sleep(timeout_s + 3)  # outlasts rank 0's timeout (both left the rendezvous together)
         t.close(graceful=False)
         return 1
     pending = t.all_reduce(torch.ones(10), caller_waits=caller_waits)
@@ -128,6 +128,11 @@ def allocator_state() -> tuple[bool, bool]:
     from tandem import allocator
 
     return allocator.APPLIED, allocator.tune_allocator()
+
+
+def started_from() -> tuple[int, str]:
+    """(this worker's parent pid, a launcher-side variable set after the first launch)."""
+    return os.getppid(), os.environ.get("TANDEM_TEST_MARK", "")
 
 
 def net_string_and_failing_completion() -> dict:

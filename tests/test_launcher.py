@@ -13,7 +13,7 @@ import pytest
 
 import jobs
 from conftest import child_pids
-from tandem.errors import WorkerFailed
+from tandem.errors import TandemError, WorkerFailed
 from tandem.launch import spawn
 
 
@@ -85,3 +85,21 @@ def test_children_keep_large_buffers_in_the_heap(monkeypatch):
     assert spawn(jobs.allocator_state, 2, timeout_s=60) == [(True, True), (True, True)]
     monkeypatch.setenv("TANDEM_MALLOC", "0")
     assert spawn(jobs.allocator_state, 1, timeout_s=60) == [(False, False)]
+
+
+def test_workers_come_from_the_fork_server_with_the_launchers_environment(monkeypatch):
+    """Default: workers are forked from one server (not children of the launcher) that is reused
+    across launches, and each still sees the launcher's environment as of its own launch (the
+    server's was fixed when it started). TANDEM_START_METHOD=spawn: the launcher's children;
+    an unknown method is refused by name."""
+    first = spawn(jobs.started_from, 2, timeout_s=60)
+    monkeypatch.setenv("TANDEM_TEST_MARK", "after")
+    second = spawn(jobs.started_from, 2, timeout_s=60)
+    server = first[0][0]
+    assert server != os.getpid() and {p for p, _ in first + second} == {server}
+    assert [m for _, m in second] == ["after", "after"]
+    monkeypatch.setenv("TANDEM_START_METHOD", "spawn")
+    assert spawn(jobs.started_from, 1, timeout_s=120) == [(os.getpid(), "after")]
+    monkeypatch.setenv("TANDEM_START_METHOD", "fork")
+    with pytest.raises(TandemError, match="TANDEM_START_METHOD='fork'"):
+        spawn(jobs.started_from, 1, timeout_s=60)
