@@ -39,7 +39,10 @@ def _measure(method: str, workers: int, launches: int, steps: int) -> dict[str, 
     out = subprocess.run(
         [sys.executable, "-m", "bench.launch", "--child", "--workers", str(workers),
          "--launches", str(launches), "--steps", str(steps)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800, check=True)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        raise SystemExit(f"bench.launch --child with {method} failed ({out.returncode}):\n"
+                         + out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
