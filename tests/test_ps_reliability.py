@@ -108,9 +108,11 @@ def test_coded_ps_nan_is_screened_skipped_and_counted(tmp_path):
 
 
 def test_coded_ps_dead_worker_is_a_permanent_straggler(tmp_path):
-    """s=1: worker 2 is SIGKILLed at step 5; the server drops it and decodes every later step
-    from the other three. s=0: nothing can decode without it, so the run fails naming rank 2."""
-    out = _coded(tmp_path, "s1", 4, 1, inject_crash=["2:5"])
+    """s=1: worker 2 is SIGKILLed at the first step from 5 on that it computes (a late worker is
+    handed the server's current step, so it may never see step 5 itself); the server drops it
+    and decodes every later step from the other three. s=0: nothing can decode without it (the
+    server waits for every worker, so step 3 is computed), and the run fails naming rank 2."""
+    out = _coded(tmp_path, "s1", 4, 1, inject_crash=[f"2:{k}" for k in range(5, 16)])
     assert out["lost_ranks"] == [2]
     server = out["results"][4]
     assert server["steps"] == 16 and list(server["lost_workers"]) == ["2"]
