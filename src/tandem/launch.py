@@ -40,8 +40,10 @@ from tandem.transport.rendezvous import host_store, mark_dead
 
 _GRACE_S = 5.0
 
-#: modules the fork server imports once, before it forks any worker
-_PRELOAD = ["torch", "tandem.worker"]
+#: modules the fork server imports once, before it forks any worker. ``torch._dynamo`` is what the
+#: first optimizer built in a process imports (see ``tandem.worker._prewarm``): seconds of CPU
+#: per worker otherwise, more than the rest of a short run.
+_PRELOAD = ["torch", "torch._dynamo", "tandem.worker"]
 START_METHODS = ("forkserver", "spawn")
 
 

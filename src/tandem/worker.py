@@ -75,7 +75,8 @@ def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
 
 def _prewarm() -> None:
     """Pay one-off lazy imports before the clock starts: the first optimizer built in a process
-    imports torch's compiler stack (seconds on a loaded machine), which is not training time."""
+    imports torch's compiler stack (seconds on a loaded machine), which is not training time.
+    Under the local launcher the fork server has imported it already (``tandem.launch``)."""
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
