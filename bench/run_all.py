@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SKIP = {"__init__", "harness", "run_all", "codec_cost"}  # codec_cost: a helper of codecs
+SKIP = {"__init__", "harness", "run_all", "codec_cost", "codecs_ddp"}  # helpers of bench.codecs
 
 
 def main(names: list[str]) -> int:
