@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench.harness import Bench
@@ -47,8 +48,6 @@ def _measure(method: str, workers: int, launches: int, steps: int) -> dict[str, 
 
 
 def _train_s(workers: int, steps: int) -> float:
-    import time
-
     import tandem
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,8 +58,6 @@ def _train_s(workers: int, steps: int) -> float:
 
 
 def _child(workers: int, launches: int, steps: int) -> None:
-    import time
-
     from tandem.launch import spawn
 
     first_run = _train_s(workers, steps)  # what one `tandem train` pays in a fresh process

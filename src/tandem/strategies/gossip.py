@@ -332,7 +332,6 @@ class GossipStrategy(Strategy):
         return y
 
 
-
 def check_peer_state(saved: dict[str, Any], now: dict[str, Any]) -> None:
     """Refuse a gossip checkpoint that does not fit this peer: written after peers were lost,
     or for another world size, mixing matrix, coding allocation or GOCO weight. (The config

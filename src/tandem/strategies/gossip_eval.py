@@ -46,9 +46,7 @@ def peer_accuracy(ctx: WorkerContext, x: torch.Tensor, model: torch.nn.Module,
     the average exactly while the peers may still disagree); a deployed peer is one of
     them. Costs one test-set pass per peer and two scalar all-reduces (category eval)."""
     tr = ctx.transport
-    with torch.no_grad():
-        vector_to_parameters(x, mparams)
-    correct, _, count = evaluate_shard(model, ctx.workload, 0, 1, tr.device).tolist()
+    correct, _, count = _own_model_on_test_set(ctx, x, model, mparams)
     mine = correct / max(count, 1.0)
     total, worst = (torch.tensor([mine], dtype=torch.float64) for _ in range(2))
     tr.all_reduce(total, category="eval").wait()
@@ -60,10 +58,7 @@ def evaluate_alone(ctx: WorkerContext, step: int, x: torch.Tensor, model: torch.
                    mparams: list[torch.Tensor], opt: torch.Tensor | None,
                    survivors: int) -> dict[str, Any]:
     """After a loss: this peer's own model on the whole test set, no collective."""
-    with torch.no_grad():
-        vector_to_parameters(x, mparams)
-    correct, loss_sum, count = evaluate_shard(model, ctx.workload, 0, 1,
-                                              ctx.transport.device).tolist()
+    correct, loss_sum, count = _own_model_on_test_set(ctx, x, model, mparams)
     acc = correct / count if ctx.workload.task == "classification" else None
     tloss = loss_sum / max(count, 1.0)
     out: dict[str, Any] = {"local": True, "survivors": survivors}
@@ -72,3 +67,11 @@ def evaluate_alone(ctx: WorkerContext, step: int, x: torch.Tensor, model: torch.
     ctx.recorder.eval(step, accuracy=acc, loss=tloss, **out)
     return {"step": step, "wall": ctx.recorder.wall(), "test_loss": tloss,
             "accuracy": acc, **out}
+
+
+def _own_model_on_test_set(ctx: WorkerContext, x: torch.Tensor, model: torch.nn.Module,
+                           mparams: list[torch.Tensor]) -> list[float]:
+    """[correct, loss sum, count] of this peer's parameters ``x`` on the whole test set."""
+    with torch.no_grad():
+        vector_to_parameters(x, mparams)
+    return evaluate_shard(model, ctx.workload, 0, 1, ctx.transport.device).tolist()
