@@ -130,6 +130,16 @@ def allocator_state() -> tuple[bool, bool]:
     return allocator.APPLIED, allocator.tune_allocator()
 
 
+def stuck_peer(timeout_s: float) -> int:
+    """Rank 1 hangs outside any Tandem wait (as in a deadlocked data loader); rank 0's all-reduce
+    times out naming it. Only the launcher can end rank 1."""
+    t = transport_from_env(timeout_s=timeout_s)
+    if t.rank == 1:
+        time.sleep(3600)
+    t.all_reduce(torch.ones(10)).wait()
+    return t.rank
+
+
 def started_from() -> tuple[int, str]:
     """(this worker's parent pid, a launcher-side variable set after the first launch)."""
     return os.getppid(), os.environ.get("TANDEM_TEST_MARK", "")

@@ -103,3 +103,54 @@ def test_workers_come_from_the_fork_server_with_the_launchers_environment(monkey
     monkeypatch.setenv("TANDEM_START_METHOD", "fork")
     with pytest.raises(TandemError, match="TANDEM_START_METHOD='fork'"):
         spawn(jobs.started_from, 1, timeout_s=60)
+
+
+def test_a_worker_stuck_outside_any_wait_is_ended_and_named_after_the_grace():
+    """Rank 1 hangs; rank 0's wait times out naming it. The job is lost at that point: the
+    launcher gives rank 1 ``failure_grace_s`` and then ends it, reporting it as the cause with
+    rank 0's error, instead of waiting for the job's deadline (24 h under ``tandem train``)."""
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailed) as info:
+        spawn(jobs.stuck_peer, 2, 2.0, timeout_s=300, failure_grace_s=3)
+    took = time.monotonic() - t0
+    assert took < 60, f"the launcher waited {took:.0f}s for a stuck worker"
+    assert info.value.ranks == [0, 1]
+    message = str(info.value)
+    assert message.startswith("rank 1 failed: worker 1 still running 3s after rank 0 failed")
+    assert "PeerTimeout" in message and "rank(s) [1] did not answer" in info.value.details[0]
+
+
+def test_a_fork_server_stuck_in_its_imports_fails_the_launch_by_name(tmp_path):
+    """A fork server that never finishes importing its preloads would block ``Process.start``
+    for good: at the start deadline the launcher kills it and fails naming it; the next launch
+    in the same process starts a fresh server. Run in a fresh interpreter, so the server is
+    this test's own."""
+    (tmp_path / "stuck_preload.py").write_text("import time\ntime.sleep(3600)\n")
+    script = (
+        "import time, tandem.launch as L, jobs\n"
+        "from tandem.errors import WorkerFailed\n"
+        "L._PRELOAD.append('stuck_preload')\n"
+        "t0 = time.monotonic()\n"
+        "try:\n"
+        "    L.spawn(jobs.started_from, 2, timeout_s=120, start_timeout_s=3)\n"
+        "except WorkerFailed as err:\n"
+        "    print('FAILED', round(time.monotonic() - t0), err.ranks, err)\n"
+        "L._PRELOAD.remove('stuck_preload')\n"
+        "print('AGAIN', len(L.spawn(jobs.started_from, 2, timeout_s=120)))\n")
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), tests]))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    failed = next(line for line in run.stdout.splitlines() if line.startswith("FAILED"))
+    assert int(failed.split()[1]) < 30
+    assert "[0, 1]" in failed and "fork server" in failed and "never answered" in failed
+    assert "AGAIN 2" in run.stdout
+    left = subprocess.run(["pgrep", "-f", "stuck_preload"], capture_output=True, text=True)
+    assert left.stdout.strip() == "", "the stuck fork server was left running"
+
+
+def test_start_timeout_from_the_environment_is_checked(monkeypatch):
+    monkeypatch.setenv("TANDEM_START_TIMEOUT_S", "soon")
+    with pytest.raises(TandemError, match="TANDEM_START_TIMEOUT_S='soon'"):
+        spawn(jobs.started_from, 1, timeout_s=60)

@@ -69,7 +69,8 @@ def train(config: RunConfig | dict[str, Any] | str | Path, *, workload: Workload
     # (which would leave shared-memory handles and semaphores to clean up).
     payload = pickle.dumps(workload) if workload is not None else None
     results = spawn(worker.main, procs, cfg.model_dump(mode="json"), payload, return_results,
-                    timeout_s=limit, addr=cfg.master_addr, env=env, tolerate_death=tolerate)
+                    timeout_s=limit, addr=cfg.master_addr, env=env, tolerate_death=tolerate,
+                    failure_grace_s=cfg.timeout_s + 15.0)  # survivors' waits end and report
     lost = [r for r, res in enumerate(results) if res is None]
     results = [res if res is not None else {"lost": True} for res in results]
     summary = finalize_run(run_dir, cfg.model_dump(mode="json"),

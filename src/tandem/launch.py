@@ -19,6 +19,13 @@ the launcher's current environment, working directory and ``sys.path``, as with 
 ``forkserver`` cannot redo per launch: settings read when torch's libraries load (``OMP_*``,
 ``MKL_*``) are those of the first launch in the process. Set ``TANDEM_START_METHOD=spawn`` to
 start every worker from a fresh interpreter instead (slower, the portable default elsewhere).
+
+No wait is unbounded. Starting the workers has its own deadline (``start_timeout_s``, default
+:data:`START_TIMEOUT_S`, or ``TANDEM_START_TIMEOUT_S``): a fork server stuck importing its preloads
+would otherwise hold ``Process.start`` forever, so it is killed and the launch fails naming it.
+Once a worker has failed, the job is lost; the others get ``failure_grace_s`` to report (enough
+for a wait already in progress to time out and name whom it waited for), and a worker still
+running after that is stuck outside any Tandem wait: it is terminated and named as the cause.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ from tandem.errors import TandemError, WorkerFailed
 from tandem.transport.rendezvous import host_store, mark_dead
 
 _GRACE_S = 5.0
+#: seconds the workers may take to start (``TANDEM_START_TIMEOUT_S`` overrides): the fork
+#: server's first start imports torch, a few seconds of CPU, minutes on a badly overloaded host
+START_TIMEOUT_S = 180.0
 
 #: modules the fork server imports once, before it forks any worker. ``torch._dynamo`` is what the
 #: first optimizer built in a process imports (see ``tandem.worker._prewarm``): seconds of CPU
@@ -137,6 +147,69 @@ def _raise_on_sigterm() -> Any:
     return signal.signal(signal.SIGTERM, handler)
 
 
+def _start_timeout(given: float | None) -> float:
+    if given is not None:
+        return given
+    raw = os.environ.get("TANDEM_START_TIMEOUT_S", "")
+    try:
+        value = float(raw) if raw else START_TIMEOUT_S
+    except ValueError:
+        raise TandemError(f"TANDEM_START_TIMEOUT_S={raw!r}: expected seconds") from None
+    if value <= 0:
+        raise TandemError(f"TANDEM_START_TIMEOUT_S={raw!r}: expected a positive number of seconds")
+    return value
+
+
+def _fork_server_pid() -> int | None:
+    from multiprocessing import forkserver
+
+    return getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+
+
+def _start_all(procs: list[Any], ctx: Any, timeout_s: float) -> None:
+    """``p.start()`` for every worker, within ``timeout_s`` in all.
+
+    With ``forkserver`` each start waits for the server to fork the child and answer with its
+    pid; a server that never answers (stuck in its preload imports) would block here for good.
+    A timer kills it at the deadline, which ends the blocked read with an EOF, and the launch
+    fails naming the server. (``spawn`` starts cannot block: the child is simply exec'd.)"""
+    lock, state = threading.Lock(), {"done": False, "killed": None}
+
+    def expire() -> None:
+        with lock:
+            if state["done"]:
+                return
+            pid = _fork_server_pid() if ctx.get_start_method() == "forkserver" else None
+            if pid:
+                state["killed"] = pid
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        for r, p in enumerate(procs):
+            try:
+                p.start()
+            except (EOFError, OSError) as err:
+                if state["killed"] is None:
+                    raise
+                raise WorkerFailed(
+                    f"worker {r} was not started within {timeout_s:.0f}s: multiprocessing's fork "
+                    f"server (pid {state['killed']}, importing {', '.join(_PRELOAD)}) never "
+                    "answered and was killed. Check that `python -c 'import torch, "
+                    "tandem.worker'` finishes on this machine, raise TANDEM_START_TIMEOUT_S on a "
+                    "heavily loaded host, or set TANDEM_START_METHOD=spawn",
+                    ranks=list(range(r, len(procs)))) from err
+    finally:
+        with lock:
+            state["done"] = True
+        timer.cancel()
+
+
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "still running"
@@ -157,6 +230,8 @@ def spawn(
     env: dict[str, str] | None = None,
     on_start: Callable[[list[Any], Any], None] | None = None,
     tolerate_death: Callable[[int], bool] | None = None,
+    start_timeout_s: float | None = None,
+    failure_grace_s: float = 30.0,
 ) -> list[Any]:
     """Run ``fn(*args)`` in ``world`` processes (ranks from env ``RANK``); return their results.
 
@@ -165,7 +240,13 @@ def spawn(
     lets a test act on the children (e.g. kill one). ``tolerate_death(rank)`` says which ranks
     may die (killed, or exited without a report) without failing the job, provided every other
     rank succeeds; their results are ``None``.
-    """
+
+    ``start_timeout_s`` bounds starting the processes (see the module docstring).
+    ``failure_grace_s``: after the first failure that dooms the job (a tolerated death does
+    not), how long the remaining ranks may take to report; set it above the workers' own wait
+    timeout, so that their errors, which name whom they waited for, arrive. Ranks still running
+    then are terminated and reported as stuck."""
+    start_limit = _start_timeout(start_timeout_s)
     ctx = start_context()
     store = host_store(addr, world)
     pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
@@ -181,7 +262,11 @@ def spawn(
     readers = {pipes[r][0]: r for r in range(world)}
     out: dict[int, Any] = {}
     errors: dict[int, str] = {}
+    died: set[int] = set()  # exited without a report, or stuck and terminated
     deadline = time.monotonic() + timeout_s
+
+    def tolerated(r: int) -> bool:
+        return tolerate_death is not None and tolerate_death(r)
 
     def take(conn: Any) -> None:
         r = readers.pop(conn)
@@ -191,6 +276,7 @@ def spawn(
             procs[r].join(1.0)
             why = _describe_exit(procs[r].exitcode)
             errors[r] = f"worker {r} {why} without reporting"
+            died.add(r)
             mark_dead(store, r, why)
             return
         if status == "ok":
@@ -201,10 +287,19 @@ def spawn(
             if not value.startswith(("WorkerFailed", "PeerTimeout")):
                 mark_dead(store, rank, f"raised {value.splitlines()[0][:200]}")
 
+    def settling() -> str | None:
+        """Why the ranks still running get only ``failure_grace_s`` more (None: they may run to
+        the job's deadline): a failure that dooms the job. Not a tolerated death, and not the
+        servers finishing first: a parameter server's worker 0 evaluates after that."""
+        doomed = [r for r in sorted(errors) if not (tolerated(r) and r in died)]
+        if doomed:
+            return f"rank {doomed[0]} failed ({errors[doomed[0]].splitlines()[0][:300]})"
+        return None
+
     previous_term = _raise_on_sigterm()
+    settle_at, settle_why = None, None
     try:
-        for p in procs:
-            p.start()
+        _start_all(procs, ctx, start_limit)
         for _, w in pipes:
             w.close()  # the parent keeps only the read ends: EOF means the child is gone
         if on_start is not None:
@@ -212,7 +307,17 @@ def spawn(
         while readers:
             for conn in mp_connection.wait(list(readers), timeout=0.5):
                 take(conn)
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if settle_at is None and readers and (settle_why := settling()) is not None:
+                settle_at = now + failure_grace_s
+            if settle_at is not None and now > settle_at and readers:
+                for r in sorted(readers.values()):
+                    errors[r] = (f"worker {r} still running {failure_grace_s:.0f}s after "
+                                 f"{settle_why}: stuck outside any Tandem wait; terminated "
+                                 "without reporting")
+                    died.add(r)
+                readers.clear()
+            if now > deadline and readers:
                 silent = sorted(readers.values())
                 raise WorkerFailed(
                     f"job exceeded {timeout_s:.0f}s; rank(s) {silent} never finished", ranks=silent
@@ -223,8 +328,7 @@ def spawn(
             signal.signal(signal.SIGTERM, previous_term)
         for r, _ in pipes:
             r.close()
-    lost = {r for r, e in errors.items() if tolerate_death is not None and tolerate_death(r)
-            and "without reporting" in e}
+    lost = {r for r in errors if tolerated(r) and r in died}
     if lost and len(lost) == len(errors) and out:
         return [out.get(r) for r in range(world)]
     if errors:
