@@ -154,3 +154,20 @@ def test_start_timeout_from_the_environment_is_checked(monkeypatch):
     monkeypatch.setenv("TANDEM_START_TIMEOUT_S", "soon")
     with pytest.raises(TandemError, match="TANDEM_START_TIMEOUT_S='soon'"):
         spawn(jobs.started_from, 1, timeout_s=60)
+
+
+def test_a_killed_fork_server_is_replaced_at_the_next_launch():
+    """A long-lived launching process (a notebook) whose fork server was killed (OOM killer,
+    a stray kill) still launches: the next start brings up a new server."""
+    first = spawn(jobs.started_from, 1, timeout_s=60)[0][0]
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # gone, or a zombie until the next start reaps it
+        try:
+            if Path(f"/proc/{first}/stat").read_text().split()[2] == "Z":
+                break
+        except OSError:
+            break
+        time.sleep(0.1)
+    second = spawn(jobs.started_from, 2, timeout_s=120)
+    assert {p for p, _ in second} != {first} and len({p for p, _ in second}) == 1

@@ -196,7 +196,11 @@ def _start_all(procs: list[Any], ctx: Any, timeout_s: float) -> None:
                 p.start()
             except (EOFError, OSError) as err:
                 if state["killed"] is None:
-                    raise
+                    raise WorkerFailed(
+                        f"worker {r} could not be started ({type(err).__name__}: {err}): the "
+                        "fork server went away while forking it (killed, or out of memory?). "
+                        "The next launch starts a new one; TANDEM_START_METHOD=spawn avoids it",
+                        ranks=list(range(r, len(procs)))) from err
                 raise WorkerFailed(
                     f"worker {r} was not started within {timeout_s:.0f}s: multiprocessing's fork "
                     f"server (pid {state['killed']}, importing {', '.join(_PRELOAD)}) never "
