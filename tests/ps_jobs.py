@@ -39,6 +39,20 @@ def constant_gradient_workload(n: int = 64, dim: int = 4) -> Workload:
                            loss_fn=first_moment, task="regression", name="constant")
 
 
+def lagging_first_moment(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """:func:`first_moment`, but rank 2 takes an extra 0.5 s per call: a slow worker that
+    pushes well within any timeout yet finishes seconds after the others."""
+    if os.environ.get("RANK") == "2":
+        time.sleep(0.5)
+    return out.mean()
+
+
+def lagging_workload() -> Workload:
+    work = constant_gradient_workload()
+    work.loss_fn = lagging_first_moment
+    return work
+
+
 def run_role(cfg_data: dict, victim: int, after_steps: int, out_dir: str) -> dict:
     """One process of a param_server job, like ``tandem.worker.main`` but without its closing
     world barrier (a dead rank would fail it); rank ``victim`` SIGKILLs itself once it has

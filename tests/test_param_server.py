@@ -136,6 +136,18 @@ def test_tandem_train_finishes_without_a_killed_worker(tmp_path):
     assert '"lost_worker":2' in events.replace(" ", "")
 
 
+def test_a_slow_worker_that_finishes_long_after_the_others_is_waited_for(tmp_path):
+    """Rank 2 pushes every 0.5 s (within the 1.5 s timeout) and finishes ~4 s after the fast
+    workers, whose final model waits for it: that wait is as long as the server lives, not
+    ``timeout_s`` (it used to fail the fast workers with a receive timeout)."""
+    out = ps(tmp_path, "slow", dict(BASE, workers=3, steps=8, momentum=0.0, timeout_s=1.5),
+             workload=ps_jobs.lagging_workload())
+    assert out["lost_ranks"] == []
+    fast = [r["final_sync_s"] for r in out["results"][:2]]
+    assert min(fast) > 1.5, fast  # each waited longer than timeout_s for the final model
+    assert_params_close(out["results"][0]["params"], out["results"][2]["params"], 0.0)
+
+
 CODEC_CASES = [("dense", {}), ("fp16", {}), ("bf16", {}), ("topk", {"ratio": 0.1}),
                ("randomk", {"ratio": 0.1}), ("qsgd", {}), ("powersgd", {"rank": 2}),
                ("signsgd", {}), ("lgc", {"total_steps": 10}),

@@ -203,13 +203,20 @@ class PSWorker:
         return self.inflight is not None and all(p.done() for p in self.inflight)
 
     @torch.no_grad()
-    def _merge(self) -> None:
-        """Wait for (or take) the pulled global model and merge it per the ``merge`` option."""
+    def _merge(self, final: bool = False) -> None:
+        """Wait for (or take) the pulled global model and merge it per the ``merge`` option.
+
+        How long: a round's answer may come ``timeout_s`` late, since a server first waits that
+        long for a silent worker's push before it counts the worker lost, so up to twice
+        ``timeout_s``. The final model comes once every worker has finished, which with a slow
+        worker may be long after this one: it is waited for as long as the server lives (its own
+        waits are bounded, so it answers or fails)."""
         assert self.inflight is not None
         parts, versions = [], []
+        limit = None if final else 2 * self.ctx.cfg.timeout_s
         for s, p in enumerate(self.inflight):
             try:
-                got = wait_on(p, self.ctx.transport, self.servers[s], self.ctx.cfg.timeout_s)
+                got = wait_on(p, self.ctx.transport, self.servers[s], limit)
             except (WorkerFailed, PeerTimeout) as err:
                 raise self._server_error(err, s) from err
             versions.append(int(got[0][0]))
@@ -283,7 +290,7 @@ class PSWorker:
                 if self.inflight is not None:
                     self._merge()
                 extra["pushed_steps"] = self._push(final=True)
-                self._merge()
+                self._merge(final=True)
                 self._reap_sends()
                 final_sync = time.perf_counter() - t_f
             comm = time.perf_counter() - t1 - idle

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -272,8 +273,10 @@ class Transport:
             self._scheduler.at(release, issue)
         return pending
 
-    def recv(self, tensor: torch.Tensor, src: int, *, category: str = "train") -> Pending:
-        """Receive into ``tensor`` from ``src``; result: ``tensor``."""
+    def recv(self, tensor: torch.Tensor, src: int, *, category: str = "train",
+             then: Callable[[torch.Tensor], Any] | None = None) -> Pending:
+        """Receive into ``tensor`` from ``src``; result: ``tensor``, or ``then(tensor)``
+        (computed by the thread that completes the receive; an error in it is the result)."""
         nbytes = tensor.numel() * tensor.element_size()
         tag = self._next_tag(self._recv_seq, src)
         pending = self._pending(f"receive of {nbytes} bytes from rank {src}", [src])
@@ -287,7 +290,7 @@ class Transport:
                 if buf is not tensor:
                     tensor.copy_(buf)
                 self._complete_at(self.link.recv_done_time(nbytes, time.monotonic()), pending,
-                                  tensor)
+                                  tensor if then is None else then(tensor))
             except BaseException as err:  # noqa: BLE001
                 pending.set_error(err)
 
@@ -301,19 +304,13 @@ class Transport:
         return self.send(pack(tensors), dst, category=category)
 
     def recv_packed(self, specs: list[TensorSpec], src: int, *, category: str = "train") -> Pending:
-        """Receive a message made by :meth:`send_packed`; result: list of tensors."""
+        """Receive a message made by :meth:`send_packed`; result: list of tensors.
+
+        Unpacked by the receive's own thread: the handle has no deadline of its own besides the
+        caller's wait, so a caller that waits for a slow but live peer (``wait_on`` with a
+        longer limit) gets the message whenever it arrives."""
         buf = torch.empty(nbytes_of(specs), dtype=torch.uint8)
-        inner = self.recv(buf, src, category=category)
-        outer = self._pending(inner.what, [src])
-
-        def chain() -> None:
-            try:
-                outer.set_result(unpack(inner.wait(), specs))
-            except BaseException as err:  # noqa: BLE001
-                outer.set_error(err)
-
-        self._waiters.pool.submit(chain)
-        return outer
+        return self.recv(buf, src, category=category, then=lambda b: unpack(b, specs))
 
     def send_message(
         self, tensors: list[torch.Tensor], dst: int, *, category: str = "train"
