@@ -195,6 +195,8 @@ def _start_all(procs: list[Any], ctx: Any, timeout_s: float) -> None:
             try:
                 p.start()
             except (EOFError, OSError) as err:
+                if ctx.get_start_method() != "forkserver":
+                    raise
                 if state["killed"] is None:
                     raise WorkerFailed(
                         f"worker {r} could not be started ({type(err).__name__}: {err}): the "
