@@ -27,7 +27,7 @@ class IdenticalPeers:
     It costs no time, so timing ``exchange`` through it measures the codec's computation only."""
 
     def __init__(self, world: int) -> None:
-        from tandem.transport.group import Group
+        from tandem.transport.transport import Group
 
         self.rank, self.world = 0, world
         self.world_group = Group(None, list(range(world)))
@@ -54,7 +54,7 @@ def codec_costs(workload: Any, seed: int, batch: int, world: int,
 
     from tandem.allocator import tune_allocator
     from tandem.codecs import make_codec
-    from tandem.strategies.training import build_model
+    from tandem.trainer import build_model
 
     torch.set_num_threads(1)
     tune_allocator()  # as in every worker process (see tandem.allocator)

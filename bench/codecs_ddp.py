@@ -13,7 +13,7 @@ from typing import Any
 
 
 def _timed_hook(state, bucket):  # no annotations: DDP checks the hook's signature
-    from tandem.codecs.ddp import codec_hook
+    from tandem.codecs.ddp_hook import codec_hook
 
     t0 = time.perf_counter()
     fut = codec_hook(state, bucket)
@@ -29,9 +29,9 @@ def ddp_job(cfg_data: dict[str, Any], run_dir: str, momentum: float) -> dict[str
 
     from tandem.codecs import ddp_hook, make_codec
     from tandem.config import RunConfig
-    from tandem.runtime import transport_from_env
-    from tandem.strategies.training import build_model, build_optimizer, evaluate, is_eval_step
     from tandem.telemetry.recorder import Recorder
+    from tandem.trainer import build_model, build_optimizer, evaluate, is_eval_step
+    from tandem.transport.env import transport_from_env
     from tandem.workloads import build_workload
     from tandem.workloads.base import ShardLoader, partition
 

@@ -22,7 +22,7 @@ from bench.harness import Bench
 def _ddp_phase(cfg, work, transport, steps: int) -> list[float]:
     from torch.nn.parallel import DistributedDataParallel
 
-    from tandem.strategies.training import build_model, build_optimizer
+    from tandem.trainer import build_model, build_optimizer
     from tandem.workloads.base import ShardLoader, partition
 
     model = DistributedDataParallel(build_model(work, cfg.seed))
@@ -43,15 +43,16 @@ def _ddp_phase(cfg, work, transport, steps: int) -> list[float]:
 
 def _tandem_phase(cfg, work, transport, run_dir: Path, overlap: bool = False) -> list[float]:
     from tandem.strategies.allreduce import AllReduceStrategy
-    from tandem.strategies.base import WorkerContext
+    from tandem.strategies.base import WorkerContext, codec_factory
     from tandem.telemetry.recorder import Recorder
-    from tandem.transport.faults import ComputeFaults
+    from tandem.trainer.stragglers import ComputeFaults
 
     cfg = cfg.model_copy(update={"strategy": cfg.strategy.model_copy(
         update={"options": {"overlap": overlap}})})
     rec = Recorder(run_dir, transport.rank, world=transport.world, progress=False)
     ctx = WorkerContext(cfg=cfg, transport=transport, workload=work, recorder=rec,
-                        faults=ComputeFaults.from_config(cfg, transport.rank), run_dir=run_dir)
+                        faults=ComputeFaults.from_config(cfg, transport.rank), run_dir=run_dir,
+                        codec_factory=codec_factory(cfg))
     strat = AllReduceStrategy(ctx)
     strat.setup()
     transport.barrier().wait()
@@ -68,7 +69,7 @@ def job(cfg_data: dict, rounds: int) -> dict:
     import torch
 
     from tandem.config import RunConfig
-    from tandem.runtime import transport_from_env
+    from tandem.transport.env import transport_from_env
     from tandem.workloads import build_workload
 
     cfg = RunConfig.model_validate(cfg_data)

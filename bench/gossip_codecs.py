@@ -6,7 +6,7 @@ vectors dominate the step; at 100mbit the compute of 4 processes on 2 cores does
 
 Rows, side by side in one run: exact gossip (``dense``: whole parameter vectors) and
 CHOCO-gossip with fp16, QSGD, signSGD, top-k at 10 % and 1 %, and random-k at 10 %, each at its
-default consensus step (``tandem.strategies.gossip_choco.default_consensus_step``).
+default consensus step (``tandem.strategies.gossip.choco.default_consensus_step``).
 Columns: test accuracy of the network-average model and of the worst peer's own model, bytes
 per peer per step and the ratio to exact gossip, the final consensus error (mean
 ||x_i - mean x||^2), time to the target accuracy (rank 0's clock, evaluation excluded) and the

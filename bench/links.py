@@ -32,7 +32,7 @@ ADDR = ("10.213.7.1", "10.213.7.2")
 def measure(net: str | None, sizes: list[int], reps: int = 3) -> list[dict]:
     """Inside a rank: the fastest of ``reps`` all-reduce and send round-trip times per size
     (machine load only ever adds delay, so the fastest rep is the cleanest measurement)."""
-    from tandem.runtime import transport_from_env
+    from tandem.transport.env import transport_from_env
     from tandem.transport.probe import time_operations
 
     t = transport_from_env(net=NetConfig.parse(net) if net else None, timeout_s=120)

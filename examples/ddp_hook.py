@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tandem.codecs import ddp_hook, make_codec
 from tandem.config import WorkloadConfig
-from tandem.runtime import transport_from_env
+from tandem.transport.env import transport_from_env
 from tandem.workloads import build_workload
 
 

@@ -29,7 +29,7 @@ def stress_job(path: str, numel: int, adds: int, seconds: float) -> dict[str, An
     """Rank 0 publishes models as fast as it can (every element = the version) and swaps the
     accumulator; ranks 1.. read models (checking for torn reads) and add ``adds`` ones-gradients.
     """
-    from tandem.transport.shm import MachineSegment
+    from tandem.strategies.bsp_shared.segment import MachineSegment
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     seg = MachineSegment.attach(path, numel, world - 1)
@@ -83,9 +83,9 @@ def quadratic_job(centers: list[float], numel: int, lr: float, budget: int,
     ``x - lr * sum_i n_i (x - c_i) / sum_i n_i`` exactly (``normalize=mean``).
     """
     from tandem.codecs import make_codec
-    from tandem.runtime import transport_from_env
-    from tandem.strategies.bsp_roles import Agent, AgentConfig, WorkerLoop
-    from tandem.transport.shm import MachineSegment
+    from tandem.strategies.bsp_shared.agent import Agent, AgentConfig, WorkerLoop
+    from tandem.strategies.bsp_shared.segment import MachineSegment
+    from tandem.transport.env import transport_from_env
 
     t = transport_from_env(timeout_s=30)
     group = t.new_group([2, 3])
@@ -134,7 +134,7 @@ def quadratic_job(centers: list[float], numel: int, lr: float, budget: int,
 def torn_add_job(path: str, numel: int, complete: int) -> None:
     """Local worker 0 of the segment at ``path``: ``complete`` whole adds of ones, then one add
     during which it SIGKILLs itself (the ``die_midway`` hook), holding the lock. Never returns."""
-    from tandem.transport.shm import MachineSegment
+    from tandem.strategies.bsp_shared.segment import MachineSegment
 
     seg = MachineSegment.attach(path, numel, 2)
     ones = torch.ones(numel)

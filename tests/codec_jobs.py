@@ -14,8 +14,8 @@ from tandem.codecs.dense import DenseCodec
 from tandem.codecs.positions import positions_nbytes
 from tandem.transport import costs
 from tandem.transport.accounting import ByteMeter
-from tandem.transport.adapter import Done
-from tandem.transport.group import Group
+from tandem.transport.process_group import Done
+from tandem.transport.transport import Group
 
 # ---- threads standing in for ranks -----------------------------------------------------------
 
@@ -175,7 +175,7 @@ STANDARD = ["dense", "fp16", "bf16", "topk", "randomk", "qsgd", "powersgd", "sig
 def codec_bytes_job(shapes: list[tuple[int, ...]], lgc_opts: dict, lgc_steps: int) -> dict:
     """One exchange per standard codec and ``lgc_steps`` of each LGC variant over the real
     transport; report the meter's bytes, each code's ``nbytes`` and result checksums."""
-    from tandem.runtime import transport_from_env
+    from tandem.transport.env import transport_from_env
 
     t = transport_from_env(timeout_s=60)
     gen = torch.Generator().manual_seed(t.rank)
@@ -211,7 +211,7 @@ def ddp_job(steps: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from tandem.codecs import ddp_hook
-    from tandem.runtime import transport_from_env
+    from tandem.transport.env import transport_from_env
 
     t = transport_from_env(timeout_s=60)
 
@@ -269,7 +269,7 @@ def ddp_hook_error_job(overlap: bool) -> str:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from tandem.codecs import ddp_hook
-    from tandem.runtime import transport_from_env
+    from tandem.transport.env import transport_from_env
 
     t = transport_from_env(timeout_s=30)
     try:
@@ -295,7 +295,7 @@ def ddp_lgc_job(overlap: bool) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from tandem.codecs import ddp_hook
-    from tandem.runtime import transport_from_env
+    from tandem.transport.env import transport_from_env
 
     t = transport_from_env(timeout_s=60)
     try:

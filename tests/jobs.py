@@ -12,7 +12,7 @@ import torch
 
 from tandem.config import NetConfig
 from tandem.errors import WorkerFailed
-from tandem.runtime import transport_from_env
+from tandem.transport.env import transport_from_env
 
 
 def byte_counts(world: int) -> dict:
@@ -77,7 +77,7 @@ def ddp_reference(cfg_data: dict) -> list:
     from torch.nn.parallel import DistributedDataParallel
 
     from tandem.config import RunConfig
-    from tandem.strategies.training import build_model, build_optimizer
+    from tandem.trainer import build_model, build_optimizer
     from tandem.workloads import build_workload
     from tandem.workloads.base import ShardLoader, partition
 

@@ -58,11 +58,10 @@ def run_role(cfg_data: dict, victim: int, after_steps: int, out_dir: str) -> dic
     world barrier (a dead rank would fail it); rank ``victim`` SIGKILLs itself once it has
     recorded ``after_steps`` steps. Each survivor writes its result to ``out_dir``."""
     from tandem.config import RunConfig
-    from tandem.runtime import transport_from_env
-    from tandem.strategies import STRATEGIES
-    from tandem.strategies.base import WorkerContext
+    from tandem.strategies.base import STRATEGIES, WorkerContext, codec_factory
     from tandem.telemetry.recorder import Recorder
-    from tandem.transport.faults import ComputeFaults
+    from tandem.trainer.stragglers import ComputeFaults
+    from tandem.transport.env import transport_from_env
     from tandem.workloads import build_workload
 
     cfg = RunConfig.model_validate(cfg_data)
@@ -71,7 +70,7 @@ def run_role(cfg_data: dict, victim: int, after_steps: int, out_dir: str) -> dic
     rec = Recorder(run_dir, t.rank, world=t.world, progress=False)
     ctx = WorkerContext(cfg=cfg, transport=t, workload=build_workload(cfg.workload, cfg.seed),
                         recorder=rec, faults=ComputeFaults.from_config(cfg, t.rank),
-                        run_dir=run_dir)
+                        run_dir=run_dir, codec_factory=codec_factory(cfg))
     strategy = STRATEGIES[cfg.strategy.name](ctx)
     strategy.setup()
     t.barrier().wait()

@@ -34,7 +34,7 @@ def test_allreduce_equals_torch_ddp(tmp_path):
     for a, b in zip(ours, ddp, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     # training actually moved the parameters away from their initial values
-    from tandem.strategies.training import build_model
+    from tandem.trainer import build_model
     from tandem.workloads import build_workload
 
     init = list(build_model(build_workload(tandem.load_config(cfg).workload, 3), 3).parameters())
@@ -143,7 +143,7 @@ class _FlatTrainer:
 
 def test_overlap_launches_buckets_during_backward_in_order_and_screens_them():
     from tandem.errors import NonFiniteGradient
-    from tandem.strategies.overlap import BucketedAllReduce, plan_buckets
+    from tandem.strategies.allreduce.buckets import BucketedAllReduce, plan_buckets
 
     assert plan_buckets([400, 16, 12800, 32, 32768, 64, 640, 10], 64 * 1024) == \
         [(13248, 46730), (0, 13248)]

@@ -23,8 +23,8 @@ from tandem import worker
 from tandem.api import prepare_run_dir
 from tandem.errors import WorkerFailed
 from tandem.launch import spawn
-from tandem.strategies.bsp_roles import model_digest
-from tandem.transport.shm import MachineSegment
+from tandem.strategies.bsp_shared.agent import model_digest
+from tandem.strategies.bsp_shared.segment import MachineSegment
 
 
 def test_torn_add_is_detected_and_discarded_in_shared_memory():

@@ -18,8 +18,8 @@ from tandem.errors import ConfigError
 from tandem.launch import spawn
 from tandem.strategies import STRATEGIES
 from tandem.strategies.bsp_shared import BspSharedOptions, local_layout, torchrun_layout
+from tandem.strategies.bsp_shared.segment import MachineSegment
 from tandem.telemetry.summary import merge_events
-from tandem.transport.shm import MachineSegment
 
 DIGITS_D = 64 * 128 + 128 + 128 * 10 + 10  # the digits MLP's parameter count
 

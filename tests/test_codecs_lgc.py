@@ -13,7 +13,7 @@ import torch
 
 from codec_jobs import correlated_grads, mean_of, run_threads
 from tandem.codecs import make_codec
-from tandem.codecs.lgc_ae import latent_size
+from tandem.codecs.lgc.autoencoder import latent_size
 from tandem.codecs.positions import positions_nbytes
 from tandem.codecs.topk import keep_count
 from tandem.errors import ConfigError
@@ -286,7 +286,7 @@ def test_ef_clip_caps_the_residual(name, variant):
 def test_large_k_runs_the_convolutions_and_agrees_with_the_matrix_form(monkeypatch):
     """Breaks if the frozen autoencoder's matrix form (O(K^2) memory: 4 GB of activations to
     read off at ResNet-18's K) were used beyond AFFINE_MAX_K, or if the two forms disagreed."""
-    from tandem.codecs import lgc_ae
+    from tandem.codecs.lgc import autoencoder as lgc_ae
 
     ae = lgc_ae.AETrainer(40, 3, seed=1)
     gen = torch.Generator().manual_seed(2)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.config import NetConfig, StragglerConfig, load_config, parse_options
+from tandem.config import NetConfig, StragglerConfig, parse_options
 from tandem.errors import ConfigError
+from tandem.resolve import load_config
 
 
 def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tandem.config import RunConfig, load_config
+from tandem.config import RunConfig
 from tandem.errors import ConfigError
+from tandem.resolve import load_config
 
 FIELDS = list(RunConfig.model_fields) + ["workload.name", "workload.partition",
                                           "workload.redundancy", "codec.options.ratio",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from tandem.config import load_config
-from tandem.transport.faults import ComputeFaults, straggler_mask
+from tandem.trainer.stragglers import ComputeFaults, straggler_mask
 
 
 def test_straggler_draws_reproduce_from_seed_and_differ_across_seeds():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from golden import CASES, FILE, fingerprint
 
 RECORDED = json.loads(FILE.read_text())

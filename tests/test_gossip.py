@@ -16,7 +16,7 @@ from tandem.errors import TandemError, WorkerFailed
 from tandem.sim import SimConfig, floor_table, simulate, study
 from tandem.strategies.gossip import data_partitions
 from tandem.topology import make_topology
-from tandem.transport.faults import ComputeFaults, straggler_mask
+from tandem.trainer.stragglers import ComputeFaults, straggler_mask
 from tandem.workloads import build_workload
 
 
@@ -87,7 +87,7 @@ def test_coded_ps_recovers_the_exact_gradient_despite_stragglers(tmp_path):
     assert min(server["used_per_worker"]) < steps  # some worker's answer was not waited for
     run = tandem.load_config(cfg)
     work = build_workload(run.workload, seed)
-    from tandem.strategies.training import build_model
+    from tandem.trainer import build_model
 
     x = build_model(work, seed).weight.detach().double().numpy().reshape(-1)
     X, Y = work.train.x.double().numpy(), work.train.y.double().numpy().reshape(-1)

@@ -14,10 +14,10 @@ import torch
 import tandem
 from tandem.codecs import make_codec
 from tandem.errors import ConfigError
-from tandem.strategies.gossip_choco import ChocoMixer, default_consensus_step
+from tandem.strategies.gossip.choco import ChocoMixer, default_consensus_step
 from tandem.topology import PeerView, make_topology
-from tandem.transport.adapter import Done
 from tandem.transport.packing import unpack
+from tandem.transport.process_group import Done
 from tandem.workloads import build_workload
 
 SHAPES = [(6, 5), (5,), (3, 5)]  # 50 entries in three layers

@@ -10,7 +10,7 @@ import ps_jobs
 import tandem
 from tandem.errors import WorkerFailed
 from tandem.launch import spawn
-from tandem.strategies.sharding import join, plan_shards, split
+from tandem.strategies.param_server.sharding import join, plan_shards, split
 from tandem.workloads.base import partition
 
 BASE = {"workload": {"name": "digits"}, "codec": "dense", "workers": 2, "steps": 12,
@@ -43,7 +43,7 @@ def test_sync_equals_allreduce(sync_params, tmp_path):
     ref = tandem.train(dict(BASE, strategy="allreduce", out=str(tmp_path / "ar")),
                        return_results=True, timeout_s=240)["results"][0]["params"]
     assert_params_close(sync_params, ref, 1e-5)
-    from tandem.strategies.training import build_model
+    from tandem.trainer import build_model
     from tandem.workloads import build_workload
 
     cfg = tandem.load_config(BASE)
@@ -161,7 +161,7 @@ def test_message_metadata_travels_as_json(name, opts):
     message level fails on a model where every layer stays dense (no compressed layer)."""
     from tandem.codecs import make_codec
     from tandem.codecs.base import Message
-    from tandem.strategies.param_server import meta_from_bytes, meta_to_bytes
+    from tandem.strategies.param_server.wire import meta_from_bytes, meta_to_bytes
 
     shapes = [(4, 1, 3, 3), (4,), (6, 36), (6,)]  # two weight layers: LGC keeps both dense
     gen = torch.Generator().manual_seed(0)
@@ -176,7 +176,7 @@ def test_message_metadata_travels_as_json(name, opts):
 
 
 def test_metadata_that_is_not_an_object_is_refused():
-    from tandem.strategies.param_server import meta_from_bytes
+    from tandem.strategies.param_server.wire import meta_from_bytes
 
     with pytest.raises(ValueError, match="JSON object"):
         meta_from_bytes(b"[1, 2]")

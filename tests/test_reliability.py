@@ -142,7 +142,7 @@ def test_torchrun_max_restarts_resumes_from_checkpoint(tmp_path):
 def test_screen_gradients_policies():
     """The one NaN screen every strategy calls: stop names rank and step, skip sends zeros."""
     from tandem.errors import NonFiniteGradient
-    from tandem.strategies.training import screen_gradients
+    from tandem.trainer import screen_gradients
 
     good = [torch.ones(3), torch.ones(2)]
     assert screen_gradients(good, "stop", 0, 1) == (good, False)
@@ -156,7 +156,7 @@ def test_screen_gradients_policies():
 def test_finite_check_is_exact_around_its_fast_path():
     """check_finite trusts a finite sum; an overflowing sum of finite values is still finite,
     and a +Inf/-Inf pair (whose sum is NaN) or a lone NaN is still caught."""
-    from tandem.strategies.training import check_finite
+    from tandem.trainer import check_finite
 
     big = torch.full((10,), 3e38)  # finite elements whose float32 sum overflows to inf
     assert not torch.isfinite(big.sum()) and check_finite([big])

@@ -12,7 +12,7 @@ from tandem.config import NetConfig
 from tandem.errors import ConfigError, WorkerFailed
 from tandem.launch import spawn
 from tandem.transport import costs
-from tandem.transport.group import as_net
+from tandem.transport.transport import as_net
 
 
 def test_byte_counts_exact_for_all_reduce_broadcast_and_p2p():

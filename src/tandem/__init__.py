@@ -1,7 +1,7 @@
 """Tandem: distributed deep-learning training that sends far fewer bytes and never waits for the
 slowest machine. See README.md for the commands and docs/ for each method."""
 
-from tandem.config import RunConfig, load_config
+from tandem.config import RunConfig
 from tandem.errors import ConfigError, PeerTimeout, TandemError, WorkerFailed
 
 __version__ = "0.1.0"
@@ -10,10 +10,10 @@ __all__ = ["ConfigError", "PeerTimeout", "RunConfig", "TandemError", "WorkerFail
 
 
 def __getattr__(name: str):  # lazy: `import tandem` stays cheap
-    if name == "train":
-        from tandem.api import train
+    if name in ("train", "load_config"):
+        from tandem import api
 
-        return train
+        return getattr(api, name)
     if name == "Workload":
         from tandem.workloads.base import Workload
 

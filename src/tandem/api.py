@@ -8,23 +8,20 @@ Example with your own model and data (see ``examples/own_model.py``)::
                             "steps": 200}, workload=work)
 
 ``model_fn`` must be importable by the worker processes (a module-level function, not a lambda),
-because workers are started with the ``spawn`` method.
+because workers are separate processes.
 """
 
 from __future__ import annotations
 
-import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
-from tandem import worker
-from tandem.config import RunConfig, load_config
-from tandem.errors import CheckpointError
-from tandem.launch import spawn
-from tandem.strategies import STRATEGIES
-from tandem.telemetry.summary import finalize_run
+from tandem.config import RunConfig
+from tandem.job import prepare_run_dir, run_job
+from tandem.resolve import load_config
 from tandem.workloads.base import Workload
+
+__all__ = ["load_config", "prepare_run_dir", "train"]
 
 
 def _as_config(config: RunConfig | dict[str, Any] | str | Path) -> RunConfig:
@@ -35,51 +32,11 @@ def _as_config(config: RunConfig | dict[str, Any] | str | Path) -> RunConfig:
     return load_config(config)
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
-    """Create the run directory, write the resolved config, drop a previous run's events."""
-    run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for old in list(run_dir.glob("events*.jsonl")) + [run_dir / "summary.json"]:
-        old.unlink(missing_ok=True)
-    shutil.rmtree(run_dir / "tb", ignore_errors=True)
-    (run_dir / "config.yaml").write_text(cfg.to_yaml())
-    return run_dir
-
-
 def train(config: RunConfig | dict[str, Any] | str | Path, *, workload: Workload | None = None,
           return_results: bool = False, timeout_s: float | None = None) -> dict[str, Any]:
     """Run a whole job with the local launcher and return its summary (``summary.json``).
 
     ``return_results=True`` adds ``results``: each process's final figures and parameters.
     """
-    cfg = _as_config(config)
-    if cfg.resume:
-        run_dir = cfg.run_dir()
-        if not (run_dir / "checkpoints" / "LATEST").is_file():
-            raise CheckpointError(f"cannot resume {run_dir}: it holds no checkpoint (run it with "
-                                  "--checkpoint-every N)")
-    else:
-        run_dir = prepare_run_dir(cfg)
-    strategy_cls = STRATEGIES[cfg.strategy.name]
-    procs = strategy_cls.processes(cfg)
-    tolerate = (lambda r: r < cfg.workers) if strategy_cls.tolerates_lost_workers else None
-    limit = timeout_s if timeout_s is not None else 24 * 3600.0
-    env = {"TANDEM_THREADS": str(cfg.threads_per_worker)}
-    # Plain pickle bytes: tensors are copied, not shared through multiprocessing's machinery
-    # (which would leave shared-memory handles and semaphores to clean up).
-    payload = pickle.dumps(workload) if workload is not None else None
-    results = spawn(worker.main, procs, cfg.model_dump(mode="json"), payload, return_results,
-                    timeout_s=limit, addr=cfg.master_addr, env=env, tolerate_death=tolerate,
-                    failure_grace_s=cfg.timeout_s + 15.0)  # survivors' waits end and report
-    lost = [r for r, res in enumerate(results) if res is None]
-    results = [res if res is not None else {"lost": True} for res in results]
-    summary = finalize_run(run_dir, cfg.model_dump(mode="json"),
-                           target_accuracy=cfg.target_accuracy,
-                           extra={"results": [{k: v for k, v in r.items() if k != "params"}
-                                              for r in results],
-                                  "skipped_steps": sum(int(r.get("skipped_steps", 0))
-                                                       for r in results),
-                                  "lost_ranks": lost})
-    if return_results:
-        summary = dict(summary, results=results)
-    return summary
+    return run_job(_as_config(config), workload=workload, return_results=return_results,
+                   timeout_s=timeout_s)

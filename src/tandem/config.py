@@ -4,6 +4,10 @@ A run is described by :class:`RunConfig`, built from a YAML file, CLI flags, or 
 is validated by pydantic; any invalid value raises :class:`~tandem.errors.ConfigError` naming the
 field and the allowed values, never a traceback from deep inside a worker.
 
+This module is pure data: it checks the *shape* of values and imports no plugin. Whether a named
+strategy, codec or workload exists, whether its options are valid and whether they go together is
+decided by :func:`tandem.resolve.resolve`, which the API and the worker entry call.
+
 Compact string forms are accepted where users type them on a command line:
 
 * ``net="100mbit:1ms"`` or ``"1gbit:200us:50us"`` (bandwidth, one-way latency, optional jitter)
@@ -26,9 +30,6 @@ from tandem.errors import ConfigError
 _UNITS_BPS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 _UNITS_BYTES = {"b": 8, "kb": 8e3, "mb": 8e6, "gb": 8e9}
 _UNITS_S = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
-
-WORKLOADS = ("digits", "mnist5k", "fashion", "regression", "resnet18")
-
 
 def parse_rate(text: str) -> float:
     """``"100mbit"`` -> bits per second. Accepts bit/kbit/mbit/gbit and b/kb/mb/gb (bytes)."""
@@ -123,7 +124,8 @@ class SlowWorker(_Strict):
 class WorkloadConfig(_Strict):
     """Which bundled dataset and model, and how the training set is split over workers."""
 
-    name: Literal["digits", "mnist5k", "fashion", "regression", "resnet18"] = "digits"
+    name: str = Field(default="digits", min_length=1, description="a registered workload "
+                      "(`tandem workloads`)")
     data_path: Path | None = None
     partition: Literal["iid", "label", "redundant"] = "iid"
     redundancy: int = Field(default=1, ge=1, description="d: how many workers hold each partition")
@@ -220,45 +222,8 @@ class RunConfig(_Strict):
     def _plugin(cls, v: Any) -> Any:
         return {"name": v} if isinstance(v, str) else v
 
-    @field_validator("strategy", "codec", mode="after")
-    @classmethod
-    def _plugin_known(cls, v: PluginConfig, info: Any) -> PluginConfig:
-        from tandem.codecs import CODECS
-        from tandem.strategies import STRATEGIES
-
-        registry = STRATEGIES if info.field_name == "strategy" else CODECS
-        if v.name not in registry:
-            raise ValueError(f"unknown {v.name!r}; choose one of {sorted(registry)}")
-        try:
-            registry[v.name].Options.model_validate(v.options)
-        except ValidationError as err:
-            raise ValueError(_format_validation_error(err, f"{v.name} option")) from None
-        return v
-
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        from tandem.strategies import STRATEGIES
-
-        if (self.checkpoint_every or self.resume) and \
-                not STRATEGIES[self.strategy.name].supports_checkpoints:
-            ok = sorted(n for n, c in STRATEGIES.items() if c.supports_checkpoints)
-            raise ValueError(f"checkpoint_every/resume: strategy {self.strategy.name!r} does not "
-                             f"write checkpoints yet; strategies that do: {ok}")
-        exact = STRATEGIES[self.strategy.name].exact_exchange
-        if exact and self.codec.name != "dense":
-            ok = sorted(n for n, c in STRATEGIES.items() if not c.exact_exchange)
-            raise ValueError(f"codec {self.codec.name!r}: strategy {self.strategy.name!r} uses no "
-                             f"codec ({exact}); use codec 'dense' with it, or a strategy that "
-                             f"encodes gradients: {ok}")
-        if STRATEGIES[self.strategy.name].peer_codes:
-            from tandem.codecs import CODECS
-
-            if self.codec.name in CODECS and not CODECS[self.codec.name].self_contained:
-                ok = sorted(n for n, c in CODECS.items() if c.self_contained)
-                raise ValueError(f"codec {self.codec.name!r}: strategy {self.strategy.name!r} "
-                                 "sends each peer's code to its neighbours, who decode it alone; "
-                                 f"this codec needs a collective across all workers. Codecs that "
-                                 f"work here: {ok}")
         for sw in self.slow_workers:
             if sw.rank >= self.workers:
                 raise ValueError(f"slow_workers: rank {sw.rank} >= workers ({self.workers})")
@@ -269,16 +234,6 @@ class RunConfig(_Strict):
         return self
 
     # ---- derived values -------------------------------------------------------------------
-    def strategy_options(self) -> BaseModel:
-        from tandem.strategies import STRATEGIES
-
-        return STRATEGIES[self.strategy.name].Options.model_validate(self.strategy.options)
-
-    def codec_options(self) -> BaseModel:
-        from tandem.codecs import CODECS
-
-        return CODECS[self.codec.name].Options.model_validate(self.codec.options)
-
     def run_name(self) -> str:
         return self.name or \
             f"{self.workload.name}-{self.strategy.name}-{self.codec.name}-w{self.workers}"
@@ -330,8 +285,6 @@ def load_config(data: dict[str, Any] | None = None, path: str | Path | None = No
         return RunConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
-    except ValueError as err:  # raised by plugin registries outside pydantic's wrapper
-        raise ConfigError(f"invalid configuration: {err}") from None
 
 
 def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:

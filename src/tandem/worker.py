@@ -15,14 +15,21 @@ from typing import Any
 import torch
 
 from tandem.allocator import tune_allocator
+from tandem.codecs.base import CODECS
 from tandem.config import RunConfig
-from tandem.runtime import transport_from_env
-from tandem.strategies import STRATEGIES
-from tandem.strategies.base import WorkerContext
+from tandem.resolve import resolve
+from tandem.strategies.base import STRATEGIES, codec_factory
 from tandem.telemetry.recorder import Recorder
-from tandem.transport.faults import ComputeFaults
-from tandem.workloads import build_workload
+from tandem.trainer.context import WorkerContext
+from tandem.trainer.stragglers import ComputeFaults
+from tandem.transport.env import transport_from_env
+from tandem.workloads import WORKLOADS, build_workload
 from tandem.workloads.base import Workload
+
+# The fork server imports this module once (tandem.launch): find every plugin there, so that a
+# forked worker does not import them again.
+for _registry in (STRATEGIES, CODECS, WORKLOADS):
+    _registry.discover()
 
 
 def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
@@ -40,7 +47,7 @@ def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
                                    backend=cfg.backend)
     graceful = False
     try:
-        strategy_cls = STRATEGIES[cfg.strategy.name]
+        strategy_cls = resolve(cfg).strategy
         work = workload or build_workload(cfg.workload, cfg.seed)
         run_dir = cfg.run_dir()
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +56,8 @@ def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
                             tensorboard=cfg.tensorboard, progress_total=total,
                             progress=cfg.progress, append=cfg.resume)
         ctx = WorkerContext(cfg=cfg, transport=transport, workload=work, recorder=recorder,
-                            faults=ComputeFaults.from_config(cfg, transport.rank), run_dir=run_dir)
+                            faults=ComputeFaults.from_config(cfg, transport.rank), run_dir=run_dir,
+                            codec_factory=codec_factory(cfg))
         _prewarm()
         strategy = strategy_cls(ctx)
         strategy.setup()
@@ -82,7 +90,7 @@ def _prewarm() -> None:
 
 def torchrun_main(config_path: str) -> None:
     """Entry for ``torchrun ... -m tandem.cli worker --config run.yaml``."""
-    from tandem.config import load_config
+    from tandem.resolve import load_config
 
     cfg = load_config(path=config_path)
     if os.environ.get("RANK") == "0":

@@ -42,16 +42,17 @@ import math
 import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from tandem.registry import Registry
 from tandem.transport.packing import TensorSpec, pack, spec_of, unpack
 
 if TYPE_CHECKING:
-    from tandem.transport.group import Group, Transport
+    from tandem.transport.transport import Group, Transport
 
 Transfer = Literal["sum", "gather", "led"]
 
@@ -367,22 +368,20 @@ class Codec:
         return {}
 
 
-CODECS: dict[str, type[Codec]] = {}
+#: every codec, by name (discovered under ``tandem.codecs``)
+CODECS: Registry[type[Codec]] = Registry("codec", "tandem.codecs")
+
+CodecT = TypeVar("CodecT", bound=type[Codec])
 
 
-def register(cls: type[Codec]) -> type[Codec]:
+def register(cls: CodecT) -> CodecT:
     """Class decorator: make a codec available by its ``name`` (CLI, config, registry)."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no name")
-    CODECS[cls.name] = cls
+    CODECS.register(cls)
     return cls
 
 
 def make_codec(name: str, options: dict[str, Any] | None = None, *, seed: int = 0) -> Codec:
-    from tandem.errors import ConfigError
-
-    if name not in CODECS:
-        raise ConfigError(f"codec: unknown {name!r}; choose one of {sorted(CODECS)}")
+    """A fresh codec by name; an unknown name raises ConfigError listing the known ones."""
     return CODECS[name](options, seed=seed)
 
 

@@ -20,7 +20,7 @@ import torch
 from tandem.codecs.base import Codec, Message, group_rank, register, unflat
 
 if TYPE_CHECKING:
-    from tandem.transport.group import Group, Transport
+    from tandem.transport.transport import Group, Transport
 
 
 def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, registe
 from tandem.codecs.dense import unflatten
 
 if TYPE_CHECKING:
-    from tandem.transport.group import Group, Transport
+    from tandem.transport.transport import Group, Transport
 
 
 class CastOptions(CodecOptions):

@@ -18,7 +18,7 @@ import torch
 from tandem.codecs.base import group_rank
 
 if TYPE_CHECKING:
-    from tandem.transport.group import Group, Transport
+    from tandem.transport.transport import Group, Transport
 
 #: entries from which a model counts as large: messages are decoded one at a time into reused
 #: buffers (bounded scratch memory, no page faults) instead of as one (k, D) batch

@@ -33,7 +33,7 @@ from tandem.codecs.dense import flatten, unflatten
 from tandem.codecs.topk import numel
 
 if TYPE_CHECKING:
-    from tandem.transport.group import Group, Transport
+    from tandem.transport.transport import Group, Transport
 
 
 class PowerSGDOptions(CodecOptions):

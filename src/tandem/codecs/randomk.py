@@ -32,7 +32,7 @@ from tandem.codecs.base import (
 from tandem.codecs.topk import keep_count
 
 if TYPE_CHECKING:
-    from tandem.transport.group import Group, Transport
+    from tandem.transport.transport import Group, Transport
 
 
 class RandomKOptions(CodecOptions):

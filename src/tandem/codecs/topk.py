@@ -39,7 +39,7 @@ from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, registe
 from tandem.codecs.dense import unflatten
 
 if TYPE_CHECKING:
-    from tandem.transport.group import Group, Transport
+    from tandem.transport.transport import Group, Transport
 
 
 def numel(shape: tuple[int, ...]) -> int:

@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from tandem.commands.base import command_group
 from tandem.errors import TandemError
 
 sim_app = typer.Typer(no_args_is_help=True, help="Single-process simulators for large studies.")
@@ -71,5 +72,4 @@ def goco(
     typer.echo(f"wrote {png} and {js}")
 
 
-def register(app: typer.Typer) -> None:
-    app.add_typer(sim_app, name="sim")
+command_group("sim", sim_app, rank=70)

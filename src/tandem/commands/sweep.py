@@ -21,6 +21,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 
+from tandem.commands.base import command
 from tandem.errors import ConfigError, TandemError
 
 Opt = typer.Option
@@ -63,6 +64,7 @@ def _variant(text: str) -> dict[str, Any]:
     return value
 
 
+@command("sweep", rank=30)
 def sweep(
     config: Annotated[Path | None, Opt(help="YAML base config; flags override it")] = None,
     lr: Annotated[str | None, Opt(help="learning rate(s), e.g. 0.01,0.1")] = None,
@@ -100,7 +102,7 @@ def sweep(
                                             "sweep in this run directory")] = None,
 ) -> None:
     """Train several variants of one config as ONE pipelined job; one record per variant."""
-    from tandem.config import load_config
+    from tandem.resolve import load_config
     from tandem.sweep import expand_grid, run_sweep, summarize_sweep, sweep_config
 
     if report is not None:
@@ -150,8 +152,3 @@ def sweep(
     typer.echo(f"job record: {run_dir}")
     typer.echo(f"variant records: {run_dir / 'variants'}")
     typer.echo(f"overlay plot: {run_dir / 'sweep.png'}")
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``tandem sweep`` to the CLI."""
-    app.command(name="sweep")(sweep)

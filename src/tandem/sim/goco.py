@@ -8,8 +8,9 @@ partition's gradient is exact and cheap because the loss is least squares:
 It builds everything the strategy builds from the same functions and seeds: the workload
 (:func:`tandem.workloads.build_workload`), the initial model (:func:`build_model`), the data
 partitions (:func:`~tandem.strategies.gossip.data_partitions`), the allocation, the topology and,
-with ``exact_draws``, the straggler draws (:func:`tandem.transport.faults.straggler_mask`, the very
-function each process consults). With ``batch_size=None`` (the strategy's ``full_batch=true``) the
+with ``exact_draws``, the straggler draws
+(:func:`tandem.trainer.stragglers.straggler_mask`, the very function each process consults). With
+``batch_size=None`` (the strategy's ``full_batch=true``) the
 trajectory therefore equals a multi-process run's up to float32 rounding; with minibatches the
 batches are drawn by the simulator's own generator (same distribution, different samples).
 
@@ -29,10 +30,10 @@ from torch.nn.utils import parameters_to_vector
 from tandem.coding import make_allocation, sgc_weight
 from tandem.config import StragglerConfig, WorkloadConfig
 from tandem.errors import ConfigError
-from tandem.strategies.gossip import data_partitions
-from tandem.strategies.training import build_model
 from tandem.topology import Topology, make_topology
-from tandem.transport.faults import straggler_mask
+from tandem.trainer import build_model
+from tandem.trainer.partitions import data_partitions
+from tandem.trainer.stragglers import straggler_mask
 from tandem.workloads import build_workload
 
 MODES = ("goco", "dsgd", "redundant", "wait")

@@ -1,17 +1,6 @@
-"""Strategies: how workers synchronise. Each file one strategy, registered by name.
+"""Strategies: how workers synchronise. One file (or one folder per method with several roles)
+per strategy, registered by name in :data:`STRATEGIES` (found without any import line here)."""
 
-Every module in this package is imported here, so a new strategy is one file with ``@register``.
-"""
+from tandem.strategies.base import STRATEGIES, Strategy, StrategyOptions, register
 
-import importlib
-import pkgutil
-
-from tandem.strategies.registry import STRATEGIES, register
-
-_SUPPORT = {"base", "registry", "training", "bsp_roles", "bsp_worker", "ps_server", "ps_worker",
-            "sharding", "gossip_data", "pipeline_lanes", "overlap"}
-for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name not in _SUPPORT and not _mod.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_mod.name}")
-
-__all__ = ["STRATEGIES", "register"]
+__all__ = ["STRATEGIES", "Strategy", "StrategyOptions", "register"]

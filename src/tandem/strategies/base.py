@@ -6,27 +6,26 @@ it, so bytes are counted), the workload, the codec factory, injected faults and 
 reports per step compute / communication / idle seconds and bytes, and returns a small dict of
 final figures.
 
-Adding a strategy: write one file with a subclass, decorate it with ``@register``, and import it in
-``tandem/strategies/__init__.py``.
+Adding a strategy: write one file (or one folder, for a method with several roles) under
+``tandem/strategies/`` with a subclass decorated with ``@register``; the registry finds it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from tandem.codecs import Codec, make_codec
+from tandem.codecs.base import CODECS, Codec
+from tandem.registry import Registry
+from tandem.trainer.context import WorkerContext
 
 if TYPE_CHECKING:
     from tandem.config import RunConfig
-    from tandem.telemetry.recorder import Recorder
-    from tandem.transport.faults import ComputeFaults
-    from tandem.transport.group import Transport
-    from tandem.workloads.base import Workload
+
+__all__ = ["STRATEGIES", "Strategy", "StrategyOptions", "WorkerContext", "codec_factory",
+           "register"]
 
 
 class StrategyOptions(BaseModel):
@@ -35,31 +34,14 @@ class StrategyOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-@dataclass
-class WorkerContext:
-    """Everything one process's loop needs."""
+def codec_factory(cfg: RunConfig) -> Any:
+    """``seed -> Codec`` for the run's codec (what :class:`WorkerContext` is handed)."""
+    cls, options = CODECS[cfg.codec.name], dict(cfg.codec.options)
 
-    cfg: RunConfig
-    transport: Transport
-    workload: Workload
-    recorder: Recorder
-    faults: ComputeFaults
-    run_dir: Path
-    extra: dict[str, Any] = field(default_factory=dict)
+    def build(seed: int) -> Codec:
+        return cls(options, seed=seed)
 
-    @property
-    def rank(self) -> int:
-        return self.transport.rank
-
-    @property
-    def world(self) -> int:
-        return self.transport.world
-
-    def make_codec(self, seed_offset: int = 0) -> Codec:
-        codec = make_codec(
-            self.cfg.codec.name, self.cfg.codec.options, seed=self.cfg.seed + seed_offset
-        )
-        return codec
+    return build
 
 
 class Strategy:
@@ -68,7 +50,6 @@ class Strategy:
     name: ClassVar[str] = ""
     Options: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: the data-holding workers are ranks ``0 .. cfg.workers-1``; extra roles come after them
-    needs_transport: ClassVar[bool] = True
     #: True when the strategy finishes without some data workers (a parameter server with
     #: ``min_workers``): no closing barrier, and the launcher tolerates those workers' deaths
     tolerates_lost_workers: ClassVar[bool] = False
@@ -83,12 +64,23 @@ class Strategy:
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
-        self.opts = ctx.cfg.strategy_options()
+        self.opts = self.options_of(ctx.cfg)
+
+    @classmethod
+    def options_of(cls, cfg: RunConfig) -> Any:
+        """This strategy's validated options from the run's config."""
+        return cls.Options.model_validate(cfg.strategy.options)
 
     @classmethod
     def processes(cls, cfg: RunConfig) -> int:
         """How many processes the launcher starts (a parameter server adds its servers)."""
         return cfg.workers
+
+    @classmethod
+    def sub_configs(cls, cfg: RunConfig) -> list[RunConfig]:
+        """Configurations of the jobs this one runs inside it (a pipeline's models), which the
+        resolve step checks like the job's own."""
+        return []
 
     @classmethod
     def total_steps(cls, cfg: RunConfig, train_size: int) -> int:
@@ -108,3 +100,15 @@ class Strategy:
 
     def run(self) -> dict[str, Any]:
         raise NotImplementedError
+
+
+StrategyT = TypeVar("StrategyT", bound=type[Strategy])
+
+#: every strategy, by name (discovered under ``tandem.strategies``)
+STRATEGIES: Registry[type[Strategy]] = Registry("strategy", "tandem.strategies")
+
+
+def register(cls: StrategyT) -> StrategyT:
+    """Class decorator: make a strategy available by its ``name``."""
+    STRATEGIES.register(cls)
+    return cls

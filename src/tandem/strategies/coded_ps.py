@@ -20,7 +20,7 @@ Tune: s = the number of stragglers you expect per step; each extra unit costs on
 gradient per worker per step.
 
 Reliability. Non-finite gradients are screened on the worker before they are sent
-(:func:`~tandem.strategies.training.screen_gradients`): ``--nan-policy stop`` ends the run naming
+(:func:`~tandem.trainer.trainer.screen_gradients`): ``--nan-policy stop`` ends the run naming
 the rank and step; ``skip`` sends a "skipped" answer instead of the coded gradient and counts it
 (``skipped_steps``). The server treats a skipped answer like a straggler: it decodes from the
 others when n - s usable answers remain, else it leaves the parameters unchanged for that step
@@ -45,17 +45,16 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from tandem.coding import gradient_code
 from tandem.errors import ConfigError, PeerTimeout, TandemError, WorkerFailed
-from tandem.strategies.base import Strategy, StrategyOptions
-from tandem.strategies.gossip import PartitionGradients
-from tandem.strategies.param_server import wait_on
-from tandem.strategies.registry import register
-from tandem.strategies.training import (
+from tandem.strategies.base import Strategy, StrategyOptions, register
+from tandem.telemetry.log import get_logger
+from tandem.trainer import (
     build_model,
     evaluate_shard,
     is_eval_step,
     screen_gradients,
 )
-from tandem.telemetry.log import get_logger
+from tandem.trainer.partitions import PartitionGradients
+from tandem.transport.store_barrier import wait_on
 
 log = get_logger(__name__)
 STOP = -1.0

@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from tandem.checkpoint import StrategyCheckpoints, check_resume
-from tandem.strategies.base import Strategy
-from tandem.strategies.registry import register
-from tandem.strategies.training import LocalTrainer, evaluate, is_eval_step
+from tandem.strategies.base import Strategy, register
+from tandem.trainer import LocalTrainer, evaluate, is_eval_step
 
 
 @register

@@ -1,14 +1,12 @@
 """The transport seam: the only package that imports ``torch.distributed``."""
 
 from tandem.transport.accounting import ByteMeter, StepBytes
-from tandem.transport.faults import ComputeFaults
-from tandem.transport.group import Group, Transport
 from tandem.transport.liveness import Pending
 from tandem.transport.shaping import LinkEmulator
+from tandem.transport.transport import Group, Transport
 
 __all__ = [
     "ByteMeter",
-    "ComputeFaults",
     "Group",
     "LinkEmulator",
     "Pending",

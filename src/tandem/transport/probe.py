@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from tandem.transport.group import Transport
+from tandem.transport.transport import Transport
 
 
 def time_operations(t: Transport, sizes: list[int], reps: int = 3) -> list[dict[str, float]]:

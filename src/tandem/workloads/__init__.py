@@ -1,7 +1,8 @@
 """Bundled workloads (datasets that exist offline, small models), partitioners and the loader.
 
-``build_workload(cfg, seed)`` builds the workload named by ``cfg.name``. A new workload is one file
-with a ``build(cfg, seed) -> Workload`` function and one line in :data:`WORKLOADS`.
+``build_workload(cfg, seed)`` builds the workload named by ``cfg.name``. A new workload is one
+file with a ``build(cfg, seed) -> Workload`` function decorated with
+:func:`~tandem.workloads.base.register_workload` (see ``tandem workloads``).
 
 | name         | data                                   | model                 |
 |--------------|----------------------------------------|-----------------------|
@@ -14,34 +15,22 @@ with a ``build(cfg, seed) -> Workload`` function and one line in :data:`WORKLOAD
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from tandem.config import WorkloadConfig
-from tandem.errors import ConfigError
-from tandem.workloads import digits, fashion, mnist5k, regression, resnet18
 from tandem.workloads.base import (
+    WORKLOADS,
     ArrayDataset,
     ShardLoader,
     Workload,
     cyclic_allocation,
     partition,
     partition_indices,
+    register_workload,
 )
 
-WORKLOADS: dict[str, Callable[[WorkloadConfig, int], Workload]] = {
-    "digits": digits.build,
-    "mnist5k": mnist5k.build,
-    "fashion": fashion.build,
-    "regression": regression.build,
-    "resnet18": resnet18.build,
-}
-
 __all__ = ["WORKLOADS", "ArrayDataset", "ShardLoader", "Workload", "build_workload",
-           "cyclic_allocation", "partition", "partition_indices"]
+           "cyclic_allocation", "partition", "partition_indices", "register_workload"]
 
 
 def build_workload(cfg: WorkloadConfig, seed: int = 0) -> Workload:
     """The workload ``cfg.name`` with ``cfg.options`` applied; deterministic in ``seed``."""
-    if cfg.name not in WORKLOADS:
-        raise ConfigError(f"workload: unknown {cfg.name!r}; choose one of {sorted(WORKLOADS)}")
-    return WORKLOADS[cfg.name](cfg, seed)
+    return WORKLOADS[cfg.name].build(cfg, seed)

@@ -13,7 +13,7 @@ The partitioners and the minibatch iterator live in :mod:`~tandem.workloads.part
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -22,71 +22,19 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
-from tandem.errors import ConfigError, DataError
+from tandem.errors import ConfigError
+from tandem.registry import Registry
+from tandem.workloads.dataset import ArrayDataset
 from tandem.workloads.loader import ShardLoader
 from tandem.workloads.partition import cyclic_allocation, partition, partition_indices
 
 __all__ = [
-    "ArrayDataset", "Options", "ShardLoader", "Workload", "cyclic_allocation", "parse_options",
-    "partition", "partition_indices", "split_indices",
+    "WORKLOADS", "ArrayDataset", "Options", "ShardLoader", "Workload", "WorkloadSpec",
+    "cyclic_allocation", "parse_options", "partition", "partition_indices", "register_workload",
+    "split_indices",
 ]
 
 Task = Literal["classification", "regression"]
-
-
-class ArrayDataset(torch.utils.data.Dataset):
-    """A dataset held as two tensors: inputs ``x`` (N, ...) and targets ``y`` (N, ...).
-
-    Indexing returns ``(x[i], y[i])``, so it also works with a plain ``DataLoader``.
-    """
-
-    def __init__(self, x: Tensor, y: Tensor) -> None:
-        x, y = torch.as_tensor(x), torch.as_tensor(y)
-        if x.shape[0] != y.shape[0]:
-            raise DataError(f"inputs hold {x.shape[0]} samples but targets hold {y.shape[0]}")
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return int(self.x.shape[0])
-
-    def __getitem__(self, i: Any) -> tuple[Tensor, Tensor]:
-        return self.x[i], self.y[i]
-
-    def __repr__(self) -> str:
-        return (f"ArrayDataset(n={len(self)}, x={tuple(self.x.shape[1:])} {self.x.dtype}, "
-                f"y={tuple(self.y.shape[1:])} {self.y.dtype})")
-
-    def subset(self, idx: Tensor | Sequence[int]) -> ArrayDataset:
-        """The samples at ``idx`` (a copy; order kept)."""
-        index = torch.as_tensor(idx, dtype=torch.long)
-        return ArrayDataset(self.x[index], self.y[index])
-
-    @classmethod
-    def from_dataset(cls, ds: torch.utils.data.Dataset) -> ArrayDataset:
-        """Materialise any map-style dataset whose items are ``(x, y)`` pairs into two tensors.
-
-        Numbers become tensors (int labels -> int64), so a torchvision-style dataset works as is.
-        This reads every item once; for large datasets build the tensors yourself.
-        """
-        if isinstance(ds, ArrayDataset):
-            return ds
-        try:
-            n = len(ds)  # type: ignore[arg-type]
-        except TypeError:
-            raise DataError("from_dataset needs a map-style dataset with a length") from None
-        if n == 0:
-            raise DataError("the dataset is empty")
-        xs, ys = [], []
-        for i in range(n):
-            item = ds[i]
-            if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise DataError(f"item {i} is not an (x, y) pair: got {type(item).__name__}")
-            xs.append(torch.as_tensor(item[0]))
-            ys.append(torch.as_tensor(item[1]))
-        try:
-            return cls(torch.stack(xs), torch.stack(ys))
-        except RuntimeError as exc:
-            raise DataError(f"dataset items differ in shape and cannot be stacked: {exc}") from None
 
 
 @dataclass
@@ -180,3 +128,38 @@ def split_indices(labels: Tensor, test_fraction: float, seed: int,
     mask = torch.ones(len(labels), dtype=torch.bool)
     mask[test_idx] = False
     return torch.nonzero(mask).flatten(), test_idx
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """A registered workload: its name, its builder and its options model."""
+
+    name: str
+    build: Callable[..., Workload]
+    options: type[Options]
+    summary: str
+
+
+#: every bundled workload, by name (discovered under ``tandem.workloads``)
+WORKLOADS: Registry[WorkloadSpec] = Registry("workload", "tandem.workloads")
+
+BuildT = TypeVar("BuildT", bound=Callable[..., Workload])
+
+
+def register_workload(name: str, options: type[Options] = Options) -> Callable[[BuildT], BuildT]:
+    """Decorator for a ``build(cfg, seed) -> Workload`` function: a new workload is one file::
+
+        @register_workload("mine", options=MineOptions)
+        def build(cfg: WorkloadConfig, seed: int = 0) -> Workload: ...
+
+    The first line of the module's docstring is its summary in ``tandem workloads``."""
+
+    def add(build: BuildT) -> BuildT:
+        import sys
+
+        doc = (sys.modules[build.__module__].__doc__ or build.__doc__ or "").strip()
+        WORKLOADS.register(WorkloadSpec(name, build, options, doc.splitlines()[0] if doc else ""),
+                           name=name)
+        return build
+
+    return add

@@ -24,7 +24,14 @@ from pydantic import Field
 
 from tandem.config import WorkloadConfig
 from tandem.errors import DataError
-from tandem.workloads.base import ArrayDataset, Options, Workload, parse_options, split_indices
+from tandem.workloads.base import (
+    ArrayDataset,
+    Options,
+    Workload,
+    parse_options,
+    register_workload,
+    split_indices,
+)
 from tandem.workloads.models import MLP
 
 STD_FLOOR = 0.3
@@ -58,6 +65,7 @@ def load_arrays() -> tuple[np.ndarray, np.ndarray]:
     return data.data, data.target
 
 
+@register_workload("digits", options=DigitsOptions)
 def build(cfg: WorkloadConfig, seed: int = 0) -> Workload:
     opts = parse_options(DigitsOptions, cfg.options, "digits")
     x_np, y_np = load_arrays()

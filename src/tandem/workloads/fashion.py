@@ -29,7 +29,7 @@ from pydantic import Field
 
 from tandem.config import WorkloadConfig
 from tandem.errors import DataError
-from tandem.workloads.base import ArrayDataset, Options, Workload, parse_options
+from tandem.workloads.base import ArrayDataset, Options, Workload, parse_options, register_workload
 from tandem.workloads.idx import read_idx
 from tandem.workloads.models import SmallCNN
 
@@ -103,6 +103,7 @@ def _subset(ds: ArrayDataset, n: int | None, seed: int) -> ArrayDataset:
     return ds.subset(torch.randperm(len(ds), generator=gen)[:n].sort().values)
 
 
+@register_workload("fashion", options=FashionOptions)
 def build(cfg: WorkloadConfig, seed: int = 0) -> Workload:
     opts = parse_options(FashionOptions, cfg.options, "fashion")
     files = find_files(cfg.data_path)

@@ -22,7 +22,7 @@ from torch import Tensor
 from tandem.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
-    from tandem.workloads.base import ArrayDataset
+    from tandem.workloads.dataset import ArrayDataset
 
 
 class ShardLoader:

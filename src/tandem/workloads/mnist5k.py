@@ -18,7 +18,14 @@ from pydantic import Field
 
 from tandem.config import WorkloadConfig
 from tandem.errors import DataError
-from tandem.workloads.base import ArrayDataset, Options, Workload, parse_options, split_indices
+from tandem.workloads.base import (
+    ArrayDataset,
+    Options,
+    Workload,
+    parse_options,
+    register_workload,
+    split_indices,
+)
 from tandem.workloads.models import SmallCNN
 
 
@@ -50,6 +57,7 @@ def load_arrays() -> tuple[np.ndarray, np.ndarray]:
     return mnist_data()
 
 
+@register_workload("mnist5k", options=Mnist5kOptions)
 def build(cfg: WorkloadConfig, seed: int = 0) -> Workload:
     opts = parse_options(Mnist5kOptions, cfg.options, "mnist5k")
     x_np, y_np = load_arrays()

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from tandem.config import WorkloadConfig
-from tandem.workloads.base import ArrayDataset, Options, Workload, parse_options
+from tandem.workloads.base import ArrayDataset, Options, Workload, parse_options, register_workload
 
 
 class RegressionOptions(Options):
@@ -38,6 +38,7 @@ class RegressionOptions(Options):
         return self
 
 
+@register_workload("regression", options=RegressionOptions)
 def build(cfg: WorkloadConfig, seed: int = 0) -> Workload:
     opts = parse_options(RegressionOptions, cfg.options, "regression")
     gen = torch.Generator().manual_seed(seed)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from tandem.config import WorkloadConfig
-from tandem.workloads.base import ArrayDataset, Options, Workload, parse_options
+from tandem.workloads.base import ArrayDataset, Options, Workload, parse_options, register_workload
 from tandem.workloads.models import ResNet18
 
 
@@ -27,6 +27,7 @@ class ResNetOptions(Options):
     num_classes: int = Field(default=10, ge=2)
 
 
+@register_workload("resnet18", options=ResNetOptions)
 def build(cfg: WorkloadConfig, seed: int = 0) -> Workload:
     opts = parse_options(ResNetOptions, cfg.options, "resnet18")
     gen = torch.Generator().manual_seed(seed)

@@ -1,0 +1,362 @@
+"""``bsp_shared`` (M2): BSP supersteps whose compute runs asynchronously in shared memory.
+
+Roles (every one a process): on each machine, several machine-learning *workers* and one *agent*
+sharing a memory segment (:mod:`tandem.strategies.bsp_shared.segment`); agent 0 also acts as the
+BSP controller.
+Workers never wait: they read the latest published model, compute a gradient and add it into the
+machine's accumulator at once. Every superstep (a wall-clock period, or a gradient count) the
+agents swap-and-zero their accumulators, combine the machines' sums and counts through the
+transport with any codec, apply ``theta -= lr * sum(G) / max(1, sum(c))`` and publish the next
+model version. Only agents talk across machines, so inter-machine bytes per superstep do not
+depend on how many workers a machine has; fast workers simply contribute more gradients per
+superstep, so throughput approaches the sum of the workers' speeds instead of N x the slowest.
+The loops themselves live in :mod:`tandem.strategies.bsp_shared.agent`.
+
+Process layout:
+
+* local launcher (``tandem train``): ``processes = workers + machines``; ranks ``0..W-1`` are the
+  workers (rank = worker index, so data shards and ``--slow-worker RANK:F`` mean what they mean
+  elsewhere), ranks ``W..W+K-1`` the agents of "machines" ``0..K-1``. The workers are split over
+  machines in contiguous blocks (``split`` sets the sizes explicitly).
+* torchrun (one node = one machine): on every node local rank 0 is the agent and local ranks
+  ``1..L-1`` the workers, worker index ``node * (L-1) + local_rank - 1``. ``workers`` in the config
+  must equal ``nodes * (nproc_per_node - 1)``.
+
+Options (``--strategy-opt key=value``):
+
+* ``machines`` (1): how many emulated machines the local launcher makes (ignored under torchrun).
+* ``split`` (none): explicit workers per machine, e.g. ``[1,3]``; must sum to ``workers``.
+* ``period_s`` (0.05): superstep length in seconds. Shorter = fresher models (less staleness) and
+  more inter-machine messages; longer = fewer bytes, more gradients averaged per update (a larger
+  effective batch: raise ``lr`` with ``normalize=mean``).
+* ``grads_per_superstep`` (none): end a superstep after this many gradients (all machines; each
+  agent waits for its machine's proportional share) instead of by time. Set it to ``workers`` to
+  get the same number of gradients per update as synchronous all-reduce.
+* ``normalize`` (``mean``): ``mean`` divides the summed gradients by their count (the update has
+  the scale of one gradient whatever the speeds); ``sum`` applies the raw sum.
+* ``max_staleness`` (none): drop gradients computed on a model more than this many versions
+  older than the one they would update (they are counted as ``dropped``). 0 = only fresh ones.
+
+Budget: the run stops once ``steps x workers`` gradients were applied (the same number of
+gradients synchronous all-reduce consumes in ``steps`` steps); the last superstep may overshoot
+by what arrived in it, and gradients added after the final read-out are reported as ``leftover``.
+
+Dead workers (``tolerates_lost_workers``): a worker that dies (``kill -9``, ``inject_crash``) is
+let go by the launcher; its agent learns of it from the store, the superstep closes with the
+survivors' gradients and the budget becomes ``steps x survivors + what the dead ones
+contributed``. The summary lists the dead ranks in ``lost_ranks``; an agent's death still fails
+the run (its workers stop at once: they watch its dead mark in the store, and an agent that
+raises sets the segment's stop flag; the other agents' exchange names it).
+
+Checkpoints (``supports_checkpoints``): ``--checkpoint-every N`` counts *supersteps*. At every
+N-th superstep boundary the agents pause their workers through shared memory (each worker
+writes its file: data position, RNG, counters), read out, apply, then write theirs (model,
+optimizer, codec memory of the inter-machine exchange, superstep, applied gradients, budget,
+per-worker counts, dead workers) and the controller moves ``LATEST`` (handshake, and what a dead
+or stuck worker does to it: :mod:`tandem.strategies.bsp_shared.agent`). ``--resume`` restores model,
+optimizer, codec, superstep and counters exactly and each worker's minibatch sequence; which
+gradients land in which superstep afterwards depends on timing, as in any run. Workers dead at
+the checkpoint stay out (*retired*). Test hook: ``TANDEM_BSP_DIE_MID_ADD=<worker>:<step>``
+kills that worker in the middle of an add (a torn add; ``tests/test_bsp_reliability.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from tandem.checkpoint import Checkpointer, config_fingerprint, rng_state, set_rng_state
+from tandem.config import RunConfig
+from tandem.errors import CheckpointError, ConfigError
+from tandem.strategies.base import Strategy, StrategyOptions, register
+from tandem.strategies.bsp_shared.agent import Agent, AgentConfig, WorkerLoop, flatten, unflatten
+from tandem.strategies.bsp_shared.segment import MachineSegment
+from tandem.trainer import (
+    LocalTrainer,
+    build_model,
+    build_optimizer,
+    evaluate,
+    screen_gradients,
+)
+from tandem.trainer.stragglers import ComputeFaults
+
+
+class BspSharedOptions(StrategyOptions):
+    machines: int = Field(default=1, ge=1)
+    split: list[int] | None = None
+    period_s: float = Field(default=0.05, gt=0)
+    grads_per_superstep: int | None = Field(default=None, ge=1)
+    normalize: Literal["mean", "sum"] = "mean"
+    max_staleness: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _split(self) -> BspSharedOptions:
+        if self.split is not None:
+            if len(self.split) != self.machines and self.machines != 1:
+                raise ValueError(f"split {self.split} names {len(self.split)} machines but "
+                                 f"machines={self.machines}")
+            if any(n < 1 for n in self.split):
+                raise ValueError(f"split {self.split}: every machine needs at least one worker")
+            self.machines = len(self.split)
+        return self
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Who is who: each machine's agent rank and worker ranks, and each rank's worker index."""
+
+    agent_ranks: list[int]
+    worker_ranks: list[list[int]]
+    worker_index: dict[int, int]
+
+    @property
+    def machines(self) -> int:
+        return len(self.agent_ranks)
+
+    def role(self, rank: int) -> tuple[str, int, int]:
+        """``("agent", machine, -1)`` or ``("worker", machine, local_index)``."""
+        for m, a in enumerate(self.agent_ranks):
+            if a == rank:
+                return "agent", m, -1
+            if rank in self.worker_ranks[m]:
+                return "worker", m, self.worker_ranks[m].index(rank)
+        raise ConfigError(f"rank {rank} has no role in bsp_shared's layout {self}")
+
+
+def machine_split(workers: int, opts: BspSharedOptions) -> list[int]:
+    if opts.split is not None:
+        if sum(opts.split) != workers:
+            raise ConfigError(f"bsp_shared: split {opts.split} sums to {sum(opts.split)}, "
+                              f"not workers={workers}")
+        return list(opts.split)
+    if opts.machines > workers:
+        raise ConfigError(f"bsp_shared: machines={opts.machines} > workers={workers}; every "
+                          "machine needs at least one worker")
+    base, extra = divmod(workers, opts.machines)
+    return [base + (m < extra) for m in range(opts.machines)]
+
+
+def local_layout(workers: int, opts: BspSharedOptions) -> Layout:
+    """The local launcher's layout: workers first (rank = worker index), then the agents."""
+    sizes = machine_split(workers, opts)
+    worker_ranks, r = [], 0
+    for n in sizes:
+        worker_ranks.append(list(range(r, r + n)))
+        r += n
+    return Layout([workers + m for m in range(len(sizes))], worker_ranks,
+                  {w: w for w in range(workers)})
+
+
+def torchrun_layout(workers: int, world: int, local_world: int) -> Layout:
+    """One node = one machine: local rank 0 is the agent, the others the workers."""
+    if local_world < 2 or world % local_world:
+        raise ConfigError(f"bsp_shared under torchrun needs >= 2 processes per node and equal "
+                          f"nodes (world {world}, per node {local_world})")
+    nodes = world // local_world
+    if nodes * (local_world - 1) != workers:
+        raise ConfigError(f"bsp_shared: workers={workers} but torchrun starts {nodes} node(s) x "
+                          f"{local_world - 1} worker(s) (+1 agent each); set workers="
+                          f"{nodes * (local_world - 1)} or --nproc-per-node={workers // nodes + 1}")
+    agents = [n * local_world for n in range(nodes)]
+    wranks = [[n * local_world + i for i in range(1, local_world)] for n in range(nodes)]
+    index = {r: n * (local_world - 1) + i for n, rs in enumerate(wranks) for i, r in enumerate(rs)}
+    return Layout(agents, wranks, index)
+
+
+def layout_for(cfg: RunConfig, opts: BspSharedOptions, world: int) -> Layout:
+    if os.environ.get("TANDEM_STORE_HOSTED") != "1" and "GROUP_RANK" in os.environ:
+        return torchrun_layout(cfg.workers, world, int(os.environ["LOCAL_WORLD_SIZE"]))
+    layout = local_layout(cfg.workers, opts)
+    if world != cfg.workers + layout.machines:
+        raise ConfigError(f"bsp_shared needs workers + machines = "
+                          f"{cfg.workers + layout.machines} processes, got {world}")
+    return layout
+
+
+@register
+class BspSharedStrategy(Strategy):
+    name = "bsp_shared"
+    Options = BspSharedOptions
+    #: a dead ML worker stops adding; the agents finish the superstep and the run without it
+    tolerates_lost_workers = True
+    #: every ``checkpoint_every`` *supersteps* (see bsp_roles for the handshake)
+    supports_checkpoints = True
+
+    @classmethod
+    def processes(cls, cfg: RunConfig) -> int:
+        opts = BspSharedOptions.model_validate(cfg.strategy.options)
+        return cfg.workers + len(machine_split(cfg.workers, opts))
+
+    def setup(self) -> None:
+        """Before the clock starts: roles, the agents' group, the shared segment of each machine,
+        and on ``--resume`` each process's checkpoint file.
+
+        The agent creates the segment and publishes its path in the store; once every process
+        has attached (the barrier), the agent unlinks the name, so nothing can leak afterwards.
+        A resumed agent marks the workers that were dead at the checkpoint *retired* in the
+        segment before publishing it; those workers then load nothing and end at once.
+        """
+        ctx = self.ctx
+        opts: BspSharedOptions = self.opts  # type: ignore[assignment]
+        self.layout = layout_for(ctx.cfg, opts, ctx.world)
+        self.group = ctx.transport.new_group(self.layout.agent_ranks)  # every rank calls it
+        self.kind, self.machine, self.local = self.layout.role(ctx.rank)
+        key = f"bsp_shared/segment/{self.machine}"
+        self.model = build_model(ctx.workload, ctx.cfg.seed, ctx.transport.device)
+        numel = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        n_local = len(self.layout.worker_ranks[self.machine])
+        # files numbered from the controller, so that the Checkpointer's "rank 0 writes LATEST"
+        # is the controller (under the local launcher rank 0 is a worker that may die)
+        self.ckpt = Checkpointer(ctx.run_dir, (ctx.rank - self.layout.agent_ranks[0]) % ctx.world,
+                                 config_fingerprint(ctx.cfg.model_dump(mode="json")),
+                                 every=ctx.cfg.checkpoint_every)
+        self.state: dict[str, Any] | None = None
+        self.retired = False
+        if self.kind == "agent":  # before the clock starts, so that the start record says so
+            ctx.recorder.role = "controller"  # agents' supersteps are not worker steps
+        if ctx.cfg.resume and self.kind == "agent":
+            self.state = self._load()
+        self.seg: MachineSegment | None = None
+        try:
+            if self.kind == "agent":
+                self.seg = MachineSegment.create(numel, n_local)
+                for i in (self.state or {}).get("agent", {}).get("dead", []):
+                    self.seg.retire(int(i))
+                ctx.transport.store.set(key, str(self.seg.path))
+            else:
+                path = ctx.transport.store.get(key).decode()
+                self.seg = MachineSegment.attach(path, numel, n_local)
+                self.retired = self.seg.is_retired(self.local)
+                if ctx.cfg.resume and not self.retired:
+                    self.state = self._load()
+            ctx.transport.barrier().wait()
+        finally:
+            if self.seg is not None and self.kind == "agent":
+                self.seg.unlink()  # attached or failed: the name is no longer needed
+
+    def _load(self) -> dict[str, Any]:
+        state = self.ckpt.load()
+        index = self.layout.worker_index.get(self.ctx.rank, self.machine)
+        if state.get("role") != self.kind or state.get("index") != index:
+            raise CheckpointError(f"checkpoint file {self.ckpt.rank} holds {state.get('role')} "
+                                  f"{state.get('index')}, not {self.kind} {index}: was the "
+                                  "layout (workers, machines, split) changed?")
+        # the killed run's records after the checkpoint are rolled back (in this role's units)
+        self.ctx.recorder.resume_from(int(state["agent"]["superstep"] if self.kind == "agent"
+                                          else state["loop"]["step"]))
+        return state
+
+    def _save(self, cid: int, state: dict[str, Any], barrier: Any) -> None:
+        index = self.layout.worker_index.get(self.ctx.rank, self.machine)
+        self.ckpt.save(cid, {**state, "role": self.kind, "index": index, "rng": rng_state()},
+                       barrier)
+
+    def run(self) -> dict[str, Any]:
+        seg = self.seg
+        assert seg is not None, "setup() must run first"
+        try:
+            if self.kind == "agent":
+                return self._agent(seg, self.model, self.group, self.layout, self.machine)
+            return self._worker(seg, self.layout, self.machine, self.local)
+        finally:
+            seg.close()
+
+    # ---- roles ----------------------------------------------------------------------------
+    def _agent(self, seg: MachineSegment, model: torch.nn.Module, group: Any, layout: Layout,
+               machine: int) -> dict[str, Any]:
+        ctx = self.ctx
+        opts: BspSharedOptions = self.opts  # type: ignore[assignment]
+        rec = ctx.recorder
+        params = [p for p in model.parameters() if p.requires_grad]
+        total = self.total_steps(ctx.cfg, len(ctx.workload.train))
+        ids = [layout.worker_index[r] for r in layout.worker_ranks[machine]]
+        cfg = AgentConfig(
+            budget=total * ctx.cfg.workers, period_s=opts.period_s,
+            grads_per_superstep=opts.grads_per_superstep, share=len(ids) / ctx.cfg.workers,
+            normalize=opts.normalize, eval_every_grads=self.eval_every(total) * ctx.cfg.workers,
+            stall_timeout_s=ctx.cfg.timeout_s, worker_ids=ids, steps_per_worker=total,
+            worker_ranks=list(layout.worker_ranks[machine]),
+            checkpoint_every=ctx.cfg.checkpoint_every)
+        codec = ctx.make_codec()
+        if hasattr(codec, "set_total_steps"):
+            codec.set_total_steps(total)
+
+        def barrier() -> None:  # the agents' barrier (workers are held in shared memory)
+            if layout.machines > 1:
+                ctx.transport.all_reduce(torch.zeros(1), group=group, category="control").wait()
+
+        agent = Agent(seg, params, build_optimizer(model, ctx.cfg), cfg, transport=ctx.transport,
+                      group=group, codec=codec, recorder=rec, is_controller=machine == 0,
+                      evaluate=lambda: evaluate(model, ctx.workload, ctx.transport, group),
+                      save=lambda cid, state: self._save(cid, {"agent": state}, barrier))
+        if self.state is not None:
+            agent.load_state_dict(self.state["agent"])
+            set_rng_state(self.state["rng"])
+        try:
+            out = agent.run()
+        except BaseException:
+            seg.abort()  # our workers would otherwise wait timeout_s for a model that never comes
+            raise
+        stale = [h["staleness_mean"] for h in agent.history if h["gradients"]]
+        rec.info(bsp_machines=layout.machines, bsp_supersteps=out["supersteps"],
+                 bsp_mean_staleness=sum(stale) / len(stale) if stale else 0.0)
+        return dict(out, machine=machine, steps=out["supersteps"],
+                    params=[p.detach().clone() for p in params])
+
+    def _worker(self, seg: MachineSegment, layout: Layout, machine: int,
+                local: int) -> dict[str, Any]:
+        ctx = self.ctx
+        index = layout.worker_index[ctx.rank]
+        if self.retired:  # dead at the checkpoint we resume from: it stays out (budget as then)
+            ctx.recorder.info(retired_worker=index)
+            return {"role": "worker", "worker": index, "machine": machine, "retired": True,
+                    "gradients": 0, "dropped": 0, "steps": 0, "skipped_steps": 0}
+        ctx.faults = ComputeFaults.from_config(ctx.cfg, index)  # slow-worker by worker index
+        trainer = LocalTrainer(ctx, worker=index, model=self.model)
+        params = trainer.params
+        state = self.state
+        skipped = 0 if state is None else int(state["skipped"])
+        if state is not None:
+            trainer.loader.load_state_dict(state["loader"])
+            set_rng_state(state["rng"])
+
+        def compute(flat: torch.Tensor, version: int, step: int) -> tuple[float, torch.Tensor,
+                                                                          float, bool]:
+            nonlocal skipped
+            if compute.version != version:  # type: ignore[attr-defined]
+                with torch.no_grad():
+                    for p, chunk in zip(params, unflatten(flat, params), strict=True):
+                        p.copy_(chunk)
+                compute.version = version  # type: ignore[attr-defined]
+            loss, grads, compute_s, straggled = trainer.compute(step)
+            grads, was_skipped = screen_gradients(grads, ctx.cfg.nan_policy, ctx.rank, step)
+            skipped += was_skipped
+            return loss, flatten(grads), compute_s, straggled
+
+        def save(cid: int, counters: dict[str, int], barrier: Any) -> None:
+            self._save(cid, {"loop": counters, "loader": trainer.loader.state_dict(),
+                             "skipped": skipped}, barrier)
+
+        compute.version = -1  # type: ignore[attr-defined]
+        loop = WorkerLoop(seg, local, compute, recorder=ctx.recorder, transport=ctx.transport,
+                          max_staleness=self.opts.max_staleness,  # type: ignore[attr-defined]
+                          stall_timeout_s=ctx.cfg.timeout_s, agent_rank=layout.agent_ranks[machine],
+                          save=save, resume=None if state is None else state["loop"],
+                          die_mid_add=_die_mid_add(index, ctx.cfg.resume))
+        out = loop.run()
+        return dict(out, worker=index, machine=machine, steps=out["gradients"],
+                    skipped_steps=skipped)
+
+
+def _die_mid_add(worker: int, resume: bool) -> int | None:
+    """Test hook ``TANDEM_BSP_DIE_MID_ADD=<worker>:<step>``: that worker SIGKILLs itself in the
+    middle of adding its gradient of that step (a torn add; see ``MachineSegment.add``)."""
+    spec = os.environ.get("TANDEM_BSP_DIE_MID_ADD")
+    if not spec or resume:
+        return None
+    who, step = (int(x) for x in spec.split(":"))
+    return step if who == worker else None

@@ -1,0 +1,77 @@
+"""Evaluation of a gossip run: the network-average model, the peers' own models, and a survivor
+alone after a peer was lost (:mod:`tandem.strategies.gossip`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.nn.utils import vector_to_parameters
+
+from tandem.trainer import evaluate, evaluate_shard
+from tandem.trainer.context import WorkerContext
+
+__all__ = ["evaluate_alone", "evaluate_network", "peer_accuracy"]
+
+
+def evaluate_network(ctx: WorkerContext, step: int, x: torch.Tensor, model: torch.nn.Module,
+                     mparams: list[torch.Tensor], opt: torch.Tensor | None) -> dict[str, Any]:
+    """Consensus error, distance to the optimum and test loss of the averaged model."""
+    tr, world = ctx.transport, ctx.world
+    mean = x.double().clone()
+    tr.all_reduce(mean, category="eval").wait()
+    mean /= world
+    stats = torch.tensor([float(((x.double() - mean) ** 2).sum()),
+                          float(((x.double() - opt.double()) ** 2).sum()) if opt is not None
+                          else 0.0], dtype=torch.float64)
+    tr.all_reduce(stats, category="eval").wait()
+    out: dict[str, Any] = {"consensus_error": float(stats[0]) / world}
+    if ctx.workload.task == "classification":
+        out.update(peer_accuracy(ctx, x, model, mparams))
+    with torch.no_grad():
+        vector_to_parameters(mean.to(x.dtype), mparams)
+    acc, tloss = evaluate(model, ctx.workload, tr)
+    if opt is not None:
+        out["opt_error"] = float(stats[1]) / world
+        out["avg_opt_error"] = float(((mean - opt.double()) ** 2).sum())
+    ctx.recorder.eval(step, accuracy=acc, loss=tloss, **out)
+    return {"step": step, "wall": ctx.recorder.wall(), "test_loss": tloss,
+            "accuracy": acc, **out}
+
+
+def peer_accuracy(ctx: WorkerContext, x: torch.Tensor, model: torch.nn.Module,
+                  mparams: list[torch.Tensor]) -> dict[str, float]:
+    """Each peer's own model on the whole test set, the worst and the mean over peers. The
+    average model's accuracy hides how far the peers are from it (compressed gossip keeps
+    the average exactly while the peers may still disagree); a deployed peer is one of
+    them. Costs one test-set pass per peer and two scalar all-reduces (category eval)."""
+    tr = ctx.transport
+    correct, _, count = _own_model_on_test_set(ctx, x, model, mparams)
+    mine = correct / max(count, 1.0)
+    total, worst = (torch.tensor([mine], dtype=torch.float64) for _ in range(2))
+    tr.all_reduce(total, category="eval").wait()
+    tr.all_reduce(worst, op="min", category="eval").wait()
+    return {"peer_accuracy_min": float(worst), "peer_accuracy_mean": float(total) / tr.world}
+
+
+def evaluate_alone(ctx: WorkerContext, step: int, x: torch.Tensor, model: torch.nn.Module,
+                   mparams: list[torch.Tensor], opt: torch.Tensor | None,
+                   survivors: int) -> dict[str, Any]:
+    """After a loss: this peer's own model on the whole test set, no collective."""
+    correct, loss_sum, count = _own_model_on_test_set(ctx, x, model, mparams)
+    acc = correct / count if ctx.workload.task == "classification" else None
+    tloss = loss_sum / max(count, 1.0)
+    out: dict[str, Any] = {"local": True, "survivors": survivors}
+    if opt is not None:
+        out["opt_error"] = float(((x.double() - opt.double()) ** 2).sum())
+    ctx.recorder.eval(step, accuracy=acc, loss=tloss, **out)
+    return {"step": step, "wall": ctx.recorder.wall(), "test_loss": tloss,
+            "accuracy": acc, **out}
+
+
+def _own_model_on_test_set(ctx: WorkerContext, x: torch.Tensor, model: torch.nn.Module,
+                           mparams: list[torch.Tensor]) -> list[float]:
+    """[correct, loss sum, count] of this peer's parameters ``x`` on the whole test set."""
+    with torch.no_grad():
+        vector_to_parameters(x, mparams)
+    return evaluate_shard(model, ctx.workload, 0, 1, ctx.transport.device).tolist()

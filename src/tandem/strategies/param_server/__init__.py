@@ -1,0 +1,93 @@
+"""Parameter server whose workers never wait: the candidate model (method M3), with baselines.
+
+Roles: ranks ``0 .. workers-1`` are workers (they hold data and compute gradients), ranks
+``workers .. workers+servers-1`` are servers (each holds a balanced shard of the parameters, see
+:mod:`.sharding`, and runs the optimizer on it). A worker *pushes* its accumulated gradient
+(through the run's codec) to every server and *pulls* the new parameters back (fp32 or fp16).
+
+Modes (option ``mode``):
+
+* ``sync``: every round the servers wait for a push from every live worker, apply the mean, and
+  answer; a worker waits for the answer before its next step (classic BSP parameter server; with
+  dense pushes it computes exactly what ``allreduce`` computes).
+* ``ssp``: stale synchronous parallel with bound ``staleness`` (s): each push is applied on
+  arrival; the answer to a worker's k-th push is held back until every live worker has pushed at
+  least k - s times.
+* ``async``: each push is applied on arrival and answered at once.
+* ``candidate`` (the method, default): a worker pushes and, instead of waiting, trains on from the
+  candidate model theta - lr*g; it checks for the new global model at the end of each of its own
+  compute periods, and only waits once it has taken ``cap`` steps since its last merge. The
+  servers run synchronous rounds. Gradients computed meanwhile accumulate for the next push;
+  on arrival the global model is merged per ``merge``:
+
+  - ``overwrite``: theta <- theta_g (local progress is dropped locally, still pushed next round);
+  - ``delay-corrected`` (default): theta <- theta_g + (theta_local - theta_cand) = theta_g - lr*U,
+    U the gradients not yet pushed; each local update enters the global model exactly once;
+  - ``compensated``: like delay-corrected, but U is first corrected for having been computed on
+    the candidate instead of theta_g: U <- U + lambda * sum(g*g) * (theta_g - theta_cand), the
+    first-order Taylor correction with a diagonal Hessian estimate of DC-ASGD, which is the
+    local compensation LOSP applies to stale updates (see docs/param_server.md).
+
+Every gradient enters the global model with weight 1/N (N = live workers) in every mode: sync and
+candidate rounds divide the sum by N, async and ssp apply each push scaled by 1/N. So all modes
+move the model the same distance per gradient and differ only in waiting and staleness.
+
+Never-blocking receive: the pull's receive is posted right after the push; the transport's waiter
+thread completes it, and the worker polls :meth:`Pending.done` (an event) between steps.
+
+Checkpoints (``--checkpoint-every N``, N counted in *worker steps*): after step N, 2N, ... every
+process saves its state at one consistent point, a checkpoint barrier. The workers agree (through
+the rendezvous store) on the highest push count T among them; a worker behind pushes what it has
+(in candidate mode at most one extra round, possibly an empty push), and every worker waits for
+its pull, so no message is in flight and the servers have applied exactly T rounds (sync,
+candidate) or every push made so far (async, ssp). Each worker then sends the servers a
+checkpoint mark; a server saves once every live worker's mark has arrived. Workers save model,
+local/candidate state (unpushed sum U, base model, version), codec memory, data position and RNG;
+servers save their shard, optimizer, version, clocks and codec state. The barrier runs on the
+store and skips dead ranks' marks, so a lost worker abandons that checkpoint (``LATEST`` keeps
+naming the last complete set) instead of failing the run. ``--resume`` restarts every process
+from ``LATEST``: in ``sync`` mode the result equals an uninterrupted run to the last bit; in the
+other modes the restored state is exact and the rest of the run is as timing-dependent as any.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tandem.checkpoint import check_resume
+from tandem.errors import ConfigError
+from tandem.strategies.base import Strategy, register
+from tandem.strategies.param_server.options import ParamServerOptions
+
+
+@register
+class ParamServerStrategy(Strategy):
+    name = "param_server"
+    tolerates_lost_workers = True
+    supports_checkpoints = True
+    Options = ParamServerOptions
+
+    @classmethod
+    def processes(cls, cfg: Any) -> int:
+        check_resume(cfg)  # a mismatched --resume fails here, before any process starts
+        return cfg.workers + cls.options_of(cfg).servers
+
+    def setup(self) -> None:
+        from tandem.strategies.param_server.server import PSServer
+        from tandem.strategies.param_server.worker import PSWorker
+
+        opts, cfg = self.opts, self.ctx.cfg
+        if opts.min_workers is not None and opts.min_workers > cfg.workers:
+            raise ConfigError(f"param_server: min_workers={opts.min_workers} exceeds workers="
+                              f"{cfg.workers}")
+        if self.ctx.world != cfg.workers + opts.servers:
+            raise ConfigError(f"param_server needs {cfg.workers} workers + {opts.servers} "
+                              f"servers = {cfg.workers + opts.servers} processes, got "
+                              f"{self.ctx.world}")
+        self.role: PSWorker | PSServer
+        self.role = PSWorker(self) if self.ctx.rank < cfg.workers else PSServer(self)
+
+    def run(self) -> dict[str, Any]:
+        if not hasattr(self, "role"):
+            self.setup()
+        return self.role.run()

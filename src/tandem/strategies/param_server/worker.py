@@ -1,0 +1,323 @@
+"""The worker side of ``param_server``: compute, push, and (in candidate mode) never wait.
+
+One loop serves every mode; the baselines are the candidate loop with ``cap = 1``:
+
+1. compute a gradient g on the current model; add it to the unpushed sum U (k += 1) and take
+   the local step theta <- theta - lr*g (the candidate model);
+2. if no push is in flight: push U (through the codec, one message per server), post the pull's
+   receive at once, remember theta_cand = theta;
+3. if the pull is in flight: merge when it has arrived (``Pending.done()``, never blocking);
+   wait for it (idle time) only once ``cap`` gradients have been computed since the last merge.
+
+The last step flushes: it waits for any pull in flight, pushes the rest of U with the final
+flag and waits for the final global model, so every worker ends holding the same parameters.
+That closing wait is counted as communication (``final_sync_s``), not idle: it is the transfer
+of the finished model, paid once per run.
+
+Telemetry per step: compute / comm / idle seconds, bytes pushed (sent) and pulled (received),
+``round`` (pushes so far), ``since_merge`` and, on push steps, ``pushed_steps`` (local steps in
+the push). Worker 0 evaluates the latest *global* model it has received (not its local model).
+
+Checkpoints: :meth:`PSWorker._checkpoint` runs the worker's half of the checkpoint barrier
+described in :mod:`.param_server` (agree on the push count, flush, mark the servers, save).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from tandem.checkpoint import StrategyCheckpoints
+from tandem.errors import PeerTimeout, WorkerFailed
+from tandem.strategies.param_server.sharding import join, plan_shards, split
+from tandem.strategies.param_server.wire import (
+    FLAG_CKPT,
+    FLAG_FINAL,
+    FLAG_META,
+    meta_to_bytes,
+    pull_dtype,
+    pull_specs,
+)
+from tandem.trainer import (
+    LocalTrainer,
+    build_model,
+    evaluate,
+    is_eval_step,
+    screen_gradients,
+)
+from tandem.transport.store_barrier import CheckpointAbandoned, store_gather, wait_on
+from tandem.transport.transport import Group
+
+if TYPE_CHECKING:
+    from tandem.strategies.base import Strategy
+    from tandem.transport.liveness import Pending
+
+
+class PSWorker:
+    """One worker process of a ``param_server`` run."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+        self.ctx = ctx = strategy.ctx
+        self.opts = opts = strategy.opts
+        cfg = ctx.cfg
+        self.trainer = LocalTrainer(ctx)
+        self.params = self.trainer.params
+        self.plan = plan_shards([tuple(p.shape) for p in self.params], opts.servers)
+        self.servers = [cfg.workers + s for s in range(opts.servers)]
+        self.total = strategy.total_steps(cfg, len(ctx.workload.train))
+        self.codecs = []
+        for s in range(opts.servers):
+            codec = ctx.make_codec(seed_offset=s)
+            codec.rank = ctx.rank
+            codec.set_total_steps(self.total)
+            self.codecs.append(codec)
+        self.cap = opts.cap if opts.mode == "candidate" else 1
+        self.lr = cfg.lr
+        self.specs = [pull_specs(self.plan.shapes_of(s), pull_dtype(opts.pull))
+                      for s in range(opts.servers)]
+        self.eval_model = build_model(ctx.workload, cfg.seed) if ctx.rank == 0 else None
+        self.base = [p.detach().clone() for p in self.params]  # latest global model received
+        self.version = 0
+        self.unpushed: list[torch.Tensor] | None = None   # U
+        self.squares: list[torch.Tensor] | None = None    # sum of g*g over U (compensated)
+        self.k = 0
+        self.oldest = 0
+        self.cand: list[torch.Tensor] | None = None       # theta_cand at the last push
+        self.inflight: list[Pending] | None = None
+        self.sends: list[tuple[int, Pending]] = []
+        self.last_meta: list[bytes | None] = [None] * opts.servers
+        self.pushes = 0
+        self.pushed_steps: list[int] = []
+        self.since_merge = 0
+        self.skipped = 0
+        self.start_step = 0
+        self._tag = ""
+        ranks = range(cfg.workers + opts.servers)
+        self.ckpt = StrategyCheckpoints(ctx, barrier=lambda: store_gather(
+            ctx.transport, f"{self._tag}/saved", 1, ranks, cfg.timeout_s))
+        state = self.ckpt.resume()  # after every model is built (building one reseeds torch)
+        if state is not None:
+            self._load(state)
+            ctx.recorder.resume_from(self.start_step)  # the killed run's later steps: rolled back
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    _SAVED = ("base", "version", "unpushed", "squares", "k", "oldest", "cand", "pushes",
+              "pushed_steps", "since_merge", "skipped")
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.trainer.load_state_dict(state["trainer"])
+        for codec, cs in zip(self.codecs, state["codecs"], strict=True):
+            codec.load_state_dict(cs)
+            codec.set_total_steps(self.total)
+        for key in self._SAVED:
+            setattr(self, key, state["worker"][key])
+        self.start_step = int(state["step"])  # last_meta stays None: the meta is sent again
+
+    @torch.no_grad()
+    def _checkpoint(self, step: int) -> None:
+        """The worker's half of the checkpoint barrier after ``step`` (see :mod:`.param_server`)."""
+        ctx, cfg, t = self.ctx, self.ctx.cfg, self.ctx.transport
+        self._tag = tag = f"{step + 1}"
+        counts = store_gather(t, f"{tag}/pushes", self.pushes, range(cfg.workers),
+                              cfg.timeout_s, complete=False)
+        target = max(counts.values())
+        while self.pushes < target:  # behind by at most one round: push what we have
+            if self.inflight is not None:
+                self._merge()
+            if self.unpushed is None:
+                self.unpushed = [torch.zeros_like(p) for p in self.params]
+                self.oldest = self.version
+            self._push(final=False)
+        if self.inflight is not None:
+            self._merge()
+        mark = torch.tensor([self.pushes, self.oldest, step + 1, FLAG_CKPT, 0], dtype=torch.int64)
+        for s, rank in enumerate(self.servers):
+            try:
+                wait_on(t.send_message([mark], rank), t, rank, cfg.timeout_s)
+            except (WorkerFailed, PeerTimeout) as err:
+                raise self._server_error(err, s) from err
+        self._reap_sends()
+        state = {"trainer": self.trainer.state_dict(),
+                 "codecs": [c.state_dict() for c in self.codecs],
+                 "worker": {key: getattr(self, key) for key in self._SAVED}}
+        try:
+            self.ckpt.save(step + 1, state)
+        except CheckpointAbandoned as err:
+            ctx.recorder.info(checkpoint_abandoned=step + 1, reason=str(err)[:300])
+            self.ckpt.ckpt.every = 0  # a lost rank can never complete a set again
+
+    # ---- pushes and pulls ---------------------------------------------------------------------
+    def _server_error(self, err: BaseException, s: int) -> WorkerFailed:
+        rank = self.servers[s]
+        return WorkerFailed(f"worker {self.ctx.rank}: parameter server {s} (rank {rank}) "
+                            f"failed or stopped answering: {err}", ranks=[rank])
+
+    def _push(self, final: bool) -> int:
+        t = self.ctx.transport
+        assert self.unpushed is not None
+        parts = split(self.unpushed, self.plan)
+        self._reap_sends()
+        self.inflight = []
+        for s, rank in enumerate(self.servers):
+            self.inflight.append(t.recv_packed(self.specs[s], rank))
+            codec = self.codecs[s]
+            msg = codec.encode(parts[s])
+            codec.step += 1
+            flags = FLAG_FINAL if final else 0
+            extra: list[torch.Tensor] = []
+            meta = meta_to_bytes(msg.meta)
+            if meta != self.last_meta[s]:
+                flags |= FLAG_META
+                extra.append(torch.frombuffer(bytearray(meta), dtype=torch.uint8))
+                self.last_meta[s] = meta
+            header = torch.tensor([self.pushes, self.oldest, self.k, flags, codec.step - 1],
+                                  dtype=torch.int64)
+            self.sends.append((s, t.send_message([header, *extra, *msg.tensors], rank)))
+        self.pushes += 1
+        self.pushed_steps.append(self.k)
+        k = self.k
+        if self.opts.merge == "compensated":
+            self.cand = [p.detach().clone() for p in self.params]
+        self.unpushed, self.squares, self.k = None, None, 0
+        return k
+
+    def _reap_sends(self) -> None:
+        """Surface failed sends (a dead server) and forget finished ones."""
+        keep = []
+        for s, p in self.sends:
+            if p.done():
+                try:
+                    p.wait(0)
+                except (WorkerFailed, PeerTimeout) as err:
+                    raise self._server_error(err, s) from err
+            else:
+                keep.append((s, p))
+        self.sends = keep
+
+    def _pulled(self) -> bool:
+        return self.inflight is not None and all(p.done() for p in self.inflight)
+
+    @torch.no_grad()
+    def _merge(self, final: bool = False) -> None:
+        """Wait for (or take) the pulled global model and merge it per the ``merge`` option.
+
+        How long: a round's answer may come ``timeout_s`` late, since a server first waits that
+        long for a silent worker's push before it counts the worker lost, so up to twice
+        ``timeout_s``. The final model comes once every worker has finished, which with a slow
+        worker may be long after this one: it is waited for as long as the server lives (its own
+        waits are bounded, so it answers or fails)."""
+        assert self.inflight is not None
+        parts, versions = [], []
+        limit = None if final else 2 * self.ctx.cfg.timeout_s
+        for s, p in enumerate(self.inflight):
+            try:
+                got = wait_on(p, self.ctx.transport, self.servers[s], limit)
+            except (WorkerFailed, PeerTimeout) as err:
+                raise self._server_error(err, s) from err
+            versions.append(int(got[0][0]))
+            parts.append(got[1:])
+        theta_g = join(parts, self.plan)
+        self.version = min(versions)
+        self.base = theta_g
+        u = self.unpushed
+        if self.opts.merge == "overwrite" or u is None:
+            new = theta_g
+        else:
+            if self.opts.merge == "compensated" and self.cand is not None:
+                assert self.squares is not None
+                lam = self.opts.compensation
+                u = [a + lam * q * (g - c)
+                     for a, q, g, c in zip(u, self.squares, theta_g, self.cand, strict=True)]
+                self.unpushed = u
+            new = [g - self.lr * a for g, a in zip(theta_g, u, strict=True)]
+        for p, v in zip(self.params, new, strict=True):
+            p.copy_(v.view_as(p))
+        self.inflight = None
+        self.since_merge = 0
+
+    @torch.no_grad()
+    def _accumulate(self, grads: list[torch.Tensor]) -> None:
+        if self.k == 0:
+            self.oldest = self.version
+        if self.unpushed is None:
+            self.unpushed = [g.clone() for g in grads]
+        else:
+            for a, g in zip(self.unpushed, grads, strict=True):
+                a.add_(g)
+        if self.opts.merge == "compensated":
+            sq = [g * g for g in grads]
+            self.squares = sq if self.squares is None else [
+                a + b for a, b in zip(self.squares, sq, strict=True)]
+        self.k += 1
+        self.since_merge += 1
+        for p, g in zip(self.params, grads, strict=True):
+            p.add_(g.view_as(p), alpha=-self.lr)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        ctx, rec, total = self.ctx, self.ctx.recorder, self.total
+        every = self.strategy.eval_every(total)
+        solo = Group(None, [ctx.rank])
+        idle_total = busy_total = final_sync = 0.0
+        sent = recv = 0
+        for step in range(self.start_step, total):
+            loss, grads, compute_s, straggled = self.trainer.compute(step)
+            extra: dict[str, Any] = {}
+            grads, was_skipped = screen_gradients(grads, ctx.cfg.nan_policy, ctx.rank, step)
+            if was_skipped:
+                self.skipped += 1
+                extra["skipped"] = True
+            t1 = time.perf_counter()
+            idle = 0.0
+            self._accumulate(grads)
+            last = step == total - 1
+            if self.inflight is None and not last:
+                extra["pushed_steps"] = self._push(final=False)
+            if self.inflight is not None and not last:
+                if self._pulled():
+                    self._merge()
+                elif self.since_merge >= self.cap:
+                    t_w = time.perf_counter()
+                    self._merge()
+                    idle = time.perf_counter() - t_w
+            if last:
+                t_f = time.perf_counter()
+                if self.inflight is not None:
+                    self._merge()
+                extra["pushed_steps"] = self._push(final=True)
+                self._merge(final=True)
+                self._reap_sends()
+                final_sync = time.perf_counter() - t_f
+            comm = time.perf_counter() - t1 - idle
+            b = ctx.transport.end_step()
+            sent, recv = sent + b.sent, recv + b.recv
+            idle_total += idle
+            busy_total += compute_s + comm + idle
+            rec.step(step, compute_s=compute_s, comm_s=comm, idle_s=idle, bytes_sent=b.sent,
+                     bytes_recv=b.recv, loss=loss, straggled=straggled, round=self.pushes,
+                     since_merge=self.since_merge, **extra)
+            if self.eval_model is not None and is_eval_step(step, every, total):
+                with rec.evaluating():
+                    with torch.no_grad():
+                        for p, v in zip(self.eval_model.parameters(), self.base, strict=True):
+                            p.copy_(v.view_as(p))
+                    acc, tloss = evaluate(self.eval_model, ctx.workload, ctx.transport, solo)
+                rec.eval(step, accuracy=acc, loss=tloss, version=self.version)
+            if self.ckpt.due(step, total):
+                with rec.evaluating():  # checkpoint I/O and its barrier are not training time
+                    self._checkpoint(step)
+        steps_per_round = sum(self.pushed_steps) / max(1, len(self.pushed_steps))
+        summary = {"role": "worker", "steps": total, "pushes": self.pushes,
+                   "local_steps_per_round": steps_per_round,
+                   "max_local_steps": max(self.pushed_steps, default=0),
+                   "pushed_steps_total": sum(self.pushed_steps),
+                   "idle_s": idle_total, "final_sync_s": final_sync,
+                   "idle_fraction": idle_total / busy_total if busy_total > 0 else 0.0,
+                   "push_bytes": sent, "pull_bytes": recv, "skipped_steps": self.skipped,
+                   "resumed_from": self.start_step}
+        rec.info(**{f"worker{ctx.rank}_{k}": v for k, v in summary.items() if k != "role"})
+        summary["params"] = [p.detach().clone() for p in self.params]
+        return summary
