@@ -14,7 +14,7 @@ import tandem
 from tandem.config import StragglerConfig
 from tandem.errors import TandemError, WorkerFailed
 from tandem.sim import SimConfig, floor_table, simulate, study
-from tandem.strategies.gossip import data_partitions
+from tandem.trainer.partitions import data_partitions
 from tandem.topology import make_topology
 from tandem.trainer.stragglers import ComputeFaults, straggler_mask
 from tandem.workloads import build_workload

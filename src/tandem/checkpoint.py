@@ -169,9 +169,9 @@ class Checkpointer:
 
 
 def check_resume(cfg: Any) -> None:
-    """Launcher-side check of ``--resume`` (call it from ``Strategy.processes``): the run
+    """The check of ``--resume`` that the job runs once, before any process starts: the run
     directory holds a checkpoint written by this configuration. Raises CheckpointError naming the
-    fields that changed, before any process starts (the workers check again when they load)."""
+    fields that changed (the workers check again when they load)."""
     if not cfg.resume:
         return
     run_dir = Path(cfg.run_dir())

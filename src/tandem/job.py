@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tandem import worker
+from tandem.checkpoint import check_resume
 from tandem.config import RunConfig
-from tandem.errors import CheckpointError
 from tandem.launch import spawn
 from tandem.resolve import resolve
 from tandem.telemetry.summary import finalize_run
@@ -42,11 +42,9 @@ def run_job(cfg: RunConfig, *, workload: Workload | None = None, return_results:
     strategy_cls = resolved.strategy
     for sub in strategy_cls.sub_configs(cfg):
         resolve(sub)
-    if cfg.resume:
+    if cfg.resume:  # the one resume check, before any process starts (the strategy supports
+        check_resume(cfg)  # checkpoints: resolve() refused it otherwise)
         run_dir = cfg.run_dir()
-        if not (run_dir / "checkpoints" / "LATEST").is_file():
-            raise CheckpointError(f"cannot resume {run_dir}: it holds no checkpoint (run it with "
-                                  "--checkpoint-every N)")
     else:
         run_dir = prepare_run_dir(cfg)
     procs = strategy_cls.processes(cfg)

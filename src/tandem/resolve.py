@@ -77,6 +77,7 @@ def resolve(cfg: RunConfig) -> Resolved:
                           f"{strategy.name!r} sends each peer's code to its neighbours, who "
                           "decode it alone; this codec needs a collective across all workers. "
                           f"Codecs that work here: {ok}")
+    strategy.check(cfg, sopts)
     return Resolved(cfg, strategy, sopts, codec, copts)
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tandem.checkpoint import StrategyCheckpoints, check_resume
-from tandem.strategies.base import Strategy, register
-from tandem.trainer import LocalTrainer, evaluate, is_eval_step
+from tandem.strategies.base import Computed, Exchanged, StepLoop, Strategy, register
+from tandem.trainer import LocalTrainer
 
 
 @register
@@ -25,36 +24,23 @@ class LocalStrategy(Strategy):
 
     @classmethod
     def processes(cls, cfg: Any) -> int:
-        check_resume(cfg)
         return 1
 
     def setup(self) -> None:
-        self.trainer = LocalTrainer(self.ctx, worker=0)
-        self.ckpt = StrategyCheckpoints(self.ctx, barrier=lambda: None)  # one process
-        self.start_step = 0
-        state = self.ckpt.resume()
-        if state is not None:
-            self.trainer.load_state_dict(state["trainer"])
-            self.start_step = int(state["step"])
-            self.ctx.recorder.resume_from(self.start_step)  # later steps: rolled back
+        ctx = self.ctx
+        self.loop = LocalWorker(ctx, self.total_steps(ctx.cfg, len(ctx.workload.train)))
 
     def run(self) -> dict[str, Any]:
-        ctx = self.ctx
-        trainer = self.trainer
-        total = self.total_steps(ctx.cfg, len(ctx.workload.train))
-        every = self.eval_every(total)
-        rec = ctx.recorder
-        for step in range(self.start_step, total):
-            loss, grads, compute_s, straggled = trainer.compute(step)
-            trainer.apply(grads)
-            ctx.transport.end_step()
-            rec.step(step, compute_s=compute_s, comm_s=0.0, idle_s=0.0, bytes_sent=0,
-                     bytes_recv=0, loss=loss, straggled=straggled)
-            if is_eval_step(step, every, total):
-                with rec.evaluating():
-                    acc, tloss = evaluate(trainer.model, ctx.workload, ctx.transport)
-                rec.eval(step, accuracy=acc, loss=tloss)
-            if self.ckpt.due(step, total):
-                with rec.evaluating():  # checkpoint I/O is not training time
-                    self.ckpt.save(step + 1, {"trainer": trainer.state_dict()})
-        return {"steps": total, "params": [p.detach().clone() for p in trainer.params]}
+        return self.loop.run()
+
+
+class LocalWorker(StepLoop):
+    """Applies its own gradient: the step loop with nothing to exchange."""
+
+    def __init__(self, ctx: Any, total: int) -> None:
+        super().__init__(ctx, total, trainer=LocalTrainer(ctx, worker=0),
+                         barrier=lambda: None)  # one process: no barrier
+        self.restore()
+
+    def exchange(self, step: int, c: Computed) -> Exchanged:
+        return Exchanged(c.grads, comm_s=0.0)

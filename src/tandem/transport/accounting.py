@@ -72,7 +72,3 @@ class ByteMeter:
     def sent_total(self, category: str = "train") -> int:
         with self._lock:
             return self.totals[category][0]
-
-    def recv_total(self, category: str = "train") -> int:
-        with self._lock:
-            return self.totals[category][1]

@@ -60,9 +60,5 @@ def gather(nbytes_each: int, world: int, is_root: bool) -> Traffic:
     return Traffic(nbytes_each, 0, 1)
 
 
-def point_to_point(nbytes: int) -> Traffic:
-    return Traffic(nbytes, nbytes, 1)
-
-
 def barrier(world: int) -> Traffic:
     return Traffic(0, 0, 2 * max(0, world - 1)) if world > 1 else Traffic(0, 0, 0)

@@ -36,7 +36,6 @@ from tandem.transport.packing import (
     header_of,
     nbytes_of,
     pack,
-    specs_from_header,
     unpack,
 )
 from tandem.transport.shaping import LinkEmulator
@@ -320,16 +319,6 @@ class Transport:
         self.send(torch.tensor([header.numel()], dtype=torch.int64), dst, category=category)
         self.send(header, dst, category=category)
         return self.send_packed(tensors, dst, category=category)
-
-    def recv_message(
-        self, src: int, *, category: str = "train", timeout: float | None = None
-    ) -> list[torch.Tensor]:
-        """Blocking receive of a :meth:`send_message` message."""
-        n = torch.empty(1, dtype=torch.int64)
-        self.recv(n, src, category=category).wait(timeout)
-        header = torch.empty(int(n.item()), dtype=torch.int64)
-        self.recv(header, src, category=category).wait(timeout)
-        return self.recv_packed(specs_from_header(header), src, category=category).wait(timeout)
 
     # ---- steps and shutdown -----------------------------------------------------------------
     def end_step(self) -> StepBytes:

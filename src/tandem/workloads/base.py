@@ -22,63 +22,142 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor
 
-from tandem.errors import ConfigError
+from tandem.errors import ConfigError, DataError
 from tandem.registry import Registry
 from tandem.workloads.dataset import ArrayDataset
 from tandem.workloads.loader import ShardLoader
+from tandem.workloads.metrics import Metric, accuracy, token_accuracy
 from tandem.workloads.partition import cyclic_allocation, partition, partition_indices
 
 __all__ = [
-    "WORKLOADS", "ArrayDataset", "Options", "ShardLoader", "Workload", "WorkloadSpec",
+    "WORKLOADS", "ArrayDataset", "Callback", "Options", "ShardLoader", "Workload", "WorkloadSpec",
     "cyclic_allocation", "parse_options", "partition", "partition_indices", "register_workload",
     "split_indices",
 ]
 
-Task = Literal["classification", "regression"]
+Task = Literal["classification", "regression", "language"]
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class Callback:
+    """Hooks into every training process's loop (subclass and override what you need).
+
+    Called in each worker process (not in servers or agents), after the step record is
+    written and after each evaluation; ``record`` holds what the run record holds. Keep them
+    cheap: they run inside the timed loop (evaluation ones do not count as training time)."""
+
+    def on_step_end(self, step: int, record: dict[str, Any]) -> None:
+        """After step ``step`` (0-based) of this worker."""
+
+    def on_eval(self, step: int, metrics: dict[str, Any]) -> None:
+        """After an evaluation at step ``step``; ``metrics``: loss, accuracy and the others."""
 
 
 @dataclass
 class Workload:
-    """A model factory, its data and its loss: everything a strategy needs to train.
+    """The task contract: everything about *your* training job a strategy needs.
 
-    ``model_fn`` builds a fresh model; call it right after ``torch.manual_seed(seed)`` so every rank
-    starts from the same weights. It must be picklable (a class or module-level function, possibly
-    in a ``functools.partial``) because workers are spawned.
-    ``optimum`` (regression only) is the exact minimiser of the training loss as a flat vector in
-    ``model.parameters()`` order, so runs can report their distance to it.
+    Only ``model_fn`` and the data are required; everything else has a default that reproduces
+    plain SGD training with cross-entropy (integer targets) or MSE (floating targets).
+
+    * ``model_fn()`` builds a fresh model; it is called right after ``torch.manual_seed(seed)``
+      so every rank starts from the same weights. Workers are separate processes: define it at
+      module level, or in ``__main__`` (a script, a notebook: it then travels by value).
+    * ``train`` / ``test``: any map-style ``torch.utils.data.Dataset`` of ``(x, y)`` pairs.
+      An :class:`ArrayDataset` (two tensors) takes a fast path; any other dataset is read
+      through a ``DataLoader`` every epoch, so its transforms run every epoch. ``loader``
+      optionally builds that DataLoader: ``loader(dataset, batch_sampler) -> iterable``.
+    * ``loss_fn(output, target)`` -> scalar mean loss.
+    * ``metrics``: name -> :data:`~tandem.workloads.metrics.Metric` (``(sum, count)`` per batch,
+      reduced exactly); default ``{"accuracy": accuracy}`` for classification.
+    * ``optimizer(model)`` -> any ``torch.optim`` optimizer (parameter groups allowed); default:
+      the config's optimizer (SGD with ``lr``, ``momentum``, ``weight_decay``).
+    * ``scheduler(optimizer, total_steps)`` -> an LR scheduler, stepped once per optimizer step;
+      default: the config's ``schedule`` (constant).
+    * ``clip_grad_norm``: clip the *aggregated* gradient's global norm before each optimizer
+      step; ``accumulation``: micro-batches per step (each of ``batch_size`` samples);
+      ``precision``: ``fp32``, ``bf16`` (autocast; CPU or GPU) or ``fp16`` (GPU, grad scaler).
+      The config's values, when set, win over these.
+    * ``eval_every`` (steps), ``callbacks`` (:class:`Callback`), ``defaults`` (config fields such
+      as ``lr`` or ``batch_size`` to use when the config leaves them unset).
+    * ``optimum`` (regression only): the exact minimiser as a flat vector, so runs report their
+      distance to it.
     """
 
     name: str
     model_fn: Callable[[], torch.nn.Module]
-    train: ArrayDataset
-    test: ArrayDataset
+    train: torch.utils.data.Dataset
+    test: torch.utils.data.Dataset
     loss_fn: Callable[[Tensor, Tensor], Tensor]
     task: Task
     num_classes: int | None
     optimum: Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Metric] | None = None
+    optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None
+    scheduler: Callable[[torch.optim.Optimizer, int], Any] | None = None
+    clip_grad_norm: float | None = None
+    accumulation: int | None = None
+    precision: Precision | None = None
+    loader: Callable[..., Any] | None = None
+    eval_every: int | None = None
+    callbacks: list[Callback] = field(default_factory=list)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def metric_fns(self) -> dict[str, Metric]:
+        """The metrics evaluation computes (accuracy by default on classification)."""
+        if self.metrics is not None:
+            return dict(self.metrics)
+        if self.task == "classification":
+            return {"accuracy": accuracy}
+        if self.task == "language":
+            return {"accuracy": token_accuracy}
+        return {}
 
     @classmethod
     def custom(cls, model_fn: Callable[[], torch.nn.Module], train: torch.utils.data.Dataset,
                test: torch.utils.data.Dataset, *,
                loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
                task: Task | None = None, num_classes: int | None = None, name: str = "custom",
-               meta: dict[str, Any] | None = None) -> Workload:
-        """Wrap your own model and datasets.
+               meta: dict[str, Any] | None = None, materialize: bool = True,
+               **contract: Any) -> Workload:
+        """Wrap your own model and datasets (``contract``: the optional fields of the class).
 
-        Integer targets mean classification (cross-entropy, ``num_classes`` = largest label + 1);
-        floating targets mean regression (MSE). Pass ``task``/``loss_fn`` to override.
+        Integer targets mean classification (cross-entropy); floating targets mean regression
+        (MSE). Pass ``task``/``loss_fn`` to override. ``materialize=True`` (default) reads a
+        small dataset into two tensors once (the fast path); ``False`` keeps it as it is, read
+        through a DataLoader every epoch (transforms run every epoch).
         """
-        tr, te = ArrayDataset.from_dataset(train), ArrayDataset.from_dataset(test)
+        if materialize:
+            tr, te = ArrayDataset.from_dataset(train), ArrayDataset.from_dataset(test)
+        else:
+            tr, te = train, test
+        y0 = _first_target(tr)
         if task is None:
-            task = "regression" if tr.y.is_floating_point() else "classification"
-        if task == "classification" and num_classes is None:
+            task = "regression" if y0.is_floating_point() else "classification"
+        if task == "classification" and num_classes is None and isinstance(tr, ArrayDataset) \
+                and isinstance(te, ArrayDataset) and tr.y.dim() == 1:
             num_classes = int(max(tr.y.max(), te.y.max())) + 1
         if loss_fn is None:
-            loss_fn = F.cross_entropy if task == "classification" else F.mse_loss
+            loss_fn = F.cross_entropy if task != "regression" else F.mse_loss
+        unknown = set(contract) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"Workload.custom: unknown field(s) {sorted(unknown)}")
         return cls(name=name, model_fn=model_fn, train=tr, test=te, loss_fn=loss_fn, task=task,
                    num_classes=num_classes if task == "classification" else None,
-                   meta=dict(meta or {}))
+                   meta=dict(meta or {}), **contract)
+
+
+def _first_target(ds: torch.utils.data.Dataset) -> Tensor:
+    if isinstance(ds, ArrayDataset):
+        return ds.y[:1]
+    try:
+        item = ds[0]
+    except (IndexError, KeyError, TypeError) as err:
+        raise DataError(f"cannot read the first item of the dataset: {err}") from None
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise DataError(f"dataset items must be (x, y) pairs; got {type(item).__name__}")
+    return torch.as_tensor(item[1])
 
 
 class Options(BaseModel):

@@ -96,3 +96,82 @@ class ShardLoader:
             raise CheckpointError(f"loader state epoch={epoch} position={position} is out of range")
         self.epoch, self.position = epoch, position
         self._order = self._permutation(epoch)
+
+
+class DatasetShardLoader(ShardLoader):
+    """:class:`ShardLoader` over any map-style dataset, read through a ``DataLoader``.
+
+    The order of epoch ``e`` is the same seeded permutation :class:`ShardLoader` draws, so the
+    minibatch sequence is a pure function of the seed and a checkpoint resumes it exactly; the
+    items are read by the dataset's own ``__getitem__`` every epoch, so random transforms run
+    every epoch. ``loader(dataset, batch_sampler)`` builds the DataLoader (default: a plain
+    ``DataLoader`` in this process); give it ``num_workers`` or a ``collate_fn`` there.
+    """
+
+    def __init__(self, data: Any, indices: Tensor, batch_size: int, seed: int,
+                 drop_last: bool = True, loader: Any = None) -> None:
+        self.dataset = data
+        self.make_loader = loader
+        self._iter: Any = None
+        super().__init__(data, indices, batch_size, seed, drop_last)
+
+    def _batches(self) -> list[list[int]]:
+        """The rest of this epoch's batches (index lists), from the current position."""
+        order = self._order[self.position:].tolist()
+        n = len(order) if not self.drop_last else len(order) // self.batch_size * self.batch_size
+        return [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+
+    def _open(self) -> None:
+        batches = self._batches()
+        if self.make_loader is not None:
+            self._iter = iter(self.make_loader(self.dataset, batches))
+        else:
+            self._iter = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=batches))
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        if self._iter is None:
+            self._open()
+        try:
+            x, y = next(self._iter)
+        except StopIteration:  # drop_last=False end, or a custom loader that stopped early
+            self._iter = None
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation(self.epoch)
+            return self.next_batch()
+        n = len(y)
+        self.position += n
+        remaining = len(self._order) - self.position
+        if remaining == 0 or (self.drop_last and remaining < self.batch_size):
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation(self.epoch)
+            self._iter = None
+        return torch.as_tensor(x), torch.as_tensor(y)
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        super().load_state_dict(d)
+        self._iter = None  # reopen at the restored position
+
+
+def shard_loader(data: Any, indices: Tensor, batch_size: int, seed: int,
+                 loader: Any = None) -> ShardLoader:
+    """The fast in-memory loader for two-tensor datasets, a DataLoader-backed one otherwise."""
+    from tandem.workloads.dataset import ArrayDataset
+
+    if isinstance(data, ArrayDataset) and loader is None:
+        return ShardLoader(data, indices, batch_size, seed)
+    return DatasetShardLoader(data, indices, batch_size, seed, loader=loader)
+
+
+def targets_of(data: Any) -> Tensor:
+    """Per-sample targets of a dataset, for partitioning: an ArrayDataset's ``y``, a
+    ``targets``/``labels`` attribute, else a placeholder that only an iid split may use."""
+    from tandem.workloads.dataset import ArrayDataset
+
+    if isinstance(data, ArrayDataset):
+        return data.y
+    for attr in ("targets", "labels"):
+        if hasattr(data, attr):
+            return torch.as_tensor(getattr(data, attr))
+    return torch.full((len(data),), -1, dtype=torch.long)

@@ -24,20 +24,21 @@ slow workers or NaNs (their effects come after backward), and for every other co
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from pydantic import Field
 
-from tandem.checkpoint import StrategyCheckpoints, check_resume
 from tandem.strategies.allreduce.buckets import BucketedAllReduce
-from tandem.strategies.base import Strategy, StrategyOptions, register
-from tandem.trainer import (
-    LocalTrainer,
-    evaluate,
-    is_eval_step,
-    screen_gradients,
+from tandem.strategies.base import (
+    Computed,
+    Exchanged,
+    StepLoop,
+    Strategy,
+    StrategyOptions,
+    WorkerContext,
+    register,
 )
+from tandem.trainer import LocalTrainer
 
 
 class AllReduceOptions(StrategyOptions):
@@ -55,89 +56,61 @@ class AllReduceStrategy(Strategy):
     Options = AllReduceOptions
     supports_checkpoints = True
 
-    @classmethod
-    def processes(cls, cfg: Any) -> int:
-        check_resume(cfg)  # a mismatched --resume fails here, before any process starts
-        return cfg.workers
-
     def setup(self) -> None:
-        ctx = self.ctx
-        self.trainer = LocalTrainer(ctx)
+        self.loop = AllReduceWorker(self.ctx, self.opts,
+                                    self.total_steps(self.ctx.cfg, len(self.ctx.workload.train)))
+
+    def run(self) -> dict[str, Any]:
+        return self.loop.run()
+
+
+class AllReduceWorker(StepLoop):
+    """Every step: the codec's exchange returns the group mean; every worker applies it."""
+
+    def __init__(self, ctx: WorkerContext, opts: AllReduceOptions, total: int) -> None:
+        trainer = LocalTrainer(ctx)
+        super().__init__(ctx, total, trainer=trainer)
         self.codec = ctx.make_codec()
         self.overlap: BucketedAllReduce | None = None
         if getattr(self.codec, "zero_copy_gradients", False) and \
-                self.trainer.use_flat_gradients():  # DDP's gradient_as_bucket_view
-            cfg = ctx.cfg
-            faults = ctx.faults
+                trainer.use_flat_gradients():  # DDP's gradient_as_bucket_view
+            cfg, faults = ctx.cfg, ctx.faults
             quiet = (cfg.nan_policy == "stop" and not cfg.inject_nan and faults.slow_factor == 1.0
                      and (faults.stragglers is None or faults.stragglers.p <= 0))
-            if self.opts.overlap and quiet and ctx.world > 1 and self.codec.opts.momentum == 0:
-                self.overlap = BucketedAllReduce(self.trainer, ctx.transport,
-                                                 int(self.opts.bucket_kb * 1024))
-        self.total = self.total_steps(ctx.cfg, len(ctx.workload.train))
-        if hasattr(self.codec, "set_total_steps"):
-            self.codec.set_total_steps(self.total)
-        self.ckpt = StrategyCheckpoints(ctx)
-        self.start_step = 0
-        self.skipped = 0
-        state = self.ckpt.resume()
-        if state is not None:
-            self.trainer.load_state_dict(state["trainer"])
-            self.codec.load_state_dict(state["codec"])
-            self.start_step, self.skipped = int(state["step"]), int(state["skipped"])
-            ctx.recorder.resume_from(self.start_step)  # the killed run's later steps: rolled back
+            if opts.overlap and quiet and ctx.world > 1 and self.codec.opts.momentum == 0:
+                self.overlap = BucketedAllReduce(trainer, ctx.transport,
+                                                 int(opts.bucket_kb * 1024))
+        self.codec.set_total_steps(total)
+        self.restore()
 
-    def _save(self, next_step: int) -> None:
-        self.ckpt.save(next_step, {"trainer": self.trainer.state_dict(),
-                                   "codec": self.codec.state_dict(), "skipped": self.skipped})
+    def state(self) -> dict[str, Any]:
+        return {**super().state(), "codec": self.codec.state_dict()}
 
-    def _after_step(self, step: int, total: int, every: int) -> None:
-        ctx, rec = self.ctx, self.ctx.recorder
-        if is_eval_step(step, every, total):
-            with rec.evaluating():
-                acc, tloss = evaluate(self.trainer.model, ctx.workload, ctx.transport)
-            rec.eval(step, accuracy=acc, loss=tloss)
-        if self.ckpt.due(step, total):
-            with rec.evaluating():  # checkpoint I/O is not training time either
-                self._save(step + 1)
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        self.codec.load_state_dict(state["codec"])
 
-    def run(self) -> dict[str, Any]:
-        ctx, trainer, codec, total = self.ctx, self.trainer, self.codec, self.total
-        every = self.eval_every(total)
-        rec = ctx.recorder
-        for step in range(self.start_step, total):
-            if self.overlap is not None:
-                self.overlap.arm(step)
-                loss, grads, compute_s, straggled = trainer.compute(step)
-                t1 = time.perf_counter()
-                mean = self.overlap.finish()
-                codec.step += 1
-                comm_s = time.perf_counter() - t1
-                trainer.apply(mean)
-                b = ctx.transport.end_step()
-                rec.step(step, compute_s=compute_s, comm_s=comm_s, idle_s=0.0, bytes_sent=b.sent,
-                         bytes_recv=b.recv, loss=loss, straggled=straggled)
-                self._after_step(step, total, every)
-                continue
-            loss, grads, compute_s, straggled = trainer.compute(step)
-            extra: dict[str, Any] = {}
-            grads, skipped = screen_gradients(grads, ctx.cfg.nan_policy, ctx.rank, step,
-                                              flat=trainer.flat_grad)
-            if skipped:
-                self.skipped += 1
-                extra["skipped"] = True
-            t1 = time.perf_counter()
-            mean = codec.exchange(grads, ctx.transport)
-            comm_s = time.perf_counter() - t1
-            trainer.apply(mean)
-            b = ctx.transport.end_step()
-            rec.step(step, compute_s=compute_s, comm_s=comm_s, idle_s=0.0, bytes_sent=b.sent,
-                     bytes_recv=b.recv, loss=loss, straggled=straggled, **extra)
-            self._after_step(step, total, every)
-        info = codec.describe()
+    def compute(self, step: int) -> Computed:
+        if self.overlap is not None:
+            self.overlap.arm(step)  # buckets leave from gradient hooks during this backward
+        return super().compute(step)
+
+    def screen(self, step: int, c: Computed) -> Computed:
+        if self.overlap is not None:
+            return c  # every bucket was screened before it left (BucketedAllReduce)
+        return super().screen(step, c)
+
+    def exchange(self, step: int, c: Computed) -> Exchanged:
+        if self.overlap is not None:
+            mean = self.overlap.finish()
+            self.codec.step += 1
+            return Exchanged(mean)
+        return Exchanged(self.codec.exchange(c.grads, self.ctx.transport))
+
+    def finish(self) -> dict[str, Any]:
+        info = self.codec.describe()
         if self.overlap is not None:
             info = {**info, "overlap_buckets": self.overlap.count}
         if info:
-            rec.info(codec=info)
-        return {"steps": total, "skipped_steps": self.skipped,
-                "params": [p.detach().clone() for p in trainer.params]}
+            self.ctx.recorder.info(codec=info)
+        return super().finish()

@@ -63,17 +63,23 @@ kills that worker in the middle of an add (a torn add; ``tests/test_bsp_reliabil
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 
 from tandem.checkpoint import Checkpointer, config_fingerprint, rng_state, set_rng_state
 from tandem.config import RunConfig
-from tandem.errors import CheckpointError, ConfigError
-from tandem.strategies.base import Strategy, StrategyOptions, register
+from tandem.errors import CheckpointError
+from tandem.strategies.base import Strategy, register
 from tandem.strategies.bsp_shared.agent import Agent, AgentConfig, WorkerLoop, flatten, unflatten
+from tandem.strategies.bsp_shared.layout import (
+    Layout,
+    layout_for,
+    local_layout,
+    machine_split,
+    torchrun_layout,
+)
+from tandem.strategies.bsp_shared.options import BspSharedOptions
 from tandem.strategies.bsp_shared.segment import MachineSegment
 from tandem.trainer import (
     LocalTrainer,
@@ -84,97 +90,8 @@ from tandem.trainer import (
 )
 from tandem.trainer.stragglers import ComputeFaults
 
-
-class BspSharedOptions(StrategyOptions):
-    machines: int = Field(default=1, ge=1)
-    split: list[int] | None = None
-    period_s: float = Field(default=0.05, gt=0)
-    grads_per_superstep: int | None = Field(default=None, ge=1)
-    normalize: Literal["mean", "sum"] = "mean"
-    max_staleness: int | None = Field(default=None, ge=0)
-
-    @model_validator(mode="after")
-    def _split(self) -> BspSharedOptions:
-        if self.split is not None:
-            if len(self.split) != self.machines and self.machines != 1:
-                raise ValueError(f"split {self.split} names {len(self.split)} machines but "
-                                 f"machines={self.machines}")
-            if any(n < 1 for n in self.split):
-                raise ValueError(f"split {self.split}: every machine needs at least one worker")
-            self.machines = len(self.split)
-        return self
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Who is who: each machine's agent rank and worker ranks, and each rank's worker index."""
-
-    agent_ranks: list[int]
-    worker_ranks: list[list[int]]
-    worker_index: dict[int, int]
-
-    @property
-    def machines(self) -> int:
-        return len(self.agent_ranks)
-
-    def role(self, rank: int) -> tuple[str, int, int]:
-        """``("agent", machine, -1)`` or ``("worker", machine, local_index)``."""
-        for m, a in enumerate(self.agent_ranks):
-            if a == rank:
-                return "agent", m, -1
-            if rank in self.worker_ranks[m]:
-                return "worker", m, self.worker_ranks[m].index(rank)
-        raise ConfigError(f"rank {rank} has no role in bsp_shared's layout {self}")
-
-
-def machine_split(workers: int, opts: BspSharedOptions) -> list[int]:
-    if opts.split is not None:
-        if sum(opts.split) != workers:
-            raise ConfigError(f"bsp_shared: split {opts.split} sums to {sum(opts.split)}, "
-                              f"not workers={workers}")
-        return list(opts.split)
-    if opts.machines > workers:
-        raise ConfigError(f"bsp_shared: machines={opts.machines} > workers={workers}; every "
-                          "machine needs at least one worker")
-    base, extra = divmod(workers, opts.machines)
-    return [base + (m < extra) for m in range(opts.machines)]
-
-
-def local_layout(workers: int, opts: BspSharedOptions) -> Layout:
-    """The local launcher's layout: workers first (rank = worker index), then the agents."""
-    sizes = machine_split(workers, opts)
-    worker_ranks, r = [], 0
-    for n in sizes:
-        worker_ranks.append(list(range(r, r + n)))
-        r += n
-    return Layout([workers + m for m in range(len(sizes))], worker_ranks,
-                  {w: w for w in range(workers)})
-
-
-def torchrun_layout(workers: int, world: int, local_world: int) -> Layout:
-    """One node = one machine: local rank 0 is the agent, the others the workers."""
-    if local_world < 2 or world % local_world:
-        raise ConfigError(f"bsp_shared under torchrun needs >= 2 processes per node and equal "
-                          f"nodes (world {world}, per node {local_world})")
-    nodes = world // local_world
-    if nodes * (local_world - 1) != workers:
-        raise ConfigError(f"bsp_shared: workers={workers} but torchrun starts {nodes} node(s) x "
-                          f"{local_world - 1} worker(s) (+1 agent each); set workers="
-                          f"{nodes * (local_world - 1)} or --nproc-per-node={workers // nodes + 1}")
-    agents = [n * local_world for n in range(nodes)]
-    wranks = [[n * local_world + i for i in range(1, local_world)] for n in range(nodes)]
-    index = {r: n * (local_world - 1) + i for n, rs in enumerate(wranks) for i, r in enumerate(rs)}
-    return Layout(agents, wranks, index)
-
-
-def layout_for(cfg: RunConfig, opts: BspSharedOptions, world: int) -> Layout:
-    if os.environ.get("TANDEM_STORE_HOSTED") != "1" and "GROUP_RANK" in os.environ:
-        return torchrun_layout(cfg.workers, world, int(os.environ["LOCAL_WORLD_SIZE"]))
-    layout = local_layout(cfg.workers, opts)
-    if world != cfg.workers + layout.machines:
-        raise ConfigError(f"bsp_shared needs workers + machines = "
-                          f"{cfg.workers + layout.machines} processes, got {world}")
-    return layout
+__all__ = ["BspSharedOptions", "BspSharedStrategy", "Layout", "local_layout", "machine_split",
+           "torchrun_layout"]
 
 
 @register
@@ -282,8 +199,7 @@ class BspSharedStrategy(Strategy):
             worker_ranks=list(layout.worker_ranks[machine]),
             checkpoint_every=ctx.cfg.checkpoint_every)
         codec = ctx.make_codec()
-        if hasattr(codec, "set_total_steps"):
-            codec.set_total_steps(total)
+        codec.set_total_steps(total)
 
         def barrier() -> None:  # the agents' barrier (workers are held in shared memory)
             if layout.machines > 1:

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from tandem.checkpoint import check_resume
 from tandem.errors import ConfigError
 from tandem.strategies.base import Strategy, register
 from tandem.strategies.param_server.options import ParamServerOptions
@@ -69,17 +68,19 @@ class ParamServerStrategy(Strategy):
 
     @classmethod
     def processes(cls, cfg: Any) -> int:
-        check_resume(cfg)  # a mismatched --resume fails here, before any process starts
         return cfg.workers + cls.options_of(cfg).servers
+
+    @classmethod
+    def check(cls, cfg: Any, options: Any) -> None:
+        if options.min_workers is not None and options.min_workers > cfg.workers:
+            raise ConfigError(f"strategy.options.min_workers: {options.min_workers} exceeds "
+                              f"workers={cfg.workers}")
 
     def setup(self) -> None:
         from tandem.strategies.param_server.server import PSServer
         from tandem.strategies.param_server.worker import PSWorker
 
         opts, cfg = self.opts, self.ctx.cfg
-        if opts.min_workers is not None and opts.min_workers > cfg.workers:
-            raise ConfigError(f"param_server: min_workers={opts.min_workers} exceeds workers="
-                              f"{cfg.workers}")
         if self.ctx.world != cfg.workers + opts.servers:
             raise ConfigError(f"param_server needs {cfg.workers} workers + {opts.servers} "
                               f"servers = {cfg.workers + opts.servers} processes, got "

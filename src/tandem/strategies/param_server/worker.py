@@ -29,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from tandem.checkpoint import StrategyCheckpoints
 from tandem.errors import PeerTimeout, WorkerFailed
+from tandem.strategies.base import Computed, Exchanged, StepLoop
 from tandem.strategies.param_server.sharding import join, plan_shards, split
 from tandem.strategies.param_server.wire import (
     FLAG_CKPT,
@@ -40,13 +40,7 @@ from tandem.strategies.param_server.wire import (
     pull_dtype,
     pull_specs,
 )
-from tandem.trainer import (
-    LocalTrainer,
-    build_model,
-    evaluate,
-    is_eval_step,
-    screen_gradients,
-)
+from tandem.trainer import LocalTrainer, build_model, evaluate
 from tandem.transport.store_barrier import CheckpointAbandoned, store_gather, wait_on
 from tandem.transport.transport import Group
 
@@ -55,19 +49,22 @@ if TYPE_CHECKING:
     from tandem.transport.liveness import Pending
 
 
-class PSWorker:
+class PSWorker(StepLoop):
     """One worker process of a ``param_server`` run."""
 
     def __init__(self, strategy: Strategy) -> None:
-        self.strategy = strategy
-        self.ctx = ctx = strategy.ctx
-        self.opts = opts = strategy.opts
-        cfg = ctx.cfg
-        self.trainer = LocalTrainer(ctx)
-        self.params = self.trainer.params
+        ctx, opts, cfg = strategy.ctx, strategy.opts, strategy.ctx.cfg
+        self.opts = opts
+        self._tag = ""
+        ranks = range(cfg.workers + opts.servers)
+        trainer = LocalTrainer(ctx)
+        super().__init__(ctx, strategy.total_steps(cfg, len(ctx.workload.train)),
+                         trainer=trainer, barrier=lambda: store_gather(
+                             ctx.transport, f"{self._tag}/saved", 1, ranks, cfg.timeout_s))
+        self.trainer: LocalTrainer = trainer
+        self.params = trainer.params
         self.plan = plan_shards([tuple(p.shape) for p in self.params], opts.servers)
         self.servers = [cfg.workers + s for s in range(opts.servers)]
-        self.total = strategy.total_steps(cfg, len(ctx.workload.train))
         self.codecs = []
         for s in range(opts.servers):
             codec = ctx.make_codec(seed_offset=s)
@@ -79,6 +76,7 @@ class PSWorker:
         self.specs = [pull_specs(self.plan.shapes_of(s), pull_dtype(opts.pull))
                       for s in range(opts.servers)]
         self.eval_model = build_model(ctx.workload, cfg.seed) if ctx.rank == 0 else None
+        self.solo = Group(None, [ctx.rank])
         self.base = [p.detach().clone() for p in self.params]  # latest global model received
         self.version = 0
         self.unpushed: list[torch.Tensor] | None = None   # U
@@ -92,29 +90,24 @@ class PSWorker:
         self.pushes = 0
         self.pushed_steps: list[int] = []
         self.since_merge = 0
-        self.skipped = 0
-        self.start_step = 0
-        self._tag = ""
-        ranks = range(cfg.workers + opts.servers)
-        self.ckpt = StrategyCheckpoints(ctx, barrier=lambda: store_gather(
-            ctx.transport, f"{self._tag}/saved", 1, ranks, cfg.timeout_s))
-        state = self.ckpt.resume()  # after every model is built (building one reseeds torch)
-        if state is not None:
-            self._load(state)
-            ctx.recorder.resume_from(self.start_step)  # the killed run's later steps: rolled back
+        self.idle_total = self.busy_total = self.final_sync = 0.0
+        self.sent = self.recv = 0
+        self.restore()  # after every model is built (building one reseeds torch)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     _SAVED = ("base", "version", "unpushed", "squares", "k", "oldest", "cand", "pushes",
               "pushed_steps", "since_merge", "skipped")
 
-    def _load(self, state: dict[str, Any]) -> None:
+    def load_state(self, state: dict[str, Any]) -> None:
         self.trainer.load_state_dict(state["trainer"])
         for codec, cs in zip(self.codecs, state["codecs"], strict=True):
             codec.load_state_dict(cs)
             codec.set_total_steps(self.total)
-        for key in self._SAVED:
+        for key in self._SAVED:  # last_meta stays None: the meta is sent again
             setattr(self, key, state["worker"][key])
-        self.start_step = int(state["step"])  # last_meta stays None: the meta is sent again
+
+    def checkpoint(self, step: int) -> None:
+        self._checkpoint(step)
 
     @torch.no_grad()
     def _checkpoint(self, step: int) -> None:
@@ -256,68 +249,69 @@ class PSWorker:
         for p, g in zip(self.params, grads, strict=True):
             p.add_(g.view_as(p), alpha=-self.lr)
 
-    # ---- the loop -------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
-        ctx, rec, total = self.ctx, self.ctx.recorder, self.total
-        every = self.strategy.eval_every(total)
-        solo = Group(None, [ctx.rank])
-        idle_total = busy_total = final_sync = 0.0
-        sent = recv = 0
-        for step in range(self.start_step, total):
-            loss, grads, compute_s, straggled = self.trainer.compute(step)
-            extra: dict[str, Any] = {}
-            grads, was_skipped = screen_gradients(grads, ctx.cfg.nan_policy, ctx.rank, step)
-            if was_skipped:
-                self.skipped += 1
-                extra["skipped"] = True
-            t1 = time.perf_counter()
-            idle = 0.0
-            self._accumulate(grads)
-            last = step == total - 1
-            if self.inflight is None and not last:
-                extra["pushed_steps"] = self._push(final=False)
-            if self.inflight is not None and not last:
-                if self._pulled():
-                    self._merge()
-                elif self.since_merge >= self.cap:
-                    t_w = time.perf_counter()
-                    self._merge()
-                    idle = time.perf_counter() - t_w
-            if last:
-                t_f = time.perf_counter()
-                if self.inflight is not None:
-                    self._merge()
-                extra["pushed_steps"] = self._push(final=True)
-                self._merge(final=True)
-                self._reap_sends()
-                final_sync = time.perf_counter() - t_f
-            comm = time.perf_counter() - t1 - idle
-            b = ctx.transport.end_step()
-            sent, recv = sent + b.sent, recv + b.recv
-            idle_total += idle
-            busy_total += compute_s + comm + idle
-            rec.step(step, compute_s=compute_s, comm_s=comm, idle_s=idle, bytes_sent=b.sent,
-                     bytes_recv=b.recv, loss=loss, straggled=straggled, round=self.pushes,
-                     since_merge=self.since_merge, **extra)
-            if self.eval_model is not None and is_eval_step(step, every, total):
-                with rec.evaluating():
-                    with torch.no_grad():
-                        for p, v in zip(self.eval_model.parameters(), self.base, strict=True):
-                            p.copy_(v.view_as(p))
-                    acc, tloss = evaluate(self.eval_model, ctx.workload, ctx.transport, solo)
-                rec.eval(step, accuracy=acc, loss=tloss, version=self.version)
-            if self.ckpt.due(step, total):
-                with rec.evaluating():  # checkpoint I/O and its barrier are not training time
-                    self._checkpoint(step)
+    # ---- the loop's hooks ---------------------------------------------------------------------
+    def exchange(self, step: int, c: Computed) -> Exchanged:
+        """Take the local step and push when nothing is in flight; merge an arrived pull, and
+        wait for it (idle) only once ``cap`` steps ran since the last merge. The last step
+        flushes: push the rest with the final flag and wait for the final global model."""
+        fields: dict[str, Any] = {}
+        idle = 0.0
+        self._accumulate(c.grads)
+        last = step == self.total - 1
+        if self.inflight is None and not last:
+            fields["pushed_steps"] = self._push(final=False)
+        if self.inflight is not None and not last:
+            if self._pulled():
+                self._merge()
+            elif self.since_merge >= self.cap:
+                t_w = time.perf_counter()
+                self._merge()
+                idle = time.perf_counter() - t_w
+        if last:
+            t_f = time.perf_counter()
+            if self.inflight is not None:
+                self._merge()
+            fields["pushed_steps"] = self._push(final=True)
+            self._merge(final=True)
+            self._reap_sends()
+            self.final_sync = time.perf_counter() - t_f
+        fields.update(round=self.pushes, since_merge=self.since_merge)
+        return Exchanged(None, idle_s=idle, fields=fields)
+
+    def record(self, step: int, c: Computed, ex: Exchanged) -> None:
+        b = self.ctx.transport.end_step()
+        self.sent, self.recv = self.sent + b.sent, self.recv + b.recv
+        self.idle_total += ex.idle_s
+        self.busy_total += c.compute_s + (ex.comm_s or 0.0) + ex.idle_s
+        self.ctx.recorder.step(step, compute_s=c.compute_s, comm_s=ex.comm_s or 0.0,
+                               idle_s=ex.idle_s, bytes_sent=b.sent, bytes_recv=b.recv,
+                               loss=c.loss, straggled=c.straggled, **c.fields, **ex.fields)
+
+    def eval_due(self, step: int) -> bool:
+        return self.eval_model is not None and super().eval_due(step)
+
+    def evaluate(self, step: int) -> None:
+        """Worker 0 evaluates the latest *global* model it has received."""
+        assert self.eval_model is not None
+        with torch.no_grad():
+            for p, v in zip(self.eval_model.parameters(), self.base, strict=True):
+                p.copy_(v.view_as(p))
+        acc, tloss = evaluate(self.eval_model, self.ctx.workload, self.ctx.transport, self.solo)
+        self.ctx.recorder.eval(step, accuracy=acc, loss=tloss, version=self.version)
+
+    def finish(self) -> dict[str, Any]:
+        ctx = self.ctx
         steps_per_round = sum(self.pushed_steps) / max(1, len(self.pushed_steps))
-        summary = {"role": "worker", "steps": total, "pushes": self.pushes,
+        summary = {"role": "worker", "steps": self.total, "pushes": self.pushes,
                    "local_steps_per_round": steps_per_round,
                    "max_local_steps": max(self.pushed_steps, default=0),
                    "pushed_steps_total": sum(self.pushed_steps),
-                   "idle_s": idle_total, "final_sync_s": final_sync,
-                   "idle_fraction": idle_total / busy_total if busy_total > 0 else 0.0,
-                   "push_bytes": sent, "pull_bytes": recv, "skipped_steps": self.skipped,
-                   "resumed_from": self.start_step}
-        rec.info(**{f"worker{ctx.rank}_{k}": v for k, v in summary.items() if k != "role"})
+                   "idle_s": self.idle_total, "final_sync_s": self.final_sync,
+                   "idle_fraction": self.idle_total / self.busy_total
+                   if self.busy_total > 0 else 0.0,
+                   "push_bytes": self.sent, "pull_bytes": self.recv,
+                   "skipped_steps": self.skipped, "resumed_from": self.start_step}
+        ctx.recorder.info(**{f"worker{ctx.rank}_{k}": v for k, v in summary.items()
+                             if k != "role"})
         summary["params"] = [p.detach().clone() for p in self.params]
         return summary

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field, field_validator
 
-from tandem.checkpoint import StrategyCheckpoints, check_resume
+from tandem.checkpoint import StrategyCheckpoints
 from tandem.errors import CheckpointError
 from tandem.strategies.base import Strategy, StrategyOptions, WorkerContext, codec_factory, register
 from tandem.strategies.pipeline.lanes import CommThread, Flight, Lane, MeteredLink
@@ -97,7 +97,6 @@ class PipelineStrategy(Strategy):
     @classmethod
     def processes(cls, cfg: RunConfig) -> int:
         variant_configs(cfg)  # fail in the launcher, before any process starts
-        check_resume(cfg)
         return cfg.workers
 
     @classmethod

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tandem.errors import CheckpointError, PeerTimeout
-from tandem.trainer import LocalTrainer, evaluate, is_eval_step, screen_gradients
+from tandem.strategies.base import Computed, Exchanged, StepLoop
+from tandem.trainer import LocalTrainer, screen_gradients
 from tandem.transport import costs
 
 if TYPE_CHECKING:
@@ -133,13 +134,19 @@ class Flight:
                 self.ready[b].set()
 
 
-class Lane:
-    """One model on this worker: its trainer, codec(s), group, RNG slice and telemetry."""
+class Lane(StepLoop):
+    """One model on this worker: its trainer, codec(s), group, RNG slice and telemetry.
+
+    A lane runs the step loop split in two: :meth:`launch` computes and hands the gradient to
+    the model's communication thread; :meth:`settle` applies, records and evaluates, with the
+    loop's own hooks. The job (:mod:`tandem.strategies.pipeline`) interleaves the lanes."""
 
     def __init__(self, index: int, label: str, ctx: WorkerContext, group: Group,
                  bucket_mb: float, total: int) -> None:
-        self.index, self.label, self.ctx, self.group, self.total = index, label, ctx, group, total
-        self.trainer = LocalTrainer(ctx)
+        self.index, self.label, self.group = index, label, group
+        trainer = LocalTrainer(ctx)
+        super().__init__(ctx, total, trainer=trainer)
+        self.trainer: LocalTrainer = trainer
         params = self.trainer.params
         if bucket_mb > 0:  # reverse order: the last layers' gradients are ready first
             self.buckets: list[list[int]] = [[]]
@@ -155,14 +162,12 @@ class Lane:
         self.codecs = [ctx.make_codec(seed_offset=b) for b in range(len(self.buckets))]
         for c in self.codecs:
             c.set_total_steps(total)
-        self.every = ctx.cfg.eval_every or max(1, total // 20)
         self.rng = torch.get_rng_state()  # the solo run's global RNG state at its first step
         self.link = MeteredLink(ctx.transport)
         self.comm = CommThread(ctx.cfg.timeout_s)
         self.flight: Flight | None = None
         self.pending: tuple[Flight, float, float, bool] | None = None  # flight, loss, C, straggled
         self.sums = {"compute_s": 0.0, "comm_s": 0.0, "exposed_s": 0.0, "hidden_s": 0.0}
-        self.skipped = 0
         self.where = {i: (b, j) for b, idx in enumerate(self.buckets) for j, i in enumerate(idx)}
         if bucket_mb > 0:
             for i, p in enumerate(params):
@@ -224,23 +229,32 @@ class Lane:
         for b, idx in enumerate(self.buckets):
             for i, g in zip(idx, flight.means[b] or [], strict=True):
                 mean[i] = g
-        self.trainer.apply(mean)
         active = (flight.finished_at or 0.0) - (flight.launched_at or 0.0)
         hidden = max(0.0, active - exposed)
         for k, v in (("compute_s", compute_s), ("comm_s", active), ("exposed_s", exposed),
                      ("hidden_s", hidden)):
             self.sums[k] += v
-        extra: dict[str, Any] = {"skipped": True} if flight.skipped else {}
         self.skipped += flight.skipped
-        rec, step = self.ctx.recorder, flight.step
-        rec.step(step, compute_s=compute_s, comm_s=exposed, idle_s=0.0, bytes_sent=flight.bytes[0],
-                 bytes_recv=flight.bytes[1], loss=loss, straggled=straggled,
-                 comm_active_s=active, hidden_s=hidden, **extra)
-        if is_eval_step(step, self.every, self.total):
+        step = flight.step
+        c = Computed(loss, [], compute_s, straggled, skipped=flight.skipped,
+                     fields={"skipped": True} if flight.skipped else {})
+        ex = Exchanged(mean, comm_s=exposed, fields={"comm_active_s": active, "hidden_s": hidden})
+        self.apply(step, c, ex)
+        self.record(step, c, ex, flight.bytes)
+        if self.eval_due(step):
             with evaluating():
-                acc, tloss = evaluate(self.trainer.model, self.ctx.workload, self.ctx.transport)
-            rec.eval(step, accuracy=acc, loss=tloss)
+                self.evaluate(step)
         return exposed
+
+    def record(self, step: int, c: Computed, ex: Exchanged,
+               traffic: tuple[int, int] = (0, 0)) -> None:
+        """The step record, with this model's own bytes (the transport's meter mixes models)."""
+        self.ctx.recorder.step(step, compute_s=c.compute_s, comm_s=ex.comm_s or 0.0, idle_s=0.0,
+                               bytes_sent=traffic[0], bytes_recv=traffic[1], loss=c.loss,
+                               straggled=c.straggled, **ex.fields, **c.fields)
+
+    def exchange(self, step: int, c: Computed) -> Exchanged:  # pragma: no cover - see launch
+        raise RuntimeError("a pipeline lane exchanges on its communication thread (launch)")
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs from this model, taken between rounds (nothing in flight):
