@@ -31,7 +31,8 @@ class ThreadWorld:
 
 
 class ThreadTransport:
-    """The Transport methods codecs use; bytes charged with the same formulas as the real one."""
+    """The codecs' ``Collectives`` (the Transport methods codecs use); bytes charged with the
+    same formulas as the real transport."""
 
     def __init__(self, world: ThreadWorld, rank: int) -> None:
         self._w, self.rank, self.world = world, rank, world.n
@@ -46,7 +47,7 @@ class ThreadTransport:
         return got
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, group: Any = None,
-                   category: str = "train") -> Done:
+                   category: str = "train", caller_waits: bool = False) -> Done:
         t = costs.all_reduce(tensor.numel() * tensor.element_size(), self.world)
         self.meter.record("all_reduce", t.sent, t.recv, category=category)
         got = self._swap(tensor)

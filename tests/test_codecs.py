@@ -116,13 +116,13 @@ def test_error_feedback_invariant(name):
 
     def job(t):
         c = make_codec(name, opts, seed=0)
-        c.track_transmitted = True
+        c.memory.track_transmitted = True
         checks = []
         for step in range(4):
             g = grads(100 * step + t.rank, shapes)
-            cor = c.with_residual(g)
+            cor = c.memory.corrected(g)
             c.exchange(g, t)
-            for a, tr, r in zip(cor, c.transmitted, c.residuals, strict=True):
+            for a, tr, r in zip(cor, c.memory.transmitted, c.memory.residuals, strict=True):
                 checks.append((torch.equal(r, a - tr), torch.equal(a, tr + r),
                                float((a - (tr + r)).abs().max())))
         return checks
@@ -211,9 +211,9 @@ def test_randomk_workers_share_positions_and_sum():
 
     def job(t):
         c = make_codec("randomk", {"ratio": 0.1}, seed=7)
-        c.track_transmitted = True
+        c.memory.track_transmitted = True
         out = c.exchange(per[t.rank], t)
-        return out, c.transmitted
+        return out, c.memory.transmitted
 
     res = run_threads(3, job)
     supports = [flat(tr).nonzero().flatten() for _, tr in res]
@@ -231,7 +231,7 @@ def test_exchange_is_mean_of_what_workers_transmitted(name):
 
     def job(t):
         c = make_codec(name, {}, seed=0)
-        c.track_transmitted = True
+        c.memory.track_transmitted = True
         if name == "qsgd":
             c.rank = t.rank
             mine = c.decode(c.encode(per[t.rank]))
@@ -239,7 +239,7 @@ def test_exchange_is_mean_of_what_workers_transmitted(name):
             out = c.exchange(per[t.rank], t)
             return out, mine
         out = c.exchange(per[t.rank], t)
-        return out, c.transmitted
+        return out, c.memory.transmitted
 
     res = run_threads(3, job)
     want = torch.stack([flat(m) for _, m in res]).mean(0)
@@ -332,16 +332,66 @@ def test_momentum_factor_masking_zeroes_sent_entries(name):
     ``momentum_masking=false`` it is never zeroed."""
     for masking in (True, False):
         c = make_codec(name, {"ratio": 0.1, "momentum": 0.5, "momentum_masking": masking})
-        c.track_transmitted = True
+        c.memory.track_transmitted = True
         g0, g1 = grads(0), grads(1)
         c.encode(g0)
-        sent0 = [t != 0 for t in c.transmitted]
-        for u, g, s in zip(c.velocity, g0, sent0, strict=True):
+        sent0 = [t != 0 for t in c.memory.transmitted]
+        for u, g, s in zip(c.memory.velocity, g0, sent0, strict=True):
             want = g.masked_fill(s, 0.0) if masking else g
             assert torch.equal(u, want)
-        u_prev = [u.clone() for u in c.velocity]
-        cor = c.with_residual(g1)
+        u_prev = [u.clone() for u in c.memory.velocity]
+        cor = c.memory.corrected(g1)
         c.encode(g1)
-        for u, up, g, r, x in zip(c.velocity, u_prev, g1, c.residuals, cor, strict=True):
+        mem = c.memory
+        for u, up, g, r, x in zip(mem.velocity, u_prev, g1, mem.residuals, cor, strict=True):
             fresh = 0.5 * up + g
             assert torch.equal(torch.where(r == x, u, fresh), fresh)  # unsent: m * u + g
+
+
+def test_flat_buffers_round_trip():
+    """Breaks if ``tandem.flat`` stops giving a fresh fp32 copy (never a view of a lone input),
+    views that write through, exact shapes (empty ones too), or refusing a size mismatch."""
+    from tandem.flat import flatten, unflatten
+
+    g = grads(7)
+    f = flatten(g)
+    assert f.dtype == torch.float32 and torch.equal(f, flat(g))
+    one = flatten([g[0]])
+    one += 1
+    assert not torch.equal(one, g[0].reshape(-1))
+    views = unflatten(f, SHAPES)
+    assert all(torch.equal(a, b) for a, b in zip(views, g, strict=True))
+    views[1].zero_()
+    assert not f[512:544].any()
+    assert flatten([]).numel() == 0 and flatten([g[0].half()]).dtype == torch.float32
+    assert [tuple(v.shape) for v in unflatten(torch.ones(3), [(0, 5), (3,)])] == [(0, 5), (3,)]
+    with pytest.raises(ValueError):
+        unflatten(f[1:], SHAPES)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_memory_flat_and_per_layer_paths_agree(momentum):
+    """Breaks if the two ways of using ``ErrorFeedback`` (per layer, one flat buffer) stop
+    computing the same corrected gradient, residual and velocity, if the ``feedback`` switch
+    stops turning the residual off, or if the checkpoint keys change."""
+    from tandem.flat import unflatten
+
+    per, fl = (make_codec("topk", {"ratio": 0.1, "momentum": momentum}) for _ in range(2))
+    for step in range(3):
+        g = grads(60 + step)
+        cor = per.memory.corrected(g)
+        x = fl.memory.corrected_flat(g)
+        assert torch.equal(flat(cor), x)
+        sent = x.abs().topk(50).indices
+        tr = torch.zeros_like(x)
+        tr[sent] = x[sent]
+        per.memory.keep(cor, unflatten(tr, SHAPES), sent=list(unflatten(tr != 0, SHAPES)))
+        fl.memory.keep_flat(x, split=sent)
+        assert torch.equal(flat(per.memory.residuals), flat(fl.memory.residuals))
+        if momentum:
+            assert torch.equal(flat(per.memory.velocity), flat(fl.memory.velocity))
+    assert set(fl.state_dict()) == {"step", "total_steps", "rank", "residuals", "velocity"}
+    off = make_codec("topk", {"ratio": 0.1})
+    off.feedback = False
+    off.encode(grads(0))
+    assert off.residuals is None and not off.memory.active

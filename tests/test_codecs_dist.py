@@ -123,3 +123,21 @@ def test_ddp_hook_runs_lgc_through_every_stage(overlap):
         assert all(bool(torch.isfinite(p).all()) for p in r["params"])
     for a, b in zip(res[0]["params"], res[1]["params"], strict=True):
         assert torch.equal(a, b)
+
+
+def test_every_transport_provides_the_codecs_collectives():
+    """Breaks if the transport, the DDP adapter or the tests' thread transport lose a method
+    or a keyword that codecs call (``tandem.codecs.collectives.Collectives``)."""
+    import inspect
+
+    from codec_jobs import ThreadTransport, ThreadWorld
+    from tandem.codecs.collectives import Collectives
+    from tandem.transport.process_group import ProcessGroupTransport
+    from tandem.transport.transport import Transport
+
+    for cls in (Transport, ProcessGroupTransport, ThreadTransport):
+        for name in ("all_reduce", "all_gather", "broadcast"):
+            want = inspect.signature(getattr(Collectives, name)).parameters
+            got = inspect.signature(getattr(cls, name)).parameters
+            assert set(want) <= set(got), (cls.__name__, name, set(want) - set(got))
+    assert isinstance(ThreadWorld(1).transports[0], Collectives)  # rank, world, world_group

@@ -35,7 +35,7 @@ def run(variant: str) -> tuple:
         c = make_codec("lgc", {**OPTS, "variant": variant}, seed=0)
         cors, outs, sent = [], [], []
         for step in grads:
-            cors.append(c.with_residual(step[t.rank]))
+            cors.append(c.memory.corrected(step[t.rank]))
             outs.append(c.exchange(step[t.rank], t))
             sent.append(t.end_step().sent)
         return c, cors, outs, sent
@@ -191,17 +191,17 @@ def test_ps_reconstruction_is_contractive_for_each_worker():
 
     def job(t):
         c = make_codec("lgc", opts, seed=0)
-        c.track_transmitted = True
+        c.memory.track_transmitted = True
         gen = torch.Generator().manual_seed(5 + t.rank)
         scale = 1.0 if t.rank == 0 else 1e-3
         ratios = []
         for step in range(8):
             g = [torch.randn(s, generator=gen) * scale for s in SHAPES]
-            cor = c.with_residual(g)
+            cor = c.memory.corrected(g)
             c.exchange(g, t)
             if step >= 2:
                 x = torch.cat([a.reshape(-1) for a in cor])
-                sent = torch.cat([a.reshape(-1) for a in c.transmitted])
+                sent = torch.cat([a.reshape(-1) for a in c.memory.transmitted])
                 sup = sent != 0
                 ratios.append(float((x[sup] - sent[sup]).norm() / x[sup].norm()))
         return ratios
@@ -231,10 +231,10 @@ def test_rar_guard_keeps_error_feedback_bounded():
             c = make_codec("lgc", {**base, "rar_fallback": mode}, seed=0)
             norms, bound, ok = [], 0.0, True
             for s, step in enumerate(grads):
-                x = torch.cat([a.reshape(-1) for a in c.with_residual(step[t.rank])])
+                x = torch.cat([a.reshape(-1) for a in c.memory.corrected(step[t.rank])])
                 before = c.fallbacks
                 c.exchange(step[t.rank], t)
-                r = float(torch.cat([a.reshape(-1) for a in c.residuals]).norm())
+                r = float(torch.cat([a.reshape(-1) for a in c.memory.residuals]).norm())
                 bound += float(torch.cat([a.reshape(-1) for a in step[t.rank]]).norm())
                 if s >= 4 and (c.fallbacks > before or s % 2 == t.rank):
                     ok &= r <= float(x.norm()) * (1 + 1e-6)
@@ -269,10 +269,10 @@ def test_ef_clip_caps_the_residual(name, variant):
             ratios = []
             for step in grads:
                 g = torch.cat([a.reshape(-1) for a in step[t.rank]])
-                v = g * 0 if c.velocity is None else torch.cat([a.reshape(-1)
-                                                                for a in c.velocity])
+                vel = c.memory.velocity
+                v = g * 0 if vel is None else torch.cat([a.reshape(-1) for a in vel])
                 c.exchange(step[t.rank], t)
-                r = torch.cat([a.reshape(-1) for a in c.residuals])
+                r = torch.cat([a.reshape(-1) for a in c.memory.residuals])
                 ratios.append(float(r.norm() / (0.9 * v + g).norm()))
             return ratios
         return body

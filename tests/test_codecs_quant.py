@@ -112,7 +112,7 @@ def test_qsgd_matches_reference_bitwise(opts, size_path):
                 ref_qsgd_mean(group, SHAPES, s, bucket).split(
                     [math.prod(x) for x in SHAPES]), SHAPES, strict=True)])
         if m:
-            assert same([t.reshape(-1) for t in c.velocity],
+            assert same([t.reshape(-1) for t in c.memory.velocity],
                         list(vel.split([math.prod(x) for x in SHAPES])))
 
 
@@ -121,7 +121,7 @@ def test_signsgd_matches_reference_bitwise(opts, size_path):
     """Breaks if signSGD's bytes, decoded mean, transmitted values or residuals differ in any
     bit from the reference (``where(c >= 0, scale, -scale)`` per layer, zero positive)."""
     c = make_codec("signsgd", opts, seed=0)
-    c.track_transmitted = True
+    c.memory.track_transmitted = True
     ef, m = opts.get("error_feedback", True), opts.get("momentum", 0.0)
     sizes = [math.prod(x) for x in SHAPES]
     counts = torch.tensor(sizes)
@@ -138,9 +138,9 @@ def test_signsgd_matches_reference_bitwise(opts, size_path):
         res = corrected - sent if ef else res
         msg = c.encode([t.clone() for t in g])
         assert same(msg.tensors, [scales, pack_bits(corrected >= 0, 1)])
-        assert same([t.reshape(-1) for t in c.transmitted], list(sent.split(sizes)))
+        assert same([t.reshape(-1) for t in c.memory.transmitted], list(sent.split(sizes)))
         if ef:
-            assert same([t.reshape(-1) for t in c.residuals], list(res.split(sizes)))
+            assert same([t.reshape(-1) for t in c.memory.residuals], list(res.split(sizes)))
         for k in (1, 3):
             want = torch.stack([sent] * k).sum(0) / k if k > 1 else sent
             assert same([t.reshape(-1) for t in c.aggregate([msg] * k)], list(want.split(sizes)))

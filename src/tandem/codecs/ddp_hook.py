@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from tandem.codecs.base import Codec
-from tandem.codecs.dense import flatten
+from tandem.codecs.collectives import Collectives
+from tandem.flat import flatten
 from tandem.transport.process_group import ProcessGroupTransport
 
 
@@ -51,7 +52,7 @@ class CodecHookState:
     """
 
     template: Codec
-    transport: Any  # a Transport, or the ProcessGroupTransport adapter
+    transport: Collectives  # a Transport or the ProcessGroupTransport adapter (both: .meter)
     total_steps: int | None = None
     overlap: bool = True
     codecs: dict[tuple[int, ...], Codec] = field(default_factory=dict)
@@ -112,8 +113,8 @@ def codec_hook(state, bucket):  # no annotations: DDP rejects any but the uneval
     return fut
 
 
-def _exchange_into(codec: Codec, grads: list[torch.Tensor], buf: torch.Tensor, transport: Any,
-                   index: int) -> None:
+def _exchange_into(codec: Codec, grads: list[torch.Tensor], buf: torch.Tensor,
+                   transport: Collectives, index: int) -> None:
     flat = flatten(codec.exchange(grads, transport))
     if flat.numel() != buf.numel():
         raise RuntimeError(f"bucket {index}: codec returned {flat.numel()} entries for a "
@@ -122,7 +123,7 @@ def _exchange_into(codec: Codec, grads: list[torch.Tensor], buf: torch.Tensor, t
 
 
 def ddp_hook(codec: Codec, *, process_group: Any = None, total_steps: int | None = None,
-             transport: Any = None, overlap: bool = True,
+             transport: Collectives | None = None, overlap: bool = True,
              ) -> tuple[CodecHookState, Callable[[CodecHookState, Any], torch.futures.Future]]:
     """``(state, hook)`` for ``DistributedDataParallel.register_comm_hook(state, hook)``.
 

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from pydantic import Field
 
-from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register, unflat
-from tandem.codecs.dense import unflatten
+from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register
+from tandem.flat import unflatten
 
 if TYPE_CHECKING:
-    from tandem.transport.transport import Group, Transport
+    from tandem.codecs.collectives import Collectives
+    from tandem.transport.transport import Group
 
 
 class CastOptions(CodecOptions):
@@ -38,18 +39,18 @@ class CastCodec(Codec):
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
-        flat = self.momentum_flat(grads)  # momentum correction only (no error feedback)
+        flat = self.memory.momentum_flat(grads)  # momentum correction only (no error feedback)
         return Message([flat.to(self.dtype)], {"shapes": shapes})
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
         return unflatten(msg.tensors[0].float(), msg.meta["shapes"])
 
-    def exchange(self, grads: list[torch.Tensor], transport: Transport,
+    def exchange(self, grads: list[torch.Tensor], transport: Collectives,
                  group: Group | None = None) -> list[torch.Tensor]:
         self.rank, size = group_rank(transport, group)
         self.step += 1
         shapes = [tuple(g.shape) for g in grads]
-        flat = self.momentum_flat(grads)  # may be the velocity: never written below
+        flat = self.memory.momentum_flat(grads)  # may be the velocity: never written below
         pre = self.opts.prescale and size > 1
         code = (flat / size if pre else flat).to(self.dtype)
         if size > 1:
@@ -57,7 +58,7 @@ class CastCodec(Codec):
         out = code.float()
         if not pre and size > 1:
             out = out / size
-        return unflat(out, shapes)
+        return unflatten(out, shapes)
 
 
 @register

@@ -18,7 +18,8 @@ import torch
 from tandem.codecs.base import group_rank
 
 if TYPE_CHECKING:
-    from tandem.transport.transport import Group, Transport
+    from tandem.codecs.collectives import Collectives
+    from tandem.transport.transport import Group
 
 #: entries from which a model counts as large: messages are decoded one at a time into reused
 #: buffers (bounded scratch memory, no page faults) instead of as one (k, D) batch
@@ -38,7 +39,7 @@ class ScaledBitsGather:
         decides: e.g. ``dim >= LARGE``)."""
         raise NotImplementedError
 
-    def exchange(self, grads: list[torch.Tensor], transport: Transport,
+    def exchange(self, grads: list[torch.Tensor], transport: Collectives,
                  group: Group | None = None) -> list[torch.Tensor]:
         """The group's mean: our wire buffer all-gathered, the buffers decoded where they lie."""
         codec: Any = self

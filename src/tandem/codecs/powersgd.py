@@ -29,11 +29,13 @@ import torch
 from pydantic import Field
 
 from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register, step_generator
-from tandem.codecs.dense import flatten, unflatten
+from tandem.codecs.memory import ErrorFeedback
 from tandem.codecs.topk import numel
+from tandem.flat import flatten, unflatten
 
 if TYPE_CHECKING:
-    from tandem.transport.transport import Group, Transport
+    from tandem.codecs.collectives import Collectives
+    from tandem.transport.transport import Group
 
 
 class PowerSGDOptions(CodecOptions):
@@ -59,6 +61,10 @@ class PowerSGDCodec(Codec):
     def __init__(self, options: Any = None, *, seed: int = 0) -> None:
         super().__init__(options, seed=seed)
         self.qs: list[torch.Tensor] | None = None
+
+    def new_memory(self) -> ErrorFeedback:
+        o = self.opts
+        return ErrorFeedback(o.momentum, o.momentum_masking, residual=o.error_feedback)
 
     # ---- plan -------------------------------------------------------------------------------
     def matrix_shape(self, shape: tuple[int, ...]) -> tuple[int, int] | None:
@@ -95,7 +101,7 @@ class PowerSGDCodec(Codec):
         return comp, mats, dense
 
     # ---- exchange (the two all-reduces) -----------------------------------------------------
-    def exchange(self, grads: list[torch.Tensor], transport: Transport,
+    def exchange(self, grads: list[torch.Tensor], transport: Collectives,
                  group: Group | None = None) -> list[torch.Tensor]:
         self.rank, size = group_rank(transport, group)
 
@@ -109,7 +115,7 @@ class PowerSGDCodec(Codec):
 
     def _run(self, grads: list[torch.Tensor], mean: Any) -> list[torch.Tensor]:
         shapes = [tuple(g.shape) for g in grads]
-        corrected = self.with_residual(grads)
+        corrected = self.memory.corrected(grads)
         comp, mats, dense = self._split(corrected)
         qs = self._start_qs(shapes)
         ps = [m @ q for m, q in zip(mats, qs, strict=True)]
@@ -126,7 +132,7 @@ class PowerSGDCodec(Codec):
             transmitted[i] = (p @ q.T).view(shapes[i])
         for i in dense:
             transmitted[i] = corrected[i].float()
-        self.keep_residual(corrected, transmitted)
+        self.memory.keep(corrected, transmitted)
         qbuf = mean(torch.cat([q.reshape(-1) for q in q_local]) if q_local else torch.empty(0))
         out: list[torch.Tensor] = [torch.empty(0)] * len(shapes)
         offset, q_mean = 0, []
@@ -145,7 +151,7 @@ class PowerSGDCodec(Codec):
     # ---- message level: a one-worker power step (for point-to-point strategies) --------------
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
-        corrected = self.with_residual(grads)
+        corrected = self.memory.corrected(grads)
         comp, mats, dense = self._split(corrected)
         qs = self._start_qs(shapes)
         p_hat = [orthonormalise(m @ q) for m, q in zip(mats, qs, strict=True)]
@@ -154,7 +160,7 @@ class PowerSGDCodec(Codec):
             self.qs = [q.clone() for q in q_loc]
         tensors = [flatten(p_hat), flatten(q_loc), flatten([corrected[i].float() for i in dense])]
         msg = Message(tensors, {"shapes": shapes, "comp": comp, "dense": dense})
-        self.keep_residual(corrected, self.decode(msg))
+        self.memory.keep(corrected, self.decode(msg))
         return msg
 
     def decode(self, msg: Message) -> list[torch.Tensor]:

@@ -34,9 +34,9 @@ bucket index is no longer built while the runs suffice), ``encode`` divides per 
 and the messages are decoded one at a time into that scratch and added into the (fresh) mean,
 in the order ``sum(0)`` adds them. What remains is per-entry floors: the sequential norm sum,
 the random words, the unpack lookup (~1.5 ns per packed byte), the fp32 passes over each
-message, and the base class's concatenation and momentum. Tuning for speed: ``bucket_size`` 0
-or a multiple of the layer sizes keeps the runs few (more than max(32, D / 65536) runs fall
-back to a per-entry gather).
+message, and the memory's concatenation and momentum (:mod:`.memory`). Tuning for speed:
+``bucket_size`` 0 or a multiple of the layer sizes keeps the runs few (more than
+max(32, D / 65536) runs fall back to a per-entry gather).
 
 Transfer: gathered. Bytes per code: ``4 * n_buckets + ceil(D * (w + 1) / 8)`` with
 ``w = ceil(log2(levels + 1))`` bits per level plus one sign bit.
@@ -48,7 +48,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -59,7 +59,6 @@ from tandem.codecs.base import (
     Message,
     register,
     step_generator,
-    unflat,
 )
 from tandem.codecs.bits import (
     bits_to_bytes,
@@ -72,9 +71,7 @@ from tandem.codecs.bits import (
 from tandem.codecs.gathered import LARGE as _LARGE
 from tandem.codecs.gathered import ScaledBitsGather
 from tandem.codecs.topk import numel
-
-if TYPE_CHECKING:
-    pass
+from tandem.flat import unflatten
 
 
 def level_bits(levels: int) -> int:
@@ -167,8 +164,8 @@ class QSGDCodec(ScaledBitsGather, Codec):
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
         # momentum correction only (QSGD is unbiased, no error feedback)
-        flat = self.corrected_flat(grads)
-        self.keep_flat(flat, transmitted=flat)
+        flat = self.memory.corrected_flat(grads)
+        self.memory.keep_flat(flat, transmitted=flat)
         plan = self._plan(shapes)
         n, s, w = flat.numel(), self.opts.levels, level_bits(self.opts.levels)
         nb = plan.counts.numel()
@@ -234,7 +231,7 @@ class QSGDCodec(ScaledBitsGather, Codec):
             value.mul_(planes[:, w].to(torch.float32).mul_(-2.0).add_(1.0))
         _per_bucket(torch._foreach_mul_, value, norms, self._plan(shapes))
         out = value.sum(0) if k > 1 else value.view(-1)
-        return unflat(out.mul_(1.0 / (s * k)), shapes)
+        return unflatten(out.mul_(1.0 / (s * k)), shapes)
 
     def _decode_each(self, codes: list[tuple[torch.Tensor, torch.Tensor]],
                      shapes: list[tuple[int, ...]], dim: int) -> list[torch.Tensor]:
@@ -265,7 +262,7 @@ class QSGDCodec(ScaledBitsGather, Codec):
             # the sum in the order of sum(0): (0 + v0) + v1 + ...; 0 + v0 = v0 + 0
             out = torch.add(value, 0.0) if out is None else out.add_(value)
         assert out is not None
-        return unflat(out.mul_(1.0 / (s * k)), shapes)
+        return unflatten(out.mul_(1.0 / (s * k)), shapes)
 
     def _large(self, k: int, dim: int) -> bool:
         return k > 1 and dim >= _LARGE and level_bits(self.opts.levels) <= 7
@@ -287,7 +284,6 @@ class QSGDCodec(ScaledBitsGather, Codec):
 
     def aggregate(self, msgs: list[Message]) -> list[torch.Tensor]:
         return self._decode_mean(msgs)
-
 
 
 def _per_bucket(op: Callable[..., Any], values: torch.Tensor, norms: torch.Tensor,

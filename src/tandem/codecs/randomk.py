@@ -27,12 +27,14 @@ from tandem.codecs.base import (
     group_rank,
     register,
     step_generator,
-    unflat,
 )
+from tandem.codecs.memory import ErrorFeedback
 from tandem.codecs.topk import keep_count
+from tandem.flat import unflatten
 
 if TYPE_CHECKING:
-    from tandem.transport.transport import Group, Transport
+    from tandem.codecs.collectives import Collectives
+    from tandem.transport.transport import Group
 
 
 class RandomKOptions(CodecOptions):
@@ -53,6 +55,10 @@ class RandomKCodec(Codec):
         super().__init__(options, seed=seed)
         self._pos_key: tuple[int, int] | None = None
         self._pos = torch.empty(0, dtype=torch.int64)
+
+    def new_memory(self) -> ErrorFeedback:
+        o = self.opts
+        return ErrorFeedback(o.momentum, o.momentum_masking, residual=o.error_feedback)
 
     def positions(self, dim: int, step: int) -> torch.Tensor:
         """The positions of ``step``: the same on every worker with the same seed."""
@@ -75,10 +81,10 @@ class RandomKCodec(Codec):
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
-        flat = self.corrected_flat(grads)
+        flat = self.memory.corrected_flat(grads)
         idx = self.positions(flat.numel(), self.step)
         msg = Message([flat.index_select(0, idx)], {"shapes": shapes, "dim": flat.numel()})
-        self.keep_flat(flat, split=idx)
+        self.memory.keep_flat(flat, split=idx)
         return msg
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
@@ -86,9 +92,9 @@ class RandomKCodec(Codec):
         receiver sets ``step`` before decoding, so the positions never travel)."""
         out = torch.zeros(msg.meta["dim"], dtype=torch.float32)
         out.index_copy_(0, self.positions(msg.meta["dim"], self.step), msg.tensors[0].float())
-        return unflat(out, msg.meta["shapes"])
+        return unflatten(out, msg.meta["shapes"])
 
-    def exchange(self, grads: list[torch.Tensor], transport: Transport,
+    def exchange(self, grads: list[torch.Tensor], transport: Collectives,
                  group: Group | None = None) -> list[torch.Tensor]:
         self.rank, size = group_rank(transport, group)
         msg = self.encode(grads)

@@ -8,7 +8,7 @@ signSGD is biased and can diverge) carries the difference into the next step.
 When to use: very slow links where even top-k's 8 bytes per kept entry cost too much per step,
 and dense-ish gradients (convolutional nets). Tuning: there is little to tune; keep
 ``error_feedback`` on. With heavy momentum use the codec's ``momentum=0.9`` (momentum
-correction, see :mod:`.base`) and the optimizer's momentum 0: the optimizer's momentum on the
+correction, see :mod:`.memory`) and the optimizer's momentum 0: the optimizer's momentum on the
 decoded mean re-integrates the delayed residuals and the run collapsed to chance accuracy on the
 Fashion CNN (lr 0.05, momentum 0.9); the scale itself, ``||c||_1 / n_l``, is EF-signSGD's.
 
@@ -25,7 +25,7 @@ ones (>= 2^20 entries; ResNet-18 with 4 ranks: ~0.6x the batched code's time) re
 scratch (5 bytes per entry plus the bit buffer, held between steps: fresh 50-200 MB temporaries
 cost more in page faults than the work) and decode one message at a time into it, adding each
 into the mean in the order ``sum(0)`` does. The rest of the time is the shared error-feedback
-and momentum bookkeeping in :mod:`.base` (concatenation, momentum, the fresh residual).
+and momentum bookkeeping in :mod:`.memory` (concatenation, momentum, the fresh residual).
 
 Transfer: gathered (the scales differ per worker). Bytes per code: ``4 * L + ceil(D / 8)``.
 """
@@ -33,19 +33,17 @@ Transfer: gathered (the scales differ per worker). Bytes per code: ``4 * L + cei
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
 import torch
 from pydantic import Field
 
-from tandem.codecs.base import Codec, CodecOptions, Message, register, unflat
+from tandem.codecs.base import Codec, CodecOptions, Message, register
 from tandem.codecs.bits import bits_to_bytes, bytes_to_signs, packed_size
 from tandem.codecs.gathered import LARGE as _LARGE
 from tandem.codecs.gathered import ScaledBitsGather
+from tandem.codecs.memory import ErrorFeedback
 from tandem.codecs.topk import numel
-
-if TYPE_CHECKING:
-    pass
+from tandem.flat import unflatten
 
 
 class SignSGDOptions(CodecOptions):
@@ -60,6 +58,10 @@ class SignSGDCodec(ScaledBitsGather, Codec):
     transfer = "gather"
     error_feedback = True
     Options = SignSGDOptions
+
+    def new_memory(self) -> ErrorFeedback:
+        o = self.opts
+        return ErrorFeedback(o.momentum, o.momentum_masking, residual=o.error_feedback)
 
     def _large(self, k: int, dim: int) -> bool:
         return dim >= _LARGE
@@ -87,7 +89,7 @@ class SignSGDCodec(ScaledBitsGather, Codec):
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
         key = tuple(shapes)
-        flat = self.corrected_flat(grads)
+        flat = self.memory.corrected_flat(grads)
         n, nl = flat.numel(), len(shapes)
         counts = layer_counts(key)
         wire = torch.empty(4 * nl + packed_size(n, 1), dtype=torch.uint8)
@@ -102,7 +104,7 @@ class SignSGDCodec(ScaledBitsGather, Codec):
             bits[n:].zero_()
         positive = torch.ge(flat, 0, out=bits[:n])
         msg = Message([scales, wire[4 * nl:]], {"shapes": shapes, "dim": n})
-        if self.uses_error_feedback() or self.track_transmitted:
+        if self.memory.needs_transmitted:
             # what the receivers decode, computed directly (no unpack of our own bits):
             # (2 bit - 1) in int8, as float, times its layer's scale (one foreach call)
             if fbuf is None:
@@ -112,9 +114,9 @@ class SignSGDCodec(ScaledBitsGather, Codec):
                 pm = torch.mul(positive.view(torch.uint8), 2, out=raw.view(torch.uint8)[:n])
                 sent = fbuf.copy_(pm.sub_(1).view(torch.int8))
             _scale_layers(sent.unsqueeze(0), scales.unsqueeze(0), layer_sizes(key))
-            self.keep_flat(flat, transmitted=sent)
+            self.memory.keep_flat(flat, transmitted=sent)
         else:
-            self.keep_flat(flat, transmitted=flat)
+            self.memory.keep_flat(flat, transmitted=flat)
         bits_to_bytes(bits.view(torch.uint8), out=wire[4 * nl:], in_place=large)
         self._wire = wire
         return msg
@@ -127,7 +129,7 @@ class SignSGDCodec(ScaledBitsGather, Codec):
         k = scales.shape[0]
         out = bytes_to_signs(bits)[:, :dim].to(torch.float32)
         _scale_layers(out, scales, layer_sizes(tuple(shapes)))
-        return unflat(out.sum(0).div_(k) if k > 1 else out.view(-1), shapes)
+        return unflatten(out.sum(0).div_(k) if k > 1 else out.view(-1), shapes)
 
     def _decode_each(self, codes: list[tuple[torch.Tensor, torch.Tensor]],
                      shapes: list[tuple[int, ...]], dim: int) -> list[torch.Tensor]:
@@ -144,7 +146,7 @@ class SignSGDCodec(ScaledBitsGather, Codec):
             # the sum in the order of sum(0): (0 + v0) + v1 + ...; 0 + v0 = v0 + 0
             out = torch.add(value, 0.0) if out is None else out.add_(value)
         assert out is not None
-        return unflat(out.div_(len(codes)), shapes)
+        return unflatten(out.div_(len(codes)), shapes)
 
     def _decode_mean(self, msgs: list[Message]) -> list[torch.Tensor]:
         if len(msgs) > 1 and msgs[0].meta["dim"] >= _LARGE:
@@ -159,9 +161,6 @@ class SignSGDCodec(ScaledBitsGather, Codec):
 
     def aggregate(self, msgs: list[Message]) -> list[torch.Tensor]:
         return self._decode_mean(msgs)
-
-
-
 
 
 def _scale_layers(values: torch.Tensor, scales: torch.Tensor, sizes: tuple[int, ...]) -> None:
@@ -185,10 +184,3 @@ def _clamped(shapes: tuple[tuple[int, ...], ...]) -> torch.Tensor:
 def layer_counts(shapes: tuple[tuple[int, ...], ...]) -> torch.Tensor:
     """Entries per layer (int64), cached per model."""
     return torch.tensor([numel(s) for s in shapes], dtype=torch.int64)
-
-
-@lru_cache(maxsize=16)
-def layer_ids(shapes: tuple[tuple[int, ...], ...]) -> torch.Tensor:
-    """The layer of every entry (cached per model)."""
-    counts = layer_counts(shapes)
-    return torch.repeat_interleave(torch.arange(counts.numel()), counts)

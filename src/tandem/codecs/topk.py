@@ -35,11 +35,13 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from pydantic import Field
 
-from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register, unflat
-from tandem.codecs.dense import unflatten
+from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register
+from tandem.codecs.memory import ErrorFeedback
+from tandem.flat import unflatten
 
 if TYPE_CHECKING:
-    from tandem.transport.transport import Group, Transport
+    from tandem.codecs.collectives import Collectives
+    from tandem.transport.transport import Group
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -123,14 +125,6 @@ def select_topk(flat: torch.Tensor, sizes: list[int], ratio: float,
     return torch.cat(parts).add_(plan.offsets)
 
 
-def sent_masks(idx: torch.Tensor, dim: int, shapes: list[tuple[int, ...]]
-               ) -> list[torch.Tensor | None]:
-    """Per-layer boolean masks of the flat positions ``idx`` (momentum factor masking)."""
-    mask = torch.zeros(dim, dtype=torch.bool)
-    mask[idx.long()] = True
-    return list(unflatten(mask, shapes))
-
-
 def sparse_mean(values: list[torch.Tensor], indices: list[torch.Tensor], dim: int) -> torch.Tensor:
     """Mean over workers of sparse vectors given as (values, positions)."""
     out = torch.zeros(dim, dtype=torch.float32)
@@ -138,7 +132,7 @@ def sparse_mean(values: list[torch.Tensor], indices: list[torch.Tensor], dim: in
     return out / len(values)
 
 
-#: default residual cap of top-k (see :meth:`Codec.cap_residual`)
+#: default residual cap of top-k (see :meth:`ErrorFeedback.cap_residual`)
 EF_CLIP = 0.0
 
 
@@ -162,6 +156,11 @@ class TopKCodec(Codec):
     error_feedback = True
     Options = TopKOptions
 
+    def new_memory(self) -> ErrorFeedback:
+        o = self.opts
+        return ErrorFeedback(o.momentum, o.momentum_masking, residual=o.error_feedback,
+                             clip=o.ef_clip)
+
     def ratio_at(self, step: int) -> float:
         """Density at ``step``: exponential ramp during warm-up, then ``ratio``."""
         o = self.opts
@@ -173,8 +172,7 @@ class TopKCodec(Codec):
         """The message and its packed bytes: values and int32 positions are written straight
         into one uint8 buffer (the wire format of ``Message.pack``), so exchange packs nothing."""
         shapes = [tuple(g.shape) for g in grads]
-        flat = self.corrected_flat(grads)
-        unorm = self.step_norm(grads)
+        flat = self.memory.corrected_flat(grads)
         sizes = [numel(s) for s in shapes]
         idx = select_topk(flat, sizes, self.ratio_at(self.step), self.opts.scope)
         k = idx.numel()
@@ -183,8 +181,8 @@ class TopKCodec(Codec):
         torch.index_select(flat, 0, idx, out=vals)
         pos.copy_(idx)
         msg = Message([vals, pos], {"shapes": shapes, "dim": flat.numel()})
-        self.keep_flat(flat, split=idx)
-        self.cap_residual(unorm)
+        self.memory.keep_flat(flat, split=idx)
+        self.memory.cap_residual()
         return msg, packed
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
@@ -200,7 +198,7 @@ class TopKCodec(Codec):
         out = sparse_mean([m.tensors[0] for m in msgs], [m.tensors[1] for m in msgs], meta["dim"])
         return unflatten(out, meta["shapes"])
 
-    def exchange(self, grads: list[torch.Tensor], transport: Transport,
+    def exchange(self, grads: list[torch.Tensor], transport: Collectives,
                  group: Group | None = None) -> list[torch.Tensor]:
         """:meth:`Codec.exchange` for top-k, with the gathered codes read in place: each
         worker's bytes are viewed as (values, positions), not unpacked into copies, and added
@@ -218,7 +216,7 @@ class TopKCodec(Codec):
             if b.numel() != 8 * k:
                 raise ValueError(f"top-k code of {b.numel()} bytes, expected {8 * k}")
             out.index_add_(0, _view(b[4 * k:], torch.int32), _view(b[: 4 * k], torch.float32))
-        return unflat(out.div_(len(bufs)), msg.meta["shapes"])
+        return unflatten(out.div_(len(bufs)), msg.meta["shapes"])
 
 
 def _view(chunk: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -33,13 +33,15 @@ class Done:
 
 
 class ProcessGroupTransport:
-    """What codecs use of :class:`~tandem.transport.transport.Transport`, over a process group."""
+    """What codecs use of :class:`~tandem.transport.transport.Transport`, over a process group:
+    the codecs' ``Collectives`` protocol (``tandem.codecs.collectives``, which this layer does
+    not import), plus the byte meter."""
 
     def __init__(self, pg: Any = None) -> None:
         self.pg = pg if pg is not None else dist.group.WORLD
-        self.rank = dist.get_rank()
-        self.world = dist.get_world_size()
-        self.world_group = Group(self.pg, dist.get_process_group_ranks(self.pg))
+        self.rank: int = dist.get_rank()
+        self.world: int = dist.get_world_size()
+        self.world_group: Group = Group(self.pg, dist.get_process_group_ranks(self.pg))
         self.meter = ByteMeter()
 
     def _g(self, group: Group | None) -> Group:

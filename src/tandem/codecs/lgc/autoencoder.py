@@ -21,10 +21,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from tandem.codecs.collectives import Collectives, Handle
+    from tandem.transport.transport import Group
 
 #: the largest K whose frozen linear autoencoder runs as matrices (a few MB); see AETrainer.linear
 AFFINE_MAX_K = 1024
@@ -247,14 +251,14 @@ def mean_ms(xs: list[float]) -> float | None:
 class Ctx:
     """One exchange's communication context."""
 
-    transport: Any
-    group: Any
+    transport: Collectives
+    group: Group | None
     n: int
     me: int
     leader: int
     src: int
 
-    def all_reduce(self, t: torch.Tensor, op: str = "sum", category: str = "train") -> Any:
+    def all_reduce(self, t: torch.Tensor, op: str = "sum", category: str = "train") -> Handle:
         return self.transport.all_reduce(t, op, group=self.group, category=category)
 
     def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:

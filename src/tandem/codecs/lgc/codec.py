@@ -29,8 +29,8 @@ Method (Abrahamyan & Deligiannis, patent EP3920097 and arXiv 2103.08870; see doc
    entries delayed for hundreds of steps at rho = 1e-3 cannot return as one destabilising burst.
 
 Modules: this one (options, plan, stage schedule, message level, state); the rounds of stages 1
-and 2 in :mod:`.lgc_stages`, the compressed rounds in :mod:`.lgc_ps` and :mod:`.lgc_rar`; the
-autoencoder in :mod:`.lgc_ae`.
+and 2 in :mod:`.stages`, the compressed rounds in :mod:`.ps` and :mod:`.rar`; the autoencoder
+in :mod:`.autoencoder`; error feedback in :mod:`tandem.codecs.memory`.
 
 Design choices (documented in docs/lgc.md): the leader sends its positions *ordered by its own
 values* (the order of a set that is sent anyway costs nothing), which turns every worker's value
@@ -51,19 +51,22 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field
 
-from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register, unflat
+from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register
 from tandem.codecs.lgc.autoencoder import AETrainer, Ctx, latent_size, mean_ms
 from tandem.codecs.lgc.plan import Plan
 from tandem.codecs.lgc.ps import ps_round
 from tandem.codecs.lgc.rar import rar_round
 from tandem.codecs.lgc.stages import topk_round, train_round
+from tandem.codecs.memory import ErrorFeedback
 from tandem.codecs.positions import pack_positions, positions_nbytes, unpack_positions
 from tandem.codecs.topk import keep_count, numel, select_topk
+from tandem.flat import unflatten
 from tandem.telemetry.log import get_logger
 from tandem.transport.packing import pack, unpack
 
 if TYPE_CHECKING:
-    from tandem.transport.transport import Group, Transport
+    from tandem.codecs.collectives import Collectives
+    from tandem.transport.transport import Group
 
 
 class LGCOptions(CodecOptions):
@@ -118,6 +121,11 @@ class LGCCodec(Codec):
         self._plans: dict[tuple[tuple[int, ...], ...], Plan] = {}
         self.synced = False
         self._sent_idx: torch.Tensor | None = None
+
+    def new_memory(self) -> ErrorFeedback:
+        o = self.opts
+        return ErrorFeedback(o.momentum, o.momentum_masking, residual=self.error_feedback,
+                             clip=o.ef_clip)
 
     # ---- plan and stages --------------------------------------------------------------------
     def plan(self, shapes: list[tuple[int, ...]]) -> Plan:
@@ -191,14 +199,13 @@ class LGCCodec(Codec):
         return idx[x[idx].argsort(descending=True, stable=True)]
 
     # ---- exchange -----------------------------------------------------------------------------
-    def exchange(self, grads: list[torch.Tensor], transport: Transport,
+    def exchange(self, grads: list[torch.Tensor], transport: Collectives,
                  group: Group | None = None) -> list[torch.Tensor]:
         me, n = group_rank(transport, group)
         self.rank = me
         g = group or transport.world_group
         p = self.plan([tuple(t.shape) for t in grads])
-        flat = self.corrected_flat(grads)
-        unorm = self.step_norm(grads)
+        flat = self.memory.corrected_flat(grads)
         x = flat[p.start: p.stop]
         dense = self._dense_part(p, flat)
         stage = self.stage_at(self.step) if p.k else 1
@@ -230,9 +237,9 @@ class LGCCodec(Codec):
             out_x = x
         out = self._join(p, out_x, dense)
         self._keep(flat, p, sent_x)
-        self.cap_residual(unorm)
+        self.memory.cap_residual()
         self.step += 1
-        return unflat(out, p.shapes)
+        return unflatten(out, p.shapes)
 
     def _keep(self, flat: torch.Tensor, p: Plan, sent_x: torch.Tensor | None) -> None:
         """Error feedback: ``r = flat - (what the group reconstructs of this worker)``.
@@ -244,7 +251,7 @@ class LGCCodec(Codec):
         bit). Without sparse positions (stage-1 dense warm-up, no compressed layer), or when a
         test tracks ``transmitted``, the dense reconstruction is built as before."""
         idx, self._sent_idx = self._sent_idx, None
-        if idx is None or self.track_transmitted:
+        if idx is None or self.memory.track_transmitted:
             x = flat[p.start: p.stop]
             if idx is not None:
                 vals = x[idx] if sent_x is None else sent_x
@@ -252,8 +259,8 @@ class LGCCodec(Codec):
                 sent_x[idx] = vals
             transmitted = self._join(p, x if sent_x is None else sent_x,
                                      self._dense_part(p, flat))
-            self.keep_flat(flat, transmitted=transmitted,
-                           sent=None if idx is None else idx + p.start)
+            self.memory.keep_flat(flat, transmitted=transmitted,
+                                  sent=None if idx is None else idx + p.start)
             return
         flat[: p.start].zero_()
         flat[p.stop:].zero_()
@@ -262,7 +269,7 @@ class LGCCodec(Codec):
             x.index_fill_(0, idx, 0.0)
         else:
             x.index_add_(0, idx, sent_x, alpha=-1)
-        self.keep_flat(flat, split=idx[:0], sent=idx + p.start)
+        self.memory.keep_flat(flat, split=idx[:0], sent=idx + p.start)
 
     @staticmethod
     def _dense_part(p: Plan, flat: torch.Tensor) -> torch.Tensor:
@@ -325,13 +332,13 @@ class LGCCodec(Codec):
     # with error feedback (+ the dense layers), positions ordered by value.
     def encode(self, grads: list[torch.Tensor]) -> Message:
         p = self.plan([tuple(t.shape) for t in grads])
-        flat = self.corrected_flat(grads)
+        flat = self.memory.corrected_flat(grads)
         x = flat[p.start: p.stop]
         dense = self._dense_part(p, flat)
         idx = self.ordered_topk(x, p)
         msg = Message([pack_positions(idx, x.numel()), x[idx], dense],
                       {"shapes": p.shapes, "dim": x.numel()})
-        self.keep_flat(flat, transmitted=self._decode_flat(p, msg), sent=idx + p.start)
+        self.memory.keep_flat(flat, transmitted=self._decode_flat(p, msg), sent=idx + p.start)
         return msg
 
     def _decode_flat(self, p: Plan, msg: Message) -> torch.Tensor:
@@ -342,7 +349,7 @@ class LGCCodec(Codec):
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
         p = self.plan(msg.meta["shapes"])
-        return unflat(self._decode_flat(p, msg), p.shapes)
+        return unflatten(self._decode_flat(p, msg), p.shapes)
 
     # ---- state and report ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
