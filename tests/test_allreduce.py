@@ -86,7 +86,7 @@ def test_run_record_is_complete(tmp_path):
 def test_flat_gradients_are_reused_and_sent_without_a_copy():
     """use_flat_gradients: backward adds into one buffer (no new gradient tensors per step),
     and the dense codec recognises the tiled buffer while a gap or a reordering defeats it."""
-    from tandem.codecs.dense import contiguous_span
+    from tandem.flat import contiguous_span
 
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     params = list(model.parameters())

@@ -38,7 +38,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.codecs.memory import ErrorFeedback
-from tandem.flat import flatten, unflatten
 from tandem.registry import Registry
 from tandem.transport.packing import TensorSpec, pack, spec_of, unpack
 
@@ -85,11 +84,6 @@ class CodecOptions(BaseModel):
                             "momentum 0)")
     momentum_masking: bool = Field(True, description="sparse codecs: zero the local momentum "
                                    "where entries were sent (DGC momentum factor masking)")
-
-
-#: the older names of :func:`tandem.flat.flatten` / :func:`tandem.flat.unflatten`, still
-#: imported from here by compressed gossip (``strategies/gossip/choco.py``)
-concat, unflat = flatten, unflatten
 
 
 def group_rank(transport: Collectives, group: Group | None) -> tuple[int, int]:

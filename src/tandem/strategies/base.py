@@ -228,9 +228,16 @@ class StepLoop:
     def record(self, step: int, c: Computed, ex: Exchanged) -> None:
         """One step record: times, the bytes the transport metered this step, loss, fields."""
         b = self.ctx.transport.end_step()
-        self.ctx.recorder.step(step, compute_s=c.compute_s, comm_s=ex.comm_s or 0.0,
-                               idle_s=ex.idle_s, bytes_sent=b.sent, bytes_recv=b.recv,
-                               loss=c.loss, straggled=c.straggled, **c.fields, **ex.fields)
+        record = self.ctx.recorder.step(
+            step, compute_s=c.compute_s, comm_s=ex.comm_s or 0.0, idle_s=ex.idle_s,
+            bytes_sent=b.sent, bytes_recv=b.recv, loss=c.loss, straggled=c.straggled,
+            **c.fields, **ex.fields)
+        self.step_callbacks(step, record)
+
+    def step_callbacks(self, step: int, record: dict[str, Any]) -> None:
+        """Tell the workload's callbacks that ``step`` is recorded."""
+        for cb in self.ctx.workload.callbacks:
+            cb.on_step_end(step, dict(record))
 
     def eval_due(self, step: int) -> bool:
         return is_eval_step(step, self.every, self.total)
@@ -238,8 +245,14 @@ class StepLoop:
     def evaluate(self, step: int) -> None:
         """Test accuracy and loss of this worker's model, the test set sharded over the world."""
         assert self.trainer is not None
-        acc, loss = evaluate(self.trainer.model, self.ctx.workload, self.ctx.transport)
-        self.ctx.recorder.eval(step, accuracy=acc, loss=loss)
+        ev = evaluate(self.trainer.model, self.ctx.workload, self.ctx.transport)
+        self.report_eval(step, ev.record())
+
+    def report_eval(self, step: int, fields: dict[str, Any]) -> None:
+        """Write an evaluation record and tell the workload's callbacks."""
+        self.ctx.recorder.eval(step, **fields)
+        for cb in self.ctx.workload.callbacks:
+            cb.on_eval(step, dict(fields))
 
     def checkpoint_due(self, step: int) -> bool:
         return self.ckpt.due(step, self.total)

@@ -49,10 +49,10 @@ from tandem.strategies.base import Strategy, StrategyOptions, register
 from tandem.telemetry.log import get_logger
 from tandem.trainer import (
     build_model,
-    evaluate_shard,
     is_eval_step,
     screen_gradients,
 )
+from tandem.trainer.evaluate import evaluate_alone
 from tandem.trainer.partitions import PartitionGradients
 from tandem.transport.store_barrier import wait_on
 
@@ -196,10 +196,8 @@ class CodedPSStrategy(Strategy):
                 with rec.evaluating():
                     with torch.no_grad():
                         vector_to_parameters(x, params)
-                    correct, loss_sum, count = evaluate_shard(model, ctx.workload, 0, 1,
-                                                              tr.device).tolist()
-                    acc = correct / count if ctx.workload.task == "classification" else None
-                    rec.eval(step, accuracy=acc, loss=loss_sum / max(count, 1.0),
+                    ev = evaluate_alone(model, ctx.workload, tr.device)
+                    rec.eval(step, **ev.record(),
                              **({"opt_error": trajectory[-1]} if trajectory else {}))
         stops = []
         for j in range(n):  # let every live worker finish its last job, then stop it

@@ -304,9 +304,9 @@ class Recorder:
         bytes_recv: int,
         loss: float | None,
         **extra: Any,
-    ) -> None:
-        """Record one training step of this rank. ``bytes_*`` are this step's train bytes;
-        ``extra`` holds method fields (staleness, straggled, consensus_error, ...)."""
+    ) -> dict[str, Any]:
+        """Record one training step of this rank and return the record. ``bytes_*`` are this
+        step's train bytes; ``extra`` holds method fields (staleness, straggled, ...)."""
         with self._lock:
             loss_f = _float_or_none(loss)
             self.steps += 1
@@ -335,6 +335,7 @@ class Recorder:
                 if loss_f is not None and math.isfinite(loss_f):
                     self._writer.add_scalar("train/loss", loss_f, int(step))
                 self._writer.add_scalar("train/bytes_sent_rank0", self.bytes_sent_total, int(step))
+            return record
 
     def eval(self, step: int, *, accuracy: float | None, loss: float, **extra: Any) -> None:
         """Record a test evaluation at ``step``. ``accuracy`` is None for regression workloads."""

@@ -70,8 +70,9 @@ import torch
 from tandem.checkpoint import Checkpointer, config_fingerprint, rng_state, set_rng_state
 from tandem.config import RunConfig
 from tandem.errors import CheckpointError
+from tandem.flat import flatten, unflatten
 from tandem.strategies.base import Strategy, register
-from tandem.strategies.bsp_shared.agent import Agent, AgentConfig, WorkerLoop, flatten, unflatten
+from tandem.strategies.bsp_shared.agent import Agent, AgentConfig, WorkerLoop
 from tandem.strategies.bsp_shared.layout import (
     Layout,
     layout_for,
@@ -84,9 +85,9 @@ from tandem.strategies.bsp_shared.segment import MachineSegment
 from tandem.trainer import (
     LocalTrainer,
     build_model,
-    build_optimizer,
     evaluate,
     screen_gradients,
+    training_spec,
 )
 from tandem.trainer.stragglers import ComputeFaults
 
@@ -205,10 +206,13 @@ class BspSharedStrategy(Strategy):
             if layout.machines > 1:
                 ctx.transport.all_reduce(torch.zeros(1), group=group, category="control").wait()
 
-        agent = Agent(seg, params, build_optimizer(model, ctx.cfg), cfg, transport=ctx.transport,
+        spec = training_spec(ctx.cfg, ctx.workload)  # the agents own the optimizer
+        optimizer = spec.make_optimizer(model)
+        agent = Agent(seg, params, optimizer, cfg, transport=ctx.transport,
                       group=group, codec=codec, recorder=rec, is_controller=machine == 0,
                       evaluate=lambda: evaluate(model, ctx.workload, ctx.transport, group),
-                      save=lambda cid, state: self._save(cid, {"agent": state}, barrier))
+                      save=lambda cid, state: self._save(cid, {"agent": state}, barrier),
+                      scheduler=spec.make_scheduler(optimizer, total), clip=spec.clip)
         if self.state is not None:
             agent.load_state_dict(self.state["agent"])
             set_rng_state(self.state["rng"])
@@ -240,12 +244,14 @@ class BspSharedStrategy(Strategy):
             trainer.loader.load_state_dict(state["loader"])
             set_rng_state(state["rng"])
 
+        shapes = [tuple(p.shape) for p in params]
+
         def compute(flat: torch.Tensor, version: int, step: int) -> tuple[float, torch.Tensor,
                                                                           float, bool]:
             nonlocal skipped
             if compute.version != version:  # type: ignore[attr-defined]
                 with torch.no_grad():
-                    for p, chunk in zip(params, unflatten(flat, params), strict=True):
+                    for p, chunk in zip(params, unflatten(flat, shapes), strict=True):
                         p.copy_(chunk)
                 compute.version = version  # type: ignore[attr-defined]
             loss, grads, compute_s, straggled = trainer.compute(step)

@@ -64,14 +64,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tandem.errors import CheckpointError, TandemError
+from tandem.flat import flatten, unflatten
 from tandem.strategies.bsp_shared.segment import MachineSegment
 from tandem.strategies.bsp_shared.worker import (  # noqa: F401 - re-exported: one import for both roles
     ComputeFn,
     WorkerLoop,
-    flatten,
     model_digest,
-    unflatten,
 )
+from tandem.trainer.precision import step_optimizer
 
 #: save(checkpoint_id, agent_state): write this agent's rank file (its barrier: the agents')
 SaveAgentFn = Callable[[int, dict[str, Any]], None]
@@ -109,9 +109,14 @@ class Agent:
     def __init__(self, seg: MachineSegment, params: list[torch.Tensor],
                  optimizer: torch.optim.Optimizer, cfg: AgentConfig, *, transport: Transport,
                  group: Group, codec: Codec | None = None, recorder: Recorder | None = None,
-                 evaluate: Callable[[], tuple[float | None, float]] | None = None,
-                 is_controller: bool = False, save: SaveAgentFn | None = None) -> None:
+                 evaluate: Callable[[], Any] | None = None,
+                 is_controller: bool = False, save: SaveAgentFn | None = None,
+                 scheduler: Any = None, clip: float | None = None) -> None:
         self.seg, self.params, self.optimizer, self.cfg = seg, params, optimizer, cfg
+        self.shapes = [tuple(p.shape) for p in params]
+        #: the LR schedule, stepped once per superstep's update; the global-norm clip of the
+        #: aggregated gradient (the same on every agent, so every model stays the same)
+        self.scheduler, self.clip = scheduler, clip
         self.transport, self.group, self.codec = transport, group, codec
         self.rec, self.evaluate, self.is_controller = recorder, evaluate, is_controller
         self.save = save
@@ -139,6 +144,7 @@ class Agent:
                 "alive_total": self.alive_total, "torn_adds": list(self.torn_adds),
                 "params": [p.detach().clone() for p in self.params],
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "codec": self.codec.state_dict() if self.codec is not None else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -150,6 +156,8 @@ class Agent:
             for p, saved in zip(self.params, state["params"], strict=True):
                 p.copy_(saved)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state.get("scheduler") is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
         if self.codec is not None and state["codec"] is not None:
             self.codec.load_state_dict(state["codec"])
         self.version, self.applied = int(state["superstep"]), int(state["applied"])
@@ -265,13 +273,13 @@ class Agent:
         if self.codec is None:
             self.transport.all_reduce(local, group=self.group).wait()
             return local / self.machines, stats
-        mean = self.codec.exchange(unflatten(local, self.params), self.transport, self.group)
+        mean = self.codec.exchange(unflatten(local, self.shapes), self.transport, self.group)
         return flatten(mean), stats
 
     def _apply(self, direction: torch.Tensor) -> None:
-        for p, g in zip(self.params, unflatten(direction, self.params), strict=True):
+        for p, g in zip(self.params, unflatten(direction, self.shapes), strict=True):
             p.grad = g.to(p.dtype).clone()
-        self.optimizer.step()
+        step_optimizer(self.optimizer, self.params, self.clip, self.scheduler)
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -383,6 +391,6 @@ class Agent:
             self.evaluate()
             return
         with rec.evaluating():
-            acc, loss = self.evaluate()
+            ev = self.evaluate()
         if self.is_controller:
-            rec.eval(superstep, accuracy=acc, loss=loss, gradients=applied)
+            rec.eval(superstep, **ev.record(), gradients=applied)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from tandem.errors import TandemError, WorkerFailed
+from tandem.flat import flatten
 from tandem.strategies.bsp_shared.segment import MachineSegment
 
 if TYPE_CHECKING:
@@ -32,18 +33,6 @@ if TYPE_CHECKING:
 
 #: compute(flat_model, version, step) -> (loss, flat_gradient, compute_s, straggled)
 ComputeFn = Callable[[torch.Tensor, int, int], tuple[float, torch.Tensor, float, bool]]
-
-
-def flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
-
-
-def unflatten(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, offset = [], 0
-    for t in like:
-        out.append(flat[offset: offset + t.numel()].view_as(t))
-        offset += t.numel()
-    return out
 
 
 #: save(checkpoint_id, loop_counters, barrier): write this worker's rank file, then barrier()

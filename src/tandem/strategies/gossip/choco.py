@@ -15,8 +15,9 @@ round
 3. moves towards the public average: ``y_i <- y_i + gamma * sum_j W_ij (x^_j - x^_i)``.
 
 The public copies are the memory of what was not sent yet (the gap ``y - x^`` is sent later), so
-the codec's own error feedback is switched off (:attr:`tandem.codecs.Codec.feedback`). All peers
-start from the same initial model, so the public copies start there and cost nothing. With the
+the codec's own error feedback is switched off
+(:attr:`tandem.codecs.memory.ErrorFeedback.enabled`). All peers start from the same initial model,
+so the public copies start there and cost nothing. With the
 identity codec and ``gamma = 1`` one round is exactly ``y_i <- sum_j W_ij y_j``.
 
 Tuning ``consensus_step`` (gamma; default :func:`default_consensus_step`): 1 for near-exact codecs
@@ -38,8 +39,8 @@ from typing import Any
 import torch
 
 from tandem.codecs import Codec, Message
-from tandem.codecs.base import concat, unflat
 from tandem.errors import WorkerFailed
+from tandem.flat import flatten, unflatten
 from tandem.topology import PeerView
 
 
@@ -59,7 +60,7 @@ class ChocoMixer:
 
     def __init__(self, codec: Codec, x0: torch.Tensor, shapes: list[tuple[int, ...]],
                  consensus_step: float, transport: Any, view: PeerView) -> None:
-        codec.feedback = False  # the public copies play its part
+        codec.memory.enabled = False  # the public copies play its part
         codec.rank = transport.rank  # private randomness (QSGD's rounding) differs per peer
         self.codec, self.shapes, self.gamma = codec, shapes, float(consensus_step)
         self.transport, self.view, self.me = transport, view, transport.rank
@@ -83,7 +84,7 @@ class ChocoMixer:
     def _round(self, y: torch.Tensor, step: int) -> torch.Tensor:
         tr, codec, me = self.transport, self.codec, self.me
         nbrs, _, _ = self.view.row()
-        msg = codec.encode(unflat(y - self.public[me], self.shapes))
+        msg = codec.encode(unflatten(y - self.public[me], self.shapes))
         packed = msg.pack()  # a fresh buffer, never written again: one for every neighbour
         sends = [(j, tr.send(packed, j)) for j in nbrs]
         recvs = [(j, tr.recv_packed(msg.specs(), j)) for j in nbrs]
@@ -104,10 +105,10 @@ class ChocoMixer:
         if lost:
             self.view.learn(lost, step)
         # decode at the step the messages were encoded at (random-k's shared positions)
-        self.public[me] += concat(codec.decode(msg))
+        self.public[me] += flatten(codec.decode(msg))
         for j, tensors in got.items():
             if j not in lost:
-                self.public[j] += concat(codec.decode(Message(tensors, msg.meta)))
+                self.public[j] += flatten(codec.decode(Message(tensors, msg.meta)))
         codec.step += 1
         for j in lost:
             self.public.pop(j, None)

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch.nn.utils import vector_to_parameters
 
-from tandem.trainer import evaluate, evaluate_shard
 from tandem.trainer.context import WorkerContext
+from tandem.trainer.evaluate import Evaluation, evaluate
+from tandem.trainer.evaluate import evaluate_alone as evaluate_model_alone
 
 __all__ = ["evaluate_alone", "evaluate_network", "peer_accuracy"]
 
@@ -26,17 +27,17 @@ def evaluate_network(ctx: WorkerContext, step: int, x: torch.Tensor, model: torc
                           else 0.0], dtype=torch.float64)
     tr.all_reduce(stats, category="eval").wait()
     out: dict[str, Any] = {"consensus_error": float(stats[0]) / world}
-    if ctx.workload.task == "classification":
+    if "accuracy" in ctx.workload.metric_fns():
         out.update(peer_accuracy(ctx, x, model, mparams))
     with torch.no_grad():
         vector_to_parameters(mean.to(x.dtype), mparams)
-    acc, tloss = evaluate(model, ctx.workload, tr)
+    ev = evaluate(model, ctx.workload, tr)
     if opt is not None:
         out["opt_error"] = float(stats[1]) / world
         out["avg_opt_error"] = float(((mean - opt.double()) ** 2).sum())
-    ctx.recorder.eval(step, accuracy=acc, loss=tloss, **out)
-    return {"step": step, "wall": ctx.recorder.wall(), "test_loss": tloss,
-            "accuracy": acc, **out}
+    fields = {**ev.record(), **out}
+    ctx.recorder.eval(step, **fields)
+    return {"step": step, "wall": ctx.recorder.wall(), "test_loss": ev.loss, **fields}
 
 
 def peer_accuracy(ctx: WorkerContext, x: torch.Tensor, model: torch.nn.Module,
@@ -46,8 +47,7 @@ def peer_accuracy(ctx: WorkerContext, x: torch.Tensor, model: torch.nn.Module,
     the average exactly while the peers may still disagree); a deployed peer is one of
     them. Costs one test-set pass per peer and two scalar all-reduces (category eval)."""
     tr = ctx.transport
-    correct, _, count = _own_model_on_test_set(ctx, x, model, mparams)
-    mine = correct / max(count, 1.0)
+    mine = _own_model_on_test_set(ctx, x, model, mparams).accuracy or 0.0
     total, worst = (torch.tensor([mine], dtype=torch.float64) for _ in range(2))
     tr.all_reduce(total, category="eval").wait()
     tr.all_reduce(worst, op="min", category="eval").wait()
@@ -58,20 +58,18 @@ def evaluate_alone(ctx: WorkerContext, step: int, x: torch.Tensor, model: torch.
                    mparams: list[torch.Tensor], opt: torch.Tensor | None,
                    survivors: int) -> dict[str, Any]:
     """After a loss: this peer's own model on the whole test set, no collective."""
-    correct, loss_sum, count = _own_model_on_test_set(ctx, x, model, mparams)
-    acc = correct / count if ctx.workload.task == "classification" else None
-    tloss = loss_sum / max(count, 1.0)
+    ev = _own_model_on_test_set(ctx, x, model, mparams)
     out: dict[str, Any] = {"local": True, "survivors": survivors}
     if opt is not None:
         out["opt_error"] = float(((x.double() - opt.double()) ** 2).sum())
-    ctx.recorder.eval(step, accuracy=acc, loss=tloss, **out)
-    return {"step": step, "wall": ctx.recorder.wall(), "test_loss": tloss,
-            "accuracy": acc, **out}
+    fields = {**ev.record(), **out}
+    ctx.recorder.eval(step, **fields)
+    return {"step": step, "wall": ctx.recorder.wall(), "test_loss": ev.loss, **fields}
 
 
 def _own_model_on_test_set(ctx: WorkerContext, x: torch.Tensor, model: torch.nn.Module,
-                           mparams: list[torch.Tensor]) -> list[float]:
-    """[correct, loss sum, count] of this peer's parameters ``x`` on the whole test set."""
+                           mparams: list[torch.Tensor]) -> Evaluation:
+    """This peer's parameters ``x`` on the whole test set."""
     with torch.no_grad():
         vector_to_parameters(x, mparams)
-    return evaluate_shard(model, ctx.workload, 0, 1, ctx.transport.device).tolist()
+    return evaluate_model_alone(model, ctx.workload, ctx.transport.device)

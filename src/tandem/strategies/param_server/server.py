@@ -1,9 +1,12 @@
 """The server side of ``param_server``: hold a parameter shard, apply pushes, answer pulls.
 
-Each server process holds the pieces :func:`~.sharding.plan_shards` gives it and an SGD optimizer
-(the run's ``lr``, ``momentum``, ``weight_decay``) over them. One receiver
-thread per worker waits for that worker's pushes (a receive may wait as long as the worker lives)
-and queues them; the main thread decodes each push with the run's codec and applies it:
+Each server process holds the pieces :func:`~.sharding.plan_shards` gives it and owns the run's
+optimizer over them (:class:`~tandem.trainer.spec.TrainSpec`: a built-in one runs on the pieces; a
+workload's factory, which may build parameter groups, needs the whole model and so one server),
+with its schedule (stepped once per applied update) and the global-norm clip (one server only).
+One receiver thread per worker waits for that worker's pushes (a receive may wait as long as the
+worker lives) and queues them; the main thread decodes each push with the run's codec and applies
+it:
 
 * ``sync`` / ``candidate``: rounds. A round ends when every live, unfinished worker has pushed;
   the server applies ``sum / N`` (N = live workers) as one optimizer step and answers each pusher.
@@ -39,7 +42,7 @@ import torch
 
 from tandem.checkpoint import StrategyCheckpoints
 from tandem.codecs.base import Message
-from tandem.errors import PeerTimeout, TandemError, WorkerFailed
+from tandem.errors import ConfigError, PeerTimeout, TandemError, WorkerFailed
 from tandem.strategies.param_server.sharding import plan_shards, split
 from tandem.strategies.param_server.wire import (
     FLAG_CKPT,
@@ -50,7 +53,7 @@ from tandem.strategies.param_server.wire import (
     pull_dtype,
 )
 from tandem.telemetry.log import get_logger
-from tandem.trainer import build_model
+from tandem.trainer import build_model, step_optimizer, training_spec
 from tandem.transport.packing import specs_from_header
 from tandem.transport.store_barrier import CheckpointAbandoned, store_gather, wait_on
 
@@ -76,9 +79,21 @@ class PSServer:
         init = [p.detach() for p in model.parameters() if p.requires_grad]
         self.plan = plan_shards([tuple(p.shape) for p in init], opts.servers)
         mine = split(init, self.plan)[self.index]
-        self.params = [torch.nn.Parameter(t.clone().float()) for t in mine]
-        self.opt = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum,
-                                   weight_decay=cfg.weight_decay)
+        self.spec = spec = training_spec(cfg, ctx.workload)
+        if spec.elementwise:  # a built-in optimizer runs on this server's pieces
+            self.params = [torch.nn.Parameter(t.clone().float()) for t in mine]
+            self.opt = spec.make_optimizer(self.params)
+        else:  # the workload's factory needs the whole model: one server holds it whole
+            if opts.servers != 1:
+                raise ConfigError("param_server: the workload's optimizer factory needs the "
+                                  "whole model; use servers=1 (or a built-in optimizer)")
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            self.opt = spec.make_optimizer(model)
+        if spec.clip is not None and opts.servers != 1:
+            raise ConfigError("param_server: clip_grad_norm clips the global norm of the "
+                              "aggregated gradient, which one server sees whole; use servers=1")
+        self.total = strategy.total_steps(cfg, len(ctx.workload.train))
+        self.sched = spec.make_scheduler(self.opt, self.total)
         self.codecs = {}
         for w in range(cfg.workers):
             codec = ctx.make_codec(seed_offset=self.index)
@@ -119,6 +134,8 @@ class PSServer:
             for p, v in zip(self.params, state["params"], strict=True):
                 p.copy_(v)
         self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None and "scheduler" in state:
+            self.sched.load_state_dict(state["scheduler"])
         for w, cs in enumerate(state["codecs"]):
             self.codecs[w].load_state_dict(cs)
         server = state["server"]
@@ -134,6 +151,7 @@ class PSServer:
         self._tag = str(next_step)
         state = {"params": [p.detach().clone() for p in self.params],
                  "optimizer": self.opt.state_dict(),
+                 **({"scheduler": self.sched.state_dict()} if self.sched is not None else {}),
                  "codecs": [self.codecs[w].state_dict() for w in range(self.workers)],
                  "server": {**{k: getattr(self, k) for k in self._SAVED},
                             "clock": [self.clock[w] for w in range(self.workers)]}}
@@ -215,7 +233,7 @@ class PSServer:
     def _apply(self, grads: list[torch.Tensor], scale: float) -> None:
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g * scale if scale != 1.0 else g
-        self.opt.step()
+        step_optimizer(self.opt, self.params, self.spec.clip, self.sched)
         self.version += 1
 
     def _reply(self, w: int, final: bool = False) -> None:

@@ -25,6 +25,7 @@ described in :mod:`.param_server` (agree on the push count, flush, mark the serv
 from __future__ import annotations
 
 import time
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,7 +73,6 @@ class PSWorker(StepLoop):
             codec.set_total_steps(self.total)
             self.codecs.append(codec)
         self.cap = opts.cap if opts.mode == "candidate" else 1
-        self.lr = cfg.lr
         self.specs = [pull_specs(self.plan.shapes_of(s), pull_dtype(opts.pull))
                       for s in range(opts.servers)]
         self.eval_model = build_model(ctx.workload, cfg.seed) if ctx.rank == 0 else None
@@ -80,6 +80,7 @@ class PSWorker(StepLoop):
         self.base = [p.detach().clone() for p in self.params]  # latest global model received
         self.version = 0
         self.unpushed: list[torch.Tensor] | None = None   # U
+        self.moved: list[torch.Tensor] | None = None      # sum of lr_t * g over U
         self.squares: list[torch.Tensor] | None = None    # sum of g*g over U (compensated)
         self.k = 0
         self.oldest = 0
@@ -95,8 +96,8 @@ class PSWorker(StepLoop):
         self.restore()  # after every model is built (building one reseeds torch)
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    _SAVED = ("base", "version", "unpushed", "squares", "k", "oldest", "cand", "pushes",
-              "pushed_steps", "since_merge", "skipped")
+    _SAVED = ("base", "version", "unpushed", "moved", "squares", "k", "oldest", "cand",
+              "pushes", "pushed_steps", "since_merge", "skipped")
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.trainer.load_state_dict(state["trainer"])
@@ -104,7 +105,7 @@ class PSWorker(StepLoop):
             codec.load_state_dict(cs)
             codec.set_total_steps(self.total)
         for key in self._SAVED:  # last_meta stays None: the meta is sent again
-            setattr(self, key, state["worker"][key])
+            setattr(self, key, state["worker"].get(key))
 
     def checkpoint(self, step: int) -> None:
         self._checkpoint(step)
@@ -174,7 +175,7 @@ class PSWorker(StepLoop):
         k = self.k
         if self.opts.merge == "compensated":
             self.cand = [p.detach().clone() for p in self.params]
-        self.unpushed, self.squares, self.k = None, None, 0
+        self.unpushed, self.moved, self.squares, self.k = None, None, None, 0
         return k
 
     def _reap_sends(self) -> None:
@@ -215,17 +216,18 @@ class PSWorker(StepLoop):
         theta_g = join(parts, self.plan)
         self.version = min(versions)
         self.base = theta_g
-        u = self.unpushed
-        if self.opts.merge == "overwrite" or u is None:
+        u, moved = self.unpushed, self.moved
+        if self.opts.merge == "overwrite" or u is None or moved is None:
             new = theta_g
         else:
             if self.opts.merge == "compensated" and self.cand is not None:
                 assert self.squares is not None
-                lam = self.opts.compensation
-                u = [a + lam * q * (g - c)
-                     for a, q, g, c in zip(u, self.squares, theta_g, self.cand, strict=True)]
-                self.unpushed = u
-            new = [g - self.lr * a for g, a in zip(theta_g, u, strict=True)]
+                lam, lr = self.opts.compensation, self.trainer.lr
+                fix = [lam * q * (g - c)
+                       for q, g, c in zip(self.squares, theta_g, self.cand, strict=True)]
+                self.unpushed = [a + f for a, f in zip(u, fix, strict=True)]
+                moved = self.moved = [m + lr * f for m, f in zip(moved, fix, strict=True)]
+            new = [g - m for g, m in zip(theta_g, moved, strict=True)]
         for p, v in zip(self.params, new, strict=True):
             p.copy_(v.view_as(p))
         self.inflight = None
@@ -246,8 +248,22 @@ class PSWorker(StepLoop):
                 a + b for a, b in zip(self.squares, sq, strict=True)]
         self.k += 1
         self.since_merge += 1
-        for p, g in zip(self.params, grads, strict=True):
-            p.add_(g.view_as(p), alpha=-self.lr)
+        lr = self.trainer.lr
+        step = [lr * g for g in grads]
+        self.moved = step if self.moved is None else [
+            m + s for m, s in zip(self.moved, step, strict=True)]
+        for p, s in zip(self.params, step, strict=True):
+            p.sub_(s.view_as(p))
+        self._advance_schedule()
+
+    def _advance_schedule(self) -> None:
+        """The candidate's local steps are SGD steps at the schedule's rate of that step
+        (whatever optimizer the server runs): advance the worker's copy of the schedule."""
+        sched = self.trainer.scheduler
+        if sched is not None:
+            with warnings.catch_warnings():  # stepped without optimizer.step(): on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                sched.step()
 
     # ---- the loop's hooks ---------------------------------------------------------------------
     def exchange(self, step: int, c: Computed) -> Exchanged:
@@ -283,9 +299,11 @@ class PSWorker(StepLoop):
         self.sent, self.recv = self.sent + b.sent, self.recv + b.recv
         self.idle_total += ex.idle_s
         self.busy_total += c.compute_s + (ex.comm_s or 0.0) + ex.idle_s
-        self.ctx.recorder.step(step, compute_s=c.compute_s, comm_s=ex.comm_s or 0.0,
-                               idle_s=ex.idle_s, bytes_sent=b.sent, bytes_recv=b.recv,
-                               loss=c.loss, straggled=c.straggled, **c.fields, **ex.fields)
+        record = self.ctx.recorder.step(
+            step, compute_s=c.compute_s, comm_s=ex.comm_s or 0.0, idle_s=ex.idle_s,
+            bytes_sent=b.sent, bytes_recv=b.recv, loss=c.loss, straggled=c.straggled,
+            **c.fields, **ex.fields)
+        self.step_callbacks(step, record)
 
     def eval_due(self, step: int) -> bool:
         return self.eval_model is not None and super().eval_due(step)
@@ -296,8 +314,8 @@ class PSWorker(StepLoop):
         with torch.no_grad():
             for p, v in zip(self.eval_model.parameters(), self.base, strict=True):
                 p.copy_(v.view_as(p))
-        acc, tloss = evaluate(self.eval_model, self.ctx.workload, self.ctx.transport, self.solo)
-        self.ctx.recorder.eval(step, accuracy=acc, loss=tloss, version=self.version)
+        ev = evaluate(self.eval_model, self.ctx.workload, self.ctx.transport, self.solo)
+        self.report_eval(step, {**ev.record(), "version": self.version})
 
     def finish(self) -> dict[str, Any]:
         ctx = self.ctx

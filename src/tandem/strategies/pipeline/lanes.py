@@ -83,9 +83,10 @@ class MeteredLink:
         return t.numel() * t.element_size(), (group or self._t.world_group).size
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum", *, group: Group | None = None,
-                   category: str = "train") -> Any:
+                   category: str = "train", caller_waits: bool = False) -> Any:
         self._charge(costs.all_reduce(*self._n(tensor, group)), category)
-        return self._t.all_reduce(tensor, op, group=group, category=category)
+        return self._t.all_reduce(tensor, op, group=group, category=category,
+                                  caller_waits=caller_waits)
 
     def all_gather(self, tensor: torch.Tensor, *, group: Group | None = None,
                    category: str = "train") -> Any:
@@ -249,9 +250,11 @@ class Lane(StepLoop):
     def record(self, step: int, c: Computed, ex: Exchanged,
                traffic: tuple[int, int] = (0, 0)) -> None:
         """The step record, with this model's own bytes (the transport's meter mixes models)."""
-        self.ctx.recorder.step(step, compute_s=c.compute_s, comm_s=ex.comm_s or 0.0, idle_s=0.0,
-                               bytes_sent=traffic[0], bytes_recv=traffic[1], loss=c.loss,
-                               straggled=c.straggled, **ex.fields, **c.fields)
+        record = self.ctx.recorder.step(
+            step, compute_s=c.compute_s, comm_s=ex.comm_s or 0.0, idle_s=0.0,
+            bytes_sent=traffic[0], bytes_recv=traffic[1], loss=c.loss, straggled=c.straggled,
+            **ex.fields, **c.fields)
+        self.step_callbacks(step, record)
 
     def exchange(self, step: int, c: Computed) -> Exchanged:  # pragma: no cover - see launch
         raise RuntimeError("a pipeline lane exchanges on its communication thread (launch)")
