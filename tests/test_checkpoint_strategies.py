@@ -80,8 +80,9 @@ def test_pipeline_two_models_kill_then_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.parametrize("codec", ["dense", "randomk"])
 def test_gossip_resume_equals_uninterrupted_and_refuses_other_topologies(tmp_path, codec):
-    """Gossip goes on without a killed peer, so the first run stops by its step count (12, last
-    checkpoint at 8) and the resume runs to 20: every peer of a 4-ring equals the uninterrupted
+    """Gossip goes on without a killed peer, so the first run stops by its step count (12; a
+    checkpoint is written at the last step too) and the resume with more steps runs to 20:
+    every peer of a 4-ring equals the uninterrupted
     20-step run. With random-k (compressed gossip) the public copies of the neighbours and the
     codec's step (the shared positions) must come back too."""
     base = {"strategy": {"name": "gossip", "options": {"topology": "ring"}},
@@ -92,7 +93,7 @@ def test_gossip_resume_equals_uninterrupted_and_refuses_other_topologies(tmp_pat
     ref = tandem.train(dict(base, steps=20, out=str(tmp_path / "ref")), return_results=True)
     run = tmp_path / "run"
     tandem.train(dict(base, steps=12, out=str(run)))
-    assert _latest(run) == 8
+    assert _latest(run) == 12
     resumed = tandem.train(dict(base, steps=20, out=str(run), resume=True), return_results=True)
     _assert_same(ref, resumed, 4)
     for r in range(4):  # counters and per-step records come back with the state

@@ -29,6 +29,13 @@ def test_defaults_are_valid_and_round_trip_through_yaml(tmp_path):
     ({"batch_size": "big"}, "batch_size"),
     ({"surprise": 1}, "surprise"),
     ({"codec.options.bogus": 1}, "codec"),
+    ({"net": "100mbit:1"}, "net"),  # a bare latency is refused, not read as one second
+    ({"net": "100mbit:1ms:2"}, "net"),
+    ({"net": "1e999mbit"}, "net"),
+    ({"seed": -1}, "seed"),
+    ({"lr": float("nan")}, "lr"),
+    ({"timeout_s": float("inf")}, "timeout_s"),
+    ({"stragglers": "0.2:x"}, "stragglers"),
 ])
 def test_invalid_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError) as info:
@@ -87,3 +94,26 @@ def test_a_codec_the_strategy_cannot_use_is_refused_not_ignored():
         assert load_config(**{"strategy.name": name, "codec.name": "topk"}).codec.name == "topk"
     with pytest.raises(ConfigError, match="strategy 'gossip' sends each peer's code"):
         load_config(**{"strategy.name": "gossip", "codec.name": "powersgd"})
+
+
+def test_errors_are_one_line():
+    with pytest.raises(ConfigError) as info:
+        load_config(workers=0, lr=-1)
+    assert "\n" not in str(info.value) and "workers" in str(info.value) and "lr" in str(info.value)
+
+
+def test_a_plugin_name_override_replaces_the_files_options_and_options_alone_amend_them(tmp_path):
+    """`--codec fp16` on a YAML with topk's ratio used to fail ("fp16 option ratio: Extra
+    inputs"); `--codec-opt` alone used to fail ("codec.name: Field required")."""
+    p = tmp_path / "run.yaml"
+    p.write_text("codec: {name: topk, options: {ratio: 0.1}}\n"
+                 "strategy: {name: gossip, options: {p: 0.1}}\n"
+                 "workload: {name: digits, options: {hidden: 16}}\n")
+    assert load_config(path=p, **{"codec.name": "fp16"}).codec.options == {}
+    assert load_config(path=p, **{"codec.name": "topk"}).codec.options == {"ratio": 0.1}
+    cfg = load_config(path=p, **{"codec.options.ratio": 0.5, "codec.name": "randomk"})
+    assert (cfg.codec.name, cfg.codec.options) == ("randomk", {"ratio": 0.5})  # order-free
+    assert load_config(path=p, **{"strategy.name": "allreduce"}).strategy.options == {}
+    assert load_config(path=p, **{"workload.name": "mnist5k"}).workload.options == {}
+    assert load_config(**{"codec.options.momentum": 0.5}).codec.name == "dense"
+    assert load_config(**{"strategy.options.overlap": True}).strategy.name == "allreduce"

@@ -14,8 +14,8 @@ import tandem
 from tandem.config import StragglerConfig
 from tandem.errors import TandemError, WorkerFailed
 from tandem.sim import SimConfig, floor_table, simulate, study
-from tandem.trainer.partitions import data_partitions
 from tandem.topology import make_topology
+from tandem.trainer.partitions import data_partitions
 from tandem.trainer.stragglers import ComputeFaults, straggler_mask
 from tandem.workloads import build_workload
 

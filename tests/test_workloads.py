@@ -161,7 +161,7 @@ def test_shard_loader_rejects_shard_smaller_than_batch() -> None:
 # ---- datasets and models ---------------------------------------------------------------------
 
 def test_registry_and_determinism(digits: Workload) -> None:
-    assert set(WORKLOADS) == {"digits", "mnist5k", "fashion", "regression", "resnet18"}
+    assert set(WORKLOADS) == {"digits", "mnist5k", "fashion", "regression", "resnet18", "textlm"}
     assert digits.train.x.shape[1:] == (64,) and 0.0 <= float(digits.train.x.min())
     assert float(digits.train.x.max()) <= 1.0
     assert len(digits.train) + len(digits.test) == 1797

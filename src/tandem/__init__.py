@@ -5,17 +5,21 @@ from tandem.config import RunConfig
 from tandem.errors import ConfigError, PeerTimeout, TandemError, WorkerFailed
 
 __version__ = "0.1.0"
-__all__ = ["ConfigError", "PeerTimeout", "RunConfig", "TandemError", "WorkerFailed",
-           "Workload", "load_config", "train"]
+__all__ = ["Callback", "ConfigError", "PeerTimeout", "RunConfig", "TandemError", "WorkerFailed",
+           "Workload", "load_config", "load_model", "metrics", "recipes", "train"]
 
 
 def __getattr__(name: str):  # lazy: `import tandem` stays cheap
-    if name in ("train", "load_config"):
+    if name in ("train", "load_config", "load_model"):
         from tandem import api
 
         return getattr(api, name)
-    if name == "Workload":
-        from tandem.workloads.base import Workload
+    if name in ("Workload", "Callback"):
+        from tandem.workloads import base
 
-        return Workload
+        return getattr(base, name)
+    if name in ("metrics", "recipes"):  # tandem.metrics.accuracy, tandem.recipes.adamw_groups
+        import importlib
+
+        return importlib.import_module(f"tandem.workloads.{name}")
     raise AttributeError(name)

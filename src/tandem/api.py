@@ -19,9 +19,10 @@ from typing import Any
 from tandem.config import RunConfig
 from tandem.job import prepare_run_dir, run_job
 from tandem.resolve import load_config
+from tandem.trainer.final_model import load_model
 from tandem.workloads.base import Workload
 
-__all__ = ["load_config", "prepare_run_dir", "train"]
+__all__ = ["load_config", "load_model", "prepare_run_dir", "train"]
 
 
 def _as_config(config: RunConfig | dict[str, Any] | str | Path) -> RunConfig:

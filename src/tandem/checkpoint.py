@@ -109,8 +109,9 @@ class Checkpointer:
         self.keep = keep
 
     def due(self, step: int, total: int) -> bool:
-        """Whether to save after ``step`` (0-based); never after the last step."""
-        return self.every > 0 and (step + 1) % self.every == 0 and step + 1 < total
+        """Whether to save after ``step`` (0-based): every ``every`` steps and after the last
+        one (so a resume with more steps continues from where the run ended)."""
+        return self.every > 0 and ((step + 1) % self.every == 0 or step + 1 == total)
 
     def save(self, next_step: int, state: dict[str, Any], barrier: Any) -> None:
         """Write this rank's state, wait for every rank (``barrier()``), then move LATEST."""

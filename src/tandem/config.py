@@ -31,9 +31,10 @@ _UNITS_BPS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 _UNITS_BYTES = {"b": 8, "kb": 8e3, "mb": 8e6, "gb": 8e9}
 _UNITS_S = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 
+
 def parse_rate(text: str) -> float:
     """``"100mbit"`` -> bits per second. Accepts bit/kbit/mbit/gbit and b/kb/mb/gb (bytes)."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[-+]?\d+)?)\s*([a-zA-Z]+)\s*", text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?\d+)?)\s*([a-zA-Z]+)\s*", text)
     if not m:
         raise ValueError(f"cannot read a rate from {text!r}; write e.g. 100mbit or 1gbit")
     value, unit = float(m.group(1)), m.group(2).lower()
@@ -44,22 +45,24 @@ def parse_rate(text: str) -> float:
         raise ValueError(f"unknown rate unit {unit!r}; use one of {sorted(_UNITS_BPS)}")
     if value <= 0:
         raise ValueError("a rate must be positive")
-    return value * factor
+    return value * factor  # an infinite one is refused by the model (allow_inf_nan=False)
 
 
 def parse_duration(text: str) -> float:
-    """``"1ms"`` -> 0.001 seconds. Accepts s, ms, us, ns."""
-    m = re.fullmatch(r"\s*([0-9.]+(?:e[-+]?\d+)?)\s*([a-zA-Z]*)\s*", text)
+    """``"1ms"`` -> 0.001 seconds. Accepts s, ms, us, ns; the unit is required (``100mbit:1``
+    surely meant 1 ms, not a silent second of latency per message)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not m:
         raise ValueError(f"cannot read a duration from {text!r}; write e.g. 1ms or 200us")
-    unit = m.group(2).lower() or "s"
-    if unit not in _UNITS_S:
-        raise ValueError(f"unknown time unit {unit!r}; use one of {sorted(_UNITS_S)}")
-    return float(m.group(1)) * _UNITS_S[unit]
+    if m.group(2).lower() not in _UNITS_S:
+        raise ValueError(f"duration {text!r} needs a unit, one of {list(_UNITS_S)}: e.g. "
+                         f"{m.group(1)}ms")
+    return float(m.group(1)) * _UNITS_S[m.group(2).lower()]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN or infinity in a rate, a timeout or a probability is always a typo or a bug upstream
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class NetConfig(_Strict):
@@ -122,15 +125,34 @@ class SlowWorker(_Strict):
 
 
 class WorkloadConfig(_Strict):
-    """Which bundled dataset and model, and how the training set is split over workers."""
+    """Which workload (a registered one, or yours by import path), and how the training set is
+    split over workers. ``name: package.module:function`` (or ``factory:`` in YAML) names your
+    own: ``function(**options)`` returns a :class:`tandem.Workload`, and gets ``seed=`` too if it
+    takes one."""
 
     name: str = Field(default="digits", min_length=1, description="a registered workload "
-                      "(`tandem workloads`)")
+                      "(`tandem workloads`) or package.module:function")
     data_path: Path | None = None
     partition: Literal["iid", "label", "redundant"] = "iid"
     redundancy: int = Field(default=1, ge=1, description="d: how many workers hold each partition")
     labels_per_worker: int = Field(default=2, ge=1, description="for partition=label")
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _factory(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "factory" in v:
+            v = dict(v)
+            factory = v.pop("factory")
+            if "name" in v and v["name"] != factory:
+                raise ValueError(f"give either name ({v['name']!r}) or factory ({factory!r})")
+            v["name"] = factory
+        return v
+
+    @property
+    def is_factory(self) -> bool:
+        """Named by import path (``package.module:function``) rather than registered."""
+        return ":" in self.name
 
 
 class PluginConfig(_Strict):
@@ -138,6 +160,32 @@ class PluginConfig(_Strict):
 
     name: str
     options: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    """A built-in optimizer by name (``sgd``, ``adam``, ``adamw``) with extra keyword options
+    (``betas``, ``eps``, ``nesterov`` ...); ``lr``, ``momentum`` (sgd) and ``weight_decay`` come
+    from the run's own fields."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScheduleConfig(_Strict):
+    """The learning-rate schedule, stepped once per optimizer step: ``constant``, ``cosine``
+    (to ``min_lr_ratio`` x lr at the last step) or ``linear`` (likewise), after ``warmup_steps``
+    of linear warm-up from 0. String form: ``cosine`` or ``cosine:WARMUP_STEPS``."""
+
+    name: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
+
+    @classmethod
+    def parse(cls, text: str) -> ScheduleConfig:
+        name, _, warm = text.partition(":")
+        if warm and not warm.strip().isdigit():
+            raise ValueError(f"schedule {text!r}: expected NAME[:WARMUP_STEPS], e.g. cosine:100")
+        return cls(name=name.strip(), warmup_steps=int(warm) if warm else 0)
 
 
 class RunConfig(_Strict):
@@ -155,7 +203,17 @@ class RunConfig(_Strict):
     lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.0, ge=0, lt=1)
     weight_decay: float = Field(default=0.0, ge=0)
-    seed: int = 0
+    optimizer: OptimizerConfig | None = Field(
+        default=None, description="sgd | adam | adamw; default: the workload's own, else sgd")
+    schedule: ScheduleConfig | None = Field(
+        default=None, description="LR schedule; default: the workload's own, else constant")
+    clip_grad_norm: float | None = Field(
+        default=None, gt=0, description="clip the aggregated gradient's global norm to this")
+    accumulation: int | None = Field(default=None, ge=1,
+                                     description="micro-batches per optimizer step")
+    precision: Literal["fp32", "bf16", "fp16"] | None = Field(
+        default=None, description="fp32; bf16 autocast (CPU or GPU); fp16 (GPU, grad scaler)")
+    seed: int = Field(default=0, ge=0, lt=2**63, description="seeds numpy and torch generators")
     net: NetConfig | None = None
     stragglers: StragglerConfig | None = None
     slow_workers: list[SlowWorker] = Field(default_factory=list)
@@ -211,11 +269,21 @@ class RunConfig(_Strict):
         for s in v:
             if isinstance(s, str):
                 parts = s.split(":")
-                if len(parts) != 2:
-                    raise ValueError(f"{s!r}: expected RANK:STEP")
+                if len(parts) != 2 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+                    raise ValueError(f"{s!r}: expected RANK:STEP, e.g. 1:10")
                 s = (int(parts[0]), int(parts[1]))
             out.append(s)
         return out
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @field_validator("schedule", mode="before")
+    @classmethod
+    def _schedule(cls, v: Any) -> Any:
+        return ScheduleConfig.parse(v) if isinstance(v, str) else v
 
     @field_validator("strategy", "codec", mode="before")
     @classmethod
@@ -248,12 +316,11 @@ class RunConfig(_Strict):
 def _format_validation_error(err: ValidationError, what: str = "invalid configuration") -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        loc = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")
-        lines.append(f"{loc}: {msg}")
-    if what != "invalid configuration":
-        return f"{what} " + "; ".join(lines)
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+        lines.append(f"{loc}: {msg}" if loc else msg)  # a whole-config check names its fields
+    # one line, so a command line error is one red line naming every field at fault
+    return f"{what}: " + "; ".join(lines)
 
 
 def load_config(data: dict[str, Any] | None = None, path: str | Path | None = None,
@@ -261,7 +328,11 @@ def load_config(data: dict[str, Any] | None = None, path: str | Path | None = No
     """Build a :class:`RunConfig` from a YAML file, a dict and keyword overrides (in that order).
 
     Overrides use dotted keys for nested fields: ``load_config(**{"codec.options.ratio": 0.01})``.
-    Raises :class:`ConfigError` with every problem listed.
+    Raises :class:`ConfigError` with every problem listed, on one line.
+
+    Plugins (strategy, codec, workload): ``codec.name`` naming another codec than the file's
+    replaces it *with its options* (``ratio`` means nothing to fp16); ``codec.options.KEY``
+    amends the codec in force (overridden, else the file's, else the default). Names first.
     """
     merged: dict[str, Any] = {}
     if path is not None:
@@ -277,25 +348,37 @@ def load_config(data: dict[str, Any] | None = None, path: str | Path | None = No
         merged.update(loaded)
     if data:
         merged.update(data)
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        _set_dotted(merged, key, value)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for key in sorted(given, key=lambda k: k not in _PLUGIN_NAMES):  # names first (stable)
+        _set_dotted(merged, key, given[key])
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
 
 
+_PLUGINS = ("strategy", "codec", "workload")  # the sections that name a plugin
+_PLUGIN_NAMES = tuple(f"{p}.name" for p in _PLUGINS)
+
+
 def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
     cur = target
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
         nxt = cur.get(p)
-        if isinstance(nxt, str) and p in ("strategy", "codec"):
+        plugin = i == 0 and p in _PLUGINS
+        if isinstance(nxt, str) and plugin:
             nxt = {"name": nxt}
         if not isinstance(nxt, dict):
             nxt = {}
+        default = plugin and RunConfig.model_fields[p].default_factory().name  # type: ignore
+        if plugin and p != "workload" and "name" not in nxt:
+            nxt = {"name": default, **nxt}  # options alone: for the default plugin
+        if plugin and parts[1:] == ["name"]:
+            old = nxt.get("name", nxt.get("factory", default))
+            # the new name replaces a YAML `factory:`; another plugin drops the old one's options
+            nxt = {k: v for k, v in nxt.items()
+                   if k != "factory" and (k != "options" or old == value)}
         cur[p] = nxt
         cur = nxt
     cur[parts[-1]] = value

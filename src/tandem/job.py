@@ -7,17 +7,21 @@ process per role with the local launcher, and write the summary when they are do
 
 from __future__ import annotations
 
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
+import cloudpickle
+
 from tandem import worker
 from tandem.checkpoint import check_resume
 from tandem.config import RunConfig
+from tandem.errors import ConfigError
 from tandem.launch import spawn
+from tandem.preflight import preflight
 from tandem.resolve import resolve
 from tandem.telemetry.summary import finalize_run
+from tandem.trainer.final_model import save_model_factory
 from tandem.workloads.base import Workload
 
 
@@ -38,10 +42,18 @@ def run_job(cfg: RunConfig, *, workload: Workload | None = None, return_results:
 
     ``return_results=True`` adds ``results``: each process's final figures and parameters.
     """
-    resolved = resolve(cfg)
-    strategy_cls = resolved.strategy
+    checked = preflight(cfg, workload)  # resolves the plugins; one batch through the job
+    cfg = checked.cfg
+    if workload is not None:
+        cfg = _name_object_workload(cfg, workload)
+    strategy_cls = resolve(cfg, object_workload=workload is not None).strategy
     for sub in strategy_cls.sub_configs(cfg):
-        resolve(sub)
+        if workload is not None and sub.workload != cfg.workload:
+            raise ConfigError("a variant changes the workload, but the job's workload was "
+                              "passed as an object; name it by import path "
+                              "(workload: {name: package.module:function, options: ...}) so "
+                              "variants can rebuild it with other options")
+        resolve(sub, object_workload=workload is not None)
     if cfg.resume:  # the one resume check, before any process starts (the strategy supports
         check_resume(cfg)  # checkpoints: resolve() refused it otherwise)
         run_dir = cfg.run_dir()
@@ -51,9 +63,12 @@ def run_job(cfg: RunConfig, *, workload: Workload | None = None, return_results:
     tolerate = (lambda r: r < cfg.workers) if strategy_cls.tolerates_lost_workers else None
     limit = timeout_s if timeout_s is not None else 24 * 3600.0
     env = {"TANDEM_THREADS": str(cfg.threads_per_worker)}
-    # Plain pickle bytes: tensors are copied, not shared through multiprocessing's machinery
-    # (which would leave shared-memory handles and semaphores to clean up).
-    payload = pickle.dumps(workload) if workload is not None else None
+    # Pickled bytes: tensors are copied, not shared through multiprocessing's machinery (which
+    # would leave shared-memory handles and semaphores to clean up); cloudpickle sends functions
+    # defined in a script, `python -c` or a notebook (__main__) by value.
+    payload = cloudpickle.dumps(workload) if workload is not None else None
+    if workload is not None:
+        save_model_factory(run_dir, workload.model_fn)
     results = spawn(worker.main, procs, cfg.model_dump(mode="json"), payload, return_results,
                     timeout_s=limit, addr=cfg.master_addr, env=env, tolerate_death=tolerate,
                     failure_grace_s=cfg.timeout_s + 15.0)  # survivors' waits end and report
@@ -65,7 +80,22 @@ def run_job(cfg: RunConfig, *, workload: Workload | None = None, return_results:
                                               for r in results],
                                   "skipped_steps": sum(int(r.get("skipped_steps", 0))
                                                        for r in results),
-                                  "lost_ranks": lost})
+                                  "lost_ranks": lost, "preflight": checked.report})
     if return_results:
         summary = dict(summary, results=results)
     return summary
+
+
+def _name_object_workload(cfg: RunConfig, workload: Workload) -> RunConfig:
+    """Record a workload passed as an object under its own name, never the config's default
+    (``digits``): a re-run from ``config.yaml`` must not silently train something else. A name
+    that is registered or an import path is kept (the user gave it); anything else is refused
+    by the resolve step on a re-run, with the advice to name the job by import path."""
+    from tandem.workloads.base import WORKLOADS
+
+    name = workload.name
+    if name in WORKLOADS:
+        name = f"{name}-object"
+    data = cfg.model_dump(mode="json")
+    data["workload"]["name"] = name
+    return RunConfig.model_validate(data)

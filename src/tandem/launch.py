@@ -30,14 +30,16 @@ running after that is stuck outside any Tandem wait: it is terminated and named 
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
 import signal
+import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing import connection as mp_connection
 from typing import Any
 
@@ -193,7 +195,8 @@ def _start_all(procs: list[Any], ctx: Any, timeout_s: float) -> None:
     try:
         for r, p in enumerate(procs):
             try:
-                p.start()
+                with _main_not_rerun():
+                    p.start()
             except (EOFError, OSError) as err:
                 if ctx.get_start_method() != "forkserver":
                     raise
@@ -214,6 +217,25 @@ def _start_all(procs: list[Any], ctx: Any, timeout_s: float) -> None:
         with lock:
             state["done"] = True
         timer.cancel()
+
+
+@contextlib.contextmanager
+def _main_not_rerun() -> Iterator[None]:
+    """Start a child without making it re-run the launcher's ``__main__`` from a file that does
+    not exist. multiprocessing re-imports the parent's main module in ``spawn`` and
+    ``forkserver`` children from ``__main__.__file__``; a script fed on stdin (``python -``) has
+    ``<stdin>`` there, and every child would die with FileNotFoundError. Its functions travel by
+    value instead (the job pickles the workload with cloudpickle), so the child needs no main."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or os.path.exists(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
 
 
 def _describe_exit(code: int | None) -> str:

@@ -22,6 +22,7 @@ from tandem.config import RunConfig
 from tandem.errors import ConfigError
 from tandem.strategies.base import STRATEGIES, Strategy
 from tandem.workloads.base import WORKLOADS, parse_options
+from tandem.workloads.factory import check_factory_options
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,24 @@ def _options(kind: str, name: str, model: type[BaseModel], options: dict[str, An
         raise ConfigError(f"invalid configuration: {kind}: {name} option {problems}") from None
 
 
-def resolve(cfg: RunConfig) -> Resolved:
-    """Look up and validate the run's plugins; raise ConfigError naming the field otherwise."""
+def check_workload(cfg: RunConfig) -> None:
+    """The workload is registered (with valid options) or an importable factory that takes
+    the options given."""
+    name = cfg.workload.name
+    if cfg.workload.is_factory:
+        check_factory_options(name, cfg.workload.options)
+        return
+    if name not in WORKLOADS:
+        raise ConfigError(f"invalid configuration: workload.name: unknown workload {name!r}; "
+                          f"choose one of {WORKLOADS.names()}, or name your own by import "
+                          "path (package.module:function)")
+    parse_options(WORKLOADS[name].options, cfg.workload.options, name)
+
+
+def resolve(cfg: RunConfig, *, object_workload: bool = False) -> Resolved:
+    """Look up and validate the run's plugins; raise ConfigError naming the field otherwise.
+    ``object_workload``: the workload comes as an object (``tandem.train(workload=...)``), not
+    from the config's name."""
     try:
         strategy = STRATEGIES[cfg.strategy.name]
     except ConfigError as err:
@@ -57,10 +74,8 @@ def resolve(cfg: RunConfig) -> Resolved:
         raise ConfigError(f"invalid configuration: codec: {err}") from None
     sopts = _options("strategy", cfg.strategy.name, strategy.Options, cfg.strategy.options)
     copts = _options("codec", cfg.codec.name, codec.Options, cfg.codec.options)
-    if cfg.workload.name not in WORKLOADS:
-        raise ConfigError(f"invalid configuration: workload.name: unknown workload "
-                          f"{cfg.workload.name!r}; choose one of {WORKLOADS.names()}")
-    parse_options(WORKLOADS[cfg.workload.name].options, cfg.workload.options, cfg.workload.name)
+    if not object_workload:
+        check_workload(cfg)
     if (cfg.checkpoint_every or cfg.resume) and not strategy.supports_checkpoints:
         ok = sorted(n for n, c in STRATEGIES.items() if c.supports_checkpoints)
         raise ConfigError(f"invalid configuration: checkpoint_every/resume: strategy "

@@ -20,6 +20,7 @@ from tandem.config import RunConfig
 from tandem.resolve import resolve
 from tandem.strategies.base import STRATEGIES, codec_factory
 from tandem.telemetry.recorder import Recorder
+from tandem.trainer import apply_workload_defaults
 from tandem.trainer.context import WorkerContext
 from tandem.trainer.stragglers import ComputeFaults
 from tandem.transport.env import transport_from_env
@@ -47,8 +48,9 @@ def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
                                    backend=cfg.backend)
     graceful = False
     try:
-        strategy_cls = resolve(cfg).strategy
+        strategy_cls = resolve(cfg, object_workload=workload is not None).strategy
         work = workload or build_workload(cfg.workload, cfg.seed)
+        cfg = apply_workload_defaults(cfg, work)  # under torchrun the launcher did not
         run_dir = cfg.run_dir()
         run_dir.mkdir(parents=True, exist_ok=True)
         total = strategy_cls.total_steps(cfg, len(work.train))
@@ -90,9 +92,10 @@ def _prewarm() -> None:
 
 def torchrun_main(config_path: str) -> None:
     """Entry for ``torchrun ... -m tandem.cli worker --config run.yaml``."""
+    from tandem.preflight import preflight
     from tandem.resolve import load_config
 
-    cfg = load_config(path=config_path)
+    cfg = preflight(load_config(path=config_path)).cfg  # each process, before it joins
     if os.environ.get("RANK") == "0":
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
         (cfg.run_dir() / "config.yaml").write_text(cfg.to_yaml())

@@ -1,4 +1,10 @@
-"""``tandem train``: N local worker processes, one run record."""
+"""``tandem train``: N local worker processes, one run record.
+
+Flags override the ``--config`` file field by field. ``--codec``/``--strategy``/``--workload``
+naming another plugin than the file's replace it together with its options; ``--codec-opt``/
+``--strategy-opt``/``--workload-opt`` alone set options of the file's plugin (or the default). A bad value exits with status 2
+and one line naming the flag, before any worker starts (:func:`~tandem.commands.base.load_flags`).
+"""
 
 from __future__ import annotations
 
@@ -7,72 +13,84 @@ from typing import Annotated
 
 import typer
 
-from tandem.commands.base import Opt, command, fail
+from tandem.commands.base import Opt, command, fail, load_flags, option_flags
 from tandem.errors import TandemError
+
+RUN, DATA, NET, FAULTS, OUT = "Run", "Model and data", "Network", "Faults", "Output"
 
 
 @command("train", rank=10)
 def train(
-    config: Annotated[Path | None, Opt(help="YAML config file; flags override it")] = None,
-    strategy: Annotated[str | None, Opt(help="allreduce | local | ... (`tandem strategies`)")] = None,
-    strategy_opt: Annotated[list[str] | None, Opt(help="strategy option KEY=VALUE (repeat)")] = None,
-    codec: Annotated[str | None, Opt(help="dense | fp16 | topk | ... (`tandem codecs`)")] = None,
-    codec_opt: Annotated[list[str] | None, Opt(help="codec option KEY=VALUE, e.g. ratio=0.01")] = None,
-    workers: Annotated[int | None, Opt(help="number of data-parallel workers")] = None,
-    workload: Annotated[str | None, Opt(help="digits | mnist5k | fashion | regression | resnet18")] = None,
-    data_path: Annotated[Path | None, Opt(help="dataset folder (fashion: the IDX .gz files)")] = None,
-    partition: Annotated[str | None, Opt(help="iid | label | redundant")] = None,
-    redundancy: Annotated[int | None, Opt(help="d: workers holding each partition")] = None,
-    steps: Annotated[int | None, Opt(help="steps per worker (overrides --epochs)")] = None,
-    epochs: Annotated[float | None, Opt(help="epochs over each worker's shard")] = None,
-    batch_size: Annotated[int | None, Opt(help="per-worker minibatch size")] = None,
-    lr: Annotated[float | None, Opt(help="learning rate")] = None,
-    momentum: Annotated[float | None, Opt(help="SGD momentum")] = None,
-    seed: Annotated[int | None, Opt(help="seed for model, data order, stragglers")] = None,
-    net: Annotated[str | None, Opt(help="emulated link BANDWIDTH:LATENCY[:JITTER], e.g. 100mbit:1ms")] = None,
-    stragglers: Annotated[str | None, Opt(help="P:FACTOR (0.2:5) or P:exp:MEAN_S")] = None,
-    slow_worker: Annotated[list[str] | None, Opt(help="RANK:FACTOR, a fixed slow worker (repeat)")] = None,
-    target_accuracy: Annotated[float | None, Opt(help="report time to this test accuracy")] = None,
-    eval_every: Annotated[int | None, Opt(help="steps between evaluations (0 = auto)")] = None,
-    out: Annotated[Path | None, Opt(help="run directory (default runs/<name>)")] = None,
-    name: Annotated[str | None, Opt(help="run name")] = None,
-    tensorboard: Annotated[bool | None, Opt("--tensorboard/--no-tensorboard", help="write TensorBoard scalars")] = None,
-    progress: Annotated[bool | None, Opt("--progress/--no-progress", help="progress bar")] = None,
-    timeout: Annotated[float | None, Opt(help="longest any wait may last, seconds")] = None,
-    nan_policy: Annotated[str | None, Opt(help="skip | stop on a NaN/Inf gradient")] = None,
-    checkpoint_every: Annotated[int | None, Opt(help="save a checkpoint every N steps")] = None,
-    resume: Annotated[Path | None, Opt(help="continue the run in this directory from its last checkpoint")] = None,
+    config: Annotated[Path | None, Opt(help="YAML config file; flags override it", rich_help_panel=RUN)] = None,
+    strategy: Annotated[str | None, Opt(help="allreduce | local | gossip | ... (`tandem strategies`); another than the config's drops its options", rich_help_panel=RUN)] = None,
+    strategy_opt: Annotated[list[str] | None, Opt(help="strategy option KEY=VALUE (repeat), for --strategy or the config's strategy", rich_help_panel=RUN)] = None,
+    codec: Annotated[str | None, Opt(help="dense | fp16 | topk | ... (`tandem codecs`); another than the config's drops its options", rich_help_panel=RUN)] = None,
+    codec_opt: Annotated[list[str] | None, Opt(help="codec option KEY=VALUE, e.g. ratio=0.01 (repeat), for --codec or the config's codec", rich_help_panel=RUN)] = None,
+    workers: Annotated[int | None, Opt(help="number of data-parallel workers (1 to 1024)", rich_help_panel=RUN)] = None,
+    steps: Annotated[int | None, Opt(help="steps per worker (overrides --epochs)", rich_help_panel=RUN)] = None,
+    epochs: Annotated[float | None, Opt(help="epochs over each worker's shard", rich_help_panel=RUN)] = None,
+    seed: Annotated[int | None, Opt(help="seed for model, data order, stragglers (0 to 2^63-1)", rich_help_panel=RUN)] = None,
+    timeout: Annotated[float | None, Opt(help="longest any wait may last, seconds", rich_help_panel=RUN)] = None,
+    workload: Annotated[str | None, Opt(help="digits | mnist5k | fashion | regression | resnet18 (`tandem workloads`)", rich_help_panel=DATA)] = None,
+    workload_opt: Annotated[list[str] | None, Opt(help="workload option KEY=VALUE, e.g. hidden=64 (repeat; `tandem workloads` lists them)", rich_help_panel=DATA)] = None,
+    data_path: Annotated[Path | None, Opt(help="dataset folder (fashion: the IDX .gz files)", rich_help_panel=DATA)] = None,
+    partition: Annotated[str | None, Opt(help="iid | label | redundant: how the training set is split over workers", rich_help_panel=DATA)] = None,
+    redundancy: Annotated[int | None, Opt(help="d: workers holding each partition (1 to --workers)", rich_help_panel=DATA)] = None,
+    batch_size: Annotated[int | None, Opt(help="per-worker minibatch size", rich_help_panel=DATA)] = None,
+    lr: Annotated[float | None, Opt(help="learning rate (> 0)", rich_help_panel=DATA)] = None,
+    momentum: Annotated[float | None, Opt(help="SGD momentum in [0, 1)", rich_help_panel=DATA)] = None,
+    net: Annotated[str | None, Opt(help="emulated link BANDWIDTH[:LATENCY[:JITTER]], units required, e.g. 100mbit:1ms or 1gbit:200us:50us", rich_help_panel=NET)] = None,
+    stragglers: Annotated[str | None, Opt(help="random stragglers P:FACTOR (0.2:5 = 6x slower steps) or P:exp:MEAN_S", rich_help_panel=FAULTS)] = None,
+    slow_worker: Annotated[list[str] | None, Opt(help="RANK:FACTOR, a fixed slow worker (repeat)", rich_help_panel=FAULTS)] = None,
+    nan_policy: Annotated[str | None, Opt(help="skip | stop on a NaN/Inf gradient", rich_help_panel=FAULTS)] = None,
+    checkpoint_every: Annotated[int | None, Opt(help="save a checkpoint every N steps (0 = off)", rich_help_panel=FAULTS)] = None,
+    resume: Annotated[Path | None, Opt(help="continue the run in this directory from its last checkpoint", rich_help_panel=FAULTS)] = None,
+    out: Annotated[Path | None, Opt(help="run directory (default runs/<name>)", rich_help_panel=OUT)] = None,
+    name: Annotated[str | None, Opt(help="run name", rich_help_panel=OUT)] = None,
+    target_accuracy: Annotated[float | None, Opt(help="report time to this test accuracy, in (0, 1]", rich_help_panel=OUT)] = None,
+    eval_every: Annotated[int | None, Opt(help="steps between evaluations (0 = auto)", rich_help_panel=OUT)] = None,
+    tensorboard: Annotated[bool | None, Opt("--tensorboard/--no-tensorboard", help="write TensorBoard scalars", rich_help_panel=OUT)] = None,
+    progress: Annotated[bool | None, Opt("--progress/--no-progress", help="progress bar", rich_help_panel=OUT)] = None,
 ) -> None:
     """Train with N local worker processes and write the run record (config, events, summary, curves)."""
     from tandem.api import train as api_train
-    from tandem.config import parse_options
     from tandem.resolve import load_config
 
+    def flag(text: str, value: object, key: str) -> tuple[str, dict]:
+        return (f"--{text} {value}", {key: value})
+
     try:
-        overrides = {
-            "strategy.name": strategy, "codec.name": codec, "workers": workers,
-            "workload.name": workload, "workload.data_path": str(data_path) if data_path else None,
-            "workload.partition": partition, "workload.redundancy": redundancy, "steps": steps,
-            "epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
-            "seed": seed, "net": net, "stragglers": stragglers, "slow_workers": slow_worker or None,
-            "target_accuracy": target_accuracy, "eval_every": eval_every,
-            "out": str(out) if out else None, "name": name, "tensorboard": tensorboard,
-            "progress": progress, "timeout_s": timeout, "nan_policy": nan_policy,
-            "checkpoint_every": checkpoint_every,
-        }
+        flags = [
+            flag("strategy", strategy, "strategy.name"), flag("codec", codec, "codec.name"),
+            *option_flags("--strategy-opt", strategy_opt, "strategy.options"),
+            *option_flags("--codec-opt", codec_opt, "codec.options"),
+            flag("workers", workers, "workers"), flag("steps", steps, "steps"),
+            flag("epochs", epochs, "epochs"), flag("seed", seed, "seed"),
+            flag("timeout", timeout, "timeout_s"), flag("workload", workload, "workload.name"),
+            *option_flags("--workload-opt", workload_opt, "workload.options"),
+            flag("data-path", str(data_path) if data_path else None, "workload.data_path"),
+            flag("partition", partition, "workload.partition"),
+            flag("redundancy", redundancy, "workload.redundancy"),
+            flag("batch-size", batch_size, "batch_size"), flag("lr", lr, "lr"),
+            flag("momentum", momentum, "momentum"), flag("net", net, "net"),
+            flag("stragglers", stragglers, "stragglers"),
+            (f"--slow-worker {' '.join(slow_worker or [])}", {"slow_workers": slow_worker or None}),
+            flag("nan-policy", nan_policy, "nan_policy"),
+            flag("checkpoint-every", checkpoint_every, "checkpoint_every"),
+            flag("out", str(out) if out else None, "out"), flag("name", name, "name"),
+            flag("target-accuracy", target_accuracy, "target_accuracy"),
+            flag("eval-every", eval_every, "eval_every"),
+            flag("tensorboard", tensorboard, "tensorboard"),
+            flag("progress", progress, "progress"),
+        ]
         if resume is not None:
             if config is None:
                 config = resume / "config.yaml"
-            overrides.update({"resume": True, "out": str(resume)})
-        for k, v in parse_options(codec_opt).items():
-            overrides[f"codec.options.{k}"] = v
-        for k, v in parse_options(strategy_opt).items():
-            overrides[f"strategy.options.{k}"] = v
-        cfg = load_config(path=config, **overrides)
+            flags.append((f"--resume {resume}", {"resume": True, "out": str(resume)}))
+        cfg = load_flags(load_config, config, flags)
         summary = api_train(cfg)
     except TandemError as err:
         fail(err)
-        return
     _print_summary(summary, cfg.run_dir())
 
 

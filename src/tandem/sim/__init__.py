@@ -5,8 +5,15 @@ thousands of devices on the regression workload; :mod:`tandem.sim.study` sweeps 
 straggling rate and the redundancy and plots the curves.
 """
 
-from tandem.sim.goco import MODES, SimConfig, SimResult, simulate
-from tandem.sim.study import floor_table, format_table, plot_study, save_study, study
+from tandem.sim.goco import MAX_BYTES, MAX_DEVICES, MODES, SimConfig, SimResult, simulate
+from tandem.sim.study import (
+    floor_table,
+    format_table,
+    plot_study,
+    save_study,
+    study,
+    study_configs,
+)
 
-__all__ = ["MODES", "SimConfig", "SimResult", "floor_table", "format_table", "plot_study",
-           "save_study", "simulate", "study"]
+__all__ = ["MAX_BYTES", "MAX_DEVICES", "MODES", "SimConfig", "SimResult", "floor_table",
+           "format_table", "plot_study", "save_study", "simulate", "study", "study_configs"]

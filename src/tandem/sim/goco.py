@@ -16,27 +16,37 @@ batches are drawn by the simulator's own generator (same distribution, different
 
 Tune: ``exact_draws`` costs ~30 us per device per step (one seeded generator each, as in the
 processes); past 64 devices it defaults to one vectorised generator, statistically the same.
+Memory grows as M^2 (the mixing matrix) and as M d dim^2 (the per-device full-batch operators, or
+M d B dim with minibatches); :meth:`SimConfig.check` refuses a config past
+:data:`MAX_DEVICES` or :data:`MAX_BYTES` before anything is allocated.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from torch.nn.utils import parameters_to_vector
 
-from tandem.coding import make_allocation, sgc_weight
+from tandem.coding import SCHEMES, make_allocation, sgc_weight
 from tandem.config import StragglerConfig, WorkloadConfig
 from tandem.errors import ConfigError
-from tandem.topology import Topology, make_topology
+from tandem.topology import GRAPHS, WEIGHTS, Topology, make_topology
 from tandem.trainer import build_model
 from tandem.trainer.partitions import data_partitions
 from tandem.trainer.stragglers import straggler_mask
-from tandem.workloads import build_workload
+from tandem.workloads import WORKLOADS, build_workload
 
 MODES = ("goco", "dsgd", "redundant", "wait")
+#: the most devices one simulation takes: the dense mixing matrix is M^2 doubles (128 MiB here)
+MAX_DEVICES = 4096
+#: the most memory the largest arrays of one simulation may take (raise it on a big machine)
+MAX_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -61,6 +71,81 @@ class SimConfig:
     exact_draws: bool | None = None
     workload_options: dict[str, Any] = field(default_factory=dict)
     keep_params: bool = False
+
+    def check(self, name: Callable[[str], str] = str) -> None:
+        """Refuse a config that cannot run, before anything is built or allocated.
+
+        Raises :class:`ConfigError` naming the field as ``name(field)`` (the CLI passes one that
+        returns its flags, e.g. ``lr_decay`` -> ``--lr-decay``) and the allowed values.
+        """
+
+        def bad(key: str, value: Any, allowed: str) -> ConfigError:
+            return ConfigError(f"{name(key)}: {value!r} is not allowed; {allowed}")
+
+        def number(key: str, lo: float, hi: float = math.inf, *, lo_open: bool = False,
+                   hi_open: bool = False, integer: bool = False, allowed: str = "",
+                   value: Any = None) -> None:
+            v = getattr(self, key) if value is None else value
+            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
+                and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi) \
+                and (not integer or float(v).is_integer())
+            if not ok:
+                what = "an integer" if integer else "a number"
+                raise bad(key, v, allowed or f"{what} in {'(' if lo_open else '['}{lo:g}, "
+                          f"{hi:g}{')' if hi_open else ']'}")
+
+        number("devices", 1, MAX_DEVICES, integer=True,
+               allowed=f"the number of devices, 1 to {MAX_DEVICES} (the mixing matrix is M^2)")
+        number("steps", 1, integer=True, allowed="at least 1 iteration")
+        number("p", 0, 1, hi_open=True, allowed="a straggling probability in [0, 1)")
+        number("lr", 0, lo_open=True, allowed="a positive finite learning rate")
+        number("lr_decay", 0, allowed="a finite decay >= 0 (lr_t = lr / (1 + lr_decay t))")
+        number("gossip_rounds", 1, 1000, integer=True, allowed="1 to 1000 rounds per step")
+        number("seed", 0, 2**63 - 1, integer=True, allowed="an integer in [0, 2^63)")
+        for key, choices in (("mode", MODES), ("topology", GRAPHS), ("weights", WEIGHTS),
+                             ("allocation", SCHEMES)):
+            if getattr(self, key) not in choices:
+                raise bad(key, getattr(self, key), f"choose one of {', '.join(choices)}")
+        number("d", 1, self.devices if self.mode != "dsgd" else math.inf, integer=True,
+               allowed=f"a redundancy from 1 to {name('devices')} ({self.devices})")
+        # dsgd holds one partition per device whatever d says
+        if self.mode != "dsgd" and self.allocation == "fractional" and self.devices % self.d:
+            raise bad("d", self.d, f"{name('allocation')} fractional needs d to divide "
+                      f"{name('devices')} ({self.devices}); use cyclic or another d")
+        if self.batch_size is not None:
+            number("batch_size", 1, integer=True, allowed="a minibatch of at least 1 sample")
+        if self.edge_p is not None:
+            number("edge_p", 0, 1, lo_open=True, allowed="an edge probability in (0, 1]")
+        if self.p_weight is not None:
+            number("p_weight", 0, 1, hi_open=True, allowed="a probability in [0, 1)")
+        opts = {"n": max(2048, 16 * self.devices), **self.workload_options}
+        try:
+            WORKLOADS["regression"].options.model_validate(opts)
+        except ValidationError as err:
+            e = err.errors()[0]
+            keys = [str(e["loc"][0])] if e["loc"] else ["n", "dim"]  # n >= dim: both at fault
+            where = ", ".join(name(f"workload_options.{k}") for k in keys)
+            raise ConfigError(f"{where}: {e['msg'].removeprefix('Value error, ')} "
+                              f"(regression option; got {opts})") from None
+        number("workload_options.n", self.devices, integer=True, value=opts["n"],
+               allowed=f"at least one sample per device ({name('devices')} {self.devices})")
+        need = self.memory_bytes()
+        if need > MAX_BYTES:
+            culprits = ", ".join(name(k) for k in ("devices", "d", "workload_options.dim",
+                                                   "workload_options.n", "batch_size"))
+            raise ConfigError(
+                f"{culprits}: this simulation needs ~{need / 2**30:.1f} GiB "
+                f"(> {MAX_BYTES / 2**30:g} GiB): fewer devices, a smaller d or dim, or a small "
+                "minibatch (the limit is tandem.sim.goco.MAX_BYTES)")
+
+    def memory_bytes(self) -> int:
+        """The size of the largest arrays :func:`simulate` allocates, in bytes (an estimate)."""
+        M = self.devices
+        d = 1 if self.mode == "dsgd" else self.d
+        dim = int(self.workload_options.get("dim", 20))
+        n = int(self.workload_options.get("n", max(2048, 16 * M)))
+        per_device = d * self.batch_size * (dim + 1) if self.batch_size else 2 * d * dim * dim
+        return 8 * (3 * M * M + M * per_device + n * dim + 2 * M * dim)
 
 
 @dataclass
@@ -88,8 +173,7 @@ def _topology(name: str, n: int, weights: str, seed: int, edge_p: float | None) 
 
 
 def _setup(cfg: SimConfig) -> dict[str, Any]:
-    if cfg.mode not in MODES:
-        raise ConfigError(f"unknown mode {cfg.mode!r}; choose one of {list(MODES)}")
+    cfg.check()
     M = cfg.devices
     opts = dict(cfg.workload_options)
     opts.setdefault("n", max(2048, 16 * M))

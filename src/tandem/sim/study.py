@@ -12,18 +12,33 @@ variance from the missing gradients) and rises with p. A ring of 1024 devices mi
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from tandem.errors import ConfigError
 from tandem.sim.goco import SimConfig, SimResult, simulate
+
+
+def study_configs(base: SimConfig, ps: Sequence[float], ds: Sequence[int],
+                  name: Callable[[str], str] = str) -> dict[tuple[float, int], SimConfig]:
+    """The config of every (p, d) pair on top of ``base``, each checked
+    (:meth:`SimConfig.check`, fields named by ``name``) before any simulation starts, so a bad
+    last pair fails in milliseconds rather than after the others' minutes."""
+    if not ps or not ds:
+        raise ConfigError(f"{name('p') if not ps else name('d')}: give at least one value")
+    configs = {(p, d): replace(base, p=p, d=d)
+               for p in dict.fromkeys(ps) for d in dict.fromkeys(ds)}
+    for cfg in configs.values():
+        cfg.check(name)
+    return configs
 
 
 def study(base: SimConfig, ps: Sequence[float] = (0.1, 0.3, 0.5),
           ds: Sequence[int] = (1, 2, 3)) -> dict[tuple[float, int], SimResult]:
-    """Simulate every (p, d) pair on top of ``base``."""
-    return {(p, d): simulate(replace(base, p=p, d=d)) for p in ps for d in ds}
+    """Simulate every (p, d) pair on top of ``base`` (all checked first; repeats run once)."""
+    return {k: simulate(cfg) for k, cfg in study_configs(base, ps, ds).items()}
 
 
 def floor_table(results: dict[tuple[float, int], SimResult], tail: float = 0.2
@@ -99,4 +114,4 @@ def save_study(results: dict[tuple[float, int], SimResult], path: str | Path,
     return path
 
 
-__all__ = ["floor_table", "format_table", "plot_study", "save_study", "study"]
+__all__ = ["floor_table", "format_table", "plot_study", "save_study", "study", "study_configs"]

@@ -33,6 +33,7 @@ from tandem.codecs.base import CODECS, Codec
 from tandem.registry import Registry
 from tandem.trainer import evaluate, is_eval_step, screen_gradients, total_steps
 from tandem.trainer.context import WorkerContext
+from tandem.trainer.final_model import save_final_model
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -96,6 +97,18 @@ class Strategy:
     def check(cls, cfg: RunConfig, options: Any) -> None:
         """Refuse, before any process starts, what this strategy cannot do with ``cfg`` (raise
         ConfigError naming the field and the fix). The resolve step calls it."""
+
+    @classmethod
+    def check_training(cls, cfg: RunConfig, options: Any, spec: Any) -> None:
+        """Refuse a step recipe (:class:`~tandem.trainer.spec.TrainSpec`) this strategy cannot
+        honour; pre-flight calls it with the workload's recipe resolved."""
+
+    @classmethod
+    def unused_parameters_note(cls) -> str:
+        """What this strategy does with parameters that get no gradient (pre-flight says it)."""
+        if cls.exact_exchange:
+            return "their gradient counts as zero"
+        return "dense exchanges send zeros for them every step; sparse codecs send nothing"
 
     @classmethod
     def sub_configs(cls, cfg: RunConfig) -> list[RunConfig]:
@@ -288,7 +301,14 @@ class StepLoop:
             with rec.evaluating():  # checkpoint I/O (and its barrier) is not training time
                 self.checkpoint(step)
 
+    def save_model(self) -> None:
+        """Write the run's final model (``model.pt``): rank 0's trainer model by default."""
+        if self.ctx.rank == 0 and self.trainer is not None:
+            save_final_model(self.ctx.run_dir, self.trainer.model, self.ctx.cfg,
+                             step=self.total)
+
     def run(self) -> dict[str, Any]:
         for step in range(self.start_step, self.total):
             self.run_step(step)
+        self.save_model()
         return self.finish()

@@ -45,14 +45,18 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from tandem.coding import gradient_code
 from tandem.errors import ConfigError, PeerTimeout, TandemError, WorkerFailed
+from tandem.flat import unflatten
 from tandem.strategies.base import Strategy, StrategyOptions, register
 from tandem.telemetry.log import get_logger
 from tandem.trainer import (
     build_model,
     is_eval_step,
     screen_gradients,
+    step_optimizer,
+    training_spec,
 )
 from tandem.trainer.evaluate import evaluate_alone
+from tandem.trainer.final_model import save_final_model
 from tandem.trainer.partitions import PartitionGradients
 from tandem.transport.store_barrier import wait_on
 
@@ -151,6 +155,13 @@ class CodedPSStrategy(Strategy):
         opt = opt.double() if opt is not None and opt.numel() == x.numel() else None
         total = self.total_steps(cfg, len(ctx.workload.train))
         every = self.eval_every(total)
+        # the server owns the optimizer: the closed form x - lr * g for plain SGD, the run's
+        # optimizer (schedule, clipping) on the model otherwise
+        spec = training_spec(cfg, ctx.workload)
+        optimizer = sched = None
+        if not spec.plain_sgd:
+            optimizer = spec.make_optimizer(model)
+            sched = spec.make_scheduler(optimizer, total)
         inbox: dict[int, tuple[torch.Tensor, Any]] = {}
         self.lost: dict[int, str] = {}
         self.live = set(range(n))
@@ -178,7 +189,10 @@ class CodedPSStrategy(Strategy):
             extra: dict[str, Any] = {"survivors": sorted(got)}
             if len(got) >= n - self.code.s:
                 full = self.code.decode(got)
-                x -= cfg.lr * full / n
+                if optimizer is None:
+                    x -= cfg.lr * full / n
+                else:
+                    x = self._optimizer_step(x, full / n, params, optimizer, sched, spec.clip)
             else:  # skipped answers left too few to decode: no update this step
                 dropped += 1
                 extra["dropped"] = True
@@ -216,10 +230,21 @@ class CodedPSStrategy(Strategy):
                 self._lose(j, f"stop not delivered: {err}", inbox, final=True)
         with torch.no_grad():
             vector_to_parameters(x, params)
+        save_final_model(ctx.run_dir, model, cfg, step=total)  # the server's model
         return {"steps": total, "used_per_worker": used, "trajectory": trajectory,
                 "dropped_steps": dropped, "skipped_steps": 0,
                 "lost_workers": {str(j): why for j, why in self.lost.items()},
                 "params": [p.detach().clone() for p in params]}
+
+    @staticmethod
+    def _optimizer_step(x: torch.Tensor, grad: torch.Tensor, params: list[torch.Tensor],
+                        optimizer: Any, sched: Any, clip: float | None) -> torch.Tensor:
+        with torch.no_grad():
+            vector_to_parameters(x, params)
+        for p, g in zip(params, unflatten(grad, [tuple(q.shape) for q in params]), strict=True):
+            p.grad = g.clone()
+        step_optimizer(optimizer, params, clip, sched)
+        return parameters_to_vector(params).detach().clone()
 
     def _lose(self, j: int, why: str, inbox: dict[int, Any], final: bool = False) -> None:
         """Worker ``j`` is gone: a permanent straggler while the code can decode without it."""

@@ -26,11 +26,15 @@ from tandem.workloads.base import (
     partition_indices,
     register_workload,
 )
+from tandem.workloads.factory import build_from_factory
 
 __all__ = ["WORKLOADS", "ArrayDataset", "ShardLoader", "Workload", "build_workload",
            "cyclic_allocation", "partition", "partition_indices", "register_workload"]
 
 
 def build_workload(cfg: WorkloadConfig, seed: int = 0) -> Workload:
-    """The workload ``cfg.name`` with ``cfg.options`` applied; deterministic in ``seed``."""
+    """The workload ``cfg.name`` with ``cfg.options`` applied; deterministic in ``seed``. A name
+    ``package.module:function`` calls your factory (:mod:`tandem.workloads.factory`)."""
+    if cfg.is_factory:
+        return build_from_factory(cfg.name, cfg.options, seed)
     return WORKLOADS[cfg.name].build(cfg, seed)

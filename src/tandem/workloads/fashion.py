@@ -45,10 +45,13 @@ HOW_TO_GET = (f"get it with `make bench-data` or `apt-get install {DEBIAN_PACKAG
 
 
 class FashionOptions(Options):
-    n_train: int | None = Field(default=None, ge=1)
-    n_test: int | None = Field(default=None, ge=1)
-    width: int = Field(default=1, ge=1)
-    hidden: int = Field(default=64, ge=1)
+    n_train: int | None = Field(default=None, ge=1, description="seeded random subset of the "
+                                "60000 training images; None = all (6000: 10x shorter epochs)")
+    n_test: int | None = Field(default=None, ge=1, description="seeded random subset of the "
+                               "10000 test images; None = all")
+    width: int = Field(default=1, ge=1, description="CNN channel multiplier")
+    hidden: int = Field(default=64, ge=1, description="width of the CNN's first linear layer "
+                        "(512: ~281k parameters at about the same compute)")
 
 
 def debian_dirs() -> list[Path]:

@@ -30,9 +30,10 @@ from tandem.workloads.models import SmallCNN
 
 
 class Mnist5kOptions(Options):
-    test_fraction: float = Field(default=0.2, gt=0, lt=1)
-    width: int = Field(default=1, ge=1)
-    hidden: int = Field(default=64, ge=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1, description="share of the 5000 "
+                                 "digits held out for testing (stratified)")
+    width: int = Field(default=1, ge=1, description="CNN channel multiplier")
+    hidden: int = Field(default=64, ge=1, description="width of the CNN's first linear layer")
 
 
 def load_arrays() -> tuple[np.ndarray, np.ndarray]:

@@ -26,10 +26,11 @@ from tandem.workloads.base import ArrayDataset, Options, Workload, parse_options
 
 
 class RegressionOptions(Options):
-    n: int = Field(default=2048, ge=1)
-    n_test: int = Field(default=512, ge=1)
-    dim: int = Field(default=20, ge=1)
-    noise: float = Field(default=0.1, ge=0)
+    n: int = Field(default=2048, ge=1, description="training samples (at least dim)")
+    n_test: int = Field(default=512, ge=1, description="test samples")
+    dim: int = Field(default=20, ge=1, description="features = parameters of Linear(dim, 1)")
+    noise: float = Field(default=0.1, ge=0, description="label noise std; 0 makes the "
+                         "optimum interpolate exactly")
 
     @model_validator(mode="after")
     def _enough(self) -> RegressionOptions:

@@ -22,9 +22,11 @@ from tandem.workloads.models import ResNet18
 
 
 class ResNetOptions(Options):
-    n_train: int = Field(default=512, ge=1)
-    n_test: int = Field(default=128, ge=1)
-    num_classes: int = Field(default=10, ge=2)
+    n_train: int = Field(default=512, ge=1, description="random training images (12 KiB "
+                         "each; steps, not epochs, matter here)")
+    n_test: int = Field(default=128, ge=1, description="random test images")
+    num_classes: int = Field(default=10, ge=2, description="random labels, so accuracy "
+                             "stays at chance")
 
 
 @register_workload("resnet18", options=ResNetOptions)

@@ -89,6 +89,7 @@ from tandem.trainer import (
     screen_gradients,
     training_spec,
 )
+from tandem.trainer.final_model import save_final_model
 from tandem.trainer.stragglers import ComputeFaults
 
 __all__ = ["BspSharedOptions", "BspSharedStrategy", "Layout", "local_layout", "machine_split",
@@ -224,6 +225,9 @@ class BspSharedStrategy(Strategy):
         stale = [h["staleness_mean"] for h in agent.history if h["gradients"]]
         rec.info(bsp_machines=layout.machines, bsp_supersteps=out["supersteps"],
                  bsp_mean_staleness=sum(stale) / len(stale) if stale else 0.0)
+        if machine == 0:  # the controller's model is the run's (agents never run a forward:
+            save_final_model(ctx.run_dir, model, ctx.cfg,  # buffers stay the initial ones)
+                             supersteps=out["supersteps"])
         return dict(out, machine=machine, steps=out["supersteps"],
                     params=[p.detach().clone() for p in params])
 

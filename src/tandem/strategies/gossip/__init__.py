@@ -45,7 +45,12 @@ Telemetry: each step record has ``straggled`` and, on regression, ``opt_error = 
 each eval record has ``consensus_error`` (mean ||x_i - mean x||^2), ``opt_error`` (mean over peers)
 and ``avg_opt_error`` (||mean x - x*||^2); test loss/accuracy are of the averaged model, and on
 classification ``peer_accuracy_min``/``peer_accuracy_mean`` are of the peers' own models.
-Optimizer: plain SGD as in the paper (momentum is refused; weight decay is applied locally).
+Optimizer: by default GOCO's plain SGD step ``y = x - lr_t * w * e - lr_t * wd * x`` (the paper's).
+Any other recipe (momentum, AdamW, a schedule, clipping: ``--optimizer``, ``--schedule``,
+``--clip-grad-norm`` or the workload's own) gives *each peer its own optimizer*, stepped on
+``e_i = w * sum_k g_k`` (zero when the peer straggled: the optimizer still steps, so momentum and
+weight decay go on) before the mixing; its state is the peer's and is checkpointed with it.
+``lr_decay`` belongs to the plain step and is refused beside a schedule or another optimizer.
 
 Lost peers (``tolerates_lost_workers``): a peer that dies is dropped and the survivors go on; see
 :class:`PeerView` for how every survivor ends up on the same re-weighted mixing matrix. Once a
@@ -86,8 +91,11 @@ class GossipStrategy(Strategy):
 
     @classmethod
     def check(cls, cfg: Any, options: Any) -> None:
-        if cfg.momentum > 0:
-            raise ConfigError("momentum: gossip uses plain SGD as in GOCO; set momentum to 0")
+        if options.lr_decay and (cfg.schedule is not None or cfg.momentum > 0 or
+                                 (cfg.optimizer is not None and cfg.optimizer.name != "sgd")):
+            raise ConfigError("strategy.options.lr_decay: GOCO's lr_t = lr / (1 + decay t) is "
+                              "for its plain SGD step; with a schedule or another optimizer "
+                              "use --schedule instead")
         if cfg.codec.options.get("momentum"):
             raise ConfigError("codec.options.momentum: gossip uses plain SGD as in GOCO; drop "
                               "the codec's momentum option")

@@ -33,5 +33,7 @@ class GossipOptions(StrategyOptions):
     full_batch: bool = Field(False, description="whole-partition gradients instead of "
                              "minibatches")
     lr_decay: float = Field(default=0.0, ge=0, description="lr_t = lr / (1 + lr_decay * t)")
+    save_peers: bool = Field(False, description="also write each peer's own model "
+                             "(model.peer<R>.pt) beside the network average (model.pt)")
     consensus_step: float | None = Field(default=None, gt=0, le=1, description="compressed "
                                          "gossip (CHOCO) step size; default per codec")

@@ -22,12 +22,14 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from tandem.coding import make_allocation, sgc_weight
 from tandem.errors import CheckpointError, WorkerFailed
+from tandem.flat import unflatten
 from tandem.strategies.base import Computed, Exchanged, StepLoop, Strategy
 from tandem.strategies.gossip.choco import ChocoMixer, default_consensus_step
 from tandem.strategies.gossip.evaluate import evaluate_alone, evaluate_network
 from tandem.strategies.gossip.options import GossipOptions
 from tandem.topology import PeerView, make_topology
-from tandem.trainer import build_model, screen_gradients
+from tandem.trainer import build_model, screen_gradients, step_optimizer, training_spec
+from tandem.trainer.final_model import save_final_model
 from tandem.trainer.partitions import PartitionGradients
 
 
@@ -54,8 +56,20 @@ class GossipPeer(StepLoop):
         self.model = build_model(ctx.workload, cfg.seed, tr.device)  # evaluation copy
         self.mparams = [q for q in self.model.parameters() if q.requires_grad]
         self.x = parameters_to_vector(self.mparams).detach().clone()
-        opt = ctx.workload.optimum
-        self.opt = opt.to(self.x) if opt is not None and opt.numel() == self.x.numel() else None
+        # GOCO's closed form x - lr * w * e for plain SGD; any other recipe (AdamW, a schedule,
+        # clipping) runs a per-peer optimizer on a model copy that holds x
+        self.spec = training_spec(cfg, ctx.workload)
+        self.step_model: torch.nn.Module | None = None
+        self.opt: Any = None
+        self.sched: Any = None
+        if not self.spec.plain_sgd:
+            self.step_model = build_model(ctx.workload, cfg.seed, tr.device)
+            self.opt = self.spec.make_optimizer(self.step_model)
+            self.sched = self.spec.make_scheduler(self.opt, self.total)
+            self.step_params = [q for q in self.step_model.parameters() if q.requires_grad]
+        optimum = ctx.workload.optimum
+        self.optimum = optimum.to(self.x) \
+            if optimum is not None and optimum.numel() == self.x.numel() else None
         threaded = o.deadline_s is not None and o.mode != "wait"
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="gossip-grad") if threaded else None
         self.mixer: ChocoMixer | None = None
@@ -83,7 +97,9 @@ class GossipPeer(StepLoop):
                 "straggled": self.n_straggled, "skipped": self.skipped, "evals": self.evals,
                 "trajectory": self.trajectory,
                 "peer": {**self.peer, "lost": sorted(self.view.dead)},
-                "choco": None if self.mixer is None else self.mixer.state_dict()}
+                "choco": None if self.mixer is None else self.mixer.state_dict(),
+                "optimizer": None if self.opt is None else self.opt.state_dict(),
+                "scheduler": None if self.sched is None else self.sched.state_dict()}
 
     def load_state(self, state: dict[str, Any]) -> None:
         check_peer_state(state["peer"], self.peer)
@@ -94,6 +110,10 @@ class GossipPeer(StepLoop):
         self.trajectory, self.evals = list(state["trajectory"]), list(state["evals"])
         if self.mixer is not None:
             self.mixer.load_state_dict(state["choco"])
+        if self.opt is not None and state.get("optimizer") is not None:
+            self.opt.load_state_dict(state["optimizer"])
+        if self.sched is not None and state.get("scheduler") is not None:
+            self.sched.load_state_dict(state["scheduler"])
 
     def checkpoint(self, step: int) -> None:
         """Save after ``step`` while every peer is alive. Once a peer is lost no checkpoint is
@@ -128,12 +148,15 @@ class GossipPeer(StepLoop):
 
     def exchange(self, step: int, c: Computed) -> Exchanged:
         cfg, o, x = self.ctx.cfg, self.o, self.x
-        lr = cfg.lr / (1.0 + o.lr_decay * step)
-        y = x.clone()
-        if not c.straggled:
-            y -= lr * self.weight * c.grads[0]
-        if cfg.weight_decay:
-            y -= lr * cfg.weight_decay * x
+        if self.step_model is None:
+            lr = cfg.lr / (1.0 + o.lr_decay * step)
+            y = x.clone()
+            if not c.straggled:
+                y -= lr * self.weight * c.grads[0]
+            if cfg.weight_decay:
+                y -= lr * cfg.weight_decay * x
+        else:
+            y = self._optimizer_step(c)
         idle = 0.0
         if o.mode == "wait" and not self.view.dead:  # a dead rank cannot join a barrier
             tb = time.perf_counter()
@@ -143,19 +166,32 @@ class GossipPeer(StepLoop):
         self.x = self.mixer.mix(y, o.gossip_rounds, step) if self.mixer is not None else \
             self._gossip(y, o.gossip_rounds, step)
         fields: dict[str, Any] = {}
-        if self.opt is not None:
-            fields["opt_error"] = float(((self.x.double() - self.opt.double()) ** 2).sum())
+        if self.optimum is not None:
+            fields["opt_error"] = float(((self.x.double() - self.optimum.double()) ** 2).sum())
             self.trajectory.append(fields["opt_error"])
         fields["step_s"] = time.perf_counter() - self.t0
         return Exchanged(None, idle_s=idle, comm_s=time.perf_counter() - t1, fields=fields)
+
+    def _optimizer_step(self, c: Computed) -> torch.Tensor:
+        """This peer's optimizer on e_i = w * sum of its partition gradients (zero when it
+        straggled: the optimizer still steps, so its momentum and weight decay go on)."""
+        assert self.step_model is not None
+        e = torch.zeros_like(self.x) if c.straggled else self.weight * c.grads[0]
+        with torch.no_grad():
+            vector_to_parameters(self.x, self.step_params)
+        for p, g in zip(self.step_params, unflatten(e, [tuple(q.shape) for q in self.step_params]),
+                        strict=True):
+            p.grad = g.clone()
+        step_optimizer(self.opt, self.step_params, self.spec.clip, self.sched)
+        return parameters_to_vector(self.step_params).detach().clone()
 
     def evaluate(self, step: int) -> None:
         ev = None
         if not self.view.dead:
             ev = self._world(step, evaluate_network, self.ctx, step, self.x, self.model,
-                             self.mparams, self.opt)
+                             self.mparams, self.optimum)
         self.evals.append(ev or evaluate_alone(self.ctx, step, self.x, self.model, self.mparams,
-                                               self.opt, len(self.view.alive)))
+                                               self.optimum, len(self.view.alive)))
 
     def run(self) -> dict[str, Any]:
         try:
@@ -163,6 +199,29 @@ class GossipPeer(StepLoop):
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def save_model(self) -> None:
+        """The network average of the peers' parameters (one all-reduce) as ``model.pt``,
+        written by the lowest live rank; each peer's own too with ``save_peers``. After a peer
+        was lost no world collective is possible: the lowest survivor writes its own model and
+        the file says so (``average_of`` names the peers averaged)."""
+        ctx, view, model = self.ctx, self.view, self.grads.model
+        if self.o.save_peers:
+            with torch.no_grad():
+                vector_to_parameters(self.x, self.grads.params)
+            save_final_model(ctx.run_dir, model, ctx.cfg, name=f"model.peer{ctx.rank}.pt",
+                             step=self.total, peer=ctx.rank)
+        avg = None
+        if not view.dead:
+            avg = self.x.double().clone()
+            ctx.transport.all_reduce(avg, category="eval").wait()
+            avg = (avg / ctx.world).to(self.x.dtype)
+        if ctx.rank != min(view.alive):
+            return
+        with torch.no_grad():
+            vector_to_parameters(avg if avg is not None else self.x, self.grads.params)
+        save_final_model(ctx.run_dir, model, ctx.cfg, step=self.total,
+                         average_of=sorted(view.alive) if avg is not None else [ctx.rank])
 
     def finish(self) -> dict[str, Any]:
         with torch.no_grad():

@@ -76,6 +76,16 @@ class ParamServerStrategy(Strategy):
             raise ConfigError(f"strategy.options.min_workers: {options.min_workers} exceeds "
                               f"workers={cfg.workers}")
 
+    @classmethod
+    def check_training(cls, cfg: Any, options: Any, spec: Any) -> None:
+        if options.servers > 1 and not spec.elementwise:
+            raise ConfigError("optimizer: the workload's optimizer factory needs the whole model, "
+                              "which only one parameter server holds; use servers=1 or a "
+                              "built-in optimizer (--optimizer sgd|adam|adamw)")
+        if options.servers > 1 and spec.clip is not None:
+            raise ConfigError("clip_grad_norm: clipping the aggregated gradient's global norm "
+                              "needs one server to see it whole; use servers=1")
+
     def setup(self) -> None:
         from tandem.strategies.param_server.server import PSServer
         from tandem.strategies.param_server.worker import PSWorker

@@ -107,6 +107,12 @@ class PSWorker(StepLoop):
         for key in self._SAVED:  # last_meta stays None: the meta is sent again
             setattr(self, key, state["worker"].get(key))
 
+    def checkpoint_due(self, step: int) -> bool:
+        """Not after the last step: the servers have already taken the final pushes and
+        answered with the final model (``model.pt``); a resume continues from the last
+        periodic checkpoint."""
+        return super().checkpoint_due(step) and step + 1 < self.total
+
     def checkpoint(self, step: int) -> None:
         self._checkpoint(step)
 

@@ -186,6 +186,7 @@ class PipelineStrategy(Strategy):
                         self.ckpt.save(step + 1, {"lanes": [ln.state_dict() for ln in lanes]})
             for lane in lanes:
                 lane.settle(evaluating)
+                lane.save_model()  # variants/<label>/model.pt
             ok = True
         finally:  # after an error a thread may sit in a dead exchange: do not wait for it
             for lane in lanes:
