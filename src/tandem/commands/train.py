@@ -2,8 +2,9 @@
 
 Flags override the ``--config`` file field by field. ``--codec``/``--strategy``/``--workload``
 naming another plugin than the file's replace it together with its options; ``--codec-opt``/
-``--strategy-opt``/``--workload-opt`` alone set options of the file's plugin (or the default). A bad value exits with status 2
-and one line naming the flag, before any worker starts (:func:`~tandem.commands.base.load_flags`).
+``--strategy-opt``/``--workload-opt`` alone set options of the file's plugin (or the default).
+A bad value exits with status 2 and one line naming the flag, before any worker starts
+(:func:`~tandem.commands.base.load_flags`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def train(
     epochs: Annotated[float | None, Opt(help="epochs over each worker's shard", rich_help_panel=RUN)] = None,
     seed: Annotated[int | None, Opt(help="seed for model, data order, stragglers (0 to 2^63-1)", rich_help_panel=RUN)] = None,
     timeout: Annotated[float | None, Opt(help="longest any wait may last, seconds", rich_help_panel=RUN)] = None,
-    workload: Annotated[str | None, Opt(help="digits | mnist5k | fashion | regression | resnet18 (`tandem workloads`)", rich_help_panel=DATA)] = None,
+    workload: Annotated[str | None, Opt(help="a registered workload (`tandem workloads`: digits, mnist5k, ...) or package.module:function", rich_help_panel=DATA)] = None,
     workload_opt: Annotated[list[str] | None, Opt(help="workload option KEY=VALUE, e.g. hidden=64 (repeat; `tandem workloads` lists them)", rich_help_panel=DATA)] = None,
     data_path: Annotated[Path | None, Opt(help="dataset folder (fashion: the IDX .gz files)", rich_help_panel=DATA)] = None,
     partition: Annotated[str | None, Opt(help="iid | label | redundant: how the training set is split over workers", rich_help_panel=DATA)] = None,
