@@ -23,7 +23,7 @@ from tandem.telemetry.recorder import Recorder
 from tandem.trainer import apply_workload_defaults
 from tandem.trainer.context import WorkerContext
 from tandem.trainer.stragglers import ComputeFaults
-from tandem.transport.env import transport_from_env
+from tandem.transport.env import env_rank_world, transport_from_env
 from tandem.workloads import WORKLOADS, build_workload
 from tandem.workloads.base import Workload
 
@@ -44,6 +44,8 @@ def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
     if isinstance(workload, bytes):
         workload = pickle.loads(workload)  # noqa: S301 - our own launcher's payload
     torch.set_num_threads(cfg.threads_per_worker)
+    resolve(cfg, object_workload=workload is not None).strategy.check_world(
+        cfg, env_rank_world()[1])  # before joining: a mismatched job fails fast, on every rank
     transport = transport_from_env(net=cfg.net, timeout_s=cfg.timeout_s, seed=cfg.seed,
                                    backend=cfg.backend)
     graceful = False

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tandem.checkpoint import StrategyCheckpoints
 from tandem.codecs.base import CODECS, Codec
+from tandem.errors import ConfigError
 from tandem.registry import Registry
 from tandem.trainer import evaluate, is_eval_step, screen_gradients, total_steps
 from tandem.trainer.context import WorkerContext
@@ -97,6 +98,19 @@ class Strategy:
     def check(cls, cfg: RunConfig, options: Any) -> None:
         """Refuse, before any process starts, what this strategy cannot do with ``cfg`` (raise
         ConfigError naming the field and the fix). The resolve step calls it."""
+
+    @classmethod
+    def check_world(cls, cfg: RunConfig, world: int) -> None:
+        """Refuse a job whose process count does not fit the config (under torchrun the world
+        comes from ``--nnodes x --nproc-per-node``). Elastic membership (``--nnodes MIN:MAX``)
+        is not supported: data partitions, topologies and codes are fixed at start."""
+        expected = cls.processes(cfg)
+        if world != expected:
+            raise ConfigError(
+                f"workers: strategy {cls.name} with workers={cfg.workers} runs {expected} "
+                f"processes, but this job has {world}; set workers (and the strategy's extra "
+                "roles) to match --nnodes x --nproc-per-node, with a fixed --nnodes (elastic "
+                "membership is not supported)")
 
     @classmethod
     def check_training(cls, cfg: RunConfig, options: Any, spec: Any) -> None:

@@ -106,6 +106,11 @@ class BspSharedStrategy(Strategy):
     supports_checkpoints = True
 
     @classmethod
+    def check_world(cls, cfg: RunConfig, world: int) -> None:
+        """Under torchrun the layout comes from the nodes (one agent per node); the layout
+        itself refuses a mismatch (:func:`.layout.layout_for`)."""
+
+    @classmethod
     def processes(cls, cfg: RunConfig) -> int:
         opts = BspSharedOptions.model_validate(cfg.strategy.options)
         return cfg.workers + len(machine_split(cfg.workers, opts))
