@@ -17,7 +17,8 @@ import typer
 from tandem.commands.base import Opt, command, fail, load_flags, option_flags
 from tandem.errors import TandemError
 
-RUN, DATA, NET, FAULTS, OUT = "Run", "Model and data", "Network", "Faults", "Output"
+RUN, DATA, STEP, NET, FAULTS, OUT = ("Run", "Model and data", "Optimizer step", "Network",
+                                     "Faults", "Output")
 
 
 @command("train", rank=10)
@@ -38,8 +39,14 @@ def train(
     partition: Annotated[str | None, Opt(help="iid | label | redundant: how the training set is split over workers", rich_help_panel=DATA)] = None,
     redundancy: Annotated[int | None, Opt(help="d: workers holding each partition (1 to --workers)", rich_help_panel=DATA)] = None,
     batch_size: Annotated[int | None, Opt(help="per-worker minibatch size", rich_help_panel=DATA)] = None,
-    lr: Annotated[float | None, Opt(help="learning rate (> 0)", rich_help_panel=DATA)] = None,
-    momentum: Annotated[float | None, Opt(help="SGD momentum in [0, 1)", rich_help_panel=DATA)] = None,
+    lr: Annotated[float | None, Opt(help="learning rate (> 0)", rich_help_panel=STEP)] = None,
+    momentum: Annotated[float | None, Opt(help="SGD momentum in [0, 1)", rich_help_panel=STEP)] = None,
+    weight_decay: Annotated[float | None, Opt(help="weight decay (decoupled for adamw)", rich_help_panel=STEP)] = None,
+    optimizer: Annotated[str | None, Opt(help="sgd | adam | adamw (default: the workload's own, else sgd)", rich_help_panel=STEP)] = None,
+    schedule: Annotated[str | None, Opt(help="constant | cosine | linear, optionally :WARMUP_STEPS, e.g. cosine:100 (default: the workload's own)", rich_help_panel=STEP)] = None,
+    clip_grad_norm: Annotated[float | None, Opt(help="clip the aggregated gradient's global norm to this", rich_help_panel=STEP)] = None,
+    accumulation: Annotated[int | None, Opt(help="micro-batches per optimizer step (each of --batch-size)", rich_help_panel=STEP)] = None,
+    precision: Annotated[str | None, Opt(help="fp32 | bf16 (autocast, CPU or GPU) | fp16 (GPU, grad scaler)", rich_help_panel=STEP)] = None,
     net: Annotated[str | None, Opt(help="emulated link BANDWIDTH[:LATENCY[:JITTER]], units required, e.g. 100mbit:1ms or 1gbit:200us:50us", rich_help_panel=NET)] = None,
     stragglers: Annotated[str | None, Opt(help="random stragglers P:FACTOR (0.2:5 = 6x slower steps) or P:exp:MEAN_S", rich_help_panel=FAULTS)] = None,
     slow_worker: Annotated[list[str] | None, Opt(help="RANK:FACTOR, a fixed slow worker (repeat)", rich_help_panel=FAULTS)] = None,
@@ -74,6 +81,11 @@ def train(
             flag("redundancy", redundancy, "workload.redundancy"),
             flag("batch-size", batch_size, "batch_size"), flag("lr", lr, "lr"),
             flag("momentum", momentum, "momentum"), flag("net", net, "net"),
+            flag("weight-decay", weight_decay, "weight_decay"),
+            flag("optimizer", optimizer, "optimizer.name"), flag("schedule", schedule, "schedule"),
+            flag("clip-grad-norm", clip_grad_norm, "clip_grad_norm"),
+            flag("accumulation", accumulation, "accumulation"),
+            flag("precision", precision, "precision"),
             flag("stragglers", stragglers, "stragglers"),
             (f"--slow-worker {' '.join(slow_worker or [])}", {"slow_workers": slow_worker or None}),
             flag("nan-policy", nan_policy, "nan_policy"),
