@@ -37,3 +37,14 @@ def test_own_model_example_trains_a_custom_model(tmp_path: Path) -> None:
     acc = float(re.search(r"test accuracy ([\d.]+)", out).group(1))  # type: ignore[union-attr]
     assert acc > 0.9, out
     assert (tmp_path / "runs" / "rings-allreduce-dense" / "summary.json").is_file()
+
+
+def test_own_training_job_example_runs_its_recipe_and_returns_the_model(tmp_path: Path) -> None:
+    """Breaks if a job with its own optimizer factory, schedule, clipping, accumulation, metric,
+    callback and a transform-per-epoch Dataset no longer trains, or model.pt stops loading."""
+    out = run_example("own_training_job.py", "--workers", "2", "--steps", "60",
+                      "--out", str(tmp_path / "job"), cwd=tmp_path)
+    acc = float(re.search(r"final test accuracy ([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    assert acc > 0.6, out
+    assert "top-2" in out and "Sequential with 66410 parameters" in out
+    assert out.count("step 60: test accuracy") == 1  # the callback prints on rank 0 only

@@ -279,7 +279,7 @@ class StepLoop:
         """Write an evaluation record and tell the workload's callbacks."""
         self.ctx.recorder.eval(step, **fields)
         for cb in self.ctx.workload.callbacks:
-            cb.on_eval(step, dict(fields))
+            cb.on_eval(step, {**fields, "rank": self.ctx.rank})
 
     def checkpoint_due(self, step: int) -> bool:
         return self.ckpt.due(step, self.total)

@@ -50,7 +50,8 @@ class Callback:
         """After step ``step`` (0-based) of this worker."""
 
     def on_eval(self, step: int, metrics: dict[str, Any]) -> None:
-        """After an evaluation at step ``step``; ``metrics``: loss, accuracy and the others."""
+        """After an evaluation at step ``step``; ``metrics``: loss, accuracy and the others,
+        and ``rank`` (every rank that evaluates calls it: print on rank 0 only)."""
 
 
 @dataclass
