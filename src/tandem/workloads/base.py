@@ -237,7 +237,8 @@ def register_workload(name: str, options: type[Options] = Options) -> Callable[[
     def add(build: BuildT) -> BuildT:
         import sys
 
-        doc = (sys.modules[build.__module__].__doc__ or build.__doc__ or "").strip()
+        module = sys.modules.get(build.__module__)
+        doc = (getattr(module, "__doc__", None) or build.__doc__ or "").strip()
         WORKLOADS.register(WorkloadSpec(name, build, options, doc.splitlines()[0] if doc else ""),
                            name=name)
         return build
