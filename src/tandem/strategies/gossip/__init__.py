@@ -18,11 +18,13 @@ SGD (d forced to 1, stragglers skipped); ``wait`` waits for every gradient (no s
 skipped; a barrier makes everyone wait for the slowest, i.e. wait-for-all decentralized SGD).
 
 Stragglers: injected ones come from ``--stragglers P:FACTOR`` (the draws are a pure function of
-seed, rank and step, so :mod:`tandem.sim` sees the same ones). Without ``deadline_s`` an injected
-straggler gives up as soon as its normal compute is done (its gradient would miss any deadline set
-just above the normal compute time); ``wait`` sleeps the delay. With ``deadline_s`` lateness is
-real: the gradient is computed in a helper thread and a peer whose gradient is not ready
-``deadline_s`` after the step began counts as straggled (its late work is cancelled).
+seed, rank and step, so :mod:`tandem.sim` sees the same ones). A straggler is charged where its
+time falls, in every mode: ``wait`` sleeps the whole delay (everyone waits for it); the other
+modes end its step at a deadline it misses and throw its work away (``straggled`` steps, the time
+counted as compute). Without ``deadline_s`` that deadline is implicit: ``deadline_factor`` (1.5)
+times its normal compute. With ``deadline_s`` lateness is real: the gradient is computed in a
+helper thread and a peer whose gradient is not ready ``deadline_s`` after the step began counts
+as straggled (its late work is cancelled; a computation still running delays the next step).
 
 Options and tuning:
 

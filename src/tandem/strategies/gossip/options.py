@@ -28,6 +28,9 @@ class GossipOptions(StrategyOptions):
                             "GOCO's weight; default the injected --stragglers p, else 0")
     deadline_s: float | None = Field(default=None, gt=0, description="real deadline per step: "
                                      "a gradient not ready by then counts as straggled")
+    deadline_factor: float = Field(default=1.5, ge=1.0, description="without deadline_s: an "
+                                   "injected straggler's step ends at this multiple of its "
+                                   "normal compute (the deadline it misses); its work is lost")
     compute_floor_s: float = Field(default=0.0, ge=0, description="pad each gradient "
                                    "computation to at least this long (emulates a heavier model)")
     full_batch: bool = Field(False, description="whole-partition gradients instead of "

@@ -245,7 +245,12 @@ class GossipPeer(StepLoop):
             loss, gs, spent = grads.compute(x)
             extra, injected = faults.delay(step, spent)
             if injected and o.mode != "wait":
-                return loss, gs[0], spent, True, True  # late: abandoned at the deadline
+                # late: it misses the implicit deadline (deadline_factor x its normal compute),
+                # so it is busy until then and its work is lost; the next step starts there
+                wait = min(extra, max(0.0, (o.deadline_factor - 1.0) * spent))
+                if wait > 0:
+                    time.sleep(wait)
+                return loss, gs[0], spent + wait, True, True
             if extra > 0:
                 time.sleep(extra)
             return loss, torch.stack(gs).sum(0), spent + extra, False, injected
