@@ -52,11 +52,21 @@ other modes the restored state is exact and the rest of the run is as timing-dep
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tandem.errors import ConfigError
 from tandem.strategies.base import Strategy, register
 from tandem.strategies.param_server.options import ParamServerOptions
+from tandem.strategies.param_server.placement import (
+    local_servers,
+    placement_for,
+    under_torchrun,
+)
+from tandem.strategies.param_server.pull import check_pull
+
+if TYPE_CHECKING:
+    from tandem.strategies.param_server.server import PSServer
+    from tandem.strategies.param_server.worker import PSWorker
 
 
 @register
@@ -68,21 +78,37 @@ class ParamServerStrategy(Strategy):
 
     @classmethod
     def processes(cls, cfg: Any) -> int:
-        return cfg.workers + cls.options_of(cfg).servers
+        """Under the local launcher: the workers, then the servers (see :mod:`.placement`)."""
+        return cfg.workers + local_servers(cls.options_of(cfg))
+
+    @classmethod
+    def check_world(cls, cfg: Any, world: int) -> None:
+        """Under torchrun the servers sit on the nodes (one per node by default) and
+        ``workers`` must be ``world - servers``; :mod:`.placement` says what fits."""
+        placement_for(cfg.workers, cls.options_of(cfg), world)
 
     @classmethod
     def check(cls, cfg: Any, options: Any) -> None:
+        """Refuse before start: min_workers, the pull codec, LGC-PS's needs, and under
+        torchrun a ``workers`` that does not match world - servers."""
         if options.min_workers is not None and options.min_workers > cfg.workers:
             raise ConfigError(f"strategy.options.min_workers: {options.min_workers} exceeds "
                               f"workers={cfg.workers}")
+        check_pull(options)
+        from tandem.strategies.param_server.lgc import check_codec
+
+        check_codec(cfg, options)
+        placement_for(cfg.workers, options)  # torchrun's nodes, or the local launcher's tail
 
     @classmethod
     def check_training(cls, cfg: Any, options: Any, spec: Any) -> None:
-        if options.servers > 1 and not spec.elementwise:
+        servers = len(placement_for(cfg.workers, options).server_ranks) if under_torchrun() \
+            else local_servers(options)
+        if servers > 1 and not spec.elementwise:
             raise ConfigError("optimizer: the workload's optimizer factory needs the whole model, "
                               "which only one parameter server holds; use servers=1 or a "
                               "built-in optimizer (--optimizer sgd|adam|adamw)")
-        if options.servers > 1 and spec.clip is not None:
+        if servers > 1 and spec.clip is not None:
             raise ConfigError("clip_grad_norm: clipping the aggregated gradient's global norm "
                               "needs one server to see it whole; use servers=1")
 
@@ -91,12 +117,26 @@ class ParamServerStrategy(Strategy):
         from tandem.strategies.param_server.worker import PSWorker
 
         opts, cfg = self.opts, self.ctx.cfg
-        if self.ctx.world != cfg.workers + opts.servers:
-            raise ConfigError(f"param_server needs {cfg.workers} workers + {opts.servers} "
-                              f"servers = {cfg.workers + opts.servers} processes, got "
-                              f"{self.ctx.world}")
+        self.placement = placement_for(cfg.workers, opts, self.ctx.world)
+        self.ctx.recorder.info(**self.placement.describe())
         self.role: PSWorker | PSServer
-        self.role = PSWorker(self) if self.ctx.rank < cfg.workers else PSServer(self)
+        self.role = PSServer(self) if self.placement.is_server(self.ctx.rank) else PSWorker(self)
+
+    def lgc_worker(self, worker: PSWorker) -> Any:
+        """LGC-PS's worker half when the run's codec is ``lgc`` (else None)."""
+        if self.ctx.cfg.codec.name != "lgc":
+            return None
+        from tandem.strategies.param_server.lgc import LGCWorkerSide
+
+        return LGCWorkerSide(worker)
+
+    def lgc_server(self, server: PSServer) -> Any:
+        """LGC-PS's server half when the run's codec is ``lgc`` (else None)."""
+        if self.ctx.cfg.codec.name != "lgc":
+            return None
+        from tandem.strategies.param_server.lgc import LGCServerSide
+
+        return LGCServerSide(server)
 
     def run(self) -> dict[str, Any]:
         if not hasattr(self, "role"):

@@ -3,11 +3,14 @@ what each mode does and docs/param_server.md for tuning."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tandem.strategies.base import StrategyOptions
+
+#: pull codecs that send the whole model (as today), not its change with error feedback
+WHOLE_MODEL_PULLS = ("dense", "fp16")
 
 
 class ParamServerOptions(StrategyOptions):
@@ -15,10 +18,30 @@ class ParamServerOptions(StrategyOptions):
 
     mode: Literal["sync", "ssp", "async", "candidate"] = "candidate"
     merge: Literal["overwrite", "delay-corrected", "compensated"] = "delay-corrected"
-    servers: int = Field(default=1, ge=1, description="parameter server processes")
-    cap: int = Field(default=32, ge=1, description="candidate: most steps between merges")
+    servers: int | None = Field(default=None, ge=1, description="parameter server processes "
+                                "(default: 1 under the local launcher, one per node under "
+                                "torchrun)")
+    server_ranks: list[int] | None = Field(default=None, description="torchrun: the global "
+                                           "ranks that serve (default: the last local rank of "
+                                           "each node)")
+    cap: int | Literal["auto"] = Field(default="auto", description="candidate: most steps "
+                                       "between merges; auto: about round trip / compute, "
+                                       "at most max_staleness")
+    max_staleness: int = Field(default=64, ge=1, description="cap=auto: the most local steps "
+                               "between merges")
     staleness: int = Field(default=3, ge=0, description="ssp: bound s in pushes")
-    pull: Literal["dense", "fp16"] = "dense"
+    pull: str = Field(default="dense", description="pull codec: dense or fp16 (the whole "
+                      "model), or any self-contained codec (the model's change since the "
+                      "worker's last pull, error feedback on the server)")
+    pull_options: dict[str, Any] = Field(default_factory=dict,
+                                         description="options of the pull codec")
     min_workers: int | None = Field(default=None, ge=1,
                                     description="go on while this many workers live (default all)")
     compensation: float = Field(default=0.5, ge=0, description="compensated: lambda")
+
+    @field_validator("cap")
+    @classmethod
+    def _cap_positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("cap must be auto or an integer >= 1")
+        return v

@@ -43,19 +43,14 @@ import torch
 from tandem.checkpoint import StrategyCheckpoints
 from tandem.codecs.base import Message
 from tandem.errors import ConfigError, PeerTimeout, TandemError, WorkerFailed
+from tandem.strategies.param_server.pull import PullSender
+from tandem.strategies.param_server.server_ckpt import ServerCheckpoints
 from tandem.strategies.param_server.sharding import plan_shards, split
-from tandem.strategies.param_server.wire import (
-    FLAG_CKPT,
-    FLAG_FINAL,
-    FLAG_META,
-    PULL_HEADER,
-    meta_from_bytes,
-    pull_dtype,
-)
+from tandem.strategies.param_server.wire import FLAG_CKPT, FLAG_FINAL, FLAG_META, meta_from_bytes
 from tandem.telemetry.log import get_logger
 from tandem.trainer import build_model, step_optimizer, training_spec
 from tandem.transport.packing import specs_from_header
-from tandem.transport.store_barrier import CheckpointAbandoned, store_gather, wait_on
+from tandem.transport.store_barrier import store_gather, wait_on
 
 if TYPE_CHECKING:
     from tandem.strategies.base import Strategy
@@ -64,7 +59,7 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 
-class PSServer:
+class PSServer(ServerCheckpoints):
     """One server process of a ``param_server`` run."""
 
     def __init__(self, strategy: Strategy) -> None:
@@ -72,41 +67,46 @@ class PSServer:
         self.opts = opts = strategy.opts
         cfg = ctx.cfg
         ctx.recorder.role = "server"
-        self.index = ctx.rank - cfg.workers
+        place = strategy.placement  # type: ignore[attr-defined]
+        self.index = place.server_index(ctx.rank)
+        self.ranks = list(place.worker_ranks)  # the workers' ranks, in worker-index order
+        n_servers = len(place.server_ranks)
         self.workers = cfg.workers
         self.min_workers = opts.min_workers or cfg.workers
         model = build_model(ctx.workload, cfg.seed)
         init = [p.detach() for p in model.parameters() if p.requires_grad]
-        self.plan = plan_shards([tuple(p.shape) for p in init], opts.servers)
+        self.plan = plan_shards([tuple(p.shape) for p in init], n_servers)
         mine = split(init, self.plan)[self.index]
         self.spec = spec = training_spec(cfg, ctx.workload)
         if spec.elementwise:  # a built-in optimizer runs on this server's pieces
             self.params = [torch.nn.Parameter(t.clone().float()) for t in mine]
             self.opt = spec.make_optimizer(self.params)
         else:  # the workload's factory needs the whole model: one server holds it whole
-            if opts.servers != 1:
+            if n_servers != 1:
                 raise ConfigError("param_server: the workload's optimizer factory needs the "
                                   "whole model; use servers=1 (or a built-in optimizer)")
             self.params = [p for p in model.parameters() if p.requires_grad]
             self.opt = spec.make_optimizer(model)
-        if spec.clip is not None and opts.servers != 1:
+        if spec.clip is not None and n_servers != 1:
             raise ConfigError("param_server: clip_grad_norm clips the global norm of the "
                               "aggregated gradient, which one server sees whole; use servers=1")
         self.total = strategy.total_steps(cfg, len(ctx.workload.train))
         self.sched = spec.make_scheduler(self.opt, self.total)
         self.codecs = {}
-        for w in range(cfg.workers):
+        for i, w in enumerate(self.ranks):
             codec = ctx.make_codec(seed_offset=self.index)
-            codec.rank = w
+            codec.rank = i
             self.codecs[w] = codec
         self.meta: dict[int, dict[str, Any]] = {}
-        self.dtype = pull_dtype(opts.pull)
+        self.pull = PullSender(opts, self.params, self.ranks, cfg.seed + self.index)
+        self.pull_residual_max = 0.0
+        self.residuals: dict[int, float] = {}  # worker -> |theta - its view| at its last pull
         self.queue: queue.Queue = queue.Queue()
         self.stop = threading.Event()
-        self.active = set(range(cfg.workers))
+        self.active = set(self.ranks)
         self.finished: set[int] = set()
         self.lost: dict[int, str] = {}
-        self.clock = dict.fromkeys(range(cfg.workers), 0)
+        self.clock = dict.fromkeys(self.ranks, 0)
         self.version = 0
         self.sends: list[tuple[int, Pending]] = []
         self.staleness: list[int] = []
@@ -116,7 +116,8 @@ class PSServer:
         self.updates_recorded = 0
         self.marked: dict[int, int] = {}  # worker -> the step its checkpoint mark names
         self._tag = ""
-        ranks = range(cfg.workers + opts.servers)
+        self.lgc = strategy.lgc_server(self)  # type: ignore[attr-defined]
+        ranks = range(place.world)
         self.ckpt = StrategyCheckpoints(ctx, barrier=lambda: store_gather(
             ctx.transport, f"{self._tag}/saved", 1, ranks, cfg.timeout_s))
         self.saves = 0
@@ -124,44 +125,6 @@ class PSServer:
         if state is not None:
             self._load(state)
             ctx.recorder.resume_from(self.updates_recorded)  # server steps count its updates
-
-    # ---- checkpoints ----------------------------------------------------------------------------
-    _SAVED = ("version", "clock", "staleness", "local_steps", "max_gap", "deferred_count",
-              "updates_recorded")
-
-    def _load(self, state: dict[str, Any]) -> None:
-        with torch.no_grad():
-            for p, v in zip(self.params, state["params"], strict=True):
-                p.copy_(v)
-        self.opt.load_state_dict(state["optimizer"])
-        if self.sched is not None and "scheduler" in state:
-            self.sched.load_state_dict(state["scheduler"])
-        for w, cs in enumerate(state["codecs"]):
-            self.codecs[w].load_state_dict(cs)
-        server = state["server"]
-        for key in self._SAVED:
-            setattr(self, key, server[key])
-        self.clock = {int(w): int(c) for w, c in enumerate(server["clock"])}
-
-    def _checkpoint(self) -> None:
-        """Save once every live worker has stopped at the checkpoint (its mark arrived)."""
-        if not self.active or not self.active <= self.marked.keys():
-            return
-        next_step = max(self.marked[w] for w in self.active)  # the same for all: the workers'
-        self._tag = str(next_step)
-        state = {"params": [p.detach().clone() for p in self.params],
-                 "optimizer": self.opt.state_dict(),
-                 **({"scheduler": self.sched.state_dict()} if self.sched is not None else {}),
-                 "codecs": [self.codecs[w].state_dict() for w in range(self.workers)],
-                 "server": {**{k: getattr(self, k) for k in self._SAVED},
-                            "clock": [self.clock[w] for w in range(self.workers)]}}
-        self.marked.clear()
-        with self.ctx.recorder.evaluating():
-            try:
-                self.ckpt.save(next_step, state)
-                self.saves += 1
-            except CheckpointAbandoned as err:
-                self.ctx.recorder.info(checkpoint_abandoned=next_step, reason=str(err)[:300])
 
     # ---- receiving ----------------------------------------------------------------------------
     def _recv_message(self, w: int) -> list[torch.Tensor]:
@@ -221,6 +184,8 @@ class PSServer:
                 f"({why}); {left} of {self.workers} workers left, fewer than min_workers="
                 f"{self.min_workers}. Set --strategy-opt min_workers=N to go on with fewer.",
                 ranks=[w])
+        from tandem.transport.store_barrier import abandon  # a stuck one: the launcher ends it
+        abandon(self.ctx.transport, w, f"parameter server {self.index} went on without it: {why}")
         if self.marked:  # the others may all be waiting at a checkpoint for this one
             self._checkpoint()
 
@@ -237,29 +202,23 @@ class PSServer:
         self.version += 1
 
     def _reply(self, w: int, final: bool = False) -> None:
-        header = torch.tensor([self.version, FLAG_FINAL if final else 0] +
-                              [0] * (PULL_HEADER - 2), dtype=torch.int64)
-        values = [p.detach().to(self.dtype) for p in self.params]
-        self.sends.append((w, self.ctx.transport.send_packed([header, *values], w)))
+        extras = self.lgc.extras(w, final) if self.lgc is not None else None
+        tensors, message = self.pull.message(w, self.version, self.params, final, extras)
+        t = self.ctx.transport
+        send = t.send_message if message else t.send_packed
+        self.sends.append((w, send(tensors, w)))
         self.sends = [(r, p) for r, p in self.sends if not p.done()]
+        if self.pull.coded and not final:
+            self.residuals[w] = self.pull.residual_norm(w, self.params)
+            self.pull_residual_max = max(self.pull_residual_max, self.residuals[w])
 
     def _record(self, **fields: Any) -> None:
         b = self.ctx.transport.end_step()
         step, self.updates_recorded = self.updates_recorded, self.updates_recorded + 1
+        if self.residuals:  # coded pulls: the largest residual a worker holds (bounded)
+            fields["pull_residual"] = max(self.residuals.values())
         self.ctx.recorder.step(step, compute_s=0.0, comm_s=0.0, idle_s=0.0, bytes_sent=b.sent,
                                bytes_recv=b.recv, loss=None, version=self.version, **fields)
-
-    def _mark(self, w: int, step: int, expected: dict[int, float]) -> None:
-        """Worker ``w`` stopped for the checkpoint after ``step`` steps; save once all have."""
-        if w in self.lost:
-            return
-        self.marked[w] = step
-        expected.pop(w, None)
-        self._checkpoint()
-        if not self.marked:  # saved (or abandoned): every worker pushes next
-            now = time.monotonic()
-            for j in self.active:
-                expected[j] = now
 
     def _check_silent(self, expected: dict[int, float]) -> None:
         now = time.monotonic()
@@ -358,7 +317,7 @@ class PSServer:
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         threads = [threading.Thread(target=self._receive, args=(w,), daemon=True,
-                                    name=f"ps-recv-{w}") for w in range(self.workers)]
+                                    name=f"ps-recv-{w}") for w in self.ranks]
         for th in threads:
             th.start()
         try:
@@ -385,5 +344,6 @@ class PSServer:
                 "staleness_max": max(stale), "staleness_mean": sum(stale) / len(stale),
                 "local_steps_mean": sum(self.local_steps) / max(1, len(self.local_steps)),
                 "max_clock_gap": self.max_gap, "deferred_replies": self.deferred_count,
+                "pull_residual_max": self.pull_residual_max,
                 "lost_workers": {str(w): why for w, why in self.lost.items()},
                 "checkpoints": self.saves}

@@ -32,16 +32,13 @@ import torch
 
 from tandem.errors import PeerTimeout, WorkerFailed
 from tandem.strategies.base import Computed, Exchanged, StepLoop
+from tandem.strategies.param_server.cap import AutoCap
+from tandem.strategies.param_server.pull import PullReceiver
 from tandem.strategies.param_server.sharding import join, plan_shards, split
-from tandem.strategies.param_server.wire import (
-    FLAG_CKPT,
-    FLAG_FINAL,
-    FLAG_META,
-    meta_to_bytes,
-    pull_dtype,
-    pull_specs,
-)
+from tandem.strategies.param_server.wire import FLAG_CKPT, FLAG_FINAL, FLAG_META, meta_to_bytes
 from tandem.trainer import LocalTrainer, build_model, evaluate
+from tandem.trainer.final_model import save_final_model
+from tandem.trainer.stragglers import ComputeFaults
 from tandem.transport.store_barrier import CheckpointAbandoned, store_gather, wait_on
 from tandem.transport.transport import Group
 
@@ -57,27 +54,37 @@ class PSWorker(StepLoop):
         ctx, opts, cfg = strategy.ctx, strategy.opts, strategy.ctx.cfg
         self.opts = opts
         self._tag = ""
-        ranks = range(cfg.workers + opts.servers)
-        trainer = LocalTrainer(ctx)
+        place = strategy.placement  # type: ignore[attr-defined]
+        self.index = index = place.worker_index(ctx.rank)
+        self.worker_ranks = place.worker_ranks
+        ranks = range(place.world)
+        if index != ctx.rank:  # faults (slow worker, crash, NaN) name the worker index
+            ctx.faults = ComputeFaults.from_config(cfg, index)
+        trainer = LocalTrainer(ctx, worker=index)
         super().__init__(ctx, strategy.total_steps(cfg, len(ctx.workload.train)),
                          trainer=trainer, barrier=lambda: store_gather(
                              ctx.transport, f"{self._tag}/saved", 1, ranks, cfg.timeout_s))
         self.trainer: LocalTrainer = trainer
         self.params = trainer.params
-        self.plan = plan_shards([tuple(p.shape) for p in self.params], opts.servers)
-        self.servers = [cfg.workers + s for s in range(opts.servers)]
+        self.servers = list(place.server_ranks)
+        self.plan = plan_shards([tuple(p.shape) for p in self.params], len(self.servers))
         self.codecs = []
-        for s in range(opts.servers):
+        for s in range(len(self.servers)):
             codec = ctx.make_codec(seed_offset=s)
-            codec.rank = ctx.rank
+            codec.rank = index
             codec.set_total_steps(self.total)
             self.codecs.append(codec)
-        self.cap = opts.cap if opts.mode == "candidate" else 1
-        self.specs = [pull_specs(self.plan.shapes_of(s), pull_dtype(opts.pull))
-                      for s in range(opts.servers)]
-        self.eval_model = build_model(ctx.workload, cfg.seed) if ctx.rank == 0 else None
+        self.auto = AutoCap(opts.max_staleness) if opts.cap == "auto" else None
+        self.cap = 1 if opts.mode != "candidate" else \
+            (self.auto.value if self.auto is not None else opts.cap)
+        self.caps: list[int] = []
+        self.pushed_at = 0.0
+        self.eval_model = build_model(ctx.workload, cfg.seed) if index == 0 else None
         self.solo = Group(None, [ctx.rank])
         self.base = [p.detach().clone() for p in self.params]  # latest global model received
+        self.lgc = strategy.lgc_worker(self)  # type: ignore[attr-defined]
+        self.pulls = PullReceiver(opts, self.plan, self.servers, self.base, cfg.seed,
+                                  message=self.lgc is not None)
         self.version = 0
         self.unpushed: list[torch.Tensor] | None = None   # U
         self.moved: list[torch.Tensor] | None = None      # sum of lr_t * g over U
@@ -87,7 +94,7 @@ class PSWorker(StepLoop):
         self.cand: list[torch.Tensor] | None = None       # theta_cand at the last push
         self.inflight: list[Pending] | None = None
         self.sends: list[tuple[int, Pending]] = []
-        self.last_meta: list[bytes | None] = [None] * opts.servers
+        self.last_meta: list[bytes | None] = [None] * len(self.servers)
         self.pushes = 0
         self.pushed_steps: list[int] = []
         self.since_merge = 0
@@ -106,6 +113,11 @@ class PSWorker(StepLoop):
             codec.set_total_steps(self.total)
         for key in self._SAVED:  # last_meta stays None: the meta is sent again
             setattr(self, key, state["worker"].get(key))
+        self.pulls.reset(self.base)  # a coded pull's view is the last global model received
+        if self.auto is not None and "auto_cap" in state["worker"]:
+            self.auto.load_state_dict(state["worker"]["auto_cap"])
+        if self.lgc is not None:
+            self.lgc.load_state_dict(state["lgc"])
 
     def checkpoint_due(self, step: int) -> bool:
         """Not after the last step: the servers have already taken the final pushes and
@@ -121,7 +133,7 @@ class PSWorker(StepLoop):
         """The worker's half of the checkpoint barrier after ``step`` (see :mod:`.param_server`)."""
         ctx, cfg, t = self.ctx, self.ctx.cfg, self.ctx.transport
         self._tag = tag = f"{step + 1}"
-        counts = store_gather(t, f"{tag}/pushes", self.pushes, range(cfg.workers),
+        counts = store_gather(t, f"{tag}/pushes", self.pushes, self.worker_ranks,
                               cfg.timeout_s, complete=False)
         target = max(counts.values())
         while self.pushes < target:  # behind by at most one round: push what we have
@@ -142,7 +154,9 @@ class PSWorker(StepLoop):
         self._reap_sends()
         state = {"trainer": self.trainer.state_dict(),
                  "codecs": [c.state_dict() for c in self.codecs],
-                 "worker": {key: getattr(self, key) for key in self._SAVED}}
+                 "worker": {**{key: getattr(self, key) for key in self._SAVED},
+                            **({"auto_cap": self.auto.state_dict()} if self.auto else {})},
+                 **({"lgc": self.lgc.state_dict()} if self.lgc is not None else {})}
         try:
             self.ckpt.save(step + 1, state)
         except CheckpointAbandoned as err:
@@ -161,8 +175,12 @@ class PSWorker(StepLoop):
         parts = split(self.unpushed, self.plan)
         self._reap_sends()
         self.inflight = []
+        self.pushed_at = time.monotonic()
         for s, rank in enumerate(self.servers):
-            self.inflight.append(t.recv_packed(self.specs[s], rank))
+            self.inflight.append(self.pulls.post(t, s))
+            if self.lgc is not None:  # LGC-PS: one server (checked), its own push code
+                self.sends.append((s, t.send_message(self.lgc.push(self, final), rank)))
+                continue
             codec = self.codecs[s]
             msg = codec.encode(parts[s])
             codec.step += 1
@@ -217,8 +235,14 @@ class PSWorker(StepLoop):
                 got = wait_on(p, self.ctx.transport, self.servers[s], limit)
             except (WorkerFailed, PeerTimeout) as err:
                 raise self._server_error(err, s) from err
-            versions.append(int(got[0][0]))
-            parts.append(got[1:])
+            version, pieces, extras = self.pulls.take(s, got)
+            versions.append(version)
+            parts.append(pieces)
+            if self.lgc is not None:
+                self.lgc.pulled(extras)
+        if self.auto is not None and not final:
+            arrived = max(p.completed_at or time.monotonic() for p in self.inflight)
+            self.auto.observe_round_trip(arrived - self.pushed_at)
         theta_g = join(parts, self.plan)
         self.version = min(versions)
         self.base = theta_g
@@ -278,6 +302,10 @@ class PSWorker(StepLoop):
         flushes: push the rest with the final flag and wait for the final global model."""
         fields: dict[str, Any] = {}
         idle = 0.0
+        if self.auto is not None and self.opts.mode == "candidate":
+            self.auto.observe_compute(c.compute_s)
+            self.cap = self.auto.value
+        self.caps.append(self.cap)
         self._accumulate(c.grads)
         last = step == self.total - 1
         if self.inflight is None and not last:
@@ -297,7 +325,7 @@ class PSWorker(StepLoop):
             self._merge(final=True)
             self._reap_sends()
             self.final_sync = time.perf_counter() - t_f
-        fields.update(round=self.pushes, since_merge=self.since_merge)
+        fields.update(round=self.pushes, since_merge=self.since_merge, cap=self.cap)
         return Exchanged(None, idle_s=idle, fields=fields)
 
     def record(self, step: int, c: Computed, ex: Exchanged) -> None:
@@ -323,8 +351,17 @@ class PSWorker(StepLoop):
         ev = evaluate(self.eval_model, self.ctx.workload, self.ctx.transport, self.solo)
         self.report_eval(step, {**ev.record(), "version": self.version})
 
+    def save_model(self) -> None:
+        """Worker index 0 writes ``model.pt`` (under torchrun rank 0 may serve)."""
+        if self.index == 0:
+            save_final_model(self.ctx.run_dir, self.trainer.model, self.ctx.cfg, step=self.total)
+
     def finish(self) -> dict[str, Any]:
         ctx = self.ctx
+        self.pulls.stop.set()
+        if self.lgc is not None:
+            ctx.recorder.info(**{f"worker{ctx.rank}_lgc_{k}": v
+                                 for k, v in self.lgc.describe().items()})
         steps_per_round = sum(self.pushed_steps) / max(1, len(self.pushed_steps))
         summary = {"role": "worker", "steps": self.total, "pushes": self.pushes,
                    "local_steps_per_round": steps_per_round,
@@ -334,6 +371,8 @@ class PSWorker(StepLoop):
                    "idle_fraction": self.idle_total / self.busy_total
                    if self.busy_total > 0 else 0.0,
                    "push_bytes": self.sent, "pull_bytes": self.recv,
+                   "cap_mean": sum(self.caps) / max(1, len(self.caps)),
+                   "cap_max": max(self.caps, default=self.cap), "worker": self.index,
                    "skipped_steps": self.skipped, "resumed_from": self.start_step}
         ctx.recorder.info(**{f"worker{ctx.rank}_{k}": v for k, v in summary.items()
                              if k != "role"})
