@@ -71,11 +71,15 @@ def skipped_tag(step: int) -> float:
 
 
 class CodedPSOptions(StrategyOptions):
-    s: int | None = Field(default=None, ge=0)
-    scheme: Literal["cyclic", "fractional"] = "cyclic"
-    full_batch: bool = False
-    compute_floor_s: float = Field(default=0.0, ge=0)
-    code_seed: int = 0
+    s: int | None = Field(default=None, ge=0, description="stragglers tolerated per step "
+                          "(default: workload redundancy - 1)")
+    scheme: Literal["cyclic", "fractional"] = Field("cyclic", description="repetition "
+                                                    "scheme; fractional needs (s+1) | workers")
+    full_batch: bool = Field(False, description="whole-partition gradients instead of "
+                             "minibatches")
+    compute_floor_s: float = Field(default=0.0, ge=0, description="pad each partition "
+                                   "gradient to at least this long (emulates a heavier model)")
+    code_seed: int = Field(0, description="seed of the random encoding matrix")
 
 
 @register
