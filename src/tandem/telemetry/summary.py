@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.errors import TandemError
+from tandem.telemetry.correlation import plot_correlation
 from tandem.telemetry.curves import (
     ByteIndex,
     eval_curve,
@@ -244,4 +245,5 @@ def finalize_run(run_dir: Path, config: dict, *, target_accuracy: float | None =
     merge_events(run_dir)
     summary = summarize(run_dir, config, target_accuracy=target_accuracy, extra=extra)
     plot_curves(run_dir)
+    plot_correlation(run_dir)
     return summary

@@ -38,6 +38,7 @@ from tandem.strategies.base import (
     WorkerContext,
     register,
 )
+from tandem.strategies.correlation import gradient_correlation
 from tandem.trainer import LocalTrainer
 
 
@@ -48,6 +49,11 @@ class AllReduceOptions(StrategyOptions):
                           "backward more than it hides")
     bucket_kb: float = Field(0.0, ge=0, description="overlap bucket size in KB; 0: auto (a "
                              "quarter of the gradient, 64 KB to 25 MB)")
+    correlation_every: int = Field(0, ge=0, description="every N steps record how alike the "
+                                   "workers' gradients are (per-layer cosine, top-k overlap; "
+                                   "one all-gather, metered as telemetry); 0: off")
+    correlation_ratio: float = Field(0.01, gt=0, le=1, description="top-k density of the "
+                                     "support overlap")
 
 
 @register
@@ -81,6 +87,8 @@ class AllReduceWorker(StepLoop):
                 self.overlap = BucketedAllReduce(trainer, ctx.transport,
                                                  int(opts.bucket_kb * 1024))
         self.codec.set_total_steps(total)
+        self.correlation = (opts.correlation_every, opts.correlation_ratio)
+        self.names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
         self.restore()
 
     def state(self) -> dict[str, Any]:
@@ -101,6 +109,11 @@ class AllReduceWorker(StepLoop):
         return super().screen(step, c)
 
     def exchange(self, step: int, c: Computed) -> Exchanged:
+        every, ratio = self.correlation
+        if every and ((step + 1) % every == 0 or step == 0) and self.ctx.world > 1:
+            fields = gradient_correlation(c.grads, self.names, self.ctx.transport, ratio)
+            if self.ctx.rank == 0:  # before the exchange: dense averages in place
+                c.fields.update(fields)
         if self.overlap is not None:
             mean = self.overlap.finish()
             self.codec.step += 1
