@@ -24,10 +24,11 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
 
 bench-data:
-	-command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	-command -v apt-get >/dev/null && (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist bible-kjv-text bible-kjv)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
