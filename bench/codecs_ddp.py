@@ -70,7 +70,8 @@ def ddp_job(cfg_data: dict[str, Any], run_dir: str, momentum: float) -> dict[str
                      bytes_sent=b.sent, bytes_recv=b.recv, loss=float(loss.detach()))
             if is_eval_step(step, every, total):
                 with rec.evaluating():
-                    acc, tloss = evaluate(model.module, work, transport)
+                    ev = evaluate(model.module, work, transport)
+                    acc, tloss = ev.accuracy, ev.loss
                 rec.eval(step, accuracy=acc, loss=tloss)
         rec.close()
         transport.barrier().wait()
