@@ -310,7 +310,8 @@ def test_train_refuses_bad_flags_in_one_line_naming_the_flag(launches, args, fla
 def test_train_help_groups_every_flag_in_a_panel_with_help():
     cmd = typer.main.get_command(app).commands["train"]
     panels = {p.name: p.rich_help_panel for p in cmd.params if p.name != "help"}
-    assert set(panels.values()) == {"Run", "Model and data", "Network", "Faults", "Output"}
+    assert set(panels.values()) == {"Run", "Model and data", "Optimizer step", "Network",
+                                    "Faults", "Output"}
     assert all(p.help for p in cmd.params), [p.name for p in cmd.params if not p.help]
     assert panels["net"] == "Network" and panels["stragglers"] == "Faults"
     text = RUN.invoke(app, ["train", "--help"], terminal_width=200).output
