@@ -120,8 +120,10 @@ class AETrainer:
         """Weights, gradients and Adam's two moments, fp32."""
         return 4 * 4 * self.n_params
 
-    def loss(self, v: torch.Tensor, leader: int) -> torch.Tensor:
-        """M1's loss on the workers' vectors ``v`` (N, K), already normalised."""
+    def loss(self, v: torch.Tensor, leader: int, ids: list[int] | None = None) -> torch.Tensor:
+        """M1's loss on the workers' vectors ``v`` (N, K), already normalised. ``ids``: the
+        decoder of each row (default row i -> decoder i; LGC-PS on a parameter server trains
+        on the rows of the workers that pushed, which may be fewer)."""
         ae = self.model
         z = ae.encode(v)
         n = v.shape[0]
@@ -130,7 +132,7 @@ class AETrainer:
         else:
             rec = []
             for i in range(n):
-                out = ae.decode(torch.stack([z[i], z[leader]]), i)
+                out = ae.decode(torch.stack([z[i], z[leader]]), i if ids is None else ids[i])
                 rec.append(nn.functional.mse_loss(out[0], v[i]))
                 if i != leader:
                     rec.append(nn.functional.mse_loss(out[1], v[i]))
@@ -142,7 +144,8 @@ class AETrainer:
             sim = z.new_zeros(())
         return self.lambda1 * recon + self.lambda2 * sim
 
-    def train_step(self, v: torch.Tensor, leader: int, iters: int = 1) -> float:
+    def train_step(self, v: torch.Tensor, leader: int, iters: int = 1,
+                   ids: list[int] | None = None) -> float:
         """``iters`` Adam steps on the gathered vectors ``v``. Gradients are enabled here: the
         codec may run where autograd has switched them off (inside a DDP comm hook, which DDP
         calls during backward)."""
@@ -153,7 +156,7 @@ class AETrainer:
         for _ in range(iters):
             self.opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                loss = self.loss(v, leader)
+                loss = self.loss(v, leader, ids)
                 loss.backward()
             self.opt.step()
             value = float(loss.detach())

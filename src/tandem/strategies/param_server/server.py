@@ -156,6 +156,8 @@ class PSServer(ServerCheckpoints):
     def _decode(self, w: int, msg: list[torch.Tensor]) -> tuple[list[int], list[torch.Tensor]]:
         header = [int(v) for v in msg[0].tolist()]
         rest = msg[1:]
+        if self.lgc is not None:  # decoded with the whole round (decode_round)
+            return header, list(rest)
         if header[3] & FLAG_META:
             self.meta[w] = meta_from_bytes(rest[0].numpy().tobytes())
             rest = rest[1:]
@@ -255,6 +257,8 @@ class PSServer(ServerCheckpoints):
                     got[push[0]] = self._decode(*push)
                     expected.pop(push[0], None)
                 self._check_silent(expected)
+            if self.lgc is not None:
+                got = self.lgc.decode_round(got)
             order = sorted(w for w in got if w not in self.lost)
             if not order:
                 continue
@@ -273,7 +277,8 @@ class PSServer(ServerCheckpoints):
                     self.finished.add(w)
                 else:
                     self._reply(w)
-            self._record(staleness=stale, local_steps=steps, contributors=order)
+            self._record(staleness=stale, local_steps=steps, contributors=order,
+                         **(self.lgc.fields() if self.lgc is not None else {}))
 
     def _per_push(self, bound: int | None) -> None:
         """async (``bound=None``) and ssp: apply each push on arrival; ssp holds answers back."""
@@ -338,6 +343,8 @@ class PSServer(ServerCheckpoints):
                     self._lose(w, f"final model not delivered: {err}")
         finally:
             self.stop.set()
+        if self.lgc is not None:
+            self.ctx.recorder.info(**{f"lgc_{k}": v for k, v in self.lgc.describe().items()})
         stale = self.staleness or [0]
         return {"role": "server", "server": self.index, "updates": self.version,
                 "params_held": sum(p.numel() for p in self.params),

@@ -326,6 +326,8 @@ class PSWorker(StepLoop):
             self._reap_sends()
             self.final_sync = time.perf_counter() - t_f
         fields.update(round=self.pushes, since_merge=self.since_merge, cap=self.cap)
+        if self.lgc is not None and "pushed_steps" in fields:
+            fields.update(self.lgc.fields())
         return Exchanged(None, idle_s=idle, fields=fields)
 
     def record(self, step: int, c: Computed, ex: Exchanged) -> None:
