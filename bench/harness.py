@@ -3,9 +3,19 @@
 A benchmark measures its rows side by side in one run (never against a number from another run),
 prints a table, checks its targets and writes ``bench/results/NAME.json``::
 
-    {"name": ..., "when": ..., "command": ..., "machine": {...},
+    {"name": ..., "date": "2026-12-02T10:21:57", "duration_s": ..., "command": "...",
+     "git": {"commit": "<40 hex>", "dirty": true, "dirty_paths": [...]},
+     "machine": {"cores": 2, "cpu_model": ..., "memory_gib": ..., "platform": ...},
+     "torch": "2.13.0+cpu", "python": "3.11.7",
      "rows": [{"config": ..., <measured columns>}, ...],
-     "targets": [{"name": ..., "value": ..., "goal": "<= 1.05", "met": true}, ...]}
+     "targets": [{"name": ..., "value": ..., "goal": "<= 1.05", "met": true, "state": "MET"},
+                 ...],
+     "notes": [...]}
+
+A target is in one of three states: ``MET`` (``met: true``), ``NOT MET`` (``met: false``: it was
+measured and missed, or the measurement failed) and ``NOT RUN`` (``met: null``, with a
+``reason``: the benchmark could not run it here, e.g. it needs root). A missing value is never MET.
+The committed results are what ``python -m bench.render`` turns into the tables in ``docs/``.
 """
 
 from __future__ import annotations
@@ -14,14 +24,18 @@ import json
 import operator
 import os
 import platform
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 _PROCESS_STARTED = time.time()  # benchmarks import this first: their whole run is timed
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+MET, NOT_MET, NOT_RUN = "MET", "NOT MET", "NOT RUN"
 
 
 def goal_met(value: float | None, goal: str) -> bool:
@@ -30,6 +44,81 @@ def goal_met(value: float | None, goal: str) -> bool:
     if value is None or op not in _OPS:
         return False
     return bool(_OPS[op](float(value), float(bound)))
+
+
+def target_state(t: dict[str, Any]) -> str:
+    """MET / NOT MET / NOT RUN of a target record (also of results written before ``state``)."""
+    if t.get("state") in (MET, NOT_MET, NOT_RUN):
+        return str(t["state"])
+    return MET if t.get("met") is True else NOT_RUN if t.get("met") is None else NOT_MET
+
+
+def git_state(root: Path = ROOT) -> dict[str, Any]:
+    """The commit the tree is at and whether tracked files differ from it (and which)."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                                 timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    dirty_paths = [ln[3:] for ln in (status or "").splitlines() if ln.strip()]
+    return {"commit": commit.strip() if commit else None,
+            "dirty": bool(dirty_paths) if status is not None else None,
+            "dirty_paths": dirty_paths[:20]}
+
+
+def machine() -> dict[str, Any]:
+    """Cores, CPU model (``/proc/cpuinfo``), memory (``/proc/meminfo``) and platform."""
+    model = None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"cores": os.cpu_count(), "cpu_model": model or platform.processor() or None,
+            "memory_gib": mem_gib, "platform": platform.platform()}
+
+
+def command() -> str:
+    """The exact command line that ran this process (interpreter relative to the repo)."""
+    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
+    exe = Path(argv[0])
+    try:
+        argv[0] = str(exe.resolve().relative_to(ROOT)) if exe.is_absolute() else argv[0]
+    except ValueError:
+        argv[0] = exe.name
+    if Path(sys.executable).parent.name == "bin" and \
+            Path(sys.executable).parent.parent == ROOT / ".venv":
+        argv[0] = ".venv/bin/python"
+    return shlex.join(argv)
+
+
+def torch_version() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return str(torch.__version__)
+
+
+def provenance() -> dict[str, Any]:
+    """Everything a result records about where and how it was measured (``date``: the start)."""
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command(), "git": git_state(),
+            "machine": machine(), "torch": torch_version(), "python": platform.python_version()}
 
 
 class Bench:
@@ -42,15 +131,25 @@ class Bench:
         self.targets: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.started = _PROCESS_STARTED
+        self.provenance = provenance()  # at the start: the commit and tree that were measured
 
     def row(self, **cols: Any) -> None:
         self.rows.append(cols)
         print(f"[{self.name}] " + ", ".join(f"{k}={_fmt(v)}" for k, v in cols.items()), flush=True)
 
-    def target(self, name: str, value: float | None, goal: str) -> bool:
-        met = goal_met(value, goal)
-        self.targets.append({"name": name, "value": value, "goal": goal, "met": met})
-        return met
+    def target(self, name: str, value: float | None, goal: str, *,
+               not_run: str | None = None) -> bool:
+        """Record a target; ``not_run`` (the reason) marks one this run could not measure.
+        Returns whether it was met."""
+        if not_run:
+            rec = {"name": name, "value": None, "goal": goal, "met": None, "state": NOT_RUN,
+                   "reason": not_run}
+        else:
+            met = goal_met(value, goal)
+            rec = {"name": name, "value": value, "goal": goal, "met": met,
+                   "state": MET if met else NOT_MET}
+        self.targets.append(rec)
+        return bool(rec["met"])
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -65,26 +164,33 @@ class Bench:
         lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
         return "\n".join(lines)
 
+    def record(self) -> dict[str, Any]:
+        """The results document (what :meth:`finish` writes)."""
+        prov = self.provenance
+        return {"name": self.name, "when": prov["date"], **prov,
+                "duration_s": round(time.time() - self.started, 1), "columns": self.columns,
+                "rows": self.rows, "targets": self.targets, "notes": self.notes}
+
     def finish(self) -> Path:
         print()
         print(f"== {self.name} ==")
         print(self.table())
         for t in self.targets:
-            print(f"target {t['name']}: {_fmt(t['value'])} (goal {t['goal']}) "
-                  f"{'MET' if t['met'] else 'NOT MET'}")
+            print(format_target(t))
         for n in self.notes:
             print(f"note: {n}")
         RESULTS.mkdir(parents=True, exist_ok=True)
         out = RESULTS / f"{self.name}.json"
-        out.write_text(json.dumps({
-            "name": self.name, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "duration_s": round(time.time() - self.started, 1),
-            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-            "rows": self.rows, "targets": self.targets, "notes": self.notes,
-        }, indent=2, default=str))
+        out.write_text(json.dumps(self.record(), indent=2, default=str) + "\n")
         print(f"wrote {out}")
         return out
+
+
+def format_target(t: dict[str, Any], prefix: str = "target ") -> str:
+    """One line: name, value, goal and state (and why, when NOT RUN)."""
+    state = target_state(t)
+    why = f": {t['reason']}" if state == NOT_RUN and t.get("reason") else ""
+    return f"{prefix}{t['name']}: {_fmt(t.get('value'))} (goal {t['goal']}) {state}{why}"
 
 
 def _fmt(v: Any) -> str:

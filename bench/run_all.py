@@ -1,4 +1,11 @@
-"""``make bench``: run every benchmark, then print one line per target from their JSON results."""
+"""``make bench``: run every benchmark, then print one line per target from their JSON results.
+
+Each target is MET, NOT MET or NOT RUN (with the reason: e.g. a benchmark that needs root).
+``QUICK`` lists benchmarks that ``make bench`` runs in a shorter mode; their quick results go to
+their own file, so the full results that the docs are rendered from are not overwritten.
+
+    python -m bench.run_all [NAME ...]
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.harness import format_target
+
 HERE = Path(__file__).resolve().parent
-SKIP = {"__init__", "harness", "run_all", "codec_cost", "codecs_ddp"}  # helpers of bench.codecs
+#: helpers, not benchmarks (bench.codecs uses codec_cost and codecs_ddp; bench.cluster the rest)
+SKIP = {"__init__", "harness", "run_all", "render", "netns", "codec_cost", "codecs_ddp",
+        "ddp_cluster_job"}
+#: name -> (arguments for make bench, the results file those arguments write)
+QUICK = {"cluster": (["--quick"], "cluster_quick")}
 
 
 def main(names: list[str]) -> int:
@@ -17,18 +30,18 @@ def main(names: list[str]) -> int:
     failed = []
     for name in chosen:
         print(f"\n##### bench/{name}.py", flush=True)
-        rc = subprocess.call([sys.executable, "-m", f"bench.{name}"], cwd=HERE.parent)
+        extra = QUICK.get(name, ([], name))[0]
+        rc = subprocess.call([sys.executable, "-m", f"bench.{name}", *extra], cwd=HERE.parent)
         if rc != 0:
             failed.append(name)
     print("\n##### targets")
     for name in chosen:
-        path = HERE / "results" / f"{name}.json"
+        path = HERE / "results" / f"{QUICK.get(name, ([], name))[1]}.json"
         if not path.exists():
             print(f"{name}: no results ({'failed' if name in failed else 'missing'})")
             continue
         for t in json.loads(path.read_text()).get("targets", []):
-            state = "MET" if t["met"] else "NOT MET"
-            print(f"{name}: {t['name']} = {t['value']} (goal {t['goal']}) {state}")
+            print(format_target(t, prefix=f"{name}: "))
     return 1 if failed else 0
 
 

@@ -1,0 +1,472 @@
+"""Real links between hosts: Tandem and PyTorch DDP across network namespaces, against the emulator.
+
+    sudo .venv/bin/python -m bench.cluster             # full: the tables in docs/cluster.md
+    sudo .venv/bin/python -m bench.cluster --quick     # make bench: 10 Mbit/s, CNN, 5 rows
+    .venv/bin/python -m bench.cluster [--rates 10mbit,100mbit] [--workloads cnn,textlm]
+        [--only dense,ddp,...] [--hosts 4] [--runs runs/bench-cluster]
+
+Hosts are network namespaces behind a switch namespace (:mod:`bench.netns`): one veth pair per
+host, limited both ways by ``tc tbf`` at ``--rates`` with a burst of 3.3 ms of line rate. Every
+row is one ``torchrun --nnodes N --node_rank I --master_addr <host 0> ...`` per namespace
+(``GLOO_SOCKET_IFNAME`` = the host's veth), started with ``ip netns exec``:
+
+* ``allreduce <codec>``: ``-m tandem.cli worker --config cfg.yaml`` with dense, fp16, top-k 1 %,
+  PowerSGD rank 2 and QSGD;
+* ``ddp``, ``ddp + fp16 hook``, ``ddp + powersgd r2``: ``bench/ddp_cluster_job.py`` (plain torch
+  DDP, torch's ``fp16_compress_hook``, torch's ``powerSGD_hook``) on the same model, shards, seeds,
+  optimizer and steps;
+* the other strategies (param_server, bsp_shared, gossip, coded_ps, pipeline) with the dense codec:
+  a strategy that fails under torchrun is a ``FAILED`` row with its error's first line;
+* ``local``: the compute-only limit, one single-process run per host, all hosts at once (the same
+  CPU contention as the 4-host rows; no emulated twin: it sends nothing).
+
+Each row (but ``local``) then runs once more on one machine over loopback with the link emulator
+(``tandem.train`` with ``net="<rate>:<latency>"``, latency half the measured TCP round trip; a
+DDP row runs ``bench/ddp_cluster_job.py`` under Tandem's launcher, its buckets through
+``tandem.codecs.ddp_hook`` with the matching Tandem codec, since torch's own hooks bypass the
+emulator). Real and emulated runs of a row are back to back, so machine load hits both alike.
+
+Workloads: ``cnn`` is mnist5k's CNN with ``hidden=360`` (201,538 parameters; batch 32, SGD lr
+0.05 momentum 0.9, evaluated every 10 steps, target 0.95 test accuracy); ``textlm`` the default
+byte-level transformer (867,072 parameters, its own AdamW recipe; time per step only).
+
+Columns: ``step_ms`` (training wall time / steps, evaluation excluded, real links), ``emu_step_ms``
+(same, emulated), ``emu_err`` = |emulated - real| / real, ``time_to_target_s`` / ``steps_to_target``
+(first evaluation at >= 0.95), ``final`` (test accuracy; token accuracy for textlm), ``bytes/step``
+(Tandem's byte meter: payload bytes sent per worker per step), ``wire/step`` (the kernel's veth
+counters: every byte each host sent, TCP/IP headers, retransmissions, rendezvous and evaluation
+included, per host per step), ``drops`` (packets the token buckets dropped), ``vs_ddp`` (plain
+DDP's step time / this row's, same rate and workload).
+
+Targets (4 hosts, 10 Mbit/s, CNN, time to 0.95): the best Tandem row >= 10x faster than plain DDP,
+>= 2.5x faster than DDP + PowerSGD hook, and <= 1.3x the compute-only time (local step time x the
+best row's steps to target); every row's emulation error <= 20 %. Without root every target is
+NOT RUN. ``--quick`` writes ``cluster_quick.json`` so the full results the docs render from stay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.harness import ROOT, Bench
+from bench.netns import Cluster, NetnsUnavailable, unavailable_reason
+
+TARGET = 0.95
+WORKLOADS: dict[str, dict[str, Any]] = {
+    "cnn": {"workload": {"name": "mnist5k", "options": {"hidden": 360}}, "batch_size": 32,
+            "lr": 0.05, "momentum": 0.9, "eval_every": 10, "target_accuracy": TARGET},
+    "textlm": {"workload": {"name": "textlm"}},  # its own recipe: AdamW 3e-3, batch 16, clip 1
+}
+FULL_STEPS = {"cnn": 200, "textlm": 20}
+QUICK_STEPS = {"cnn": 160, "textlm": 10}
+COLUMNS = ["rate", "workload", "system", "status", "steps", "step_ms", "emu_step_ms", "emu_err",
+           "steps_to_target", "time_to_target_s", "final", "bytes/step", "wire/step", "drops",
+           "vs_ddp"]
+PORT = 29500
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration: a Tandem strategy + codec, a DDP hook, or the compute-only run."""
+
+    key: str  # what --only matches
+    system: str  # the table's label
+    kind: str  # tandem | ddp | local
+    strategy: str = "allreduce"
+    codec: str = "dense"
+    codec_opts: dict[str, Any] = field(default_factory=dict)
+    strategy_opts: dict[str, Any] = field(default_factory=dict)
+    hook: str | None = None
+
+
+def rows_for(hosts: int, workload: str) -> list[Row]:
+    lr = 0.05 if workload == "cnn" else 3e-3
+    return [
+        Row("local", "local (compute only)", "local", strategy="local"),
+        Row("ddp", "ddp", "ddp", hook="none"),
+        Row("ddp-fp16", "ddp + fp16 hook", "ddp", hook="fp16"),
+        Row("ddp-powersgd", "ddp + powersgd r2", "ddp", hook="powersgd"),
+        Row("dense", "allreduce dense", "tandem"),
+        Row("fp16", "allreduce fp16", "tandem", codec="fp16"),
+        Row("topk", "allreduce topk 0.01", "tandem", codec="topk", codec_opts={"ratio": 0.01}),
+        Row("powersgd", "allreduce powersgd r2", "tandem", codec="powersgd",
+            codec_opts={"rank": 2}),
+        Row("qsgd", "allreduce qsgd", "tandem", codec="qsgd"),
+        Row("param_server", "param_server candidate", "tandem", strategy="param_server",
+            strategy_opts={"servers": hosts}),  # one server per host, a shard each
+        Row("bsp_shared", "bsp_shared", "tandem", strategy="bsp_shared",
+            strategy_opts={"machines": hosts}),
+        Row("gossip", "gossip goco ring", "tandem", strategy="gossip"),
+        Row("coded_ps", "coded_ps", "tandem", strategy="coded_ps"),
+        Row("pipeline", "pipeline 2 models", "tandem", strategy="pipeline",
+            strategy_opts={"models": [{"lr": lr}, {"lr": 2 * lr}]}),
+    ]
+
+
+QUICK_ROWS = ("local", "ddp", "ddp-powersgd", "topk", "powersgd")
+
+
+# ---- one run -------------------------------------------------------------------------------
+def first_error(text: str) -> str:
+    """The first line that says what went wrong in a worker's or torchrun's output."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:  # Tandem's CLI: one line "error: ..."
+        if ln.startswith("error:"):
+            return ln[len("error:"):].strip()
+    pat = re.compile(r"^(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Failed|Interrupt)\w*:.*)$")
+    for ln in lines:
+        m = pat.match(ln)
+        if m and "ChildFailedError" not in ln and "elastic" not in ln:
+            return m.group(1)
+    return lines[-1] if lines else "no output"
+
+
+def per_host(procs: int, hosts: int) -> list[int]:
+    """``procs`` processes over ``hosts`` hosts, as even as possible (host 0 first)."""
+    return [procs // hosts + (1 if i < procs % hosts else 0) for i in range(hosts)]
+
+
+def wait_all(procs: list[subprocess.Popen], limit_s: float, grace_s: float = 20.0
+             ) -> tuple[list[int | None], bool]:
+    """Wait for every process; once one fails the others get ``grace_s`` to finish. Returns the
+    exit codes (None: still running when given up on) and whether the limit was hit."""
+    deadline = time.monotonic() + limit_s
+    failed_at = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return codes, False
+        now = time.monotonic()
+        if failed_at is None and any(c not in (None, 0) for c in codes):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now - failed_at > grace_s):
+            return codes, now > deadline
+        time.sleep(0.2)
+
+
+def write_config(data: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_real(net: Cluster, row: Row, cfg: dict[str, Any], row_dir: Path, port: int,
+             limit_s: float) -> dict[str, Any]:
+    """One row on the real links: a torchrun per host; its summary and wire counters."""
+    env = dict(os.environ, GLOO_SOCKET_IFNAME=net.hosts[0].dev, OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    env.pop("TANDEM_STORE_HOSTED", None)
+    n = len(net.hosts)
+    if row.kind == "local":
+        cfgs = [write_config(dict(cfg, workers=1, out=str(row_dir / f"run_h{i}")),
+                             row_dir / f"cfg_h{i}.yaml") for i in range(n)]
+        argvs = [[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node", "1", "-m", "tandem.cli", "worker", "--config", str(c)]
+                 for c in cfgs]
+    else:
+        cfg_path = write_config(dict(cfg, out=str(row_dir / "run")), row_dir / "cfg.yaml")
+        counts = per_host(processes(cfg), n)
+        if row.kind == "ddp":
+            target = [str(ROOT / "bench" / "ddp_cluster_job.py"), "--config", str(cfg_path),
+                      "--hook", str(row.hook)]
+        else:
+            target = ["-m", "tandem.cli", "worker", "--config", str(cfg_path)]
+        argvs = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(n),
+                  "--node_rank", str(i), "--nproc_per_node", str(counts[i]), "--master_addr",
+                  net.hosts[0].addr, "--master_port", str(port), "--max_restarts", "0",
+                  *target] for i in range(n)]
+    before, drops0 = net.counters(), net.qdisc_drops()
+    t0 = time.monotonic()
+    procs, logs = [], []
+    for i, argv in enumerate(argvs):
+        log = open(row_dir / f"host{i}.log", "w")  # noqa: SIM115 - closed below
+        logs.append(log)
+        procs.append(net.popen(i, argv, env=env, cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT))
+    try:
+        codes, timed_out = wait_all(procs, limit_s)
+    finally:
+        for p in procs:
+            net.reap(p)
+        for log in logs:
+            log.close()
+    took = time.monotonic() - t0
+    after, drops = net.counters(), net.qdisc_drops() - drops0
+    out: dict[str, Any] = {"codes": codes, "run_s": took, "drops": drops,
+                           "tx_bytes": sum(a["tx_bytes"] - b["tx_bytes"]
+                                           for a, b in zip(after, before, strict=True))}
+    if timed_out or any(c != 0 for c in codes):
+        texts = [(row_dir / f"host{i}.log").read_text(errors="replace") for i in range(n)]
+        bad = [i for i, c in enumerate(codes) if c not in (0,)]
+        first = next((first_error(texts[i]) for i in bad if texts[i].strip()), "no output")
+        out["error"] = (f"timed out after {limit_s:.0f} s; " if timed_out else "") + first
+        return out
+    if row.kind == "local":
+        sums = [json.loads((row_dir / f"run_h{i}" / "summary.json").read_text())
+                for i in range(n)]
+        out["summary"] = sums[0]
+        out["step_s"] = sum(s["wall_time_s"] / s["steps"] for s in sums) / n
+    else:
+        out["summary"] = json.loads((row_dir / "run" / "summary.json").read_text())
+    return out
+
+
+def processes(cfg: dict[str, Any]) -> int:
+    """How many processes the row's strategy runs (a parameter server adds its servers)."""
+    from tandem.config import load_config
+    from tandem.resolve import resolve
+
+    c = load_config(cfg)
+    return resolve(c).strategy.processes(c)
+
+
+def run_emulated(row: Row, cfg: dict[str, Any], row_dir: Path, net_spec: str,
+                 limit_s: float) -> dict[str, Any]:
+    """The same row on one machine, loopback + Tandem's link emulator."""
+    import tandem
+    from tandem.launch import spawn
+
+    data = dict(cfg, net=net_spec, out=str(row_dir / "emu"))
+    t0 = time.monotonic()
+    try:
+        if row.kind == "ddp":
+            from bench.ddp_cluster_job import job
+
+            summary = spawn(job, int(cfg["workers"]), data, row.hook, timeout_s=limit_s)[0]
+        else:
+            summary = tandem.train(data, timeout_s=limit_s)
+    except Exception as err:  # noqa: BLE001 - a failed row is reported, never dropped
+        return {"error": first_error(f"{type(err).__name__}: {err}"),
+                "run_s": time.monotonic() - t0}
+    return {"summary": summary, "run_s": time.monotonic() - t0}
+
+
+# ---- the benchmark -------------------------------------------------------------------------
+def step_s(res: dict[str, Any] | None) -> float | None:
+    if not res or "error" in res:
+        return None
+    if "step_s" in res:
+        return res["step_s"]
+    s = res["summary"]
+    return s["wall_time_s"] / s["steps"] if s.get("steps") else None
+
+
+def link_latency(net: Cluster) -> float:
+    """Half the smallest round trip from host 0 to host 1 (s): the emulator's latency."""
+    return net.rtt_s(0, 1) / 2
+
+
+def limit_for(cfg: dict[str, Any], params: int, rate_bps: float) -> float:
+    """A generous wall limit for one run: four dense exchanges' time per step, plus start-up."""
+    return 180 + int(cfg["steps"]) * max(1.0, 4 * params * 4 * 8 / rate_bps)
+
+
+def measure(args: argparse.Namespace, bench: Bench,
+            found: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """Run every chosen row into ``found`` (filled as rows finish, so that an interrupted run
+    still reports what it measured)."""
+    from bench.netns import parse_rate_bps
+    from tandem.config import WorkloadConfig
+    from tandem.workloads import build_workload
+    from tandem.workloads.models import count_parameters
+
+    root = Path(args.runs)
+    shutil.rmtree(root, ignore_errors=True)
+    only = {s for s in args.only.split(",") if s}
+    port = PORT
+    for rate in args.rates:
+        with Cluster(args.hosts, rate) as net:
+            latency = link_latency(net)
+            net_spec = f"{rate}:{round(latency * 1e6)}us"
+            bench.note(f"{rate}: tbf rate {rate} burst {net.burst} B latency "
+                       f"{net.queue_latency} on both ends of each host's link; emulated twin "
+                       f"net={net_spec!r} (latency = half the smallest 1-byte TCP round trip)")
+            for wl in args.workloads:
+                steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)[wl]
+                base = dict(WORKLOADS[wl], workers=args.hosts, steps=steps, seed=0,
+                            progress=False, timeout_s=300.0)
+                if wl == "textlm":
+                    base["eval_every"] = steps
+                work = build_workload(WorkloadConfig(**base["workload"]), 0)
+                params = count_parameters(work.model_fn())
+                found[(rate, wl)] = {"params": params, "rows": {}}
+                for row in rows_for(args.hosts, wl):
+                    if only and row.key not in only:
+                        continue
+                    if row.kind == "local" and rate != args.rates[0]:
+                        continue  # sends nothing: one measurement per workload
+                    cfg = dict(base, strategy={"name": row.strategy,
+                                               "options": row.strategy_opts},
+                               codec={"name": row.codec, "options": row.codec_opts})
+                    row_dir = root / rate / wl / row.key
+                    row_dir.mkdir(parents=True, exist_ok=True)
+                    limit = limit_for(cfg, params, parse_rate_bps(rate))
+                    print(f"[cluster] {rate} {wl} {row.system}: real links", flush=True)
+                    port += 1
+                    try:
+                        real = run_real(net, row, cfg, row_dir, port, limit)
+                    except Exception as err:  # noqa: BLE001 - reported as FAILED
+                        real = {"error": first_error(f"{type(err).__name__}: {err}")}
+                    emu = None
+                    if row.kind != "local" and "error" not in real:
+                        print(f"[cluster] {rate} {wl} {row.system}: emulated {net_spec}",
+                              flush=True)
+                        emu = run_emulated(row, cfg, row_dir, net_spec, limit)
+                    found[(rate, wl)]["rows"][row.key] = (row, real, emu)
+                    print(f"[cluster] {rate} {wl} {row.system}: real {_ms(step_s(real))} ms/step"
+                          f", emulated {_ms(step_s(emu))} ms/step, "
+                          f"{real.get('error') or (emu or {}).get('error') or 'ok'}", flush=True)
+
+
+def report(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], hosts: int) -> None:
+    for (rate, wl), got in found.items():
+        rows = got["rows"]
+        ddp = step_s(rows["ddp"][1]) if "ddp" in rows else None
+        local = None
+        for (_rate, w2), g2 in found.items():
+            if w2 == wl and "local" in g2["rows"]:
+                local = step_s(g2["rows"]["local"][1])
+        got["local_step_s"] = local
+        for row, real, emu in rows.values():
+            s = (real or {}).get("summary") or {}
+            rs, em = step_s(real), step_s(emu)
+            if "error" in (real or {}):
+                status = f"FAILED: {real['error']}"
+            elif emu is not None and "error" in emu:
+                status = f"emulated run FAILED: {emu['error']}"
+            else:
+                status = "ok"
+            final = s.get("final_test_accuracy")
+            steps = s.get("steps")
+            bench.row(rate=rate, workload=wl, system=row.system, status=status, steps=steps,
+                      step_ms=_ms(rs), emu_step_ms=_ms(em),
+                      emu_err=abs(em - rs) / rs if rs and em else None,
+                      steps_to_target=s.get("steps_to_target"),
+                      time_to_target_s=s.get("time_to_target_s"), final=final,
+                      **{"bytes/step": s.get("bytes_sent_per_worker_per_step"),
+                         "wire/step": (real["tx_bytes"] / hosts / steps
+                                       if steps and row.kind != "local" and "tx_bytes" in real
+                                       else None)},
+                      drops=(real or {}).get("drops") if row.kind != "local" else None,
+                      vs_ddp=ddp / rs if ddp and rs else None)
+
+
+def targets(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], not_run: str | None,
+            quick: bool) -> None:
+    names = [f"10mbit cnn: plain DDP time to {TARGET} / the best Tandem row's",
+             f"10mbit cnn: DDP + PowerSGD hook time to {TARGET} / the best Tandem row's",
+             f"10mbit cnn: the best Tandem row's time to {TARGET} / compute-only time "
+             "(local step time x its steps to target)"]
+    goals = [">= 10", ">= 2.5", "<= 1.3"]
+    if not_run:
+        for n, g in zip(names, goals, strict=True):
+            bench.target(n, None, g, not_run=not_run)
+        bench.target("emulation error |emulated - real| / real of time per step, every row",
+                     None, "<= 0.2", not_run=not_run)
+        return
+    got = found.get(("10mbit", "cnn"))
+    if got is None:
+        why = "--rates/--workloads left out 10mbit cnn"
+        for n, g in zip(names, goals, strict=True):
+            bench.target(n, None, g, not_run=why)
+    else:
+        rows = got["rows"]
+        ttt = {k: (real.get("summary") or {}).get("time_to_target_s")
+               for k, (_, real, _) in rows.items() if real and "error" not in real}
+        tandem_rows = [(t, k) for k, t in ttt.items()
+                       if t is not None and rows[k][0].kind == "tandem"]
+        best_t, best = min(tandem_rows) if tandem_rows else (None, None)
+        if best:
+            bench.note(f"best Tandem row at 10mbit cnn: {rows[best][0].system} "
+                       f"({best_t:.1f} s to {TARGET})")
+        for n, g, ref in zip(names[:2], goals[:2], ("ddp", "ddp-powersgd"), strict=True):
+            if ref not in rows:
+                bench.target(n, None, g, not_run=f"--only left out {ref}")
+                continue
+            r = ttt.get(ref)
+            bench.target(n, r / best_t if r and best_t else None, g)
+        local = got.get("local_step_s")
+        if "local" not in rows:
+            bench.target(names[2], None, goals[2], not_run="--only left out local")
+        else:
+            steps = (rows[best][1]["summary"].get("steps_to_target") if best else None)
+            compute = local * (steps + 1) if local and steps is not None else None
+            bench.target(names[2], best_t / compute if best_t and compute else None, goals[2])
+    for (rate, wl), got in found.items():
+        for row, real, emu in got["rows"].values():
+            if row.kind == "local":
+                continue
+            rs, em = step_s(real), step_s(emu)
+            bench.target(f"emulation error, {rate} {wl} {row.system}",
+                         abs(em - rs) / rs if rs and em else None, "<= 0.2")
+
+
+def _ms(s: float | None) -> float | None:
+    return None if s is None else round(1e3 * s, 2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="10mbit, cnn, rows "
+                    + ", ".join(QUICK_ROWS) + f", {QUICK_STEPS['cnn']} steps")
+    ap.add_argument("--hosts", type=int, default=4)
+    ap.add_argument("--rates", default="10mbit,100mbit")
+    ap.add_argument("--workloads", default="cnn,textlm")
+    ap.add_argument("--only", default="", help="comma-separated row keys: local, ddp, "
+                    "ddp-fp16, ddp-powersgd, dense, fp16, topk, powersgd, qsgd, param_server, "
+                    "bsp_shared, gossip, coded_ps, pipeline")
+    ap.add_argument("--runs", default="runs/bench-cluster", help="where run records go")
+    ap.add_argument("--steps", type=int, default=0, help="steps of every run (trials; default "
+                    f"{FULL_STEPS}, --quick {QUICK_STEPS})")
+    ap.add_argument("--results", default="", help="directory for the JSON (default "
+                    "bench/results; give another one for trial runs)")
+    args = ap.parse_args()
+    if args.results:
+        import bench.harness
+
+        bench.harness.RESULTS = Path(args.results)
+    if args.quick:
+        args.rates, args.workloads = "10mbit", "cnn"
+        args.only = args.only or ",".join(QUICK_ROWS)
+    args.rates = [r for r in args.rates.split(",") if r]
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    bench = Bench("cluster_quick" if args.quick else "cluster", COLUMNS)
+    why = unavailable_reason()
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    if why is None:
+        try:
+            measure(args, bench, found)
+        except NetnsUnavailable as err:
+            why = str(err)
+        except KeyboardInterrupt:
+            bench.note("interrupted: only the rows above were measured")
+    if why is None:
+        report(bench, found, args.hosts)
+        targets(bench, found, None, args.quick)
+    else:
+        bench.note(f"real links not built: {why}")
+        targets(bench, found, why, args.quick)
+    bench.note(f"{args.hosts} hosts; cnn = mnist5k hidden=360 (201,538 parameters), batch 32 "
+               f"per host, SGD lr 0.05 momentum 0.9, eval every 10 steps, target {TARGET}; "
+               "textlm = default size (867,072 parameters), its own recipe, time per step only; "
+               "DDP + powersgd uses torch's PowerSGDState(matrix_approximation_rank=2, "
+               "start_powerSGD_iter=2); the emulated DDP rows route DDP's buckets through "
+               "Tandem's codec hook (dense, fp16, powersgd r2) since torch's hooks bypass the "
+               "emulator; step times are training wall / steps with evaluation excluded")
+    bench.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""The results tables in ``docs/*.md``, rendered from the committed ``bench/results/*.json``.
+
+    python -m bench.render            # rewrite every table in place
+    python -m bench.render --check    # exit 1 listing the tables that differ (tests, CI)
+
+A table lives between two markers in a doc; everything between them is generated::
+
+    <!-- bench:NAME[:VIEW] -->
+    ...
+    <!-- /bench:NAME[:VIEW] -->
+
+``NAME`` names a result (``bench/results/NAME.json``). ``VIEW`` picks rows and columns: the views
+of each benchmark are declared in :data:`VIEWS` (one place for every benchmark's column choices);
+without one, every row with the result's own columns. Every benchmark also has the views
+``targets`` (name, value, goal, MET / NOT MET / NOT RUN) and ``notes``. The first line of each
+block states the command, commit, date and machine of the result, so a table always says where
+its figures come from. A doc with a marker whose result is missing fails ``--check``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.harness import target_state
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+RESULTS = ROOT / "bench" / "results"
+_OPEN = re.compile(r"<!-- bench:([\w.-]+)(?::([\w.-]+))? -->")
+
+
+@dataclass(frozen=True)
+class Col:
+    """A column: the row field it shows, its header, and how a value is written."""
+
+    key: str
+    header: str | None = None
+    fmt: Callable[[Any], str] | None = None
+
+    @property
+    def title(self) -> str:
+        return self.header or self.key
+
+
+@dataclass(frozen=True)
+class View:
+    """Which rows (those whose fields equal ``where``) and which columns of a result."""
+
+    columns: list[Col]
+    where: dict[str, Any] = field(default_factory=dict)
+
+
+def ms(v: Any) -> str:
+    return "-" if v is None else f"{float(v):,.1f}"
+
+
+def pct(v: Any) -> str:
+    return "-" if v is None else f"{100 * float(v):.1f} %"
+
+
+def times(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.2f}x"
+
+
+def seconds(v: Any) -> str:
+    return "-" if v is None else f"{float(v):,.1f}"
+
+
+def count(v: Any) -> str:
+    return "-" if v is None else f"{round(float(v)):,}"
+
+
+def acc(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.3f}"
+
+
+def _cluster_cols(to_target: bool) -> list[Col]:
+    cols = [Col("system"), Col("status"), Col("steps"), Col("step_ms", "ms/step", ms),
+            Col("emu_step_ms", "emulated ms/step", ms), Col("emu_err", "emulation error", pct)]
+    if to_target:
+        cols += [Col("steps_to_target", "steps to 0.95"),
+                 Col("time_to_target_s", "s to 0.95", seconds)]
+    return cols + [Col("final", "test acc", acc), Col("bytes/step", "bytes/step", count),
+                   Col("wire/step", "wire bytes/step", count), Col("drops", "tbf drops", count),
+                   Col("vs_ddp", "DDP ms/step ÷ this", times)]
+
+
+#: every benchmark's views, "NAME:VIEW" -> View
+VIEWS: dict[str, View] = {
+    **{f"cluster:{wl}{r}": View(_cluster_cols(wl == "cnn"),
+                                where={"rate": f"{r}mbit", "workload": wl})
+       for wl in ("cnn", "textlm") for r in (10, 100)},
+}
+
+
+# ---- rendering -----------------------------------------------------------------------------
+def cell(v: Any) -> str:
+    """A value as table text: ``-`` for missing, 4 significant digits, ``|`` escaped."""
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        text = f"{v:,.0f}" if abs(v) >= 1e5 else f"{v:.4g}"
+    elif isinstance(v, int):
+        text = f"{v:,}" if abs(v) >= 1e5 else str(v)
+    else:
+        text = str(v)
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def header(res: dict[str, Any]) -> str:
+    """One line: command, commit (and whether the tree had changes), date, machine, versions."""
+    git = res.get("git") or {}
+    commit = git.get("commit")
+    where = f"commit `{commit[:10]}`" if commit else "an unknown commit"
+    if git.get("dirty"):
+        where += " with uncommitted changes"
+    m = res.get("machine") or {}
+    cores = m.get("cores") or m.get("cpus")
+    box = f"{cores} cores" if cores else "an unknown machine"
+    if m.get("cpu_model"):
+        box += f" ({m['cpu_model']})"
+    if m.get("memory_gib"):
+        box += f", {m['memory_gib']} GiB"
+    versions = ", ".join(x for x in (f"torch {res['torch']}" if res.get("torch") else None,
+                                     f"Python {res['python']}" if res.get("python") else None)
+                         if x)
+    took = f"; took {res['duration_s'] / 60:.0f} min" if res.get("duration_s") else ""
+    date = str(res.get("date") or res.get("when") or "an unknown date").replace("T", " ")
+    cmd = res.get("command") or "an unknown command"
+    return (f"_Measured by `{cmd}` at {where}, {date}, on {box}"
+            + (f", {versions}" if versions else "") + f"{took}._")
+
+
+def table(columns: list[Col], rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| " + " | ".join(c.title for c in columns) + " |",
+             "|" + "|".join("---" for _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_show(c, r.get(c.key)) for c in columns) + " |")
+    return lines
+
+
+def _show(col: Col, v: Any) -> str:
+    return col.fmt(v).replace("|", "\\|") if col.fmt else cell(v)
+
+
+def render_block(name: str, view: str | None, res: dict[str, Any]) -> str:
+    """The text between the markers of ``bench:NAME[:VIEW]`` (without the markers)."""
+    lines = [header(res), ""]
+    if view == "targets":
+        rows = [{"name": t.get("name"), "value": t.get("value"), "goal": t.get("goal"),
+                 "state": target_state(t) + (f" ({t['reason']})" if t.get("reason") else "")}
+                for t in res.get("targets", [])]
+        lines += table([Col("name", "target"), Col("value"), Col("goal"), Col("state")], rows)
+    elif view == "notes":
+        lines += [f"- {' '.join(str(n).split())}" for n in res.get("notes", [])] or ["- none"]
+    else:
+        key = f"{name}:{view}" if view else name
+        if view and key not in VIEWS:
+            raise KeyError(f"no view {key!r} in bench/render.py VIEWS")
+        spec = VIEWS.get(key)
+        rows = res.get("rows", [])
+        if spec is None:
+            cols = res.get("columns") or list(dict.fromkeys(k for r in rows for k in r))
+            spec = View([Col(c) for c in cols])
+        rows = [r for r in rows if all(r.get(k) == v for k, v in spec.where.items())]
+        if rows:
+            lines += table(spec.columns, rows)
+        else:
+            lines.append("No rows of this kind in the result (not measured in that run).")
+    return "\n".join(lines) + "\n\n"
+
+
+def render_text(text: str, load: Callable[[str], dict[str, Any]]) -> tuple[str, list[str]]:
+    """``text`` with every marked block regenerated, and the problems met (a missing result, an
+    unknown view, a marker left open). A block with a problem is left as it was."""
+    out, problems, pos = [], [], 0
+    for m in _OPEN.finditer(text):
+        if m.start() < pos:
+            continue  # an opening marker inside a block already handled
+        name, view = m.group(1), m.group(2)
+        tag = f"bench:{name}" + (f":{view}" if view else "")
+        close = f"<!-- /{tag} -->"
+        end = text.find(close, m.end())
+        if end < 0:
+            problems.append(f"{tag}: no closing {close}")
+            continue
+        out.append(text[pos:m.end()] + "\n")
+        try:
+            out.append(render_block(name, view, load(name)))
+        except (OSError, KeyError, ValueError, TypeError) as err:
+            problems.append(f"{tag}: {err}")
+            out.append(text[m.end():end].lstrip("\n"))
+        pos = end
+    out.append(text[pos:])
+    return "".join(out), problems
+
+
+def loader(results: Path) -> Callable[[str], dict[str, Any]]:
+    def load(name: str) -> dict[str, Any]:
+        path = results / f"{name}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: run `python -m bench.{name}` "
+                                    "and commit its result")
+        return json.loads(path.read_text())
+    return load
+
+
+def render_docs(docs: Path = DOCS, results: Path = RESULTS, *, write: bool = True
+                ) -> tuple[list[str], list[str]]:
+    """Regenerate every marked table under ``docs``; returns (tables that differed, problems).
+    With ``write=False`` nothing is written (``--check``)."""
+    load = loader(results)
+    differ: list[str] = []
+    problems: list[str] = []
+    for doc in sorted(docs.glob("*.md")):
+        text = doc.read_text()
+        new, probs = render_text(text, load)
+        problems += [f"{doc.name}: {p}" for p in probs]
+        if new != text:
+            old_blocks = dict(_blocks(text))
+            differ += [f"{doc.name}: {tag}" for tag, body in _blocks(new)
+                       if old_blocks.get(tag) != body]
+            if write:
+                doc.write_text(new)
+    return differ, problems
+
+
+def _blocks(text: str) -> list[tuple[str, str]]:
+    found = []
+    for m in _OPEN.finditer(text):
+        tag = m.group(0)[len("<!-- "):-len(" -->")]
+        end = text.find(f"<!-- /{tag} -->", m.end())
+        if end >= 0:
+            found.append((tag, text[m.end():end]))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 listing the "
+                    "tables that differ from what the results render")
+    ap.add_argument("--docs", type=Path, default=DOCS)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    differ, problems = render_docs(args.docs, args.results, write=not args.check)
+    for p in problems:
+        print(f"problem: {p}")
+    verb = "differs from its result" if args.check else "rewritten"
+    for d in differ:
+        print(f"{d}: {verb}")
+    if args.check and not differ and not problems:
+        print("every table matches its result")
+    return 1 if problems or (args.check and differ) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
