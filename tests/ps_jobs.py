@@ -88,3 +88,54 @@ def run_role(cfg_data: dict, victim: int, after_steps: int, out_dir: str) -> dic
     (run_dir / f"result{t.rank}.json").write_text(json.dumps(result))
     t.close(graceful=False)
     return result
+
+
+# ---- the codec spy of tests/test_codec_pairs.py -----------------------------------------------
+def _install_codec_spy(log_dir: str) -> None:
+    """In this process: every codec's encode/decode/exchange, and LGC-PS's two halves, append
+    their name to ``log_dir/calls.<rank>.txt`` the first time they run."""
+    from tandem.codecs.base import CODECS
+    from tandem.codecs.lgc.psserver import PSServerCode
+    from tandem.codecs.lgc.remote import PSWorkerCode
+
+    seen: set[str] = set()
+    path = Path(log_dir) / f"calls.{os.environ['RANK']}.txt"
+
+    def wrap(owner: type, method: str, label: str) -> None:
+        inner = getattr(owner, method)
+
+        def spy(self, *args, **kwargs):
+            if label not in seen:
+                seen.add(label)
+                with path.open("a") as f:
+                    f.write(label + "\n")
+            return inner(self, *args, **kwargs)
+
+        setattr(owner, method, spy)
+
+    for name, cls in CODECS.items():
+        for method in ("encode", "decode", "exchange"):
+            wrap(cls, method, f"{name}.{method}")
+    wrap(PSWorkerCode, "encode", "lgc.ps_push")
+    wrap(PSServerCode, "decode_round", "lgc.ps_decode")
+
+
+def spy_model(log_dir: str, inner):
+    """The workload's model, after installing the codec spy in a worker process (every role
+    builds the model; the launcher's pre-flight, without RANK, is left alone)."""
+    if "RANK" in os.environ and not getattr(spy_model, "installed", False):
+        _install_codec_spy(log_dir)
+        spy_model.installed = True
+    return inner()
+
+
+def spy_workload(log_dir: str) -> Workload:
+    """digits (hidden 8) whose model factory installs the codec spy first."""
+    from functools import partial
+
+    from tandem.config import WorkloadConfig
+    from tandem.workloads import build_workload
+
+    work = build_workload(WorkloadConfig(name="digits", options={"hidden": 8}), 0)
+    work.model_fn = partial(spy_model, log_dir, work.model_fn)
+    return work
