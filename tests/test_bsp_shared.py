@@ -68,10 +68,10 @@ def test_update_equals_formula_on_quadratic():
     assert 1.0 < float(traj[-1].min()) and float(traj[-1].max()) < 2.0
 
 
-def _run(tmp_path, name, **opts):
+def _run(tmp_path, name, steps=20, **opts):
     cfg = tandem.load_config({
         "workload": {"name": "digits"}, "strategy": {"name": "bsp_shared", "options": opts},
-        "workers": sum(opts["split"]), "steps": 20, "batch_size": 16, "lr": 0.1, "seed": 1,
+        "workers": sum(opts["split"]), "steps": steps, "batch_size": 16, "lr": 0.1, "seed": 1,
         "slow_workers": ["0:3"], "progress": False, "out": str(tmp_path / name),
         "eval_every": 5, "timeout_s": 60})
     prepare_run_dir(cfg)
@@ -84,7 +84,10 @@ def _run(tmp_path, name, **opts):
 
 @pytest.fixture(scope="module")
 def two_machines(tmp_path_factory):
-    return _run(tmp_path_factory.mktemp("bsp"), "two", split=[2, 2], grads_per_superstep=4)
+    # 40 steps: at 20 (20 updates of lr 0.1) the test accuracy was ~0.29-0.30 on an idle machine,
+    # right at the threshold below; at 40 it is ~0.8
+    return _run(tmp_path_factory.mktemp("bsp"), "two", steps=40, split=[2, 2],
+                grads_per_superstep=4)
 
 
 def test_two_machines_lose_no_gradient(two_machines):
@@ -93,7 +96,7 @@ def test_two_machines_lose_no_gradient(two_machines):
     agents = [r for r in results if r["role"] == "agent"]
     assert len(workers) == 4 and len(agents) == 2
     assert agents[0]["params"] == agents[1]["params"]
-    assert agents[0]["applied"] == agents[1]["applied"] >= 20 * 4
+    assert agents[0]["applied"] == agents[1]["applied"] >= cfg.steps * 4
     # per worker: what it handed in == what its agent read out (applied + the final read-out)
     for w in workers:
         agent = agents[w["machine"]]
@@ -113,7 +116,8 @@ def test_two_machines_lose_no_gradient(two_machines):
     assert len(steps) == sum(w["gradients"] for w in workers)
     assert all("staleness" in e for e in steps)
     evals = [e for e in events if e["kind"] == "eval"]
-    assert evals and evals[-1]["test_accuracy"] > 0.3
+    assert len(evals) >= 2 and evals[-1]["test_loss"] < evals[0]["test_loss"]  # it learned
+    assert evals[-1]["test_accuracy"] > 0.3
 
 
 def test_inter_machine_bytes_do_not_depend_on_local_workers(two_machines, tmp_path):

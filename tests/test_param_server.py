@@ -8,7 +8,7 @@ import torch
 
 import ps_jobs
 import tandem
-from tandem.errors import WorkerFailed
+from tandem.errors import WorkerFailed, is_secondary
 from tandem.launch import spawn
 from tandem.strategies.param_server.sharding import join, plan_shards, split
 from tandem.workloads.base import partition
@@ -116,10 +116,16 @@ def _job(tmp_path, victim: int, after: int, workers: int, **opts):
 
 
 def test_dead_server_stops_every_worker_naming_it(tmp_path):
+    """The launcher names the killed server first, and each worker's own error follows from it:
+    normally a WorkerFailed naming the server; a worker that issues a receive just after the
+    server's exit may get the engine's own error instead (gloo's irecv raises at once on a
+    closed connection, "... typically caused by a remote worker crashing"), a consequence all
+    the same."""
     err = _job(tmp_path, victim=2, after=3, workers=2)
     assert sorted(err.ranks) == [0, 1, 2]
+    assert str(err).startswith("rank 2 failed: worker 2 killed by SIGKILL without reporting")
     for w in (0, 1):
-        assert "parameter server 0 (rank 2)" in err.details[w]
+        assert "parameter server 0 (rank 2)" in err.details[w] or is_secondary(err.details[w])
 
 
 def test_tandem_train_finishes_without_a_killed_worker(tmp_path):

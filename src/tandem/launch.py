@@ -9,7 +9,8 @@ is given, on a free port chosen by the OS, so there is no port race) and starts 
 "Start method" below). It watches them: when a child dies without reporting, it writes
 ``dead/<rank>`` into the store, so the survivors' waits end at once with an error naming that rank
 instead of hanging until their timeout. Every child is terminated, then killed, then joined before
-:func:`spawn` returns or raises, including on Ctrl-C.
+:func:`spawn` returns or raises, including on Ctrl-C. Each report carries when it happened, and a
+failed job names its true cause first: the earliest failure that is not a consequence of another.
 
 Start method: on Linux the children come from multiprocessing's ``forkserver``, which imports torch
 and Tandem once (the first launch in a process) and forks each worker from that clean,
@@ -26,6 +27,8 @@ would otherwise hold ``Process.start`` forever, so it is killed and the launch f
 Once a worker has failed, the job is lost; the others get ``failure_grace_s`` to report (enough
 for a wait already in progress to time out and name whom it waited for), and a worker still
 running after that is stuck outside any Tandem wait: it is terminated and named as the cause.
+A tolerated rank its peers abandoned (``abandoned/<rank>`` in the store) is ended once every other
+rank has reported and its grace is over, and counts as lost.
 """
 
 from __future__ import annotations
@@ -39,13 +42,13 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from multiprocessing import connection as mp_connection
 from typing import Any
 
 from tandem.allocator import tune_allocator
-from tandem.errors import TandemError, WorkerFailed
-from tandem.transport.rendezvous import host_store, mark_dead
+from tandem.errors import CONSEQUENCES, TandemError, WorkerFailed, first_cause, is_secondary
+from tandem.transport.rendezvous import AbandonedRanks, host_store, mark_dead
 
 _GRACE_S = 5.0
 #: seconds the workers may take to start (``TANDEM_START_TIMEOUT_S`` overrides): the fork
@@ -89,53 +92,46 @@ def _child(
     os.environ.clear()
     os.environ.update(launcher_env)
     os.environ.update(env)
-    os.environ.update(
-        {
-            "RANK": str(rank),
-            "WORLD_SIZE": str(world),
-            "LOCAL_RANK": str(rank),
-            "LOCAL_WORLD_SIZE": str(world),
-            "MASTER_ADDR": addr,
-            "MASTER_PORT": str(port),
-            "TANDEM_STORE_HOSTED": "1",
-        }
-    )
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": addr,
+                       "MASTER_PORT": str(port), "TANDEM_STORE_HOSTED": "1"})
     _die_with_parent()
     tune_allocator()  # before the first large tensor (see tandem.allocator)
     import torch
 
     torch.set_num_threads(int(env.get("TANDEM_THREADS", "1")))
-    try:
-        value = fn(*args)
-        conn.send_bytes(pickle.dumps((rank, "ok", value)))
-        conn.close()
+    from multiprocessing import util
+
+    try:  # the report carries when it happened (a TandemError's ``at``): the launcher orders by it
+        payload, code = pickle.dumps((rank, "ok", fn(*args), time.time())), 0
     except BaseException as err:  # noqa: BLE001 - every failure is reported to the parent
         kind = type(err).__name__
         detail = str(err) if isinstance(err, TandemError) else traceback.format_exc()
+        at = getattr(err, "at", None) or time.time()
+        payload, code = pickle.dumps((rank, "error", f"{kind}: {detail}", at)), 1
+    # Either way the exit skips interpreter teardown (an engine thread may be stuck in a wait).
+    # multiprocessing's exit finalizers run *before* the report: once the launcher has it, it
+    # may terminate this process, and a semaphore not yet unlinked (tqdm's lock, made by the
+    # progress bar) would be left to the resource tracker ("leaked semaphore objects").
+    try:
+        util._run_finalizers(0)
+    finally:
         try:
-            conn.send_bytes(pickle.dumps((rank, "error", f"{kind}: {detail}")))
+            conn.send_bytes(payload)
             conn.close()
+            util._exit_function()  # the rest (children of this process, if any)
         finally:
-            os._exit(1)
-    # A clean exit still skips interpreter teardown (an engine thread may be stuck in a wait),
-    # but runs multiprocessing's finalizers so no semaphore is left for the resource tracker.
-    from multiprocessing import util
-
-    util._exit_function()
-    os._exit(0)
+            os._exit(code)
 
 
 def _die_with_parent() -> None:
     """Linux: the kernel sends this child SIGKILL when its parent dies, even by SIGKILL. The parent
-    is the launcher (``spawn``) or the fork server, which exits as soon as the launcher is gone."""
-    try:
+    is the launcher (``spawn``) or the fork server, which exits as soon as the launcher is gone.
+    Elsewhere (no ``prctl``) the launcher's own reaping still applies."""
+    with contextlib.suppress(OSError, AttributeError):
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the launcher's own reaping still applies
-        pass
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _raise_on_sigterm() -> Any:
@@ -184,10 +180,8 @@ def _start_all(procs: list[Any], ctx: Any, timeout_s: float) -> None:
             pid = _fork_server_pid() if ctx.get_start_method() == "forkserver" else None
             if pid:
                 state["killed"] = pid
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
     timer = threading.Timer(timeout_s, expire)
     timer.daemon = True
@@ -263,11 +257,15 @@ def spawn(
 ) -> list[Any]:
     """Run ``fn(*args)`` in ``world`` processes (ranks from env ``RANK``); return their results.
 
-    Raises :class:`WorkerFailed` naming the failed ranks (first error text included) when any
-    worker raises or dies, and when the whole job exceeds ``timeout_s``. ``on_start(procs, store)``
-    lets a test act on the children (e.g. kill one). ``tolerate_death(rank)`` says which ranks
-    may die (killed, or exited without a report) without failing the job, provided every other
-    rank succeeds; their results are ``None``.
+    Raises :class:`WorkerFailed` naming the failed ranks when any worker raises or dies, and
+    when the whole job exceeds ``timeout_s``; the rank named first, with its error text, is the
+    earliest *primary* failure (:func:`tandem.errors.first_cause`: never a consequence of
+    another's, such as a peer timeout or a connection its exiting peer closed).
+    ``on_start(procs, store)`` lets a test act on the children (e.g. kill one).
+    ``tolerate_death(rank)`` says which ranks may die (killed, or exited without a report)
+    without failing the job, provided every other rank succeeds; their results are ``None``.
+    So may a tolerated rank its peers *abandoned* (:func:`.store_barrier.abandon`): still
+    running once every other rank has reported, it is ended after the mark's grace.
 
     ``start_timeout_s`` bounds starting the processes (see the module docstring).
     ``failure_grace_s``: after the first failure that dooms the job (a tolerated death does
@@ -278,19 +276,15 @@ def spawn(
     ctx = start_context()
     store = host_store(addr, world)
     pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
-    procs = [
-        ctx.Process(
-            target=_child,
-            name=f"tandem-rank{r}",
-            args=(r, world, addr, store.port, fn, args, pipes[r][1], dict(env or {}),
-                  dict(os.environ)),
-        )
-        for r in range(world)
-    ]
+    procs = [ctx.Process(target=_child, name=f"tandem-rank{r}",
+                         args=(r, world, addr, store.port, fn, args, pipes[r][1],
+                               dict(env or {}), dict(os.environ))) for r in range(world)]
     readers = {pipes[r][0]: r for r in range(world)}
     out: dict[int, Any] = {}
     errors: dict[int, str] = {}
-    died: set[int] = set()  # exited without a report, or stuck and terminated
+    when: dict[int, float] = {}  # rank -> time.time() of its failure
+    died: set[int] = set()  # exited without a report, stuck and terminated, or abandoned
+    gone_on = AbandonedRanks(store)  # ranks whose peers went on without them
     deadline = time.monotonic() + timeout_s
 
     def tolerated(r: int) -> bool:
@@ -299,8 +293,9 @@ def spawn(
     def take(conn: Any) -> None:
         r = readers.pop(conn)
         try:
-            rank, status, value = pickle.loads(conn.recv_bytes())
+            rank, status, value, at = pickle.loads(conn.recv_bytes())
         except (EOFError, OSError):  # closed without a report: the process died
+            when[r] = time.time()
             procs[r].join(1.0)
             why = _describe_exit(procs[r].exitcode)
             errors[r] = f"worker {r} {why} without reporting"
@@ -309,20 +304,30 @@ def spawn(
             return
         if status == "ok":
             out[rank] = value
-        else:
-            errors[rank] = value
-            # A rank that failed *because* a peer went silent is a consequence, not a cause.
-            if not value.startswith(("WorkerFailed", "PeerTimeout")):
-                mark_dead(store, rank, f"raised {value.splitlines()[0][:200]}")
+            return
+        errors[rank], when[rank] = value, at
+        if tolerated(rank) and is_secondary(value) and rank in gone_on:
+            died.add(rank)  # it failed because its peers had gone on without it
+        # A rank that failed *because* a peer went silent is a consequence, not a cause.
+        elif not value.startswith(CONSEQUENCES):
+            mark_dead(store, rank, f"raised {value.splitlines()[0][:200]}")
 
     def settling() -> str | None:
         """Why the ranks still running get only ``failure_grace_s`` more (None: they may run to
         the job's deadline): a failure that dooms the job. Not a tolerated death, and not the
         servers finishing first: a parameter server's worker 0 evaluates after that."""
-        doomed = [r for r in sorted(errors) if not (tolerated(r) and r in died)]
-        if doomed:
-            return f"rank {doomed[0]} failed ({errors[doomed[0]].splitlines()[0][:300]})"
+        if doomed := {r: errors[r] for r in errors if not (tolerated(r) and r in died)}:
+            r = first_cause(doomed, when)
+            return f"rank {r} failed ({errors[r].splitlines()[0][:300]})"
         return None
+
+    def give_up(why: dict[int, str]) -> None:
+        """Stop waiting for the ranks in ``why`` (still running): they count as died."""
+        for conn, r in list(readers.items()):
+            if r in why:
+                errors[r], when[r] = why[r], time.time()
+                died.add(r)
+                del readers[conn]
 
     previous_term = _raise_on_sigterm()
     settle_at, settle_why = None, None
@@ -338,20 +343,21 @@ def spawn(
             now = time.monotonic()
             if settle_at is None and readers and (settle_why := settling()) is not None:
                 settle_at = now + failure_grace_s
-            if settle_at is not None and now > settle_at and readers:
-                for r in sorted(readers.values()):
-                    errors[r] = (f"worker {r} still running {failure_grace_s:.0f}s after "
-                                 f"{settle_why}: stuck outside any Tandem wait; terminated "
-                                 "without reporting")
-                    died.add(r)
-                readers.clear()
+            if settle_at is None and 0 < len(readers) < world:  # someone has reported
+                give_up({r: f"worker {r} was abandoned by its peers ({why}) and still running "
+                            "after every other rank had finished: ended"  # the others: are they?
+                         for r, why in gone_on.due(set(readers.values()), now).items()})
+            if settle_at is not None and now > settle_at:
+                give_up({r: f"worker {r} still running {failure_grace_s:.0f}s after {settle_why}: "
+                            "stuck outside any Tandem wait; terminated without reporting"
+                         for r in readers.values()})
             if now > deadline and readers:
                 silent = sorted(readers.values())
                 raise WorkerFailed(
                     f"job exceeded {timeout_s:.0f}s; rank(s) {silent} never finished", ranks=silent
                 )
     finally:
-        _reap(procs)
+        _reap(procs, reported=set(out) | (set(errors) - died))
         if previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
         for r, _ in pipes:
@@ -360,11 +366,8 @@ def spawn(
     if lost and len(lost) == len(errors) and out:
         return [out.get(r) for r in range(world)]
     if errors:
-        first = min(errors)
         ranks = sorted(errors)
-        # Survivors usually fail *because* of the first one; report the root cause first.
-        roots = [r for r in ranks if not errors[r].startswith(("WorkerFailed", "PeerTimeout"))]
-        lead = roots[0] if roots else first
+        lead = first_cause(errors, when)  # the true cause first, then the consequences
         raise WorkerFailed(
             f"rank {lead} failed: {errors[lead]}"
             + (f" (also failed: {[r for r in ranks if r != lead]})" if len(ranks) > 1 else ""),
@@ -374,15 +377,21 @@ def spawn(
     return [out[r] for r in range(world)]
 
 
-def _reap(procs: list[Any]) -> None:
-    procs = [p for p in procs if p._popen is not None]  # skip any that never started
-    for p in procs:
+def _reap(procs: list[Any], reported: Collection[int] = ()) -> None:
+    """Terminate, then kill, then join every started child. A child that has ``reported`` is
+    exiting by itself: it gets a moment to do so first."""
+    started = [(r, p) for r, p in enumerate(procs) if p._popen is not None]  # skip unstarted
+    end = time.monotonic() + _GRACE_S
+    for r, p in started:
+        if r in reported:
+            p.join(max(0.0, end - time.monotonic()))
+    for _, p in started:
         if p.is_alive():
             p.terminate()
     end = time.monotonic() + _GRACE_S
-    for p in procs:
+    for _, p in started:
         p.join(max(0.0, end - time.monotonic()))
-    for p in procs:
+    for _, p in started:
         if p.is_alive():
             p.kill()
             p.join(5)

@@ -1,13 +1,22 @@
 """The rendezvous store: hosted by Tandem's launcher, by torchrun's agent, or by rank 0.
 
 The store carries the process-group handshake, heartbeats and ``dead/<rank>`` marks (see
-:mod:`.liveness`). It binds to 127.0.0.1 unless an address is given: ``torch.distributed`` has no
+:mod:`.liveness`), and ``abandoned/<rank>`` marks: a rank whose peers gave up on it (a parameter
+server counted it lost, a ``bsp_shared`` agent no longer waits for it) records so with the reason
+(:func:`tandem.transport.store_barrier.abandon`); once every other rank has reported, the local
+launcher ends an abandoned rank that is still running and lists it as lost instead of waiting for
+it until the job's deadline (:class:`AbandonedRanks`).
+
+The store binds to 127.0.0.1 unless an address is given: ``torch.distributed`` has no
 authentication, so it belongs on a trusted network only.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -36,3 +45,50 @@ def store_from_env(rank: int, world: int, timeout_s: float) -> Any:
 
 def mark_dead(store: Any, rank: int, why: str) -> None:
     store.set(f"live/dead/{rank}", why)
+
+
+#: key of the abandoned mark, under the liveness prefix (``live/``) like ``dead/<rank>``
+ABANDONED = "abandoned/{rank}"
+
+
+def abandoned_mark(why: str, grace_s: float = 0.0) -> str:
+    """The value of an abandoned mark: why, and how long the rank may still take to finish by
+    itself once every other rank has reported (0: end it at once)."""
+    return json.dumps({"why": why[:500], "grace_s": float(grace_s), "at": time.time()})
+
+
+def abandoned(store: Any, ranks: Iterable[int]) -> dict[int, tuple[str, float]]:
+    """The ranks among ``ranks`` that their peers abandoned: rank -> (why, grace_s). Read by the
+    launcher on the store it hosts."""
+    out: dict[int, tuple[str, float]] = {}
+    for r in ranks:
+        key = "live/" + ABANDONED.format(rank=r)
+        if store.check([key]):
+            try:
+                mark = json.loads(store.get(key).decode())
+                out[r] = (str(mark["why"]), float(mark["grace_s"]))
+            except (ValueError, KeyError, TypeError):
+                out[r] = ("abandoned by a peer", 0.0)
+    return out
+
+
+class AbandonedRanks:
+    """The launcher's view of the abandoned marks in the store it hosts."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.ends: dict[int, tuple[float, str]] = {}  # rank -> (may be ended at, why)
+
+    def __contains__(self, rank: int) -> bool:
+        return rank in self.ends or bool(abandoned(self.store, [rank]))
+
+    def due(self, running: set[int], now: float) -> dict[int, str]:
+        """``{rank: why}`` for every rank of ``running`` (monotonic ``now``) once *all* of them
+        are abandoned and the grace of each, counted from when it was first seen, is over;
+        else ``{}``."""
+        for r, (why, grace) in abandoned(self.store, running - self.ends.keys()).items():
+            self.ends[r] = (now + grace, why)
+        if not running or not running <= self.ends.keys() or \
+                any(now < self.ends[r][0] for r in running):
+            return {}
+        return {r: self.ends[r][1] for r in sorted(running)}

@@ -1,4 +1,5 @@
-"""Barriers on the rendezvous store that tolerate dead ranks, and waits on one live peer.
+"""Barriers on the rendezvous store that tolerate dead ranks, waits on one live peer, and the
+mark a rank leaves when it gives up on a peer (:func:`abandon`).
 
 A collective fails as soon as one member is dead; checkpoint sets and a parameter server's
 waits must instead go on without ranks the launcher has marked dead. Both helpers poll the
@@ -13,6 +14,7 @@ from typing import Any
 
 from tandem.errors import PeerTimeout, WorkerFailed
 from tandem.transport.liveness import Pending
+from tandem.transport.rendezvous import ABANDONED, abandoned_mark
 
 #: how often a wait on a live peer re-checks whether that peer is still alive
 POLL_S = 1.0
@@ -63,6 +65,29 @@ def store_gather(transport: Any, tag: str, value: int, ranks: Iterable[int],
             raise PeerTimeout(f"checkpoint {tag}: rank(s) {missing} did not reach it within "
                               f"{timeout_s:.0f}s", ranks=missing)
         time.sleep(0.01)
+
+
+def abandon(transport: Any, rank: int, why: str, grace_s: float = 0.0) -> None:
+    """Record in the store that this process no longer waits for ``rank`` (it counted it lost
+    or dead), with the reason. Under the local launcher, once every other rank has reported, a
+    rank so marked that is still running gets ``grace_s`` more to finish by itself, then it is
+    ended and listed as lost (``lost_ranks``) instead of holding the launcher until the job's
+    deadline. Best effort: a store that is gone (the launcher died) changes nothing."""
+    live = transport.liveness
+    try:
+        with live.store_lock:
+            live.store.set(ABANDONED.format(rank=rank), abandoned_mark(why, grace_s))
+    except Exception:  # noqa: BLE001 - the mark only speeds up the end of the job
+        pass
+
+
+def abandon_idle(transport: Any, handed_in: dict[int, int], why: str, grace_s: float) -> None:
+    """At the end of a run, :func:`abandon` each rank of ``handed_in`` (rank -> what it handed
+    in lately) that handed in nothing: it may be stuck; one merely between two steps stops by
+    itself within ``grace_s``."""
+    for rank, n in handed_in.items():
+        if not n:
+            abandon(transport, rank, why, grace_s)
 
 
 def wait_on(pending: Pending, transport: Any, peer: int, limit_s: float | None,

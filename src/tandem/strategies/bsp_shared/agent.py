@@ -21,13 +21,13 @@ reaches them at the same superstep without a separate controller message: the co
 
 Dead workers: before each read-out (at most every ``liveness_every_s``, and while waiting for a
 gradient count) an agent asks the store which of its workers the launcher marked dead. A dead
-worker simply stops adding; the superstep closes with the others' gradients. Every dead worker's
-gradients are all in the accumulator by the read-out that follows its detection, so its total is
-final there. The per-superstep all-reduce carries each machine's live workers and its dead
-workers' gradients, so every agent recomputes the same budget, ``steps x live workers +
-gradients the dead ones contributed``, and the same per-machine share of a gradient-count
-superstep. A worker that died mid-add makes its buffer *torn* (see
-:mod:`tandem.strategies.bsp_shared.segment`): that read-out is discarded, counted in ``discarded``.
+worker stops adding and the superstep closes without it; its gradients are all in the
+accumulator by the read-out after its detection. The per-superstep all-reduce carries each
+machine's live workers and its dead workers' gradients, so every agent recomputes the same budget
+(``steps x live workers + the dead ones' gradients``) and per-machine share of a gradient-count
+superstep. A worker that died mid-add makes its buffer *torn* (:mod:`.segment`): that read-out is
+discarded, counted in ``discarded``. At the end, a live worker with no gradient in the last
+superstep may be stuck: it is marked abandoned (:func:`~tandem.transport.store_barrier.abandon`).
 
 Checkpoints (every ``checkpoint_every`` supersteps; checkpoint ``N`` = the state after ``N``
 supersteps). Workers never join a collective, so the "barrier of all ranks" is two-level and
@@ -72,6 +72,7 @@ from tandem.strategies.bsp_shared.worker import (  # noqa: F401 - re-exported: o
     model_digest,
 )
 from tandem.trainer.precision import step_optimizer
+from tandem.transport.store_barrier import abandon, abandon_idle
 
 #: save(checkpoint_id, agent_state): write this agent's rank file (its barrier: the agents')
 SaveAgentFn = Callable[[int, dict[str, Any]], None]
@@ -216,16 +217,15 @@ class Agent:
         self._polled = time.monotonic()
         liveness = self.transport.liveness
         for r in liveness.dead_ranks(cfg.worker_ranks):
-            i = cfg.worker_ranks.index(r)
-            if i in self.dead:
+            if (i := cfg.worker_ranks.index(r)) in self.dead:
                 continue
             self.dead.add(i)
-            who = cfg.worker_ids[i] if cfg.worker_ids else i
-            why = liveness.describe([r])
+            who, why = cfg.worker_ids[i] if cfg.worker_ids else i, liveness.describe([r])
             log.warning("bsp agent: worker %s (rank %d) died (%s); the supersteps go on without "
                         "it", who, r, why)
             if self.rec is not None:
                 self.rec.info(lost_worker=who, lost_rank=r, lost_reason=why[:300])
+            abandon(self.transport, r, f"bsp agent: counted dead ({why})")
 
     def _target(self) -> int:
         """This machine's share of a gradient-count superstep, among the live workers."""
@@ -353,6 +353,9 @@ class Agent:
                 break
         left = seg.swap(self.version + 1, stop=True)
         self._read_out(left)
+        abandon_idle(self.transport, {r: out["per_worker"][i] + left["per_worker"][i] for i, r in
+                                      enumerate(cfg.worker_ranks) if i not in self.dead},
+                     "bsp agent: no gradient in the last superstep", cfg.stall_timeout_s)
         return {"role": "agent", "supersteps": self.version, "applied": self.applied,
                 "leftover": left["count"], "dropped": self.dropped_total, "budget": self.budget,
                 "per_worker": self._by_id(self.per_worker), "discarded": sum(self.discarded),
