@@ -225,6 +225,7 @@ class RunConfig(_Strict):
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     master_addr: str = "127.0.0.1"
     nan_policy: Literal["skip", "stop"] = "stop"
+    stop_on_divergence: bool = False
     checkpoint_every: int = Field(default=0, ge=0, description="steps between checkpoints; 0 = off")
     resume: bool = Field(default=False, description="continue from the run directory's checkpoint")
     inject_nan: list[tuple[int, int]] = Field(

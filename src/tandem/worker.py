@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from tandem.codecs.base import CODECS
 from tandem.config import RunConfig
 from tandem.resolve import resolve
 from tandem.strategies.base import STRATEGIES, codec_factory
+from tandem.telemetry.divergence import DivergenceWatch
 from tandem.telemetry.recorder import Recorder
 from tandem.trainer import apply_workload_defaults
 from tandem.trainer.context import WorkerContext
@@ -58,7 +60,8 @@ def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
         total = strategy_cls.total_steps(cfg, len(work.train))
         recorder = Recorder(run_dir, transport.rank, world=transport.world,
                             tensorboard=cfg.tensorboard, progress_total=total,
-                            progress=cfg.progress, append=cfg.resume)
+                            progress=cfg.progress, append=cfg.resume,
+                            divergence=DivergenceWatch.for_run(cfg))
         ctx = WorkerContext(cfg=cfg, transport=transport, workload=work, recorder=recorder,
                             faults=ComputeFaults.from_config(cfg, transport.rank), run_dir=run_dir,
                             codec_factory=codec_factory(cfg))
@@ -92,8 +95,10 @@ def _prewarm() -> None:
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
 
 
-def torchrun_main(config_path: str) -> None:
-    """Entry for ``torchrun ... -m tandem.cli worker --config run.yaml``."""
+def torchrun_main(config_path: str) -> tuple[dict[str, Any], Path] | None:
+    """Entry for ``torchrun ... -m tandem.cli worker --config run.yaml``: this process's role,
+    with rank 0's progress bar. Returns ``(summary, run_dir)`` on global rank 0, which writes the
+    summary once every rank has finished; None on the others."""
     from tandem.preflight import preflight
     from tandem.resolve import load_config
 
@@ -101,4 +106,5 @@ def torchrun_main(config_path: str) -> None:
     if os.environ.get("RANK") == "0":
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
         (cfg.run_dir() / "config.yaml").write_text(cfg.to_yaml())
-    main(cfg.model_dump(mode="json"), finalize=True)
+    summary = main(cfg.model_dump(mode="json"), finalize=True).get("summary")
+    return None if summary is None else (summary, cfg.run_dir())

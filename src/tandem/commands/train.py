@@ -51,6 +51,7 @@ def train(
     stragglers: Annotated[str | None, Opt(help="random stragglers P:FACTOR (0.2:5 = 6x slower steps) or P:exp:MEAN_S", rich_help_panel=FAULTS)] = None,
     slow_worker: Annotated[list[str] | None, Opt(help="RANK:FACTOR, a fixed slow worker (repeat)", rich_help_panel=FAULTS)] = None,
     nan_policy: Annotated[str | None, Opt(help="skip | stop on a NaN/Inf gradient", rich_help_panel=FAULTS)] = None,
+    stop_on_divergence: Annotated[bool | None, Opt("--stop-on-divergence/--no-stop-on-divergence", help="end the run with an error when the loss turns non-finite or grows 10x past its best (default: warn once)", rich_help_panel=FAULTS)] = None,
     checkpoint_every: Annotated[int | None, Opt(help="save a checkpoint every N steps (0 = off)", rich_help_panel=FAULTS)] = None,
     resume: Annotated[Path | None, Opt(help="continue the run in this directory from its last checkpoint", rich_help_panel=FAULTS)] = None,
     out: Annotated[Path | None, Opt(help="run directory (default runs/<name>)", rich_help_panel=OUT)] = None,
@@ -89,6 +90,7 @@ def train(
             flag("stragglers", stragglers, "stragglers"),
             (f"--slow-worker {' '.join(slow_worker or [])}", {"slow_workers": slow_worker or None}),
             flag("nan-policy", nan_policy, "nan_policy"),
+            flag("stop-on-divergence", stop_on_divergence, "stop_on_divergence"),
             flag("checkpoint-every", checkpoint_every, "checkpoint_every"),
             flag("out", str(out) if out else None, "out"), flag("name", name, "name"),
             flag("target-accuracy", target_accuracy, "target_accuracy"),
@@ -104,14 +106,15 @@ def train(
         summary = api_train(cfg)
     except TandemError as err:
         fail(err)
-    _print_summary(summary, cfg.run_dir())
+    print_summary(summary, cfg.run_dir())
 
 
-def _print_summary(summary: dict, run_dir: Path) -> None:
+def print_summary(summary: dict, run_dir: Path) -> None:
+    """The end-of-run lines ``tandem train`` prints (``tandem worker`` too, on rank 0)."""
     keys = ["strategy", "codec", "workers", "steps", "wall_time_s", "final_test_accuracy",
             "final_test_loss", "bytes_sent_per_worker_per_step", "comm_fraction", "idle_fraction",
             "time_to_target_s"]
-    for k in keys:
+    for k in keys + [k for k in ("lost_ranks", "skipped_steps") if summary.get(k)]:
         if k in summary:
             v = summary[k]
             typer.echo(f"{k:>32}: {v:.4g}" if isinstance(v, float) else f"{k:>32}: {v}")

@@ -49,73 +49,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from tandem.errors import ConfigError
+from tandem.errors import ConfigError, DivergenceError
+from tandem.telemetry.divergence import DivergenceWatch
+from tandem.telemetry.log import get_logger
+from tandem.telemetry.records import dumps, last_wall, split_rolled_back, wall_of
 
 _now = time.time  # the clock; a module attribute so tests can substitute a fake one
+log = get_logger(__name__)
 
 STEP_TIMES = ("compute_s", "comm_s", "idle_s")
-
-
-def _last_wall(path: Path) -> float:
-    """The last wall time recorded in an events file (0 if none): where a resumed run goes on."""
-    if not path.exists():
-        return 0.0
-    return max((w for w in map(_wall_of, path.read_bytes().splitlines()) if w is not None),
-               default=0.0)
-
-
-def _wall_of(line: bytes) -> float | None:
-    try:
-        value = json.loads(line).get("wall")
-        return None if value is None else float(value)
-    except (ValueError, AttributeError, TypeError):
-        return None
-
-
-def split_rolled_back(lines: list[bytes], step: int) -> tuple[list[bytes], list[bytes]]:
-    """``(kept, rolled_back)`` lines of an interrupted run resumed before ``step``.
-
-    Rolled back: ``step``/``eval`` records of steps ``>= step``; the ``info`` and ``end`` records
-    after the first of them (they describe the lost work); lines that are not JSON (a record torn
-    by the kill). ``start`` and earlier ``resume`` records are always kept."""
-    kept: list[bytes] = []
-    gone: list[bytes] = []
-    past = False
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            kind = rec.get("kind")
-        except (ValueError, AttributeError):
-            gone.append(line)
-            continue
-        if kind in ("step", "eval") and int(rec.get("step", -1)) >= step:
-            past = True
-            gone.append(line)
-        elif kind == "end" or (past and kind == "info"):
-            gone.append(line)
-        else:
-            kept.append(line)
-    return kept, gone
-
-
-def _json_default(obj: Any) -> Any:
-    """Lets method fields be numpy or torch scalars/arrays, paths or sets without a cast."""
-    if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
-        return obj.item()
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, set | frozenset | tuple):
-        return list(obj)
-    return repr(obj)
-
-
-def dumps(record: dict[str, Any]) -> str:
-    """One record as one JSON line (non-native scalars converted, NaN kept as ``NaN``)."""
-    return json.dumps(record, default=_json_default, separators=(",", ":"))
 
 
 def _float_or_none(value: Any) -> float | None:
@@ -130,6 +72,9 @@ class Recorder:
     bytes under ``<run_dir>/tb`` (needs the ``tensorboard`` package: ``pip install
     'tandem[tensorboard]'``). ``role`` (worker, server, peer, controller, ...) is stored in every
     step and eval record, so summaries can tell a server's updates from workers' steps.
+    ``divergence``: the watch every step's loss passes (:mod:`~tandem.telemetry.divergence`;
+    default: warn once, never stop; ``None``: no watch); with ``stop`` it makes :meth:`step`
+    raise :class:`~tandem.errors.DivergenceError`, which the step loop propagates.
 
     Thread-safe: a strategy may record from a communication thread and the training thread.
     """
@@ -145,6 +90,7 @@ class Recorder:
         progress: bool = True,
         append: bool = False,
         role: str = "worker",
+        divergence: DivergenceWatch | None | bool = True,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.rank = int(rank)
@@ -165,6 +111,7 @@ class Recorder:
         self.last_loss: float | None = None
         self.last_accuracy: float | None = None
         self._closed = False
+        self.divergence = DivergenceWatch() if divergence is True else divergence or None
         self._writer: Any = None
         self._bar: Any = None
 
@@ -181,7 +128,7 @@ class Recorder:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # On resume, keep the interrupted run's events and continue its time axis (from the last
         # recorded wall until resume_from() says which steps were lost).
-        self._wall_offset = _last_wall(self.path) if append else 0.0
+        self._wall_offset = last_wall(self.path) if append else 0.0
         if append and self.path.is_file() and self.path.stat().st_size:
             with open(self.path, "rb+") as fh:  # a kill tore the last line: don't glue onto it
                 fh.seek(-1, os.SEEK_END)
@@ -255,8 +202,8 @@ class Recorder:
             inherited, own = data[:self._inherited], data[self._inherited:]
             kept, gone = split_rolled_back(inherited.splitlines(), int(step))
             old = self._wall_offset
-            new = max((w for w in map(_wall_of, kept) if w is not None), default=0.0)
-            lost = max([old, *(w for w in map(_wall_of, gone) if w is not None)]) - new
+            new = max((w for w in map(wall_of, kept) if w is not None), default=0.0)
+            lost = max([old, *(w for w in map(wall_of, gone) if w is not None)]) - new
             shifted = [self._shift(line, new - old) for line in own.splitlines() if line.strip()]
             if gone:
                 with open(self.rolled_back_path, "ab") as fh:
@@ -335,7 +282,20 @@ class Recorder:
                 if loss_f is not None and math.isfinite(loss_f):
                     self._writer.add_scalar("train/loss", loss_f, int(step))
                 self._writer.add_scalar("train/bytes_sent_rank0", self.bytes_sent_total, int(step))
+            if self.divergence is not None and \
+                    (why := self.divergence.check(int(step), loss_f)) is not None:
+                self._diverged(int(step), loss_f, why)
             return record
+
+    def _diverged(self, step: int, loss: float | None, why: str) -> None:
+        """The watch fired (once per run): say so on one line, record it, stop if asked."""
+        assert self.divergence is not None
+        self._write({"kind": "info", "rank": self.rank, "wall": self.wall(),
+                     "divergence": {"step": step, "loss": loss, "message": why}})
+        log.warning("rank %d (%s): %s", self.rank, self.role, why)
+        if self.divergence.stop:
+            raise DivergenceError(f"rank {self.rank}: {why} (stop_on_divergence is set; "
+                                  "unset it to train on regardless)")
 
     def eval(self, step: int, *, accuracy: float | None, loss: float, **extra: Any) -> None:
         """Record a test evaluation at ``step``. ``accuracy`` is None for regression workloads."""
