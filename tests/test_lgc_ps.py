@@ -107,8 +107,6 @@ def test_refused_pairs_on_the_parameter_server_say_why():
         tandem.load_config(cfg({"name": "lgc", "options": {"variant": "ps"}}, mode="async"))
     with pytest.raises(ConfigError, match="servers=1"):
         tandem.load_config(cfg({"name": "lgc", "options": {"variant": "ps"}}, servers=2))
-    with pytest.raises(ConfigError, match="momentum"):
-        tandem.load_config(cfg({"name": "lgc", "options": {"variant": "ps", "momentum": 0.9}}))
     with pytest.raises(ConfigError, match="PowerSGD"):
         tandem.load_config(cfg({"name": "powersgd"}))
     tandem.load_config(cfg({"name": "lgc", "options": {"variant": "ps"}}, mode="sync"))
@@ -195,8 +193,10 @@ def test_sync_resume_equals_the_uninterrupted_run(tmp_path):
 
 
 def test_candidate_mode_runs_every_stage_while_the_server_decodes(tmp_path):
-    out = _lgc_ps(tmp_path, "cand", steps=80, net="1gbit:2ms",
-                  opts={"mode": "candidate", "cap": 3}, codec={"ae_steps": 12})
+    """candidate, with coded pulls too (the LGC extras ride behind the pull's code)."""
+    out = _lgc_ps(tmp_path, "cand", steps=80, net="1gbit:2ms", codec={"ae_steps": 12},
+                  opts={"mode": "candidate", "cap": 3, "pull": "topk",
+                        "pull_options": {"ratio": 0.2}})
     info = out["info"]
     assert {"lgc_stage2_round", "lgc_stage3_round"} <= info.keys()
     assert info["lgc_ae_train_rounds"] >= 10
@@ -217,3 +217,26 @@ def test_a_killed_worker_leaves_the_others_training_with_min_workers_2(tmp_path)
     after = [e for e in server if 2 not in e["contributors"]]
     assert after and all(e["lgc_next_leader"] in (0, 1, None) for e in after[1:])
     assert out["final_test_accuracy"] is not None
+
+
+def test_codec_momentum_keeps_a_velocity_masked_where_entries_were_sent():
+    workers, server = _nodes(2, 20, dense_first_last=True, momentum=0.9)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        pushes = {}
+        for i, w in enumerate(workers):
+            ts, stage, lead = w.encode([torch.randn(s, generator=gen) for s in SHAPES])
+            pushes[i] = (lead, stage, _wire(ts), 1)
+        server.decode_round(pushes, [0, 1])
+        for i, w in enumerate(workers):
+            w.pulled(_wire(server.extras(i)))
+    w = workers[0]
+    assert stage == 3 and w.velocity is not None and torch.isfinite(w.velocity).all()
+    support = w.support
+    assert support is not None
+    state = w.state_dict()
+    assert torch.equal(state["velocity"], w.velocity)
+    ts, stage, lead = w.encode([torch.zeros(s) for s in SHAPES])  # masked where sent exactly
+    v = ts[0]
+    comp = w.velocity[w.p.start: w.p.stop]
+    assert int((comp[support] == 0).sum()) >= v.numel()

@@ -27,7 +27,9 @@ round brings ``(z, s, a_i)``: the worker decodes its own prediction with its cop
 ``D_i`` (the server sends the encoder and ``D_i`` once, when the compressed stage begins) and
 subtracts it. Both ends compute ``a_i * (D_i(z) * s)`` with the same weights and the same
 operations, so the residual is exactly ``x`` minus the server's reconstruction. ``ef_clip`` caps
-the residual after each push and each correction.
+the residual after each push and each correction. Codec ``momentum`` (DGC's momentum
+correction; run the server's optimizer with momentum 0) keeps a velocity ``u = m u + g`` and
+compresses ``u + r``; ``momentum_masking`` zeroes ``u`` where entries were sent exactly.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class PSWorkerCode:
         self.p = codec.plan(shapes)
         self.index, self.n = index, workers
         self.residual: torch.Tensor | None = None
+        self.velocity: torch.Tensor | None = None  # codec momentum (``momentum`` > 0)
         self.stage = 1
         self.lead = index == codec.leader_at(0, workers)
         self.progress = 0
@@ -119,6 +122,10 @@ class PSWorkerCode:
         """``(tensors, stage, lead)`` of this push; updates the residual."""
         p, o = self.p, self.opts
         g = flatten([t.detach().float() for t in grads])
+        if o.momentum:  # DGC momentum correction: compress u = m * u + g (masked where sent)
+            g = g if self.velocity is None else self.velocity.mul_(o.momentum).add_(g)
+            self.velocity = g
+            g = g.clone()
         self.unorm = float(g.norm())
         x = g if self.residual is None else g.add_(self.residual)
         xc = x[p.start: p.stop]
@@ -154,6 +161,8 @@ class PSWorkerCode:
             xc.zero_()
         else:
             xc.index_fill_(0, sent, 0.0)
+            if self.velocity is not None and o.momentum_masking:
+                self.velocity[p.start: p.stop].index_fill_(0, sent, 0.0)
         self.residual = x
         self._cap()
         self.pushes[stage - 1] += 1
@@ -206,7 +215,8 @@ class PSWorkerCode:
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"residual": self.residual, "stage": self.stage, "lead": self.lead,
+        return {"residual": self.residual, "velocity": self.velocity,
+                "stage": self.stage, "lead": self.lead,
                 "progress": self.progress, "support": self.support,
                 "ae": None if self.ae is None else self.ae.state_dict(),
                 "pending": None if self.pending is None else list(self.pending),
@@ -215,6 +225,7 @@ class PSWorkerCode:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.residual, self.support = state["residual"], state["support"]
+        self.velocity = state.get("velocity")
         self.stage, self.lead = int(state["stage"]), bool(state["lead"])
         self.progress, self.unorm = int(state["progress"]), float(state["unorm"])
         self.pending = None if state["pending"] is None else tuple(state["pending"])

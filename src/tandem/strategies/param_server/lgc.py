@@ -12,9 +12,8 @@ transport, which meters it per direction.
 
 What :func:`check_codec` refuses, before any process starts: ``variant=rar`` (an all-reduce of
 latents, which a server does not run), modes that apply pushes one by one (``async``, ``ssp``:
-LGC-PS decodes a round at once), several servers (one autoencoder over the whole support) and
-codec momentum (the server's optimizer has the run's); any codec that is not self-contained
-(PowerSGD) as a push codec.
+LGC-PS decodes a round at once) and several servers (one autoencoder over the whole support);
+any codec that is not self-contained (PowerSGD) as a push codec.
 """
 
 from __future__ import annotations
@@ -65,9 +64,6 @@ def check_codec(cfg: Any, options: Any) -> None:
             raise ConfigError(f"codec: 'lgc' (LGC-PS) trains one autoencoder over the whole "
                               f"top-k support on one server; got {servers} servers: use "
                               "servers=1")
-        if o.momentum:
-            raise ConfigError("codec.options.momentum: LGC-PS on param_server takes no codec "
-                              "momentum; the server's optimizer applies the run's --momentum")
         return
     if not cls.self_contained:
         ok = sorted(n for n, c in CODECS.items() if c.self_contained)
