@@ -16,8 +16,9 @@ server decodes, so the protocol is stretched over the pull that answers each rou
   ``ceil(log2 K)``-bit positions. The leader adds its latent ``z = E(v_r / s)`` (``Z ~ K/4``
   floats) and its scale ``s``. The server reconstructs worker i as
   ``a_i * s * D_i(z)`` with the innovation's entries exact (:mod:`.psserver`).
-* The leader of every stage also pushes its own ordered top-k positions: the support of the
-  next round (so non-leaders know ``I`` before they push, one round later: *design choice*).
+* The leader of every stage also pushes ordered top-k positions: the support of the next round
+  (so non-leaders know ``I`` before they push: *design choice*), taken from its estimate of the
+  next round's ``x`` (:meth:`PSWorkerCode._next_support`).
 
 Error feedback: the residual is ``x = g + r`` minus what the server reconstructs of this
 worker. In the warm-up and training stages that is known at push time (the sent entries, exact).
@@ -29,7 +30,8 @@ subtracts it. Both ends compute ``a_i * (D_i(z) * s)`` with the same weights and
 operations, so the residual is exactly ``x`` minus the server's reconstruction. ``ef_clip`` caps
 the residual after each push and each correction. Codec ``momentum`` (DGC's momentum
 correction; run the server's optimizer with momentum 0) keeps a velocity ``u = m u + g`` and
-compresses ``u + r``; ``momentum_masking`` zeroes ``u`` where entries were sent exactly.
+compresses ``u + r``; ``momentum_masking`` zeroes ``u`` on the sent entries (the whole support
+in the compressed stage, as the all-reduce variant does).
 """
 
 from __future__ import annotations
@@ -127,12 +129,12 @@ class PSWorkerCode:
             self.velocity = g
             g = g.clone()
         self.unorm = float(g.norm())
+        stage = self.stage if p.k and (self.stage == 1 or self.support is not None) else 1
+        lead = self.lead and bool(p.k)
+        gc = g[p.start: p.stop].clone() if lead else None
         x = g if self.residual is None else g.add_(self.residual)
         xc = x[p.start: p.stop]
         dense = dense_part(p, x)
-        stage = self.stage if p.k and (self.stage == 1 or self.support is not None) else 1
-        lead = self.lead and bool(p.k)
-        nxt = self.codec.ordered_topk(xc, p) if lead else None
         sent: torch.Tensor | None  # positions of xc delivered exactly (None: all of xc)
         if stage == 1 and (o.warmup == "dense" or not p.k):
             out, sent = [xc.clone(), dense], None
@@ -153,20 +155,32 @@ class PSWorkerCode:
                 out += [self._trainer().encode(v / s), s.reshape(1)]
             self.pending = (self.support, pos)
             sent = self.support[pos]
-        if nxt is not None:
-            out.append(pack_positions(nxt, xc.numel()))
         x[: p.start].zero_()
         x[p.stop:].zero_()
         if sent is None:
             xc.zero_()
         else:
             xc.index_fill_(0, sent, 0.0)
+            # the whole support was delivered in stage 3 (reconstructed), as under all-reduce
+            masked = self.support if stage == 3 else sent
             if self.velocity is not None and o.momentum_masking:
-                self.velocity[p.start: p.stop].index_fill_(0, sent, 0.0)
+                self.velocity[p.start: p.stop].index_fill_(0, masked, 0.0)
+        if gc is not None:  # the next support: where x will be largest next round
+            out.append(pack_positions(self._next_support(xc, gc, stage), xc.numel()))
         self.residual = x
         self._cap()
         self.pushes[stage - 1] += 1
         return out, stage, lead
+
+    def _next_support(self, rest: torch.Tensor, gc: torch.Tensor, stage: int) -> torch.Tensor:
+        """The leader's ordered top-k of its estimate of the next round's ``x``: what this push
+        leaves in the residual (the support counted as delivered in the compressed stage) plus
+        this round's gradient, as a guess at the next. Its own top-k of this round's ``x`` would
+        name the entries every worker is just sending (*design choice*, docs/lgc.md)."""
+        est = rest.clone()
+        if stage == 3 and self.support is not None:
+            est.index_fill_(0, self.support, 0.0)
+        return self.codec.ordered_topk(est.add_(gc), self.p)
 
     def _cap(self) -> None:
         clip = self.opts.ef_clip
