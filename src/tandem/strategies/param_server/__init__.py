@@ -1,9 +1,12 @@
 """Parameter server whose workers never wait: the candidate model (method M3), with baselines.
 
-Roles: ranks ``0 .. workers-1`` are workers (they hold data and compute gradients), ranks
-``workers .. workers+servers-1`` are servers (each holds a balanced shard of the parameters, see
-:mod:`.sharding`, and runs the optimizer on it). A worker *pushes* its accumulated gradient
-(through the run's codec) to every server and *pulls* the new parameters back (fp32 or fp16).
+Roles: workers hold data and compute gradients; servers each hold a balanced shard of the
+parameters (:mod:`.sharding`) and run the optimizer on it. Under ``tandem train`` ranks
+``0 .. workers-1`` are workers and the servers follow; under torchrun every node gets a server by
+default (:mod:`.placement`). A worker *pushes* its accumulated gradient (through the run's codec;
+LGC-PS through :mod:`.lgc`) to every server and *pulls* the new parameters back: the whole
+shard in fp32 or fp16, or a code of its change with error feedback on the server (:mod:`.pull`).
+``cap=auto`` tunes the candidate's cap from measured round trips (:mod:`.cap`).
 
 Modes (option ``mode``):
 
@@ -63,10 +66,13 @@ from tandem.strategies.param_server.placement import (
     under_torchrun,
 )
 from tandem.strategies.param_server.pull import check_pull
+from tandem.telemetry.log import get_logger
 
 if TYPE_CHECKING:
     from tandem.strategies.param_server.server import PSServer
     from tandem.strategies.param_server.worker import PSWorker
+
+log = get_logger(__name__)
 
 
 @register
@@ -111,6 +117,12 @@ class ParamServerStrategy(Strategy):
         if servers > 1 and spec.clip is not None:
             raise ConfigError("clip_grad_norm: clipping the aggregated gradient's global norm "
                               "needs one server to see it whole; use servers=1")
+        adaptive = spec.optimizer_factory is not None or spec.optimizer_name != "sgd"
+        if options.pull in ("topk", "randomk") and adaptive:
+            log.warning("pull=%s with an adaptive optimizer: Adam-like steps move every "
+                        "coordinate, so the server's change is dense and sparse pulls lag it "
+                        "(the final model, the server's, can be far from what the workers "
+                        "trained on); prefer pull=bf16 (docs/param_server.md)", options.pull)
 
     def setup(self) -> None:
         from tandem.strategies.param_server.server import PSServer
