@@ -107,4 +107,26 @@ def _codec_support(cls: Any) -> str:
     if cls.peer_codes:
         ok = ", ".join(sorted(n for n, c in CODECS.items() if c.self_contained))
         return f"self-contained ones ({ok}): each peer decodes its neighbours' codes alone"
-    return "any"
+    refused = _refused(cls.name, CODECS.names())
+    if not refused:
+        return "any"
+    ok = [c for c in CODECS.names() if c not in refused]
+    why = "; ".join(f"{c}: {r}" for c, r in refused.items())
+    return f"{', '.join(ok)} (refused: {why})"
+
+
+def _refused(strategy: str, codecs: list[str]) -> dict[str, str]:
+    """The codecs the resolve step refuses for ``strategy`` with default options, and why (the
+    strategy's own checks, e.g. a codec the parameter server cannot run as documented)."""
+    from tandem.config import load_config
+    from tandem.errors import ConfigError
+    from tandem.resolve import resolve
+
+    out = {}
+    for codec in codecs:
+        extra = {"strategy.options.models": [{}]} if strategy == "pipeline" else {}
+        try:
+            resolve(load_config(**{"strategy.name": strategy, "codec.name": codec}, **extra))
+        except ConfigError as err:
+            out[codec] = str(err).removeprefix("invalid configuration: ").split(";")[0][:90]
+    return out
