@@ -41,7 +41,8 @@ DDP's step time / this row's, same rate and workload).
 Targets (4 hosts, 10 Mbit/s, CNN, time to 0.95): the best Tandem row >= 10x faster than plain DDP,
 >= 2.5x faster than DDP + PowerSGD hook, and <= 1.3x the compute-only time (local step time x the
 best row's steps to target); every row's emulation error <= 20 %. Without root every target is
-NOT RUN. ``--quick`` writes ``cluster_quick.json`` so the full results the docs render from stay.
+NOT RUN. ``--quick`` (no emulated twin for the DDP rows) writes ``cluster_quick.json``, so the
+full results the docs render from stay.
 """
 
 from __future__ import annotations
@@ -72,8 +73,8 @@ WORKLOADS: dict[str, dict[str, Any]] = {
 FULL_STEPS = {"cnn": 200, "textlm": 20}
 QUICK_STEPS = {"cnn": 160, "textlm": 10}
 COLUMNS = ["rate", "workload", "system", "status", "steps", "step_ms", "emu_step_ms", "emu_err",
-           "steps_to_target", "time_to_target_s", "final", "bytes/step", "wire/step", "drops",
-           "vs_ddp"]
+           "comm_ms", "emu_comm_ms", "steps_to_target", "time_to_target_s", "final", "bytes/step",
+           "wire/step", "drops", "vs_ddp"]
 PORT = 29500
 
 
@@ -104,8 +105,10 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
         Row("powersgd", "allreduce powersgd r2", "tandem", codec="powersgd",
             codec_opts={"rank": 2}),
         Row("qsgd", "allreduce qsgd", "tandem", codec="qsgd"),
+        # one server per host, a shard each; textlm's optimizer factory (AdamW with parameter
+        # groups) needs the whole model, so one server there
         Row("param_server", "param_server candidate", "tandem", strategy="param_server",
-            strategy_opts={"servers": hosts}),  # one server per host, a shard each
+            strategy_opts={"servers": hosts if workload == "cnn" else 1}),
         Row("bsp_shared", "bsp_shared", "tandem", strategy="bsp_shared",
             strategy_opts={"machines": hosts}),
         Row("gossip", "gossip goco ring", "tandem", strategy="gossip"),
@@ -263,14 +266,25 @@ def step_s(res: dict[str, Any] | None) -> float | None:
     return s["wall_time_s"] / s["steps"] if s.get("steps") else None
 
 
+def comm_s(res: dict[str, Any] | None, row: Row) -> float | None:
+    """Mean communication seconds per rank and step (the strategy's own split; DDP and local
+    record none)."""
+    if row.kind != "tandem" or not res or "error" in res:
+        return None
+    s = res["summary"]
+    n = (s.get("ranks") or s.get("workers") or 0) * (s.get("steps") or 0)
+    return s.get("comm_s_total", 0.0) / n if n else None
+
+
 def link_latency(net: Cluster) -> float:
     """Half the smallest round trip from host 0 to host 1 (s): the emulator's latency."""
     return net.rtt_s(0, 1) / 2
 
 
 def limit_for(cfg: dict[str, Any], params: int, rate_bps: float) -> float:
-    """A generous wall limit for one run: four dense exchanges' time per step, plus start-up."""
-    return 180 + int(cfg["steps"]) * max(1.0, 4 * params * 4 * 8 / rate_bps)
+    """A generous wall limit for one run: the time of eight dense models through one link per
+    step (a server's downlink takes one from every worker), plus start-up."""
+    return 300 + int(cfg["steps"]) * max(1.0, 8 * params * 4 * 8 / rate_bps)
 
 
 def measure(args: argparse.Namespace, bench: Bench,
@@ -320,7 +334,8 @@ def measure(args: argparse.Namespace, bench: Bench,
                     except Exception as err:  # noqa: BLE001 - reported as FAILED
                         real = {"error": first_error(f"{type(err).__name__}: {err}")}
                     emu = None
-                    if row.kind != "local" and "error" not in real:
+                    if row.kind != "local" and "error" not in real and \
+                            not (args.quick and row.kind == "ddp"):
                         print(f"[cluster] {rate} {wl} {row.system}: emulated {net_spec}",
                               flush=True)
                         emu = run_emulated(row, cfg, row_dir, net_spec, limit)
@@ -353,6 +368,7 @@ def report(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], hosts: in
             bench.row(rate=rate, workload=wl, system=row.system, status=status, steps=steps,
                       step_ms=_ms(rs), emu_step_ms=_ms(em),
                       emu_err=abs(em - rs) / rs if rs and em else None,
+                      comm_ms=_ms(comm_s(real, row)), emu_comm_ms=_ms(comm_s(emu, row)),
                       steps_to_target=s.get("steps_to_target"),
                       time_to_target_s=s.get("time_to_target_s"), final=final,
                       **{"bytes/step": s.get("bytes_sent_per_worker_per_step"),
@@ -409,8 +425,11 @@ def targets(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], not_run:
             if row.kind == "local":
                 continue
             rs, em = step_s(real), step_s(emu)
-            bench.target(f"emulation error, {rate} {wl} {row.system}",
-                         abs(em - rs) / rs if rs and em else None, "<= 0.2")
+            name = f"emulation error, {rate} {wl} {row.system}"
+            if quick and row.kind == "ddp":
+                bench.target(name, None, "<= 0.2", not_run="--quick runs no emulated DDP twin")
+                continue
+            bench.target(name, abs(em - rs) / rs if rs and em else None, "<= 0.2")
 
 
 def _ms(s: float | None) -> float | None:
@@ -420,7 +439,8 @@ def _ms(s: float | None) -> float | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="10mbit, cnn, rows "
-                    + ", ".join(QUICK_ROWS) + f", {QUICK_STEPS['cnn']} steps")
+                    + ", ".join(QUICK_ROWS) + f", {QUICK_STEPS['cnn']} steps, no emulated twin "
+                    "for the DDP rows")
     ap.add_argument("--hosts", type=int, default=4)
     ap.add_argument("--rates", default="10mbit,100mbit")
     ap.add_argument("--workloads", default="cnn,textlm")

@@ -83,7 +83,8 @@ def acc(v: Any) -> str:
 
 def _cluster_cols(to_target: bool) -> list[Col]:
     cols = [Col("system"), Col("status"), Col("steps"), Col("step_ms", "ms/step", ms),
-            Col("emu_step_ms", "emulated ms/step", ms), Col("emu_err", "emulation error", pct)]
+            Col("emu_step_ms", "emulated ms/step", ms), Col("emu_err", "emulation error", pct),
+            Col("comm_ms", "comm ms/step", ms), Col("emu_comm_ms", "emulated comm ms/step", ms)]
     if to_target:
         cols += [Col("steps_to_target", "steps to 0.95"),
                  Col("time_to_target_s", "s to 0.95", seconds)]
@@ -172,8 +173,9 @@ def render_block(name: str, view: str | None, res: dict[str, Any]) -> str:
             cols = res.get("columns") or list(dict.fromkeys(k for r in rows for k in r))
             spec = View([Col(c) for c in cols])
         rows = [r for r in rows if all(r.get(k) == v for k, v in spec.where.items())]
-        if rows:
-            lines += table(spec.columns, rows)
+        if rows:  # a column no row of this result has (an older result) is left out
+            cols = [c for c in spec.columns if any(c.key in r for r in rows)]
+            lines += table(cols, rows)
         else:
             lines.append("No rows of this kind in the result (not measured in that run).")
     return "\n".join(lines) + "\n\n"

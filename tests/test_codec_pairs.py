@@ -38,8 +38,8 @@ def _cfg(strategy: str, codec: str, out: Path | None = None) -> dict:
     cfg = {"workload": {"name": "digits", "options": {"hidden": 8}}, "workers": workers,
            "steps": 3, "batch_size": 8, "lr": 0.1, "seed": 1, "progress": False,
            "timeout_s": 60, "eval_every": 100,
-           "strategy": {"name": strategy, "options": opts},
-           "codec": {"name": codec, "options": CODEC_OPTS.get(codec, {})}}
+           "strategy": {"name": strategy, "options": dict(opts)},
+           "codec": {"name": codec, "options": dict(CODEC_OPTS.get(codec, {}))}}
     if out is not None:
         cfg["out"] = str(out)
     return cfg

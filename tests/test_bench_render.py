@@ -1,0 +1,140 @@
+"""bench.render: results tables in docs/ are rendered from bench/results/*.json.
+
+A synthetic result renders to an exact doc snippet (rows, the targets' three states, notes, the
+provenance line, escaping, idempotence), and the committed docs match what the committed results
+render: every marker in docs/ has its result, and no table was edited by hand or left stale.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `bench` is a package of the repository, not installed
+
+from bench import render  # noqa: E402
+from bench.harness import Bench, target_state  # noqa: E402
+
+SYNTH = {
+    "name": "toy", "date": "2026-01-02T03:04:05", "command": ".venv/bin/python -m bench.toy --fast",
+    "git": {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": True},
+    "machine": {"cores": 2, "cpu_model": "Test CPU", "memory_gib": 8.0},
+    "torch": "2.13.0+cpu", "python": "3.11.7", "duration_s": 125.0,
+    "columns": ["config", "ms", "acc"],
+    "rows": [{"config": "a|b", "ms": 12.3456, "acc": None},
+             {"config": "c", "ms": 1234567.0, "acc": 0.9, "extra": 1}],
+    "targets": [{"name": "speed", "value": 1.5, "goal": "<= 2", "met": True, "state": "MET"},
+                {"name": "real", "value": None, "goal": ">= 1", "met": None, "state": "NOT RUN",
+                 "reason": "needs root"},
+                {"name": "old", "value": 3, "goal": "<= 2", "met": False}],
+    "notes": ["first  note", "second"],
+}
+DOC = ("# Toy\n\nIntro.\n\n<!-- bench:toy -->\nstale table\n<!-- /bench:toy -->\n\nMiddle.\n\n"
+       "<!-- bench:toy:targets -->\n<!-- /bench:toy:targets -->\n"
+       "<!-- bench:toy:notes -->\n<!-- /bench:toy:notes -->\nEnd.\n")
+HEAD = ("_Measured by `.venv/bin/python -m bench.toy --fast` at commit `0123456789` with "
+        "uncommitted changes, 2026-01-02 03:04:05, on 2 cores (Test CPU), 8.0 GiB, "
+        "torch 2.13.0+cpu, Python 3.11.7; took 2 min._\n")
+EXPECTED = (
+    "# Toy\n\nIntro.\n\n<!-- bench:toy -->\n" + HEAD + "\n"
+    "| config | ms | acc |\n"
+    "|---|---|---|\n"
+    "| a\\|b | 12.35 | - |\n"
+    "| c | 1,234,567 | 0.9 |\n"
+    "\n<!-- /bench:toy -->\n\nMiddle.\n\n<!-- bench:toy:targets -->\n" + HEAD + "\n"
+    "| target | value | goal | state |\n"
+    "|---|---|---|---|\n"
+    "| speed | 1.5 | <= 2 | MET |\n"
+    "| real | - | >= 1 | NOT RUN (needs root) |\n"
+    "| old | 3 | <= 2 | NOT MET |\n"
+    "\n<!-- /bench:toy:targets -->\n<!-- bench:toy:notes -->\n" + HEAD + "\n"
+    "- first note\n"
+    "- second\n"
+    "\n<!-- /bench:toy:notes -->\nEnd.\n"
+)
+
+
+def test_synthetic_result_renders_exactly(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "toy.json").write_text(json.dumps(SYNTH))
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "toy.md"
+    doc.write_text(DOC)
+
+    differ, problems = render.render_docs(tmp_path / "docs", tmp_path / "results", write=False)
+    assert problems == []
+    assert differ == ["toy.md: bench:toy", "toy.md: bench:toy:targets", "toy.md: bench:toy:notes"]
+    assert doc.read_text() == DOC  # --check writes nothing
+    assert render.main(["--check", "--docs", str(tmp_path / "docs"),
+                        "--results", str(tmp_path / "results")]) == 1
+
+    assert render.main(["--docs", str(tmp_path / "docs"),
+                        "--results", str(tmp_path / "results")]) == 0
+    assert doc.read_text() == EXPECTED
+    # idempotent: a second pass changes nothing and --check passes
+    assert render.render_docs(tmp_path / "docs", tmp_path / "results") == ([], [])
+    assert render.main(["--check", "--docs", str(tmp_path / "docs"),
+                        "--results", str(tmp_path / "results")]) == 0
+
+
+def test_a_view_picks_rows_and_columns(monkeypatch) -> None:
+    res = dict(SYNTH, rows=[{"config": "a", "ms": 1.0, "k": "x"}, {"config": "b", "ms": 2.0,
+                                                                   "k": "y"}])
+    monkeypatch.setitem(render.VIEWS, "toy:y", render.View(
+        [render.Col("config", "what"), render.Col("ms", "time", render.ms)], where={"k": "y"}))
+    body = render.render_block("toy", "y", res)
+    assert body.endswith("| what | time |\n|---|---|\n| b | 2.0 |\n\n")
+    empty = render.render_block("toy", "y", dict(res, rows=[]))
+    assert "No rows of this kind" in empty
+
+
+def test_problems_are_reported_not_rendered(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()
+    doc = tmp_path / "docs" / "x.md"
+    text = ("<!-- bench:missing -->\nkept\n<!-- /bench:missing -->\n"
+            "<!-- bench:toy:nosuchview -->\n<!-- /bench:toy:nosuchview -->\n"
+            "<!-- bench:toy -->\nnever closed\n")
+    doc.write_text(text)
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "toy.json").write_text(json.dumps(SYNTH))
+    differ, problems = render.render_docs(tmp_path / "docs", tmp_path / "results")
+    assert len(problems) == 3, problems
+    assert "missing.json does not exist" in problems[0]
+    assert "no view 'toy:nosuchview'" in problems[1]
+    assert "no closing <!-- /bench:toy -->" in problems[2]
+    assert doc.read_text() == text
+    assert render.main(["--check", "--docs", str(tmp_path / "docs"),
+                        "--results", str(tmp_path / "results")]) == 1
+
+
+def test_target_states(tmp_path: Path, monkeypatch) -> None:
+    import bench.harness
+
+    monkeypatch.setattr(bench.harness, "RESULTS", tmp_path)
+    b = Bench("toy", ["config"])
+    assert b.target("fast", 1.0, "<= 2") is True
+    assert b.target("slow", 3.0, "<= 2") is False
+    assert b.target("none", None, "<= 2") is False
+    assert b.target("root", 1.0, "<= 2", not_run="needs root") is False
+    got = json.loads(b.finish().read_text())
+    assert [(t["met"], t["state"]) for t in got["targets"]] == [
+        (True, "MET"), (False, "NOT MET"), (False, "NOT MET"), (None, "NOT RUN")]
+    assert got["targets"][3]["reason"] == "needs root" and got["targets"][3]["value"] is None
+    assert target_state({"met": True}) == "MET" and target_state({"met": None}) == "NOT RUN"
+    for key in ("date", "command", "git", "machine", "torch", "python", "duration_s"):
+        assert key in got, key
+    assert set(got["git"]) >= {"commit", "dirty"}
+    assert set(got["machine"]) >= {"cores", "cpu_model", "memory_gib"}
+
+
+def test_committed_docs_match_committed_results() -> None:
+    """What `python -m bench.render --check` checks: every table in docs/ is what its committed
+    result renders; a doc with markers and no result fails."""
+    marked = [d.name for d in sorted(render.DOCS.glob("*.md")) if "<!-- bench:" in d.read_text()]
+    assert "cluster.md" in marked
+    differ, problems = render.render_docs(render.DOCS, render.RESULTS, write=False)
+    assert problems == [], problems
+    assert differ == [], ("tables differ from bench/results (run `python -m bench.render`): "
+                          f"{differ}")
