@@ -17,8 +17,12 @@ demo: $(STAMP)
 	$(BIN)/tandem train --workload digits --strategy allreduce --workers 4 --epochs 30 \
 		--lr 0.2 --target-accuracy 0.95 --out runs/demo
 
+# Two pytest processes (one per core on the 2-core reference machine; TEST_JOBS=1 for one): most
+# tests start worker processes and wait on them, so one pytest process leaves a core idle. A test
+# file runs whole in one process (--dist loadfile), so its module fixtures are built once.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
