@@ -176,6 +176,7 @@ def test_finalize_summary_numbers(tmp_path: Path, clock: FakeClock) -> None:
     assert s["comm_fraction"] == pytest.approx((4 * 0.1 + 4 * 0.2) / busy)
     assert s["idle_fraction"] == pytest.approx(4 * 0.1 / busy)
     assert s["wall_time_s"] == pytest.approx(4.0)  # 40 s of evaluation excluded
+    assert s["excluded_time_s"] == pytest.approx(40.0)  # ... and reported as such
     assert s["final_test_accuracy"] == 0.9 and s["final_test_loss"] == 0.4
     # accuracies 0.5, 0.8, 0.7, 0.9: the first to reach 0.75 is step 1 at wall 2.0
     assert s["time_to_target_s"] == pytest.approx(2.0)

@@ -111,8 +111,8 @@ def train(
 
 def print_summary(summary: dict, run_dir: Path) -> None:
     """The end-of-run lines ``tandem train`` prints (``tandem worker`` too, on rank 0)."""
-    keys = ["strategy", "codec", "workers", "steps", "wall_time_s", "final_test_accuracy",
-            "final_test_loss", "bytes_sent_per_worker_per_step", "comm_fraction", "idle_fraction",
+    keys = ["strategy", "codec", "workers", "steps", "wall_time_s", "excluded_time_s",
+            "final_test_accuracy", "final_test_loss", "bytes_sent_per_worker_per_step", "comm_fraction", "idle_fraction",
             "time_to_target_s"]
     for k in keys + [k for k in ("lost_ranks", "skipped_steps") if summary.get(k)]:
         if k in summary:

@@ -334,7 +334,8 @@ class Recorder:
                          "bytes_sent_total": self.bytes_sent_total,
                          "bytes_recv_total": self.bytes_recv_total,
                          "compute_s_total": self.compute_s_total,
-                         "comm_s_total": self.comm_s_total, "idle_s_total": self.idle_s_total})
+                         "comm_s_total": self.comm_s_total, "idle_s_total": self.idle_s_total,
+                         "excluded_s": self._eval_excluded})
             self._closed = True
             if self._file is not None:
                 self._file.close()

@@ -113,6 +113,8 @@ def summarize(run_dir: Path, config: dict, *, target_accuracy: float | None = No
     ``bytes_sent_per_worker_per_step = bytes_sent_total / (workers * steps)``; each ``*_fraction``
     is that time summed over all step records divided by compute+comm+idle summed likewise;
     ``wall_time_s`` is the latest wall of any step or eval record (evaluation time excluded);
+    ``excluded_time_s`` is what that leaves out: the most any rank spent evaluating and writing
+    checkpoints (from the ranks' ``end`` records; None when no rank closed its record);
     ``time_to_target_s`` / ``steps_to_target`` come from the first evaluation reaching the target
     (None when none did). ``resumes`` / ``resumed_at_steps`` / ``lost_wall_s``: the lowest resumed
     rank's ``resume`` records (the wall lost is not in ``wall_time_s``). Several ranks evaluating
@@ -161,6 +163,9 @@ def summarize(run_dir: Path, config: dict, *, target_accuracy: float | None = No
         "ranks": len(ranks),
         "steps": n_steps,
         "wall_time_s": max(walls, default=0.0),
+        "excluded_time_s": max((float(r["excluded_s"]) for r in records
+                                if r.get("kind") == "end" and r.get("excluded_s") is not None),
+                               default=None),
         "final_test_accuracy": last["accuracy"] if last else None,
         "final_test_loss": last["loss"] if last else None,
         "final_train_loss": train[-1]["loss"] if train else None,
