@@ -51,10 +51,15 @@ class Col:
 
 @dataclass(frozen=True)
 class View:
-    """Which rows (those whose fields equal ``where``) and which columns of a result."""
+    """Which rows (those whose fields equal ``where``, or pass it where it is a function) and
+    which columns of a result."""
 
     columns: list[Col]
-    where: dict[str, Any] = field(default_factory=dict)
+    where: dict[str, Any] = field(default_factory=dict)  # field -> value, or a test of it
+
+    def keeps(self, row: dict[str, Any]) -> bool:
+        return all(want(row.get(k)) if callable(want) else row.get(k) == want
+                   for k, want in self.where.items())
 
 
 def ms(v: Any) -> str:
@@ -81,6 +86,18 @@ def acc(v: Any) -> str:
     return "-" if v is None else f"{float(v):.3f}"
 
 
+def sig(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.3g}"
+
+
+def two(v: Any) -> str:
+    return "-" if v is None else f"{float(v):.2f}"
+
+
+def yes(v: Any) -> str:
+    return "-" if v is None else ("yes" if v else "no")
+
+
 def _cluster_cols(to_target: bool) -> list[Col]:
     cols = [Col("system"), Col("status"), Col("steps"), Col("step_ms", "ms/step", ms),
             Col("emu_step_ms", "emulated ms/step", ms), Col("emu_err", "emulation error", pct),
@@ -93,11 +110,47 @@ def _cluster_cols(to_target: bool) -> list[Col]:
                    Col("vs_ddp", "DDP ms/step ÷ this", times)]
 
 
+_PS_COLS = [Col("workload"), Col("net"), Col("row"), Col("time_to_target_s", "to target s", sig),
+            Col("steps_to_target", "steps to target"), Col("speedup", "vs sync", times),
+            Col("final_acc", "final acc", acc), Col("final_loss", "final loss", acc),
+            Col("idle_frac", "idle", pct), Col("steps_per_push", "steps/push", ms),
+            Col("cap_mean", "cap", ms), Col("push_MB/step", "push MB/step", sig),
+            Col("pull_MB/step", "pull MB/step", sig)]
+
+
+def _is_sim(config: Any) -> bool:
+    return str(config).startswith("sim ")
+
+
 #: every benchmark's views, "NAME:VIEW" -> View
 VIEWS: dict[str, View] = {
     **{f"cluster:{wl}{r}": View(_cluster_cols(wl == "cnn"),
                                 where={"rate": f"{r}mbit", "workload": wl})
        for wl in ("cnn", "textlm") for r in (10, 100)},
+    **{f"param_server:{s}": View(_PS_COLS, where={"section": s})
+       for s in ("links", "latency", "modes")},
+    "plan:validation": View(
+        [Col("config"), Col("N"), Col("meas_ms", "measured ms/step", ms),
+         Col("pred_ms", "predicted ms/step", ms), Col("err", "error", pct),
+         Col("meas_bytes", "measured B/step", count), Col("pred_bytes", "predicted B/step", count),
+         Col("exact_bytes_ok", "bytes exact", yes), Col("bytes_err", "B/step error", pct),
+         Col("compute_ms", "calibrated compute ms", ms)],
+        where={"config": lambda c: not _is_sim(c)}),
+    "plan:sim": View(
+        [Col("config", "comparison"), Col("N", "peers"),
+         Col("meas_opt_error", "real run's error"), Col("pred_opt_error", "simulated error"),
+         Col("err", "relative difference"), Col("worst_step_err", "worst step's difference"),
+         Col("same_stragglers", "same straggler draws", yes)],
+        where={"config": _is_sim}),
+    "lgc:server": View(
+        [Col("row"), Col("final_acc", "final acc", acc), Col("best_acc", "best acc", acc),
+         Col("acc_se", "acc s.e.", acc), Col("k", "K"),
+         Col("stage3_push_B", "compressed-stage push B/step", ms),
+         Col("push_B/step", "push B/step", count), Col("pull_B/step", "pull B/step", count)]),
+    "correlation:summary": View(
+        [Col("workload"), Col("partition"), Col("cos early", fmt=two), Col("cos late", fmt=two),
+         Col("overlap early", fmt=two), Col("overlap late", fmt=two),
+         Col("most alike layer (late)")]),
 }
 
 
@@ -172,7 +225,7 @@ def render_block(name: str, view: str | None, res: dict[str, Any]) -> str:
         if spec is None:
             cols = res.get("columns") or list(dict.fromkeys(k for r in rows for k in r))
             spec = View([Col(c) for c in cols])
-        rows = [r for r in rows if all(r.get(k) == v for k, v in spec.where.items())]
+        rows = [r for r in rows if spec.keeps(r)]
         if rows:  # a column no row of this result has (an older result) is left out
             cols = [c for c in spec.columns if any(c.key in r for r in rows)]
             lines += table(cols, rows)
