@@ -37,12 +37,13 @@ lint: $(STAMP)
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# The suite on a busy machine: two CPU-bound processes run beside it (on 2 cores, as many as
-# there are cores) and are killed at the end, whatever happens; pytest's status is the target's.
+# The suite on a busy machine, run as make test runs it: two CPU-bound processes run beside it
+# (on 2 cores, as many as there are cores) and are killed at the end, whatever happens; pytest's
+# status is the target's.
 .PHONY: test-stress
 test-stress: $(STAMP)
 	@$(BIN)/python -c 'while True: pass' & a=$$!; \
 	$(BIN)/python -c 'while True: pass' & b=$$!; \
 	trap 'kill $$a $$b 2>/dev/null' EXIT INT TERM; \
 	echo "test-stress: CPU hogs $$a $$b running beside the suite"; \
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(TEST_JOBS) --dist loadfile $(PYTEST_ARGS)
