@@ -35,6 +35,7 @@ failed or took over 5 s to be named keep every rank's first error line in the JS
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import json
 import os
@@ -351,6 +352,14 @@ def main() -> None:
     b.target("torchrun on network namespaces: a killed node's job restarts and resumes", None,
              "<= 0", not_run="not implemented in this benchmark (the loopback torchrun "
              "--max-restarts resume is tests/test_reliability.py)")
+    for case in chosen:  # one line per (strategy, role): what the docs show
+        mine = [r for r in rows if r["strategy"] == case.strategy and r["role"] == case.role]
+        outcomes = ", ".join(f"{v} {k}" for k, v in
+                             collections.Counter(r["outcome"] for r in mine).items())
+        det = [r["detected_s"] for r in mine if isinstance(r.get("detected_s"), float)]
+        b.note(f"{case.strategy} {case.role}: {len(mine)} kills: {outcomes}; "
+               f"{sum(r['ok'] for r in mine)} as promised"
+               + (f"; detected in {min(det):.2f}-{max(det):.2f} s" if det else ""))
     b.note(f"{args.trials} kills per (strategy, role), {args.steps} steps, checkpoint every "
            f"{BASE['checkpoint_every']} (bsp_shared: supersteps), kill steps in [{lo}, {hi}), "
            f"timeout_s {BASE['timeout_s']}; detected_s from the death the bench saw (fail: to the "
