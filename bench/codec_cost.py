@@ -12,13 +12,7 @@ import statistics
 import time
 from typing import Any
 
-
-class _Done:
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-    def wait(self, timeout: float | None = None) -> Any:
-        return self.value
+from tandem.plan.measure import Done
 
 
 class IdenticalPeers:
@@ -33,16 +27,16 @@ class IdenticalPeers:
         self.world_group = Group(None, list(range(world)))
 
     def all_reduce(self, t: Any, op: str = "sum", *, group: Any = None,
-                   category: str = "train", caller_waits: bool = False) -> _Done:
+                   category: str = "train", caller_waits: bool = False) -> Done:
         if op == "sum":
             t.mul_(self.world)
-        return _Done(t)
+        return Done(t)
 
-    def all_gather(self, t: Any, *, group: Any = None, category: str = "train") -> _Done:
-        return _Done([t.clone() for _ in range(self.world)])
+    def all_gather(self, t: Any, *, group: Any = None, category: str = "train") -> Done:
+        return Done([t.clone() for _ in range(self.world)])
 
-    def broadcast(self, t: Any, src: int, *, group: Any = None, category: str = "train") -> _Done:
-        return _Done(t)
+    def broadcast(self, t: Any, src: int, *, group: Any = None, category: str = "train") -> Done:
+        return Done(t)
 
 
 def codec_costs(workload: Any, seed: int, batch: int, world: int,

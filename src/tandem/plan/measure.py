@@ -110,7 +110,9 @@ class Profile:
         return 4 * self.params
 
 
-class _Done:
+class Done:
+    """A handle whose work is already done: what a stand-in transport returns from a collective."""
+
     def __init__(self, value: Any) -> None:
         self.value = value
 
@@ -134,21 +136,21 @@ class RecordingPeers:
             self.ops.append(Op(kind, t.numel() * t.element_size()))
 
     def all_reduce(self, t: torch.Tensor, op: str = "sum", *, group: Any = None,
-                   category: str = "train", caller_waits: bool = False) -> _Done:
+                   category: str = "train", caller_waits: bool = False) -> Done:
         self._note("all_reduce", t, category)
         if op == "sum":
             t.mul_(self.world)
-        return _Done(t)
+        return Done(t)
 
     def all_gather(self, t: torch.Tensor, *, group: Any = None, category: str = "train"
-                   ) -> _Done:
+                   ) -> Done:
         self._note("all_gather", t, category)
-        return _Done([t.clone() for _ in range(self.world)])
+        return Done([t.clone() for _ in range(self.world)])
 
     def broadcast(self, t: torch.Tensor, src: int, *, group: Any = None,
-                  category: str = "train") -> _Done:
+                  category: str = "train") -> Done:
         self._note("broadcast", t, category)
-        return _Done(t)
+        return Done(t)
 
 
 def steady_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -200,15 +202,15 @@ class _Loopback:
         self.rank, self.degree = 0, degree
         self.last: torch.Tensor | None = None
 
-    def send(self, t: torch.Tensor, dst: int, **_: Any) -> _Done:
+    def send(self, t: torch.Tensor, dst: int, **_: Any) -> Done:
         self.last = t
-        return _Done(None)
+        return Done(None)
 
-    def recv_packed(self, specs: Any, src: int, **_: Any) -> _Done:
+    def recv_packed(self, specs: Any, src: int, **_: Any) -> Done:
         from tandem.transport.packing import unpack
 
         assert self.last is not None
-        return _Done(unpack(self.last.clone(), specs))
+        return Done(unpack(self.last.clone(), specs))
 
     def row(self) -> tuple[list[int], float, dict[int, float]]:
         w = 1.0 / (self.degree + 1)
