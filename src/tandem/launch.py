@@ -48,7 +48,7 @@ from typing import Any
 
 from tandem.allocator import tune_allocator
 from tandem.errors import CONSEQUENCES, TandemError, WorkerFailed, first_cause, is_secondary
-from tandem.transport.rendezvous import AbandonedRanks, host_store, mark_dead
+from tandem.transport.rendezvous import AbandonedRanks, host_store, mark_dead, mark_stopped
 
 _GRACE_S = 5.0
 #: seconds the workers may take to start (``TANDEM_START_TIMEOUT_S`` overrides): the fork
@@ -311,6 +311,8 @@ def spawn(
         # A rank that failed *because* a peer went silent is a consequence, not a cause.
         elif not value.startswith(CONSEQUENCES):
             mark_dead(store, rank, f"raised {value.splitlines()[0][:200]}")
+        else:  # gone as a consequence: waits on it end at once, without blaming it
+            mark_stopped(store, rank, value.splitlines()[0][:200])
 
     def settling() -> str | None:
         """Why the ranks still running get only ``failure_grace_s`` more (None: they may run to

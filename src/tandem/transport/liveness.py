@@ -249,6 +249,10 @@ class Liveness:
         ranks = peers if peers is not None else range(self.world)
         return [r for r in ranks if r != self.rank and self._read(f"dead/{r}") is not None]
 
+    def stopped_ranks(self, peers: list[int]) -> list[int]:
+        """Ranks the launcher saw end with an error caused by another rank's failure."""
+        return [r for r in peers if r != self.rank and self._read(f"stopped/{r}") is not None]
+
     def describe(self, ranks: list[int]) -> str:
         return "; ".join(f"rank {r}: {self._read(f'dead/{r}') or 'no heartbeat'}" for r in ranks)
 

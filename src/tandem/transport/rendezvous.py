@@ -47,6 +47,12 @@ def mark_dead(store: Any, rank: int, why: str) -> None:
     store.set(f"live/dead/{rank}", why)
 
 
+def mark_stopped(store: Any, rank: int, why: str) -> None:
+    """``rank`` ended with an error that is a consequence of another rank's failure: it will not
+    arrive anywhere again, but it is not a cause (so it is not marked dead)."""
+    store.set(f"live/stopped/{rank}", why)
+
+
 #: key of the abandoned mark, under the liveness prefix (``live/``) like ``dead/<rank>``
 ABANDONED = "abandoned/{rank}"
 

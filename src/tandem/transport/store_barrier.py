@@ -61,6 +61,12 @@ def store_gather(transport: Any, tag: str, value: int, ranks: Iterable[int],
             if not complete:
                 return got
             raise CheckpointAbandoned(f"checkpoint {tag}: rank(s) {dead} died before it")
+        stopped = [r for r in live.stopped_ranks([r for r in missing if r not in dead])
+                   if arrived(r) is None]
+        if stopped and len(stopped) + len(dead) == len(missing):  # nobody else is coming
+            raise WorkerFailed(f"checkpoint {tag}: rank(s) {stopped} stopped with an error "
+                               "before it" + (f" and rank(s) {dead} died" if dead else ""),
+                               ranks=stopped + dead)
         if time.monotonic() > deadline:
             raise PeerTimeout(f"checkpoint {tag}: rank(s) {missing} did not reach it within "
                               f"{timeout_s:.0f}s", ranks=missing)
