@@ -65,8 +65,8 @@ def candidates(cfg: dict[str, Any], k: int = 4) -> list[tuple[str, str]]:
                       workload_options=dict(full.workload.options),
                       batch_size=full.batch_size, seed=full.seed,
                       codec_options=CODEC_OPTIONS,
-                      methods=[m for m in ("allreduce", "param_server:candidate",
-                                           "param_server:sync", "bsp_shared", "gossip:goco")])
+                      methods=["allreduce", "param_server:candidate", "param_server:sync",
+                               "bsp_shared", "gossip:goco"])
     except TandemError as err:
         log.warning("no plan (%s); trying the fixed short list", err)
         return list(FIXED[:k])
@@ -109,9 +109,8 @@ def compare(cfg: dict[str, Any], *, out: str | Path = "runs/compare", k: int = 4
             run_job(load_config(one), timeout_s=timeout_s)
             runs.append(run)
         except TandemError as err:
-            failed[label_of(method, codec)] = str(err).splitlines()[0][:300]
-            log.warning("compare: %s/%s failed: %s", method, codec, failed[label_of(method,
-                                                                                    codec)])
+            failed[run.name] = why = str(err).splitlines()[0][:300]
+            log.warning("compare: %s/%s failed: %s", method, codec, why)
     if not runs:
         raise TandemError(f"compare: every candidate failed: {failed}")
     rep = build_report(runs, target_accuracy=cfg.get("target_accuracy"))

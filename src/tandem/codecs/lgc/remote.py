@@ -177,10 +177,10 @@ class PSWorkerCode:
         leaves in the residual (the support counted as delivered in the compressed stage) plus
         this round's gradient, as a guess at the next. Its own top-k of this round's ``x`` would
         name the entries every worker is just sending (*design choice*, docs/lgc.md)."""
-        est = rest.clone()
+        est = rest + gc  # one new buffer; on a delivered support the estimate is gc alone
         if stage == 3 and self.support is not None:
-            est.index_fill_(0, self.support, 0.0)
-        return self.codec.ordered_topk(est.add_(gc), self.p)
+            est.index_copy_(0, self.support, gc.index_select(0, self.support))
+        return self.codec.ordered_topk(est, self.p)
 
     def _cap(self) -> None:
         clip = self.opts.ef_clip
