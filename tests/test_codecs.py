@@ -95,6 +95,29 @@ def test_topk_keeps_the_k_largest(scope):
     assert msg.nbytes == 8 * k
 
 
+def test_topk_packed_positions_send_the_same_entries_in_fewer_bytes():
+    """Breaks if packed positions change what top-k sends (decode, aggregate and the threaded
+    all-gather must equal the int32 code's exactly), or if the code is not ``4k + P(k, D)``
+    bytes (LGC's position encoding, so the two compare at equal bytes)."""
+    from tandem.codecs.positions import positions_nbytes
+
+    g = grads(4)
+    plain = make_codec("topk", {"ratio": 0.05})
+    packed = make_codec("topk", {"ratio": 0.05, "positions": "packed"})
+    a, b = plain.encode(g), packed.encode(g)
+    k = a.tensors[0].numel()
+    assert b.nbytes == 4 * k + positions_nbytes(k, D) < a.nbytes == 8 * k
+    assert all(torch.equal(x, y) for x, y in zip(plain.decode(a), packed.decode(b), strict=True))
+    assert all(torch.equal(x, y) for x, y in
+               zip(plain.aggregate([a, a]), packed.aggregate([b, b]), strict=True))
+    per = [grads(20 + r) for r in range(3)]
+    outs = {mode: run_threads(3, lambda t, mode=mode: make_codec(
+        "topk", {"ratio": 0.05, "positions": mode}).exchange(per[t.rank], t))
+        for mode in ("int32", "packed")}
+    for x, y in zip(outs["int32"][0], outs["packed"][0], strict=True):
+        assert torch.equal(x, y)
+
+
 def test_topk_warmup_ramp_is_exponential():
     """Breaks if the DGC ramp does not start at warmup_start and reach ratio on schedule."""
     c = make_codec("topk", {"ratio": 0.001, "warmup_steps": 4, "warmup_start": 0.25})

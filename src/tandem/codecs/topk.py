@@ -20,9 +20,13 @@ Compression, Lin et al. 2018). Tuning:
   400 steps (it forgets what it clips), so it is off by default: use it when a run must never
   regress, not for the best final accuracy.
 
+* ``positions``: ``int32`` (default) or ``packed``, ``ceil(log2 D)`` bits each
+  (:mod:`tandem.codecs.positions`; 16 bits on a model under 65,536 parameters). Packed is
+  LGC's encoding: use it to compare the two at the same bytes; it costs a pack and an unpack.
+
 Transfer: gathered (every worker picks different positions, so codes cannot be summed).
-Bytes per worker per code: ``8 * k`` (fp32 value + int32 position per kept entry); an all-gather
-moves ``(N - 1) * 8k`` per rank.
+Bytes per worker per code: ``8 * k`` (fp32 value + int32 position per kept entry), or
+``4 * k + ceil(k * ceil(log2 D) / 8)`` packed; an all-gather moves ``N - 1`` codes per rank.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from pydantic import Field
 
 from tandem.codecs.base import Codec, CodecOptions, Message, group_rank, register
 from tandem.codecs.memory import ErrorFeedback
+from tandem.codecs.positions import pack_positions, positions_nbytes, unpack_positions
 from tandem.flat import unflatten
 
 if TYPE_CHECKING:
@@ -145,11 +150,14 @@ class TopKOptions(CodecOptions):
     warmup_start: float = Field(0.25, gt=0, le=1, description="density at step 0 of the ramp")
     ef_clip: float = Field(EF_CLIP, ge=0, description="cap the residual's norm at ef_clip x "
                            "the norm of this step's (momentum-corrected) gradient; 0 = off")
+    positions: Literal["int32", "packed"] = Field(
+        "int32", description="int32 positions, or packed in ceil(log2 D) bits (LGC's encoding)")
 
 
 @register
 class TopKCodec(Codec):
-    """topk: largest entries (fp32 values + int32 positions), error feedback, gathered."""
+    """topk: largest entries (fp32 values + int32 or packed positions), error feedback,
+    gathered."""
 
     name = "topk"
     transfer = "gather"
@@ -169,33 +177,48 @@ class TopKCodec(Codec):
         return o.warmup_start * (o.ratio / o.warmup_start) ** (step / o.warmup_steps)
 
     def _encode(self, grads: list[torch.Tensor]) -> tuple[Message, torch.Tensor]:
-        """The message and its packed bytes: values and int32 positions are written straight
-        into one uint8 buffer (the wire format of ``Message.pack``), so exchange packs nothing."""
+        """The message and its packed bytes: values and positions are written straight into
+        one uint8 buffer (the wire format of ``Message.pack``), so exchange packs nothing."""
         shapes = [tuple(g.shape) for g in grads]
         flat = self.memory.corrected_flat(grads)
         sizes = [numel(s) for s in shapes]
         idx = select_topk(flat, sizes, self.ratio_at(self.step), self.opts.scope)
-        k = idx.numel()
-        packed = torch.empty(8 * k, dtype=torch.uint8)
-        vals, pos = packed[: 4 * k].view(torch.float32), packed[4 * k:].view(torch.int32)
+        k, dim = idx.numel(), flat.numel()
+        width = positions_nbytes(k, dim) if self.opts.positions == "packed" else 4 * k
+        packed = torch.empty(4 * k + width, dtype=torch.uint8)
+        vals = packed[: 4 * k].view(torch.float32)
         torch.index_select(flat, 0, idx, out=vals)
-        pos.copy_(idx)
-        msg = Message([vals, pos], {"shapes": shapes, "dim": flat.numel()})
+        pos = packed[4 * k:]
+        if self.opts.positions == "packed":
+            pos.copy_(pack_positions(idx, dim))
+        else:
+            pos = pos.view(torch.int32)
+            pos.copy_(idx)
+        msg = Message([vals, pos], {"shapes": shapes, "dim": dim})
         self.memory.keep_flat(flat, split=idx)
         self.memory.cap_residual()
         return msg, packed
+
+    def _positions(self, buf: torch.Tensor, k: int, dim: int) -> torch.Tensor:
+        """The positions of a code's position part (``uint8`` bytes, or ``int32``)."""
+        if self.opts.positions == "packed":
+            return unpack_positions(_view(buf, torch.uint8), k, dim)
+        return _view(buf, torch.int32) if buf.dtype == torch.uint8 else buf
 
     def encode(self, grads: list[torch.Tensor]) -> Message:
         return self._encode(grads)[0]
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
-        out = torch.zeros(msg.meta["dim"], dtype=torch.float32)
-        out[msg.tensors[1].long()] = msg.tensors[0]
+        vals, dim = msg.tensors[0], msg.meta["dim"]
+        out = torch.zeros(dim, dtype=torch.float32)
+        out[self._positions(msg.tensors[1], vals.numel(), dim).long()] = vals
         return unflatten(out, msg.meta["shapes"])
 
     def aggregate(self, msgs: list[Message]) -> list[torch.Tensor]:
         meta = msgs[0].meta
-        out = sparse_mean([m.tensors[0] for m in msgs], [m.tensors[1] for m in msgs], meta["dim"])
+        out = sparse_mean([m.tensors[0] for m in msgs],
+                          [self._positions(m.tensors[1], m.tensors[0].numel(), meta["dim"])
+                           for m in msgs], meta["dim"])
         return unflatten(out, meta["shapes"])
 
     def exchange(self, grads: list[torch.Tensor], transport: Collectives,
@@ -210,12 +233,12 @@ class TopKCodec(Codec):
         if size == 1:
             return self.decode(msg)
         bufs = transport.all_gather(packed, group=group).wait()
-        k = msg.tensors[0].numel()
-        out = torch.zeros(msg.meta["dim"], dtype=torch.float32)
+        k, dim = msg.tensors[0].numel(), msg.meta["dim"]
+        out = torch.zeros(dim, dtype=torch.float32)
         for b in bufs:
-            if b.numel() != 8 * k:
-                raise ValueError(f"top-k code of {b.numel()} bytes, expected {8 * k}")
-            out.index_add_(0, _view(b[4 * k:], torch.int32), _view(b[: 4 * k], torch.float32))
+            if b.numel() != packed.numel():
+                raise ValueError(f"top-k code of {b.numel()} bytes, expected {packed.numel()}")
+            out.index_add_(0, self._positions(b[4 * k:], k, dim), _view(b[: 4 * k], torch.float32))
         return unflatten(out.div_(len(bufs)), msg.meta["shapes"])
 
 

@@ -222,7 +222,8 @@ class PSServerCode:
             "compressed_entries": p.stop - p.start, "rounds": self.round,
             "progress": self.progress, "stage_lengths": list(self.codec.stage_lengths()),
             "stage_first_round": {str(k): v for k, v in sorted(self.first_round.items())},
-            "leaderless_rounds": self.leaderless, "decode_ms_per_round": mean_ms(self.decode_s)}
+            "leaderless_rounds": self.leaderless, "decode_ms_per_round": mean_ms(self.decode_s),
+            "decode_rounds": len(self.decode_s)}
         if ae is not None:
             info.update(ae_params=ae.n_params, ae_memory_bytes=ae.memory_bytes(),
                         ae_train_ms_per_step=mean_ms(ae.train_s),

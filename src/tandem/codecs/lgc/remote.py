@@ -36,6 +36,7 @@ in the compressed stage, as the all-reduce variant does).
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -118,11 +119,13 @@ class PSWorkerCode:
         self.unorm = 0.0
         self.pushes = [0, 0, 0]  # per stage
         self.corrections = 0
+        self.codec_s = [0.0, 0.0, 0.0]  # per stage: encode + correction time (the codec's cost)
 
     # ---- pushing --------------------------------------------------------------------------
     def encode(self, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], int, bool]:
         """``(tensors, stage, lead)`` of this push; updates the residual."""
         p, o = self.p, self.opts
+        t0 = time.perf_counter()
         g = flatten([t.detach().float() for t in grads])
         if o.momentum:  # DGC momentum correction: compress u = m * u + g (masked where sent)
             g = g if self.velocity is None else self.velocity.mul_(o.momentum).add_(g)
@@ -170,6 +173,7 @@ class PSWorkerCode:
         self.residual = x
         self._cap()
         self.pushes[stage - 1] += 1
+        self.codec_s[stage - 1] += time.perf_counter() - t0
         return out, stage, lead
 
     def _next_support(self, rest: torch.Tensor, gc: torch.Tensor, stage: int) -> torch.Tensor:
@@ -215,6 +219,7 @@ class PSWorkerCode:
             ae._maps = None
             at += 1
         if has_corr and self.pending is not None and self.residual is not None:
+            t0 = time.perf_counter()
             corr = extras[at]
             z, s, gain = corr[: p.z], corr[p.z], corr[p.z + 1]
             support, pos = self.pending
@@ -224,6 +229,7 @@ class PSWorkerCode:
             self.residual[p.start: p.stop].index_add_(0, support, mine, alpha=-1)
             self._cap()
             self.corrections += 1
+            self.codec_s[2] += time.perf_counter() - t0
         self.pending = None
         self.stage, self.lead, self.progress = stage, bool(lead), progress
 
@@ -249,4 +255,5 @@ class PSWorkerCode:
 
     def describe(self) -> dict[str, Any]:
         return {"pushes_per_stage": list(self.pushes), "corrections": self.corrections,
+                "codec_ms_total_per_stage": [round(1e3 * t, 3) for t in self.codec_s],
                 "residual_norm": None if self.residual is None else float(self.residual.norm())}
