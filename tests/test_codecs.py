@@ -118,6 +118,23 @@ def test_topk_packed_positions_send_the_same_entries_in_fewer_bytes():
         assert torch.equal(x, y)
 
 
+def test_randomk_residual_cap_bounds_the_residual_and_keeps_the_sent_values():
+    """Breaks if random-k's ``ef_clip`` does not cap the residual at ``ef_clip`` x the step's
+    gradient norm, or if it changes what is sent (the cap acts only on what is kept)."""
+    capped = make_codec("randomk", {"ratio": 0.05, "ef_clip": 1.0})
+    plain = make_codec("randomk", {"ratio": 0.05})
+    for step in range(5):
+        g = grads(30 + step)
+        a, b = plain.encode(g), capped.encode(g)
+        if step == 0:
+            assert torch.equal(a.tensors[0], b.tensors[0])
+        r = flat(capped.memory.residuals)
+        assert float(r.norm()) <= 1.0 * float(flat(g).norm()) * (1 + 1e-6)
+        plain.step += 1
+        capped.step += 1
+    assert float(flat(plain.memory.residuals).norm()) > float(flat(g).norm())
+
+
 def test_topk_warmup_ramp_is_exponential():
     """Breaks if the DGC ramp does not start at warmup_start and reach ratio on schedule."""
     c = make_codec("topk", {"ratio": 0.001, "warmup_steps": 4, "warmup_start": 0.25})
