@@ -3,7 +3,7 @@
     sudo .venv/bin/python -m bench.cluster             # full: the tables in docs/cluster.md
     sudo .venv/bin/python -m bench.cluster --quick     # make bench: 10 Mbit/s, CNN, 5 rows
     .venv/bin/python -m bench.cluster [--rates 10mbit,100mbit] [--workloads cnn,textlm]
-        [--only dense,ddp,...] [--hosts 4] [--runs runs/bench-cluster]
+        [--only dense,ddp,...] [--hosts 4] [--runs runs/bench-cluster] [--merge]
 
 Hosts are network namespaces behind a switch namespace (:mod:`bench.netns`): one veth pair per
 host, limited both ways by ``tc tbf`` at ``--rates`` with a burst of 3.3 ms of line rate. Every
@@ -452,6 +452,8 @@ def main() -> None:
                     f"{FULL_STEPS}, --quick {QUICK_STEPS})")
     ap.add_argument("--results", default="", help="directory for the JSON (default "
                     "bench/results; give another one for trial runs)")
+    ap.add_argument("--merge", action="store_true", help="keep the existing results' rows "
+                    "(rate, workload, system) and targets that this run does not measure")
     args = ap.parse_args()
     if args.results:
         import bench.harness
@@ -472,6 +474,12 @@ def main() -> None:
             why = str(err)
         except KeyboardInterrupt:
             bench.note("interrupted: only the rows above were measured")
+    if args.merge:
+        now = {(rate, wl, row.system) for (rate, wl), got in found.items()
+               for row, _, _ in got["rows"].values()}
+        bench.keep_previous(lambda r: (r.get("rate"), r.get("workload"), r.get("system"))
+                            not in now, lambda t: True,
+                            ", ".join(f"{r} {w} {s}" for r, w, s in sorted(now)) or "nothing")
     if why is None:
         report(bench, found, args.hosts)
         targets(bench, found, None, args.quick)

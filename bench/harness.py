@@ -16,6 +16,10 @@ A target is in one of three states: ``MET`` (``met: true``), ``NOT MET`` (``met:
 measured and missed, or the measurement failed) and ``NOT RUN`` (``met: null``, with a
 ``reason``: the benchmark could not run it here, e.g. it needs root). A missing value is never MET.
 The committed results are what ``python -m bench.render`` turns into the tables in ``docs/``.
+
+A benchmark whose full run is too long for one sitting measures part of its plan and keeps the
+rest of the existing file (:meth:`Bench.keep_previous`, its ``--merge``): the kept rows and
+targets are named in a ``kept:`` note with the date, commit and command they came from.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,6 +135,7 @@ class Bench:
         self.rows: list[dict[str, Any]] = []
         self.targets: list[dict[str, Any]] = []
         self.notes: list[str] = []
+        self.kept_targets: list[dict[str, Any]] = []  # see keep_previous
         self.started = _PROCESS_STARTED
         self.provenance = provenance()  # at the start: the commit and tree that were measured
 
@@ -154,6 +160,25 @@ class Bench:
     def note(self, text: str) -> None:
         self.notes.append(text)
 
+    def keep_previous(self, keep_row: Callable[[dict[str, Any]], bool],
+                      keep_target: Callable[[dict[str, Any]], bool], measured_now: str) -> None:
+        """``--merge``: take the rows and targets of the existing results file that this run
+        does not measure. A target this run records as NOT RUN under a kept target's name
+        leaves the kept (measured) one in place; any other target of this run replaces it."""
+        path = RESULTS / f"{self.name}.json"
+        if not path.is_file():
+            return
+        old = json.loads(path.read_text())
+        rows = [r for r in old.get("rows", []) if keep_row(r)]
+        self.rows = rows + self.rows
+        self.kept_targets = [t for t in old.get("targets", []) if keep_target(t)]
+        self.notes += [n for n in old.get("notes", []) if n.startswith("kept:")]
+        commit = ((old.get("git") or {}).get("commit") or "?")[:10]
+        if rows:
+            self.note(f"kept: {len(rows)} rows and {len(self.kept_targets)} targets from the "
+                      f"run of {old.get('date') or old.get('when')} (commit {commit}, "
+                      f"`{old.get('command')}`); measured in this run: {measured_now}")
+
     def table(self) -> str:
         cols = self.columns
         cells = [[_fmt(r.get(c)) for c in cols] for r in self.rows]
@@ -169,13 +194,26 @@ class Bench:
         prov = self.provenance
         return {"name": self.name, "when": prov["date"], **prov,
                 "duration_s": round(time.time() - self.started, 1), "columns": self.columns,
-                "rows": self.rows, "targets": self.targets, "notes": self.notes}
+                "rows": self.rows, "targets": self.merged_targets(), "notes": self.notes}
+
+    def merged_targets(self) -> list[dict[str, Any]]:
+        """This run's targets, with the kept ones (:meth:`keep_previous`) first; a kept
+        measured target wins over this run's NOT RUN of the same name."""
+        kept = {t["name"]: t for t in self.kept_targets}
+        out = list(self.kept_targets)
+        for t in self.targets:
+            old = kept.get(t["name"])
+            if old is None:
+                out.append(t)
+            elif not (t.get("state") == NOT_RUN and target_state(old) != NOT_RUN):
+                out[out.index(old)] = t
+        return out
 
     def finish(self) -> Path:
         print()
         print(f"== {self.name} ==")
         print(self.table())
-        for t in self.targets:
+        for t in self.merged_targets():
             print(format_target(t))
         for n in self.notes:
             print(f"note: {n}")

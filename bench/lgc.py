@@ -61,11 +61,13 @@ def framing(tensors: list[tuple[int, ...]]) -> int:
     return 8 + 8 * (1 + sum(2 + len(s) for s in tensors))
 
 
-def topk_push_bytes(sizes: list[int], ratio: float, warmup: int, steps: int) -> int:
-    """Whole-run push bytes of packed top-k on the server (one worker, ``steps`` pushes): the
-    codec's own ``ratio_at`` and ``keep_count``, LGC's position width, the framing of
-    ``[push header, values, positions]``. The metadata sent once is left out (a few hundred
-    bytes; the metered ratio shows it)."""
+def topk_push_bytes(sizes: list[int], ratio: float, warmup: int, steps: int,
+                    gather_world: int | None = None) -> int:
+    """Whole-run bytes one worker sends with packed top-k (``steps`` steps): the codec's own
+    ``ratio_at`` and ``keep_count`` and LGC's position width. On the server (default) each
+    push adds the framing of ``[push header, values, positions]`` (the metadata sent once is
+    left out: a few hundred bytes; the metered ratio shows it); under all-reduce
+    (``gather_world`` = N) each step is an all-gather of the code, ``(N - 1)`` codes sent."""
     from tandem.codecs import make_codec
     from tandem.codecs.positions import positions_nbytes
     from tandem.codecs.topk import keep_count
@@ -75,18 +77,24 @@ def topk_push_bytes(sizes: list[int], ratio: float, warmup: int, steps: int) -> 
     dim, total = sum(sizes), 0
     for t in range(steps):
         k = sum(keep_count(n, codec.ratio_at(t)) for n in sizes)
-        total += PUSH_HEADER_B + framing([(5,), (k,), (1,)]) + 4 * k + positions_nbytes(k, dim)
+        code = 4 * k + positions_nbytes(k, dim)
+        total += ((gather_world - 1) * code if gather_world
+                  else PUSH_HEADER_B + framing([(5,), (k,), (1,)]) + code)
     return total
 
 
-def solve_topk_ratio(sizes: list[int], budget: float, warmup: int, steps: int) -> float:
+def solve_topk_ratio(sizes: list[int], budget: float, warmup: int, steps: int,
+                     gather_world: int | None = None) -> float:
     """The largest density after the ramp whose whole-run bytes stay within ``budget``."""
+    def cost(r: float) -> int:
+        return topk_push_bytes(sizes, r, warmup, steps, gather_world)
+
     lo, hi = 1.0 / sum(sizes), WARMUP_START
-    if topk_push_bytes(sizes, lo, warmup, steps) > budget:
+    if cost(lo) > budget:
         return lo
     for _ in range(40):
         mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if topk_push_bytes(sizes, mid, warmup, steps) <= budget else (lo, mid)
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
     return lo
 
 

@@ -94,6 +94,13 @@ def two(v: Any) -> str:
     return "-" if v is None else f"{float(v):.2f}"
 
 
+def per_stage(v: Any) -> str:
+    """A list of per-stage figures as ``a / b / c`` (``-`` for a stage not measured)."""
+    if v is None:
+        return "-"
+    return " / ".join("-" if x is None else f"{float(x):,.1f}" for x in v)
+
+
 def yes(v: Any) -> str:
     return "-" if v is None else ("yes" if v else "no")
 
@@ -142,11 +149,17 @@ VIEWS: dict[str, View] = {
          Col("err", "relative difference"), Col("worst_step_err", "worst step's difference"),
          Col("same_stragglers", "same straggler draws", yes)],
         where={"config": _is_sim}),
-    "lgc:server": View(
-        [Col("row"), Col("final_acc", "final acc", acc), Col("best_acc", "best acc", acc),
-         Col("acc_se", "acc s.e.", acc), Col("k", "K"),
-         Col("stage3_push_B", "compressed-stage push B/step", ms),
-         Col("push_B/step", "push B/step", count), Col("pull_B/step", "pull B/step", count)]),
+    **{f"{name}:seeds": View(
+        [Col("row"), Col("acc_mean", "test acc (mean)", acc), Col("acc_sd", "s.d. (seeds)", acc),
+         Col("accs", "each seed"), Col("sent_B/step", "bytes/worker/step", count),
+         Col("vs_dense_push", "÷ dense push", sig), Col("vs_lgc_ps", "÷ LGC-PS", two),
+         Col("detail")]) for name in ("lgc", "lgc_long")},
+    **{f"{name}:cost": View(
+        [Col("row"), Col("codec_ms/step", "codec ms/step (whole run)", two),
+         Col("stage_ms", "ms/step: warm-up / AE training / compressed", per_stage),
+         Col("stage_B/step", "bytes/worker/step: warm-up / AE training / compressed",
+             per_stage)],
+        where={"codec_ms/step": lambda v: v is not None}) for name in ("lgc", "lgc_long")},
     "correlation:summary": View(
         [Col("workload"), Col("partition"), Col("cos early", fmt=two), Col("cos late", fmt=two),
          Col("overlap early", fmt=two), Col("overlap late", fmt=two),
