@@ -171,8 +171,11 @@ def main() -> None:
                    "final_acc", "acc_se", "final_loss", "idle_frac", "steps_per_push",
                    "cap_mean",
                    "push_MB/step", "pull_MB/step", "wall_s"])
-    if args.merge:
-        _keep_other_sections(bench, {(p[0], p[1]) for p in plan})
+    if args.merge:  # keep the other (section, workload) pairs' rows and targets
+        runs = {(p[0], p[1]) for p in plan}
+        bench.keep_previous(lambda r: (r.get("section"), r.get("workload")) not in runs,
+                            lambda t: tuple(t["name"].split(" ", 2)[:2]) not in runs,
+                            ", ".join(f"{s} {w}" for s, w in sorted(runs)))
     sizes = {w: test_size(w) for w in {p[1] for p in plan}}
     measured: dict[tuple[str, str, str], dict[str, dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-ps-") as tmp:
@@ -206,27 +209,6 @@ def main() -> None:
     bench.note("idle_frac of param_server rows excludes the one closing wait for the final "
                "model (final_sync_s); allreduce rows report the run's idle fraction")
     bench.finish()
-
-
-def _keep_other_sections(bench: Bench, runs: set[tuple[str, str]]) -> None:
-    """``--merge``: the existing results' rows and targets of the (section, workload) pairs
-    not run now."""
-    import json
-
-    from bench.harness import RESULTS
-
-    path = RESULTS / f"{bench.name}.json"
-    if not path.is_file():
-        return
-    old = json.loads(path.read_text())
-    bench.rows += [r for r in old.get("rows", [])
-                   if (r.get("section"), r.get("workload")) not in runs]
-    bench.targets += [t for t in old.get("targets", [])
-                      if tuple(t["name"].split(" ", 2)[:2]) not in runs]
-    bench.notes += [n for n in old.get("notes", []) if n.startswith("kept:")]
-    bench.note(f"kept: {sorted({(r.get('section'), r.get('workload')) for r in bench.rows})} "
-               f"from the run of {old.get('date') or old.get('when')}; "
-               f"{sorted(runs)} measured in this run")
 
 
 def _targets(bench: Bench, measured: dict[tuple[str, str, str], dict[str, dict]]) -> None:
