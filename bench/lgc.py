@@ -223,6 +223,7 @@ def main() -> None:
                     continue
                 cfg = config(row, args, seed, workload, budget)
                 m = measure(row, cfg, Path(tmp) / f"{seed}-{rows.index(row)}")
+                m["ratio"] = cfg["codec"]["options"].get("ratio") if row in BUDGET_ROWS else None
                 got[row].append(m)
                 print(f"[lgc] seed {seed} {row}: acc {m['acc']}, {m['sent']} B/step",
                       flush=True)
@@ -255,7 +256,11 @@ def report(bench: Bench, got: dict[str, list[dict[str, Any]]], args: argparse.Na
         lgc = bool(ok) and ok[0]["stage_B"] is not None
         failed = "; ".join(f"seed {i}: {m['failed']}" for i, m in enumerate(runs)
                            if m.get("failed"))
-        detail = " ".join(x for x in (f"K={ok[0].get('k')}" if lgc else "", failed) if x)
+        sized = {"topk = lgc-ps bytes": "topk", "randomk = lgc-ps bytes": "randomk"}.get(row)
+        ratios = sorted({f"{m['ratio']:.3g}" for m in runs if m.get("ratio")}) if sized else []
+        detail = " ".join(x for x in (f"K={ok[0].get('k')}" if lgc else "",
+                                      f"ratio after ramp {'/'.join(ratios)}" if ratios else "",
+                                      failed) if x)
         bench.row(row=row, strategy="allreduce" if "allreduce" in row else "param_server",
                   acc_mean=acc, acc_sd=sd,
                   accs=" ".join("failed" if m["acc"] is None else f"{m['acc']:.4f}"

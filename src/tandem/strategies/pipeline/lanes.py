@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from tandem.transport.transport import Group, Transport
 
 
+#: origin of the step records' ``t_compute_start`` / ``t_comm_done`` (one per process)
+_CLOCK0 = time.perf_counter()
+
+
 class CommThread:
     """The thread that runs one model's exchanges, in step order (see the module docstring)."""
 
@@ -118,6 +122,7 @@ class Flight:
         self.means: list[list[torch.Tensor] | None] = [None] * len(sizes)
         self.done = threading.Event()
         self.error: BaseException | None = None
+        self.computed_at: float | None = None  # when the step's forward began
         self.launched_at: float | None = None
         self.finished_at: float | None = None
         self.bytes = (0, 0)
@@ -186,6 +191,7 @@ class Lane(StepLoop):
         """Forward/backward of ``step``; its exchange goes to this model's communication thread.
         Returns the compute seconds."""
         flight = Flight(step, [len(b) for b in self.buckets])
+        flight.computed_at = time.perf_counter()
         hooked = len(self.buckets) > 1
         torch.set_rng_state(self.rng)
         if hooked:
@@ -239,7 +245,13 @@ class Lane(StepLoop):
         step = flight.step
         c = Computed(loss, [], compute_s, straggled, skipped=flight.skipped,
                      fields={"skipped": True} if flight.skipped else {})
-        ex = Exchanged(mean, comm_s=exposed, fields={"comm_active_s": active, "hidden_s": hidden})
+        # when this step's forward began and its exchange ended, on one clock for all lanes of
+        # the process (seconds since it started): with overlap, the next model's forward
+        # begins before this model's exchange ends; without, after
+        ex = Exchanged(mean, comm_s=exposed, fields={
+            "comm_active_s": active, "hidden_s": hidden,
+            "t_compute_start": round((flight.computed_at or 0.0) - _CLOCK0, 6),
+            "t_comm_done": round((flight.finished_at or 0.0) - _CLOCK0, 6)})
         self.apply(step, c, ex)
         self.record(step, c, ex, flight.bytes)
         if self.eval_due(step):
