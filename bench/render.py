@@ -105,8 +105,19 @@ def yes(v: Any) -> str:
     return "-" if v is None else ("yes" if v else "no")
 
 
+def status(v: Any) -> str:
+    """A row's status, a failure cut to its innermost error and 160 characters (gloo wraps
+    the same error once per callback layer)."""
+    text = "-" if v is None else str(v)
+    wrapper = "Got the following error when running the callback: "
+    if wrapper in text:
+        head = text.split(":", 1)[0]
+        text = f"{head}: {text.rsplit(wrapper, 1)[1]}"
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def _cluster_cols(to_target: bool) -> list[Col]:
-    cols = [Col("system"), Col("status"), Col("steps"), Col("step_ms", "ms/step", ms),
+    cols = [Col("system"), Col("status", fmt=status), Col("steps"), Col("step_ms", "ms/step", ms),
             Col("emu_step_ms", "emulated ms/step", ms), Col("emu_err", "emulation error", pct),
             Col("comm_ms", "comm ms/step", ms), Col("emu_comm_ms", "emulated comm ms/step", ms)]
     if to_target:
