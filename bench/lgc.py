@@ -180,6 +180,15 @@ def measure(row: str, cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     return got
 
 
+def lgc_warmup_steps(steps: int) -> int:
+    """LGC-PS's warm-up length in a run of ``steps`` (the codec's own stage schedule)."""
+    from tandem.codecs import make_codec
+
+    codec = make_codec("lgc", LGC_PS)
+    codec.set_total_steps(steps)
+    return codec.stage_lengths()[0]
+
+
 def pick_workload(name: str) -> tuple[dict[str, Any], list[int], int]:
     """The workload spec (mnist5k when ``name``'s data is not installed), its model's
     parameter sizes and its test-set size."""
@@ -210,7 +219,7 @@ def main() -> None:
     rows = [r for r in ROWS if not args.only or r == ROWS[0] or r in args.only.split(",")]
     workload, sizes, n_test = pick_workload(args.workload)
     dim = sum(sizes)
-    warmup = math.ceil(0.1 * args.steps)  # LGC's warmup_fraction of the run
+    warmup = lgc_warmup_steps(args.steps)  # the top-k reference ramps over LGC's warm-up
     bench = Bench("lgc_long" if args.long else "lgc", COLUMNS)
     got: dict[str, list[dict[str, Any]]] = {r: [] for r in rows}
     with tempfile.TemporaryDirectory(prefix="bench-lgc-") as tmp:
