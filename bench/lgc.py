@@ -43,6 +43,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from bench.harness import Bench
 
 BUDGET_ROWS = ("topk = lgc-ps bytes", "randomk = lgc-ps bytes")
@@ -213,7 +215,19 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workload", default="fashion")
     ap.add_argument("--only", default="", help="comma-separated rows (lgc-ps server always runs)")
+    ap.add_argument("--lgc-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="override an option of the LGC-PS row (tuning trials; the references "
+                    "are sized to its bytes as always)")
+    ap.add_argument("--results", default="", help="directory for the JSON (default "
+                    "bench/results; give another one for trials)")
     args = ap.parse_args()
+    if args.results:
+        import bench.harness
+
+        bench.harness.RESULTS = Path(args.results)
+    for item in args.lgc_opt:
+        key, _, value = item.partition("=")
+        LGC_PS[key] = yaml.safe_load(value)
     args.steps = args.steps or (2000 if args.long else 400)
     args.eval_every = max(1, args.steps // 4)
     rows = [r for r in ROWS if not args.only or r == ROWS[0] or r in args.only.split(",")]
@@ -303,6 +317,7 @@ def report(bench: Bench, got: dict[str, list[dict[str, Any]]], args: argparse.Na
                f"momentum 0.9, {args.seeds} seeds (0..{args.seeds - 1}); accuracy on {n_test:,} "
                "test images, acc_se = sqrt(p(1-p)/n) of one run; no link emulation (bytes are "
                "metered, time is not the question)")
+    bench.note(f"LGC-PS options: {LGC_PS}; LGC-RAR options: {LGC_RAR}")
     bench.note("dense push = 4 bytes per parameter plus the push header and framing: "
                f"{dense_push:,} bytes; the all-reduce rows' bytes are what each rank sent in "
                "its collectives (a ring all-reduce of dense would be 1.5 dense pushes at N = 4)")
