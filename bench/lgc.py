@@ -51,7 +51,7 @@ BUDGET_ROWS = ("topk = lgc-ps bytes", "randomk = lgc-ps bytes")
 ROWS = ["lgc-ps server", *BUDGET_ROWS, "dense", "lgc-rar allreduce", "powersgd r1 allreduce"]
 LGC_PS = {"variant": "ps", "dense_first_last": False, "ratio": 2.1e-3, "momentum": 0.9}
 LGC_RAR = {"variant": "rar", "dense_first_last": False, "ratio": 1.5e-3, "momentum": 0.9}
-WARMUP_START = 0.05  # LGC's default ramp start; the top-k reference ramps alike
+WARMUP_START = 0.05  # LGC's default ramp start; the top-k reference ramps alike (ramp_start)
 PUSH_HEADER_B = 40  # the parameter server's push header: 5 int64
 COLUMNS = ["row", "strategy", "acc_mean", "acc_sd", "accs", "acc_se", "sent_B/step",
            "vs_dense_push", "vs_lgc_ps", "codec_ms/step", "stage_ms", "stage_B/step", "detail"]
@@ -63,8 +63,13 @@ def framing(tensors: list[tuple[int, ...]]) -> int:
     return 8 + 8 * (1 + sum(2 + len(s) for s in tensors))
 
 
+def ramp_start() -> float:
+    """Where LGC-PS's warm-up ramp starts (its ``warmup_start``): the top-k reference's too."""
+    return float(LGC_PS.get("warmup_start", WARMUP_START))
+
+
 def topk_push_bytes(sizes: list[int], ratio: float, warmup: int, steps: int,
-                    gather_world: int | None = None) -> int:
+                    gather_world: int | None = None, start: float = WARMUP_START) -> int:
     """Whole-run bytes one worker sends with packed top-k (``steps`` steps): the codec's own
     ``ratio_at`` and ``keep_count`` and LGC's position width. On the server (default) each
     push adds the framing of ``[push header, values, positions]`` (the metadata sent once is
@@ -75,7 +80,7 @@ def topk_push_bytes(sizes: list[int], ratio: float, warmup: int, steps: int,
     from tandem.codecs.topk import keep_count
 
     codec = make_codec("topk", {"ratio": ratio, "warmup_steps": warmup,
-                                "warmup_start": WARMUP_START, "positions": "packed"})
+                                "warmup_start": start, "positions": "packed"})
     dim, total = sum(sizes), 0
     for t in range(steps):
         k = sum(keep_count(n, codec.ratio_at(t)) for n in sizes)
@@ -86,12 +91,13 @@ def topk_push_bytes(sizes: list[int], ratio: float, warmup: int, steps: int,
 
 
 def solve_topk_ratio(sizes: list[int], budget: float, warmup: int, steps: int,
-                     gather_world: int | None = None) -> float:
-    """The largest density after the ramp whose whole-run bytes stay within ``budget``."""
+                     gather_world: int | None = None, start: float = WARMUP_START) -> float:
+    """The largest density after the ramp (from ``start``) whose whole-run bytes stay within
+    ``budget`` (the smallest density when even that spends more)."""
     def cost(r: float) -> int:
-        return topk_push_bytes(sizes, r, warmup, steps, gather_world)
+        return topk_push_bytes(sizes, r, warmup, steps, gather_world, start)
 
-    lo, hi = 1.0 / sum(sizes), WARMUP_START
+    lo, hi = 1.0 / sum(sizes), 1.0
     if cost(lo) > budget:
         return lo
     for _ in range(40):
@@ -116,7 +122,7 @@ def config(row: str, args: argparse.Namespace, seed: int, workload: dict[str, An
     elif row.startswith("topk"):
         codec = {"name": "topk", "options": {
             "ratio": budget["topk"], "warmup_steps": budget["warmup"],
-            "warmup_start": WARMUP_START, "positions": "packed", "momentum": 0.9}}
+            "warmup_start": ramp_start(), "positions": "packed", "momentum": 0.9}}
     elif row.startswith("randomk"):
         codec = {"name": "randomk", "options": {"ratio": budget["randomk"], "momentum": 0.9,
                                                 "ef_clip": 2.0}}
@@ -252,7 +258,8 @@ def main() -> None:
                       flush=True)
                 if row == "lgc-ps server" and m["sent"] is not None:
                     total = m["sent"] * args.steps
-                    budget["topk"] = solve_topk_ratio(sizes, total, warmup, args.steps)
+                    budget["topk"] = solve_topk_ratio(sizes, total, warmup, args.steps,
+                                                      start=ramp_start())
                     budget["randomk"] = solve_randomk_ratio(dim, total, args.steps)
     report(bench, got, args, workload, dim, n_test)
 
