@@ -405,8 +405,8 @@ def targets(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], not_run:
                        if t is not None and rows[k][0].kind == "tandem"]
         best_t, best = min(tandem_rows) if tandem_rows else (None, None)
         if best:
-            bench.note(f"best Tandem row at 10mbit cnn: {rows[best][0].system} "
-                       f"({best_t:.1f} s to {TARGET})")
+            bench.note(f"best Tandem row at 10mbit cnn among this run's rows: "
+                       f"{rows[best][0].system} ({best_t:.1f} s to {TARGET})")
         for n, g, ref in zip(names[:2], goals[:2], ("ddp", "ddp-powersgd"), strict=True):
             if ref not in rows:
                 bench.target(n, None, g, not_run=f"--only left out {ref}")
@@ -477,9 +477,12 @@ def main() -> None:
     if args.merge:
         now = {(rate, wl, row.system) for (rate, wl), got in found.items()
                for row, _, _ in got["rows"].values()}
+        rates = {rate for rate, _ in found}
         bench.keep_previous(lambda r: (r.get("rate"), r.get("workload"), r.get("system"))
                             not in now, lambda t: True,
-                            ", ".join(f"{r} {w} {s}" for r, w, s in sorted(now)) or "nothing")
+                            ", ".join(f"{r} {w} {s}" for r, w, s in sorted(now)) or "nothing",
+                            keep_note=lambda n: n.partition(":")[0] not in rates
+                            and n.partition(":")[2].startswith(" tbf rate"))
     if why is None:
         report(bench, found, args.hosts)
         targets(bench, found, None, args.quick)

@@ -24,10 +24,12 @@ def test_keep_previous_keeps_unmeasured_rows_and_measured_targets(tmp_path, monk
                         "state": "MET"},
                        {"name": "err 100mbit ddp", "value": 0.5, "goal": "<= 0.2",
                         "met": False, "state": "NOT MET"}],
-           "notes": ["kept: from an older merge", "a note of that run"]}
+           "notes": ["kept: from an older merge", "a note of that run",
+                     "100mbit: how that rate's links were built"]}
     (tmp_path / "x.json").write_text(json.dumps(old))
     b = harness.Bench("x", ["rate", "system", "v"])
-    b.keep_previous(lambda r: r["rate"] != "100mbit", lambda t: True, "100mbit ddp")
+    b.keep_previous(lambda r: r["rate"] != "100mbit", lambda t: True, "100mbit ddp",
+                    keep_note=lambda n: n.startswith("100mbit:"))
     b.row(rate="100mbit", system="ddp", v=20)
     b.target("headline", None, ">= 2", not_run="this run left out 10mbit")
     b.target("err 100mbit ddp", 0.1, "<= 0.2")
@@ -39,4 +41,5 @@ def test_keep_previous_keeps_unmeasured_rows_and_measured_targets(tmp_path, monk
     assert by["err 100mbit ddp"]["state"] == "MET" and by["err 100mbit ddp"]["value"] == 0.1
     assert "kept: from an older merge" in rec["notes"]
     assert "a note of that run" not in rec["notes"]
+    assert "100mbit: how that rate's links were built" in rec["notes"]  # keep_note picked it
     assert any(n.startswith("kept: 1 rows") and "old cmd" in n for n in rec["notes"])

@@ -201,8 +201,8 @@ class TopKCodec(Codec):
 
     def _positions(self, buf: torch.Tensor, k: int, dim: int) -> torch.Tensor:
         """The positions of a code's position part (``uint8`` bytes, or ``int32``)."""
-        if self.opts.positions == "packed":
-            return unpack_positions(_view(buf, torch.uint8), k, dim)
+        if self.opts.positions == "packed":  # on the wire and in a message: uint8 bytes
+            return unpack_positions(buf, k, dim)
         return _view(buf, torch.int32) if buf.dtype == torch.uint8 else buf
 
     def encode(self, grads: list[torch.Tensor]) -> Message:

@@ -122,7 +122,7 @@ class Flight:
         self.means: list[list[torch.Tensor] | None] = [None] * len(sizes)
         self.done = threading.Event()
         self.error: BaseException | None = None
-        self.computed_at: float | None = None  # when the step's forward began
+        self.compute_started_at: float | None = None  # when the step's forward began
         self.launched_at: float | None = None
         self.finished_at: float | None = None
         self.bytes = (0, 0)
@@ -191,7 +191,7 @@ class Lane(StepLoop):
         """Forward/backward of ``step``; its exchange goes to this model's communication thread.
         Returns the compute seconds."""
         flight = Flight(step, [len(b) for b in self.buckets])
-        flight.computed_at = time.perf_counter()
+        flight.compute_started_at = time.perf_counter()
         hooked = len(self.buckets) > 1
         torch.set_rng_state(self.rng)
         if hooked:
@@ -250,7 +250,7 @@ class Lane(StepLoop):
         # begins before this model's exchange ends; without, after
         ex = Exchanged(mean, comm_s=exposed, fields={
             "comm_active_s": active, "hidden_s": hidden,
-            "t_compute_start": round((flight.computed_at or 0.0) - _CLOCK0, 6),
+            "t_compute_start": round((flight.compute_started_at or 0.0) - _CLOCK0, 6),
             "t_comm_done": round((flight.finished_at or 0.0) - _CLOCK0, 6)})
         self.apply(step, c, ex)
         self.record(step, c, ex, flight.bytes)
