@@ -4,6 +4,7 @@
     sudo .venv/bin/python -m bench.cluster --quick     # make bench: 10 Mbit/s, CNN, 5 rows
     .venv/bin/python -m bench.cluster [--rates 10mbit,100mbit] [--workloads cnn,textlm]
         [--only dense,ddp,...] [--hosts 4] [--runs runs/bench-cluster] [--merge]
+    .venv/bin/python -m bench.cluster --rescore      # recompute the targets from the kept rows
 
 Hosts are network namespaces behind a switch namespace (:mod:`bench.netns`): one veth pair per
 host, limited both ways by ``tc tbf`` at ``--rates`` with a burst of 3.3 ms of line rate. Every
@@ -49,19 +50,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
 import shutil
-import subprocess
-import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from bench.harness import ROOT, Bench
+from bench.cluster_run import Row, first_error, rows_for, run_emulated, run_real
+from bench.harness import Bench
 from bench.netns import Cluster, NetnsUnavailable, unavailable_reason
 
 TARGET = 0.95
@@ -78,182 +72,7 @@ COLUMNS = ["rate", "workload", "system", "status", "steps", "step_ms", "emu_step
 PORT = 29500
 
 
-@dataclass(frozen=True)
-class Row:
-    """One configuration: a Tandem strategy + codec, a DDP hook, or the compute-only run."""
-
-    key: str  # what --only matches
-    system: str  # the table's label
-    kind: str  # tandem | ddp | local
-    strategy: str = "allreduce"
-    codec: str = "dense"
-    codec_opts: dict[str, Any] = field(default_factory=dict)
-    strategy_opts: dict[str, Any] = field(default_factory=dict)
-    hook: str | None = None
-
-
-def rows_for(hosts: int, workload: str) -> list[Row]:
-    lr = 0.05 if workload == "cnn" else 3e-3
-    return [
-        Row("local", "local (compute only)", "local", strategy="local"),
-        Row("ddp", "ddp", "ddp", hook="none"),
-        Row("ddp-fp16", "ddp + fp16 hook", "ddp", hook="fp16"),
-        Row("ddp-powersgd", "ddp + powersgd r2", "ddp", hook="powersgd"),
-        Row("dense", "allreduce dense", "tandem"),
-        Row("fp16", "allreduce fp16", "tandem", codec="fp16"),
-        Row("topk", "allreduce topk 0.01", "tandem", codec="topk", codec_opts={"ratio": 0.01}),
-        Row("powersgd", "allreduce powersgd r2", "tandem", codec="powersgd",
-            codec_opts={"rank": 2}),
-        Row("qsgd", "allreduce qsgd", "tandem", codec="qsgd"),
-        # one server per host, a shard each; textlm's optimizer factory (AdamW with parameter
-        # groups) needs the whole model, so one server there
-        Row("param_server", "param_server candidate", "tandem", strategy="param_server",
-            strategy_opts={"servers": hosts if workload == "cnn" else 1}),
-        Row("bsp_shared", "bsp_shared", "tandem", strategy="bsp_shared",
-            strategy_opts={"machines": hosts}),
-        Row("gossip", "gossip goco ring", "tandem", strategy="gossip"),
-        Row("coded_ps", "coded_ps", "tandem", strategy="coded_ps"),
-        Row("pipeline", "pipeline 2 models", "tandem", strategy="pipeline",
-            strategy_opts={"models": [{"lr": lr}, {"lr": 2 * lr}]}),
-    ]
-
-
 QUICK_ROWS = ("local", "ddp", "ddp-powersgd", "topk", "powersgd")
-
-
-# ---- one run -------------------------------------------------------------------------------
-def first_error(text: str) -> str:
-    """The first line that says what went wrong in a worker's or torchrun's output."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:  # Tandem's CLI: one line "error: ..."
-        if ln.startswith("error:"):
-            return ln[len("error:"):].strip()
-    pat = re.compile(r"^(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Failed|Interrupt)\w*:.*)$")
-    for ln in lines:
-        m = pat.match(ln)
-        if m and "ChildFailedError" not in ln and "elastic" not in ln:
-            return m.group(1)
-    return lines[-1] if lines else "no output"
-
-
-def per_host(procs: int, hosts: int) -> list[int]:
-    """``procs`` processes over ``hosts`` hosts, as even as possible (host 0 first)."""
-    return [procs // hosts + (1 if i < procs % hosts else 0) for i in range(hosts)]
-
-
-def wait_all(procs: list[subprocess.Popen], limit_s: float, grace_s: float = 20.0
-             ) -> tuple[list[int | None], bool]:
-    """Wait for every process; once one fails the others get ``grace_s`` to finish. Returns the
-    exit codes (None: still running when given up on) and whether the limit was hit."""
-    deadline = time.monotonic() + limit_s
-    failed_at = None
-    while True:
-        codes = [p.poll() for p in procs]
-        if all(c is not None for c in codes):
-            return codes, False
-        now = time.monotonic()
-        if failed_at is None and any(c not in (None, 0) for c in codes):
-            failed_at = now
-        if now > deadline or (failed_at is not None and now - failed_at > grace_s):
-            return codes, now > deadline
-        time.sleep(0.2)
-
-
-def write_config(data: dict[str, Any], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    return path
-
-
-def run_real(net: Cluster, row: Row, cfg: dict[str, Any], row_dir: Path, port: int,
-             limit_s: float) -> dict[str, Any]:
-    """One row on the real links: a torchrun per host; its summary and wire counters."""
-    env = dict(os.environ, GLOO_SOCKET_IFNAME=net.hosts[0].dev, OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
-    env.pop("TANDEM_STORE_HOSTED", None)
-    n = len(net.hosts)
-    if row.kind == "local":
-        cfgs = [write_config(dict(cfg, workers=1, out=str(row_dir / f"run_h{i}")),
-                             row_dir / f"cfg_h{i}.yaml") for i in range(n)]
-        argvs = [[sys.executable, "-m", "torch.distributed.run", "--standalone",
-                  "--nproc_per_node", "1", "-m", "tandem.cli", "worker", "--config", str(c)]
-                 for c in cfgs]
-    else:
-        cfg_path = write_config(dict(cfg, out=str(row_dir / "run")), row_dir / "cfg.yaml")
-        counts = per_host(processes(cfg), n)
-        if row.kind == "ddp":
-            target = [str(ROOT / "bench" / "ddp_cluster_job.py"), "--config", str(cfg_path),
-                      "--hook", str(row.hook)]
-        else:
-            target = ["-m", "tandem.cli", "worker", "--config", str(cfg_path)]
-        argvs = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(n),
-                  "--node_rank", str(i), "--nproc_per_node", str(counts[i]), "--master_addr",
-                  net.hosts[0].addr, "--master_port", str(port), "--max_restarts", "0",
-                  *target] for i in range(n)]
-    before, drops0 = net.counters(), net.qdisc_drops()
-    t0 = time.monotonic()
-    procs, logs = [], []
-    for i, argv in enumerate(argvs):
-        log = open(row_dir / f"host{i}.log", "w")  # noqa: SIM115 - closed below
-        logs.append(log)
-        procs.append(net.popen(i, argv, env=env, cwd=ROOT, stdout=log,
-                               stderr=subprocess.STDOUT))
-    try:
-        codes, timed_out = wait_all(procs, limit_s)
-    finally:
-        for p in procs:
-            net.reap(p)
-        for log in logs:
-            log.close()
-    took = time.monotonic() - t0
-    after, drops = net.counters(), net.qdisc_drops() - drops0
-    out: dict[str, Any] = {"codes": codes, "run_s": took, "drops": drops,
-                           "tx_bytes": sum(a["tx_bytes"] - b["tx_bytes"]
-                                           for a, b in zip(after, before, strict=True))}
-    if timed_out or any(c != 0 for c in codes):
-        texts = [(row_dir / f"host{i}.log").read_text(errors="replace") for i in range(n)]
-        bad = [i for i, c in enumerate(codes) if c not in (0,)]
-        first = next((first_error(texts[i]) for i in bad if texts[i].strip()), "no output")
-        out["error"] = (f"timed out after {limit_s:.0f} s; " if timed_out else "") + first
-        return out
-    if row.kind == "local":
-        sums = [json.loads((row_dir / f"run_h{i}" / "summary.json").read_text())
-                for i in range(n)]
-        out["summary"] = sums[0]
-        out["step_s"] = sum(s["wall_time_s"] / s["steps"] for s in sums) / n
-    else:
-        out["summary"] = json.loads((row_dir / "run" / "summary.json").read_text())
-    return out
-
-
-def processes(cfg: dict[str, Any]) -> int:
-    """How many processes the row's strategy runs (a parameter server adds its servers)."""
-    from tandem.config import load_config
-    from tandem.resolve import resolve
-
-    c = load_config(cfg)
-    return resolve(c).strategy.processes(c)
-
-
-def run_emulated(row: Row, cfg: dict[str, Any], row_dir: Path, net_spec: str,
-                 limit_s: float) -> dict[str, Any]:
-    """The same row on one machine, loopback + Tandem's link emulator."""
-    import tandem
-    from tandem.launch import spawn
-
-    data = dict(cfg, net=net_spec, out=str(row_dir / "emu"))
-    t0 = time.monotonic()
-    try:
-        if row.kind == "ddp":
-            from bench.ddp_cluster_job import job
-
-            summary = spawn(job, int(cfg["workers"]), data, row.hook, timeout_s=limit_s)[0]
-        else:
-            summary = tandem.train(data, timeout_s=limit_s)
-    except Exception as err:  # noqa: BLE001 - a failed row is reported, never dropped
-        return {"error": first_error(f"{type(err).__name__}: {err}"),
-                "run_s": time.monotonic() - t0}
-    return {"summary": summary, "run_s": time.monotonic() - t0}
 
 
 # ---- the benchmark -------------------------------------------------------------------------
@@ -379,8 +198,14 @@ def report(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], hosts: in
                       vs_ddp=ddp / rs if ddp and rs else None)
 
 
-def targets(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], not_run: str | None,
-            quick: bool) -> None:
+def row_kind(hosts: int, workload: str | None, system: str | None) -> Row | None:
+    """The :class:`Row` a results row (a dict) was measured from, found by its label."""
+    return next((r for r in rows_for(hosts, workload or "cnn") if r.system == system), None)
+
+
+def targets(bench: Bench, hosts: int, not_run: str | None, quick: bool) -> None:
+    """The targets, computed from every row of the results (``bench.rows``: this run's and, under
+    ``--merge``, the kept ones), so that a merge ranks the best row among all of them."""
     names = [f"10mbit cnn: plain DDP time to {TARGET} / the best Tandem row's",
              f"10mbit cnn: DDP + PowerSGD hook time to {TARGET} / the best Tandem row's",
              f"10mbit cnn: the best Tandem row's time to {TARGET} / compute-only time "
@@ -392,44 +217,58 @@ def targets(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], not_run:
         bench.target("emulation error |emulated - real| / real of time per step, every row",
                      None, "<= 0.2", not_run=not_run)
         return
-    got = found.get(("10mbit", "cnn"))
-    if got is None:
-        why = "--rates/--workloads left out 10mbit cnn"
+    rows = {r["system"]: r for r in bench.rows
+            if r.get("rate") == "10mbit" and r.get("workload") == "cnn"}
+    if not rows:
         for n, g in zip(names, goals, strict=True):
-            bench.target(n, None, g, not_run=why)
+            bench.target(n, None, g, not_run="no row at 10mbit cnn (--rates/--workloads)")
     else:
-        rows = got["rows"]
-        ttt = {k: (real.get("summary") or {}).get("time_to_target_s")
-               for k, (_, real, _) in rows.items() if real and "error" not in real}
-        tandem_rows = [(t, k) for k, t in ttt.items()
-                       if t is not None and rows[k][0].kind == "tandem"]
-        best_t, best = min(tandem_rows) if tandem_rows else (None, None)
+        keyed = {k.key: r for s, r in rows.items() if (k := row_kind(hosts, "cnn", s))}
+        measured = {k: r for k, r in keyed.items()
+                    if not str(r.get("status", "")).startswith("FAILED")}
+        tandem = [(r["time_to_target_s"], r["system"]) for r in measured.values()
+                  if r.get("time_to_target_s") is not None
+                  and row_kind(hosts, "cnn", r["system"]).kind == "tandem"]
+        best_t, best = min(tandem) if tandem else (None, None)
         if best:
-            bench.note(f"best Tandem row at 10mbit cnn among this run's rows: "
-                       f"{rows[best][0].system} ({best_t:.1f} s to {TARGET})")
+            bench.note(f"best Tandem row at 10mbit cnn: {best} ({best_t:.1f} s to {TARGET})")
         for n, g, ref in zip(names[:2], goals[:2], ("ddp", "ddp-powersgd"), strict=True):
-            if ref not in rows:
-                bench.target(n, None, g, not_run=f"--only left out {ref}")
+            if ref not in keyed:
+                bench.target(n, None, g, not_run=f"no {ref} row at 10mbit cnn (--only)")
                 continue
-            r = ttt.get(ref)
+            r = (measured.get(ref) or {}).get("time_to_target_s")
             bench.target(n, r / best_t if r and best_t else None, g)
-        local = got.get("local_step_s")
-        if "local" not in rows:
-            bench.target(names[2], None, goals[2], not_run="--only left out local")
+        local = (measured.get("local") or {}).get("step_ms")
+        if "local" not in keyed:
+            bench.target(names[2], None, goals[2], not_run="no local row at 10mbit cnn (--only)")
         else:
-            steps = (rows[best][1]["summary"].get("steps_to_target") if best else None)
-            compute = local * (steps + 1) if local and steps is not None else None
+            steps = rows[best].get("steps_to_target") if best else None
+            compute = local / 1e3 * (steps + 1) if local and steps is not None else None
             bench.target(names[2], best_t / compute if best_t and compute else None, goals[2])
-    for (rate, wl), got in found.items():
-        for row, real, emu in got["rows"].values():
-            if row.kind == "local":
-                continue
-            rs, em = step_s(real), step_s(emu)
-            name = f"emulation error, {rate} {wl} {row.system}"
-            if quick and row.kind == "ddp":
-                bench.target(name, None, "<= 0.2", not_run="--quick runs no emulated DDP twin")
-                continue
-            bench.target(name, abs(em - rs) / rs if rs and em else None, "<= 0.2")
+    for r in bench.rows:
+        kind = row_kind(hosts, r.get("workload"), r.get("system"))
+        if kind is None or kind.kind == "local":
+            continue
+        name = f"emulation error, {r['rate']} {r['workload']} {r['system']}"
+        if quick and kind.kind == "ddp" and r.get("emu_step_ms") is None:
+            bench.target(name, None, "<= 0.2", not_run="--quick runs no emulated DDP twin")
+            continue
+        bench.target(name, r.get("emu_err"), "<= 0.2")
+
+
+def rescore(bench: Bench, hosts: int) -> None:
+    """``--rescore``: the results file's rows, notes and provenance as they are, its targets and
+    best-row note recomputed from the rows (after a change to :func:`targets`; measures
+    nothing)."""
+    from bench import harness
+
+    path = harness.RESULTS / f"{bench.name}.json"
+    if not path.is_file():
+        raise SystemExit(f"error: --rescore needs {path}, which does not exist")
+    bench.adopt(json.loads(path.read_text()))
+    bench.notes = [n for n in bench.notes if not n.startswith("best Tandem row")]
+    targets(bench, hosts, None, quick=bench.name.endswith("_quick"))
+    bench.finish()
 
 
 def _ms(s: float | None) -> float | None:
@@ -454,6 +293,9 @@ def main() -> None:
                     "bench/results; give another one for trial runs)")
     ap.add_argument("--merge", action="store_true", help="keep the existing results' rows "
                     "(rate, workload, system) and targets that this run does not measure")
+    ap.add_argument("--rescore", action="store_true", help="measure nothing: recompute the "
+                    "targets and the best row from the existing results' rows, keeping their "
+                    "provenance (needs no root)")
     args = ap.parse_args()
     if args.results:
         import bench.harness
@@ -465,9 +307,12 @@ def main() -> None:
     args.rates = [r for r in args.rates.split(",") if r]
     args.workloads = [w for w in args.workloads.split(",") if w]
     bench = Bench("cluster_quick" if args.quick else "cluster", COLUMNS)
-    why = unavailable_reason()
+    if args.rescore:
+        rescore(bench, args.hosts)
+        return
+    why = None if args.rescore else unavailable_reason()
     found: dict[tuple[str, str], dict[str, Any]] = {}
-    if why is None:
+    if why is None and not args.rescore:
         try:
             measure(args, bench, found)
         except NetnsUnavailable as err:
@@ -485,10 +330,10 @@ def main() -> None:
                             and n.partition(":")[2].startswith(" tbf rate"))
     if why is None:
         report(bench, found, args.hosts)
-        targets(bench, found, None, args.quick)
+        targets(bench, args.hosts, None, args.quick)
     else:
         bench.note(f"real links not built: {why}")
-        targets(bench, found, why, args.quick)
+        targets(bench, args.hosts, why, args.quick)
     bench.note(f"{args.hosts} hosts; cnn = mnist5k hidden=360 (201,538 parameters), batch 32 "
                f"per host, SGD lr 0.05 momentum 0.9, eval every 10 steps, target {TARGET}; "
                "textlm = default size (867,072 parameters), its own recipe, time per step only; "

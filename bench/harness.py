@@ -136,6 +136,7 @@ class Bench:
         self.targets: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.kept_targets: list[dict[str, Any]] = []  # see keep_previous
+        self.duration_s: float | None = None  # set by adopt; else the process's run time
         self.started = _PROCESS_STARTED
         self.provenance = provenance()  # at the start: the commit and tree that were measured
 
@@ -182,6 +183,19 @@ class Bench:
                       f"run of {old.get('date') or old.get('when')} (commit {commit}, "
                       f"`{old.get('command')}`); measured in this run: {measured_now}")
 
+    def adopt(self, old: dict[str, Any]) -> None:
+        """Take a results document's rows, notes and measurement provenance (commit, date,
+        machine, command, duration), for a pass that recomputes its targets from those rows and
+        measures nothing; a note says which pass did that, and when."""
+        now = self.provenance
+        self.provenance = {k: old.get(k) for k in now}
+        self.duration_s = old.get("duration_s")
+        self.rows = list(old.get("rows", []))
+        self.notes = list(old.get("notes", []))
+        commit = ((now.get("git") or {}).get("commit") or "?")[:10]
+        self.note(f"targets recomputed from these rows by `{now['command']}` at commit "
+                  f"{commit}, {now['date']} (it measured nothing)")
+
     def table(self) -> str:
         cols = self.columns
         cells = [[_fmt(r.get(c)) for c in cols] for r in self.rows]
@@ -196,7 +210,9 @@ class Bench:
         """The results document (what :meth:`finish` writes)."""
         prov = self.provenance
         return {"name": self.name, "when": prov["date"], **prov,
-                "duration_s": round(time.time() - self.started, 1), "columns": self.columns,
+                "duration_s": (self.duration_s if self.duration_s is not None
+                               else round(time.time() - self.started, 1)),
+                "columns": self.columns,
                 "rows": self.rows, "targets": self.merged_targets(), "notes": self.notes}
 
     def merged_targets(self) -> list[dict[str, Any]]:

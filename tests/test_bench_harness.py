@@ -43,3 +43,53 @@ def test_keep_previous_keeps_unmeasured_rows_and_measured_targets(tmp_path, monk
     assert "a note of that run" not in rec["notes"]
     assert "100mbit: how that rate's links were built" in rec["notes"]  # keep_note picked it
     assert any(n.startswith("kept: 1 rows") and "old cmd" in n for n in rec["notes"])
+
+
+def test_cluster_targets_rank_the_best_row_among_kept_and_new_rows():
+    """bench.cluster's headline targets come from every row of the results, kept ones included:
+    breaks if the best Tandem row is taken from this run's rows alone, if a FAILED row can be
+    the best, or if compute-only is not the local step time x the best row's steps + 1."""
+    from bench import cluster
+
+    b = harness.Bench("c", cluster.COLUMNS)
+    common = {"rate": "10mbit", "workload": "cnn", "status": "ok", "emu_err": 0.1}
+    b.rows = [  # as keep_previous leaves them: kept rows first
+        dict(common, system="ddp", time_to_target_s=100.0),
+        dict(common, system="ddp + powersgd r2", time_to_target_s=30.0),
+        dict(common, system="local (compute only)", step_ms=20.0, emu_err=None),
+        dict(common, system="allreduce powersgd r2", time_to_target_s=5.0, steps_to_target=99),
+        dict(common, system="allreduce qsgd", time_to_target_s=40.0, steps_to_target=90),
+        dict(common, system="allreduce topk 0.01", status="FAILED: boom", time_to_target_s=1.0),
+    ]
+    cluster.targets(b, 4, None, quick=False)
+    by = {t["name"]: t["value"] for t in b.targets}
+    head = [v for n, v in by.items() if n.startswith("10mbit cnn:")]
+    assert head == [100.0 / 5.0, 30.0 / 5.0, 5.0 / (0.020 * 100)]
+    assert "best Tandem row at 10mbit cnn: allreduce powersgd r2 (5.0 s to 0.95)" in b.notes
+    assert by["emulation error, 10mbit cnn allreduce qsgd"] == 0.1
+    assert not any(n.startswith("emulation") and "local" in n for n in by)  # it sends nothing
+
+
+def test_rescore_keeps_the_measured_provenance_and_recomputes_the_targets(tmp_path, monkeypatch):
+    """`bench.cluster --rescore` measures nothing: breaks if the file's commit, command or
+    duration become the rescore's, if a row is lost, or if a stale best-row note survives."""
+    from bench import cluster
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    rows = [{"rate": "10mbit", "workload": "cnn", "system": "ddp", "status": "ok",
+             "time_to_target_s": 60.0, "emu_err": 0.1},
+            {"rate": "10mbit", "workload": "cnn", "system": "allreduce fp16", "status": "ok",
+             "time_to_target_s": 6.0, "steps_to_target": 9, "emu_err": 0.3}]
+    old = {"date": "then", "command": "the measuring command", "git": {"commit": "b" * 40},
+           "duration_s": 1234.5, "rows": rows, "targets": [],
+           "notes": ["best Tandem row at 10mbit cnn: stale (1.0 s to 0.95)", "a link note"]}
+    (tmp_path / "cluster.json").write_text(json.dumps(old))
+    cluster.rescore(harness.Bench("cluster", cluster.COLUMNS), 4)
+    rec = json.loads((tmp_path / "cluster.json").read_text())
+    assert (rec["command"], rec["git"]["commit"], rec["duration_s"]) == \
+        ("the measuring command", "b" * 40, 1234.5)
+    assert rec["rows"] == rows
+    assert "a link note" in rec["notes"] and not any("stale" in n for n in rec["notes"])
+    by = {t["name"]: t for t in rec["targets"]}
+    assert by["10mbit cnn: plain DDP time to 0.95 / the best Tandem row's"]["value"] == 10.0
+    assert by["emulation error, 10mbit cnn allreduce fp16"]["state"] == "NOT MET"

@@ -1,0 +1,194 @@
+"""bench.cluster's rows and one run of a row: on the real links (a torchrun per network
+namespace) and on the emulated link (one machine, loopback). See :mod:`bench.cluster`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.harness import ROOT
+from bench.netns import Cluster
+
+
+@dataclass(frozen=True)
+class Row:
+    """One configuration: a Tandem strategy + codec, a DDP hook, or the compute-only run."""
+
+    key: str  # what --only matches
+    system: str  # the table's label
+    kind: str  # tandem | ddp | local
+    strategy: str = "allreduce"
+    codec: str = "dense"
+    codec_opts: dict[str, Any] = field(default_factory=dict)
+    strategy_opts: dict[str, Any] = field(default_factory=dict)
+    hook: str | None = None
+
+
+def rows_for(hosts: int, workload: str) -> list[Row]:
+    lr = 0.05 if workload == "cnn" else 3e-3
+    return [
+        Row("local", "local (compute only)", "local", strategy="local"),
+        Row("ddp", "ddp", "ddp", hook="none"),
+        Row("ddp-fp16", "ddp + fp16 hook", "ddp", hook="fp16"),
+        Row("ddp-powersgd", "ddp + powersgd r2", "ddp", hook="powersgd"),
+        Row("dense", "allreduce dense", "tandem"),
+        Row("fp16", "allreduce fp16", "tandem", codec="fp16"),
+        Row("topk", "allreduce topk 0.01", "tandem", codec="topk", codec_opts={"ratio": 0.01}),
+        Row("powersgd", "allreduce powersgd r2", "tandem", codec="powersgd",
+            codec_opts={"rank": 2}),
+        Row("qsgd", "allreduce qsgd", "tandem", codec="qsgd"),
+        # one server per host, a shard each; textlm's optimizer factory (AdamW with parameter
+        # groups) needs the whole model, so one server there
+        Row("param_server", "param_server candidate", "tandem", strategy="param_server",
+            strategy_opts={"servers": hosts if workload == "cnn" else 1}),
+        Row("bsp_shared", "bsp_shared", "tandem", strategy="bsp_shared",
+            strategy_opts={"machines": hosts}),
+        Row("gossip", "gossip goco ring", "tandem", strategy="gossip"),
+        Row("coded_ps", "coded_ps", "tandem", strategy="coded_ps"),
+        Row("pipeline", "pipeline 2 models", "tandem", strategy="pipeline",
+            strategy_opts={"models": [{"lr": lr}, {"lr": 2 * lr}]}),
+    ]
+
+
+# ---- one run -------------------------------------------------------------------------------
+def first_error(text: str) -> str:
+    """The first line that says what went wrong in a worker's or torchrun's output."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:  # Tandem's CLI: one line "error: ..."
+        if ln.startswith("error:"):
+            return ln[len("error:"):].strip()
+    pat = re.compile(r"^(?:\[rank\d+\]:\s*)?([\w.]*(?:Error|Exception|Failed|Interrupt)\w*:.*)$")
+    for ln in lines:
+        m = pat.match(ln)
+        if m and "ChildFailedError" not in ln and "elastic" not in ln:
+            return m.group(1)
+    return lines[-1] if lines else "no output"
+
+
+def per_host(procs: int, hosts: int) -> list[int]:
+    """``procs`` processes over ``hosts`` hosts, as even as possible (host 0 first)."""
+    return [procs // hosts + (1 if i < procs % hosts else 0) for i in range(hosts)]
+
+
+def wait_all(procs: list[subprocess.Popen], limit_s: float, grace_s: float = 20.0
+             ) -> tuple[list[int | None], bool]:
+    """Wait for every process; once one fails the others get ``grace_s`` to finish. Returns the
+    exit codes (None: still running when given up on) and whether the limit was hit."""
+    deadline = time.monotonic() + limit_s
+    failed_at = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            return codes, False
+        now = time.monotonic()
+        if failed_at is None and any(c not in (None, 0) for c in codes):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now - failed_at > grace_s):
+            return codes, now > deadline
+        time.sleep(0.2)
+
+
+def write_config(data: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_real(net: Cluster, row: Row, cfg: dict[str, Any], row_dir: Path, port: int,
+             limit_s: float) -> dict[str, Any]:
+    """One row on the real links: a torchrun per host; its summary and wire counters."""
+    env = dict(os.environ, GLOO_SOCKET_IFNAME=net.hosts[0].dev, OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+    env.pop("TANDEM_STORE_HOSTED", None)
+    n = len(net.hosts)
+    if row.kind == "local":
+        cfgs = [write_config(dict(cfg, workers=1, out=str(row_dir / f"run_h{i}")),
+                             row_dir / f"cfg_h{i}.yaml") for i in range(n)]
+        argvs = [[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node", "1", "-m", "tandem.cli", "worker", "--config", str(c)]
+                 for c in cfgs]
+    else:
+        cfg_path = write_config(dict(cfg, out=str(row_dir / "run")), row_dir / "cfg.yaml")
+        counts = per_host(processes(cfg), n)
+        if row.kind == "ddp":
+            target = [str(ROOT / "bench" / "ddp_cluster_job.py"), "--config", str(cfg_path),
+                      "--hook", str(row.hook)]
+        else:
+            target = ["-m", "tandem.cli", "worker", "--config", str(cfg_path)]
+        argvs = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(n),
+                  "--node_rank", str(i), "--nproc_per_node", str(counts[i]), "--master_addr",
+                  net.hosts[0].addr, "--master_port", str(port), "--max_restarts", "0",
+                  *target] for i in range(n)]
+    before, drops0 = net.counters(), net.qdisc_drops()
+    t0 = time.monotonic()
+    procs, logs = [], []
+    for i, argv in enumerate(argvs):
+        log = open(row_dir / f"host{i}.log", "w")  # noqa: SIM115 - closed below
+        logs.append(log)
+        procs.append(net.popen(i, argv, env=env, cwd=ROOT, stdout=log,
+                               stderr=subprocess.STDOUT))
+    try:
+        codes, timed_out = wait_all(procs, limit_s)
+    finally:
+        for p in procs:
+            net.reap(p)
+        for log in logs:
+            log.close()
+    took = time.monotonic() - t0
+    after, drops = net.counters(), net.qdisc_drops() - drops0
+    out: dict[str, Any] = {"codes": codes, "run_s": took, "drops": drops,
+                           "tx_bytes": sum(a["tx_bytes"] - b["tx_bytes"]
+                                           for a, b in zip(after, before, strict=True))}
+    if timed_out or any(c != 0 for c in codes):
+        texts = [(row_dir / f"host{i}.log").read_text(errors="replace") for i in range(n)]
+        bad = [i for i, c in enumerate(codes) if c not in (0,)]
+        first = next((first_error(texts[i]) for i in bad if texts[i].strip()), "no output")
+        out["error"] = (f"timed out after {limit_s:.0f} s; " if timed_out else "") + first
+        return out
+    if row.kind == "local":
+        sums = [json.loads((row_dir / f"run_h{i}" / "summary.json").read_text())
+                for i in range(n)]
+        out["summary"] = sums[0]
+        out["step_s"] = sum(s["wall_time_s"] / s["steps"] for s in sums) / n
+    else:
+        out["summary"] = json.loads((row_dir / "run" / "summary.json").read_text())
+    return out
+
+
+def processes(cfg: dict[str, Any]) -> int:
+    """How many processes the row's strategy runs (a parameter server adds its servers)."""
+    from tandem.config import load_config
+    from tandem.resolve import resolve
+
+    c = load_config(cfg)
+    return resolve(c).strategy.processes(c)
+
+
+def run_emulated(row: Row, cfg: dict[str, Any], row_dir: Path, net_spec: str,
+                 limit_s: float) -> dict[str, Any]:
+    """The same row on one machine, loopback + Tandem's link emulator."""
+    import tandem
+    from tandem.launch import spawn
+
+    data = dict(cfg, net=net_spec, out=str(row_dir / "emu"))
+    t0 = time.monotonic()
+    try:
+        if row.kind == "ddp":
+            from bench.ddp_cluster_job import job
+
+            summary = spawn(job, int(cfg["workers"]), data, row.hook, timeout_s=limit_s)[0]
+        else:
+            summary = tandem.train(data, timeout_s=limit_s)
+    except Exception as err:  # noqa: BLE001 - a failed row is reported, never dropped
+        return {"error": first_error(f"{type(err).__name__}: {err}"),
+                "run_s": time.monotonic() - t0}
+    return {"summary": summary, "run_s": time.monotonic() - t0}
