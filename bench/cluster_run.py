@@ -45,6 +45,8 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
         Row("topk", "allreduce topk 0.01", "tandem", codec="topk", codec_opts={"ratio": 0.01}),
         Row("powersgd", "allreduce powersgd r2", "tandem", codec="powersgd",
             codec_opts={"rank": 2}),
+        Row("powersgd-r1", "allreduce powersgd r1", "tandem", codec="powersgd",
+            codec_opts={"rank": 1}),
         Row("qsgd", "allreduce qsgd", "tandem", codec="qsgd"),
         # one server per host, a shard each; textlm's optimizer factory (AdamW with parameter
         # groups) needs the whole model, so one server there

@@ -145,6 +145,8 @@ VIEWS: dict[str, View] = {
     **{f"cluster:{wl}{r}": View(_cluster_cols(wl == "cnn"),
                                 where={"rate": f"{r}mbit", "workload": wl})
        for wl in ("cnn", "textlm") for r in (10, 100)},
+    "cluster:cnn_unshaped": View(_cluster_cols(True), where={"rate": "unshaped",
+                                                             "workload": "cnn"}),
     **{f"param_server:{s}": View(_PS_COLS, where={"section": s})
        for s in ("links", "latency", "modes")},
     "plan:validation": View(
