@@ -299,8 +299,10 @@ def rescore(bench: Bench, hosts: int) -> None:
     path = harness.RESULTS / f"{bench.name}.json"
     if not path.is_file():
         raise SystemExit(f"error: --rescore needs {path}, which does not exist")
-    bench.adopt(json.loads(path.read_text()))
-    bench.notes = [n for n in bench.notes if not n.startswith("best Tandem row")]
+    old = json.loads(path.read_text())
+    old["notes"] = [n for n in old.get("notes", [])
+                    if not n.startswith(("best Tandem row", "targets recomputed"))]
+    bench.adopt(old)
     targets(bench, hosts, None, quick=bench.name.endswith("_quick"))
     bench.finish()
 
