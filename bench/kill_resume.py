@@ -20,11 +20,13 @@ the step (its steps are the job's clock; a checkpoint must exist too). Then, per
   coded_ps writes no checkpoints, so its trials end at the detection.
 
 A hang is the launcher's own job deadline ending the run. Process start-up is not in
-``detected_s`` (measured from the death the bench saw). The torchrun-on-network-namespaces part
-(a multi-node job restarted by ``torchrun --max-restarts``) is not implemented here: its target is
-NOT RUN (the loopback torchrun restart is tests/test_reliability.py).
+``detected_s`` (measured from the death the bench saw). As root one more trial runs a 2-host job
+across network namespaces under ``torchrun --max-restarts 1`` and kills a worker on host 1: the
+job must restart and resume to the uninterrupted run's final test loss
+(:mod:`bench.kill_resume_netns`); without root its target is NOT RUN.
 
     python -m bench.kill_resume [--trials 10] [--steps 40] [--only gossip,param_server/sync:server]
+    sudo .venv/bin/python -m bench.kill_resume --only torchrun --merge   # that trial alone
 
 ``--only`` takes ``strategy[:role]`` items (``param_server`` matches both modes). Duration on the
 2-core machine: about 3-10 s per trial (a run and a resume), so the default 10 trials x 12 rows
@@ -311,15 +313,31 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=10, help="kills per (strategy, role)")
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--only", default=None, help="strategy[:role],... e.g. gossip,bsp_shared:agent")
+    ap.add_argument("--only", default=None, help="strategy[:role],... e.g. gossip,bsp_shared:agent;"
+                    " 'torchrun': the multi-node torchrun trial (root: network namespaces)")
+    ap.add_argument("--merge", action="store_true", help="keep the existing results' rows of the "
+                    "(strategy, role) pairs this run does not kill, and their targets")
     args = ap.parse_args()
     if args.steps < 12:
         raise SystemExit("--steps must be >= 12 (kills land after the first checkpoint)")
     import tandem
+    from bench.kill_resume_netns import torchrun_kill_trial
+    from bench.netns import unavailable_reason
 
-    chosen = select(cases(), args.only)
+    items = [x.strip() for x in (args.only or "").split(",") if x.strip()]
+    with_torchrun = not items or "torchrun" in items
+    rest = [x for x in items if x != "torchrun"]
+    chosen = select(cases(), ",".join(rest)) if rest or not items else []
     b = Bench("kill_resume", ["strategy", "role", "victim", "kill_step", "outcome", "detected_s",
                               "names_first", "resumed_from", "max_param_diff"])
+    if args.merge:
+        pairs = {(c.strategy, c.role) for c in chosen}
+        b.keep_previous(lambda r: (r["strategy"], r["role"]) not in pairs
+                        and not (with_torchrun and r["role"].startswith("torchrun")),
+                        lambda t: True, ", ".join(items) or "everything",
+                        keep_note=lambda n: not (with_torchrun and n.startswith("torchrun"))
+                        and not any(n.startswith(f"{c.strategy} {c.role}:") for c in chosen)
+                        and not (chosen and n.split(" ")[0].isdigit()))
     lo, hi = BASE["checkpoint_every"] + 2, max(BASE["checkpoint_every"] + 3, args.steps * 3 // 4)
     with tempfile.TemporaryDirectory() as tmp:
         refs: dict[str, Any] = {}
@@ -339,6 +357,14 @@ def main() -> None:
                 victim, k = rng.choice(case.victims), rng.randrange(lo, hi)
                 b.row(**trial(case, victim, k, Path(tmp) / f"c{ci}t{t}", args.steps,
                               reference(case)))
+        why = unavailable_reason()
+        torchrun_row = None
+        if with_torchrun and why is None:
+            k = random.Random("torchrun").randrange(lo, hi)
+            (Path(tmp) / "torchrun").mkdir()
+            torchrun_row = torchrun_kill_trial(dict(BASE, strategy="allreduce",
+                                                    steps=args.steps), k, Path(tmp) / "torchrun")
+            b.row(**torchrun_row)
     rows = b.rows
     b.target("hangs (every strategy and role)",
              sum(r["outcome"] == "hang" for r in rows), "<= 0")
@@ -349,9 +375,16 @@ def main() -> None:
                  and isinstance(r["max_param_diff"], float)]
         b.target(f"{name}: max |resumed - uninterrupted| parameter difference",
                  max(diffs) if diffs else None, "<= 1e-6")
-    b.target("torchrun on network namespaces: a killed node's job restarts and resumes", None,
-             "<= 0", not_run="not implemented in this benchmark (the loopback torchrun "
-             "--max-restarts resume is tests/test_reliability.py)")
+    name = ("torchrun on network namespaces: a killed node's job restarts and resumes "
+            "(|final test loss - uninterrupted run's|)")
+    if torchrun_row is not None:
+        b.target(name, torchrun_row.get("loss_diff") if torchrun_row["ok"] else None, "<= 1e-6")
+        b.note(f"torchrun: {torchrun_row['role']}, 100 Mbit/s tbf links, --max-restarts 1, c10d "
+               f"rendezvous; worker 1 killed at step {torchrun_row['kill_step']}: "
+               f"{torchrun_row['outcome']} (resumed from step {torchrun_row.get('resumed_from')}, "
+               f"{torchrun_row['run_s']} s with the restart)")
+    elif with_torchrun:
+        b.target(name, None, "<= 1e-6", not_run=f"needs network namespaces: {why}")
     for case in chosen:  # one line per (strategy, role): what the docs show
         mine = [r for r in rows if r["strategy"] == case.strategy and r["role"] == case.role]
         outcomes = ", ".join(f"{v} {k}" for k, v in
@@ -360,6 +393,9 @@ def main() -> None:
         b.note(f"{case.strategy} {case.role}: {len(mine)} kills: {outcomes}; "
                f"{sum(r['ok'] for r in mine)} as promised"
                + (f"; detected in {min(det):.2f}-{max(det):.2f} s" if det else ""))
+    if not chosen:
+        b.finish()
+        return
     b.note(f"{args.trials} kills per (strategy, role), {args.steps} steps, checkpoint every "
            f"{BASE['checkpoint_every']} (bsp_shared: supersteps), kill steps in [{lo}, {hi}), "
            f"timeout_s {BASE['timeout_s']}; detected_s from the death the bench saw (fail: to the "

@@ -81,3 +81,30 @@ def test_dead_sees_an_exited_process():
     finally:
         p.kill()
         p.wait()
+
+
+def test_torchrun_trial_is_not_run_without_namespaces_and_a_merge_keeps_the_rest(
+        tmp_path, monkeypatch):
+    """`--only torchrun --merge` without root: the trial's target is NOT RUN with the reason,
+    and the kept kill trials, their targets and notes stay. Breaks if the merge drops a kept row,
+    target or note, or if the trial runs (or is called MET) without root."""
+    from bench import harness, netns
+
+    name = ("torchrun on network namespaces: a killed node's job restarts and resumes "
+            "(|final test loss - uninterrupted run's|)")
+    old = {"rows": [{"strategy": "gossip", "role": "peer", "ok": True, "outcome": "lost"}],
+           "targets": [{"name": "hangs (every strategy and role)", "value": 0, "goal": "<= 0",
+                        "met": True, "state": "MET"}],
+           "notes": ["gossip peer: 1 kills: 1 lost; 1 as promised", "10 kills per (strategy, "
+                     "role), 40 steps"], "git": {"commit": "c" * 40}}
+    (tmp_path / "kill_resume.json").write_text(json.dumps(old))
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    monkeypatch.setattr(netns, "unavailable_reason", lambda: "needs root")
+    monkeypatch.setattr(sys, "argv", ["kill_resume", "--only", "torchrun", "--merge"])
+    kr.main()
+    rec = json.loads((tmp_path / "kill_resume.json").read_text())
+    assert rec["rows"] == old["rows"]
+    by = {t["name"]: t for t in rec["targets"]}
+    assert by[name]["state"] == "NOT RUN" and "needs root" in by[name]["reason"]
+    assert by["hangs (every strategy and role)"]["value"] == 0
+    assert old["notes"][0] in rec["notes"] and old["notes"][1] in rec["notes"]
