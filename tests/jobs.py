@@ -98,6 +98,45 @@ def ddp_reference(cfg_data: dict) -> list:
     return params
 
 
+def ddp_delayed_reference(cfg_data: dict) -> list:
+    """PyTorch DDP, one step stale: step t's averaged gradient is applied at step t + 1, the
+    last step's after it (what allreduce ``delay=1`` promises)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from tandem.config import RunConfig
+    from tandem.trainer import build_model, build_optimizer
+    from tandem.workloads import build_workload
+    from tandem.workloads.base import ShardLoader, partition
+
+    cfg = RunConfig.model_validate(cfg_data)
+    t = transport_from_env(timeout_s=60)
+    work = build_workload(cfg.workload, cfg.seed)
+    model = DistributedDataParallel(build_model(work, cfg.seed))
+    opt = build_optimizer(model, cfg)
+    params = list(model.module.parameters())
+    shards = partition(work.train.y, cfg.workers, cfg.workload.partition, seed=cfg.seed)
+    loader = ShardLoader(work.train, shards[t.rank], cfg.batch_size, seed=cfg.seed * 1000 + t.rank)
+
+    def step_with(grads: list) -> None:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g
+        opt.step()
+
+    pending = None
+    for _ in range(cfg.steps):
+        x, y = loader.next_batch()
+        opt.zero_grad(set_to_none=True)
+        work.loss_fn(model(x), y).backward()
+        mean = [p.grad.detach().clone() for p in params]
+        if pending is not None:
+            step_with(pending)
+        pending = mean
+    step_with(pending)
+    out = [p.detach().clone() for p in params]
+    t.close()
+    return out
+
+
 def raise_on_rank(bad: int) -> int:
     t = transport_from_env(timeout_s=20)
     if t.rank == bad:

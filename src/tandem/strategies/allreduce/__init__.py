@@ -20,15 +20,26 @@ mean. It steps aside (one all-reduce after backward) with ``--nan-policy skip``,
 stragglers,
 slow workers or NaNs (their effects come after backward), and for every other codec.
 ``bucket_kb`` sets the bucket size (0: auto).
+
+Delay (``--strategy-opt delay=1``; any codec): step ``t``'s exchange runs in a background thread
+while step ``t + 1`` computes, and its mean is applied one step late (one-step-stale synchronous
+SGD; the replicas stay equal, the result is no longer DDP's). A step then costs about
+max(compute, exchange) instead of their sum: use it when the exchange is a large share of the
+step (a slow link, a compressing codec whose bytes still take longer than the compute) and the
+model tolerates one step of staleness (plain SGD and momentum at the usual learning rates do;
+check the accuracy against ``delay=0`` on your model). Not with ``overlap=true`` (both claim the
+time of backward; refused). See :mod:`tandem.strategies.allreduce.delayed`.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tandem.strategies.allreduce.buckets import BucketedAllReduce
+from tandem.strategies.allreduce.delayed import CLOCK0, DelayedExchange
 from tandem.strategies.base import (
     Computed,
     Exchanged,
@@ -54,6 +65,17 @@ class AllReduceOptions(StrategyOptions):
                                    "one all-gather, metered as telemetry); 0: off")
     correlation_ratio: float = Field(0.01, gt=0, le=1, description="top-k density of the "
                                      "support overlap")
+    delay: int = Field(0, ge=0, le=1, description="1: apply each step's mean one step late, "
+                       "its exchange running during the next step's compute (one-step-stale "
+                       "SGD, any codec); 0: synchronous, DDP-equal")
+
+    @model_validator(mode="after")
+    def _one_overlap(self) -> AllReduceOptions:
+        if self.delay and self.overlap:
+            raise ValueError("allreduce: delay=1 and overlap=true both hide communication "
+                             "behind compute and cannot be combined; choose one (overlap: "
+                             "dense codec, exact; delay: any codec, one step stale)")
+        return self
 
 
 @register
@@ -86,19 +108,27 @@ class AllReduceWorker(StepLoop):
             if opts.overlap and quiet and ctx.world > 1 and self.codec.opts.momentum == 0:
                 self.overlap = BucketedAllReduce(trainer, ctx.transport,
                                                  int(opts.bucket_kb * 1024))
+        self.delayed = (DelayedExchange(lambda g: self.codec.exchange(g, ctx.transport),
+                                        ctx.rank, ctx.cfg.timeout_s) if opts.delay else None)
+        self._final: list | None = None  # delay=1: the last step's own mean
+        self._compute_started = 0.0
         self.codec.set_total_steps(total)
         self.correlation = (opts.correlation_every, opts.correlation_ratio)
         self.names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
         self.restore()
 
     def state(self) -> dict[str, Any]:
-        return {**super().state(), "codec": self.codec.state_dict()}
+        extra = {"delayed": self.delayed.state_dict()} if self.delayed is not None else {}
+        return {**super().state(), "codec": self.codec.state_dict(), **extra}
 
     def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
         self.codec.load_state_dict(state["codec"])
+        if self.delayed is not None:
+            self.delayed.load_state_dict(state.get("delayed", {}))
 
     def compute(self, step: int) -> Computed:
+        self._compute_started = time.perf_counter() - CLOCK0
         if self.overlap is not None:
             self.overlap.arm(step)  # buckets leave from gradient hooks during this backward
         return super().compute(step)
@@ -110,6 +140,7 @@ class AllReduceWorker(StepLoop):
 
     def exchange(self, step: int, c: Computed) -> Exchanged:
         every, ratio = self.correlation
+        waited = self.delayed.drain() if self.delayed is not None else 0.0
         if every and ((step + 1) % every == 0 or step == 0) and self.ctx.world > 1:
             fields = gradient_correlation(c.grads, self.names, self.ctx.transport, ratio)
             if self.ctx.rank == 0:  # before the exchange: dense averages in place
@@ -118,12 +149,40 @@ class AllReduceWorker(StepLoop):
             mean = self.overlap.finish()
             self.codec.step += 1
             return Exchanged(mean)
+        if self.delayed is not None:  # apply step-1's mean; step's leaves during step+1
+            fields = {"t_compute_start": self._compute_started,
+                      "t_prev_comm_done": self.delayed.pending_done_at}
+            update = self.delayed.take()
+            self.delayed.submit(step, c.grads)
+            if step == self.total - 1:  # the last step applies its own mean too
+                waited += self.delayed.drain()
+                self._final = self.delayed.take()
+            return Exchanged(update, comm_s=waited, fields=fields)
         return Exchanged(self.codec.exchange(c.grads, self.ctx.transport))
+
+    def apply(self, step: int, c: Computed, ex: Exchanged) -> None:
+        super().apply(step, c, ex)
+        if self._final is not None:
+            assert self.trainer is not None
+            self.trainer.apply(self._final)
+            self._final = None
+
+    def evaluate(self, step: int) -> None:
+        if self.delayed is not None:
+            self.delayed.drain()  # the group is the evaluation's now
+        super().evaluate(step)
+
+    def checkpoint(self, step: int) -> None:
+        if self.delayed is not None:
+            self.delayed.drain()  # the checkpoint holds the mean in flight
+        super().checkpoint(step)
 
     def finish(self) -> dict[str, Any]:
         info = self.codec.describe()
         if self.overlap is not None:
             info = {**info, "overlap_buckets": self.overlap.count}
+        if self.delayed is not None:
+            self.delayed.close()
         if info:
             self.ctx.recorder.info(codec=info)
         return super().finish()
