@@ -12,7 +12,8 @@ row is one ``torchrun --nnodes N --node_rank I --master_addr <host 0> ...`` per 
 (``GLOO_SOCKET_IFNAME`` = the host's veth), started with ``ip netns exec``:
 
 * ``allreduce <codec>``: ``-m tandem.cli worker --config cfg.yaml`` with dense, fp16, top-k 1 %,
-  PowerSGD rank 2 and rank 1, and QSGD;
+  PowerSGD rank 2 and rank 1, and QSGD; top-k and PowerSGD also with ``delay=1`` (the exchange
+  overlapping the next step's compute, one step stale);
 * ``ddp``, ``ddp + fp16 hook``, ``ddp + powersgd r2``: ``bench/ddp_cluster_job.py`` (plain torch
   DDP, torch's ``fp16_compress_hook``, torch's ``powerSGD_hook``) on the same model, shards, seeds,
   optimizer and steps;
@@ -321,8 +322,9 @@ def main() -> None:
                     "namespaces without tbf (no emulated twin), to see what the machine allows")
     ap.add_argument("--workloads", default="cnn,textlm")
     ap.add_argument("--only", default="", help="comma-separated row keys: local, ddp, "
-                    "ddp-fp16, ddp-powersgd, dense, fp16, topk, powersgd, powersgd-r1, qsgd, "
-                    "param_server, bsp_shared, gossip, coded_ps, pipeline")
+                    "ddp-fp16, ddp-powersgd, dense, fp16, topk, powersgd, powersgd-r1, "
+                    "topk-delay, powersgd-delay, powersgd-r1-delay, qsgd, param_server, "
+                    "bsp_shared, gossip, coded_ps, pipeline")
     ap.add_argument("--runs", default="runs/bench-cluster", help="where run records go")
     ap.add_argument("--steps", type=int, default=0, help="steps of every run (trials; default "
                     f"{FULL_STEPS}, --quick {QUICK_STEPS})")

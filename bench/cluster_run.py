@@ -47,6 +47,13 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
             codec_opts={"rank": 2}),
         Row("powersgd-r1", "allreduce powersgd r1", "tandem", codec="powersgd",
             codec_opts={"rank": 1}),
+        # delay=1: the exchange overlaps the next step's compute (one step stale)
+        Row("topk-delay", "allreduce topk 0.01 delay=1", "tandem", codec="topk",
+            codec_opts={"ratio": 0.01}, strategy_opts={"delay": 1}),
+        Row("powersgd-delay", "allreduce powersgd r2 delay=1", "tandem", codec="powersgd",
+            codec_opts={"rank": 2}, strategy_opts={"delay": 1}),
+        Row("powersgd-r1-delay", "allreduce powersgd r1 delay=1", "tandem", codec="powersgd",
+            codec_opts={"rank": 1}, strategy_opts={"delay": 1}),
         Row("qsgd", "allreduce qsgd", "tandem", codec="qsgd"),
         # one server per host, a shard each; textlm's optimizer factory (AdamW with parameter
         # groups) needs the whole model, so one server there
