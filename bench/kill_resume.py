@@ -334,7 +334,8 @@ def main() -> None:
         pairs = {(c.strategy, c.role) for c in chosen}
         b.keep_previous(lambda r: (r["strategy"], r["role"]) not in pairs
                         and not (with_torchrun and r["role"].startswith("torchrun")),
-                        lambda t: True, ", ".join(items) or "everything",
+                        lambda t: not (with_torchrun and t["name"].startswith("torchrun")),
+                        ", ".join(items) or "everything",
                         keep_note=lambda n: not (with_torchrun and n.startswith("torchrun"))
                         and not any(n.startswith(f"{c.strategy} {c.role}:") for c in chosen)
                         and not (chosen and n.split(" ")[0].isdigit()))
