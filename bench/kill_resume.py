@@ -330,11 +330,13 @@ def main() -> None:
     chosen = select(cases(), ",".join(rest)) if rest or not items else []
     b = Bench("kill_resume", ["strategy", "role", "victim", "kill_step", "outcome", "detected_s",
                               "names_first", "resumed_from", "max_param_diff"])
+    why = unavailable_reason()  # None: root, the torchrun trial can run
     if args.merge:
         pairs = {(c.strategy, c.role) for c in chosen}
         b.keep_previous(lambda r: (r["strategy"], r["role"]) not in pairs
                         and not (with_torchrun and r["role"].startswith("torchrun")),
-                        lambda t: not (with_torchrun and t["name"].startswith("torchrun")),
+                        lambda t: not (with_torchrun and why is None
+                                       and t["name"].startswith("torchrun")),
                         ", ".join(items) or "everything",
                         keep_note=lambda n: not (with_torchrun and n.startswith("torchrun"))
                         and not any(n.startswith(f"{c.strategy} {c.role}:") for c in chosen)
@@ -358,7 +360,6 @@ def main() -> None:
                 victim, k = rng.choice(case.victims), rng.randrange(lo, hi)
                 b.row(**trial(case, victim, k, Path(tmp) / f"c{ci}t{t}", args.steps,
                               reference(case)))
-        why = unavailable_reason()
         torchrun_row = None
         if with_torchrun and why is None:
             k = random.Random("torchrun").randrange(lo, hi)
