@@ -56,7 +56,11 @@ def torchrun_kill_trial(cfg: dict[str, Any], kill_step: int, tmp: Path, hosts: i
             argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(hosts),
                     "--node_rank", str(i), "--nproc_per_node", "1", "--max-restarts", "1",
                     "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{net.hosts[0].addr}:{port}",
-                    "--rdzv-id", f"kill-{os.getpid()}", "-m", "tandem.cli", "worker",
+                    "--rdzv-id", f"kill-{os.getpid()}",
+                    # host 0's agent hosts the store, and each agent names its own address
+                    # (c10d would go by the machine's hostname, the same in every namespace)
+                    "--rdzv-conf", f"is_host={int(i == 0)}", "--local-addr", net.hosts[i].addr,
+                    "-m", "tandem.cli", "worker",
                     "--config", str(path)]
             procs.append(net.popen(i, argv, env=env, cwd=tmp, stdout=log,
                                    stderr=subprocess.STDOUT))

@@ -163,3 +163,26 @@ def test_finite_check_is_exact_around_its_fast_path():
     assert not check_finite([torch.tensor([float("inf"), float("-inf")])])
     assert not check_finite([torch.ones(4), torch.tensor([0.0, float("nan")])])
     assert check_finite([torch.randn(1000), torch.zeros(3)])
+
+
+def test_restart_attempt_is_the_same_on_every_node_whatever_their_restart_counts(monkeypatch):
+    """torchrun's agent store outlives a restart, and TORCHELASTIC_RESTART_COUNT is per node (an
+    agent restarted because another node failed keeps 0): the attempt that keeps each start's
+    keys apart must agree across ranks anyway, or the restarted ranks wait for each other under
+    different prefixes until the timeout (seen on a 2-host job across network namespaces)."""
+    from tandem.transport.rendezvous import host_store, store_from_env
+
+    server = host_store("127.0.0.1", 2)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.delenv("TANDEM_STORE_HOSTED", raising=False)
+    for attempt, counts in enumerate([("0", "0"), ("0", "1")]):  # node 1 failed, node 0 did not
+        stores = []
+        for rank, count in enumerate(counts):
+            monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", count)
+            store, got = store_from_env(rank, 2, 10.0)
+            assert got == attempt
+            stores.append(store)
+        stores[0].set("hello", f"from attempt {attempt}")
+        assert stores[1].get("hello") == f"from attempt {attempt}".encode()

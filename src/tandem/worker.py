@@ -40,9 +40,6 @@ def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
     """Run this process's role of the job described by ``cfg_data``; return its final figures."""
     tune_allocator()  # under torchrun too (see tandem.allocator; TANDEM_MALLOC=0 turns it off)
     cfg = RunConfig.model_validate(cfg_data)
-    if not cfg.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and \
-            (cfg.run_dir() / "checkpoints" / "LATEST").is_file():
-        cfg = cfg.model_copy(update={"resume": True})  # torchrun restarted us: go on
     if isinstance(workload, bytes):
         workload = pickle.loads(workload)  # noqa: S301 - our own launcher's payload
     torch.set_num_threads(cfg.threads_per_worker)
@@ -50,6 +47,9 @@ def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
         cfg, env_rank_world()[1])  # before joining: a mismatched job fails fast, on every rank
     transport = transport_from_env(net=cfg.net, timeout_s=cfg.timeout_s, seed=cfg.seed,
                                    backend=cfg.backend)
+    if not cfg.resume and transport.attempt > 0 and \
+            (cfg.run_dir() / "checkpoints" / "LATEST").is_file():
+        cfg = cfg.model_copy(update={"resume": True})  # torchrun restarted us: go on
     graceful = False
     try:
         strategy_cls = resolve(cfg, object_workload=workload is not None).strategy

@@ -31,7 +31,9 @@ def transport_from_env(*, net: NetConfig | str | None = None, timeout_s: float =
     (checked before joining, so a bad one fails at once on every rank)."""
     net = as_net(net)
     rank, world = env_rank_world()
-    store = store_from_env(rank, world, timeout_s)
+    store, attempt = store_from_env(rank, world, timeout_s)
     name, device = pick_backend(backend)
-    return Transport(rank, world, store, backend=name, net=net, timeout_s=timeout_s, seed=seed,
-                     device=device)
+    transport = Transport(rank, world, store, backend=name, net=net, timeout_s=timeout_s,
+                          seed=seed, device=device)
+    transport.attempt = attempt  # > 0: torchrun restarted the job (see store_from_env)
+    return transport

@@ -29,8 +29,16 @@ def host_store(addr: str, world: int, timeout_s: float = 300.0) -> Any:
                          timeout=timedelta(seconds=timeout_s))
 
 
-def store_from_env(rank: int, world: int, timeout_s: float) -> Any:
-    """Connect to the store the launcher (or torchrun) started, or host it on rank 0."""
+def store_from_env(rank: int, world: int, timeout_s: float) -> tuple[Any, int]:
+    """Connect to the store the launcher (or torchrun) started, or host it on rank 0. Returns
+    the store and the *attempt*: 0 on a first start, n after n restarts of the job.
+
+    torchrun's agent keeps one store across restarts, so each attempt's keys are kept apart
+    under ``tandem/<attempt>/``. The attempt is not ``TORCHELASTIC_RESTART_COUNT``: that count
+    is per node and only counts that node's own failures (an agent that restarts its workers
+    because another node failed leaves it at 0), so across hosts it differs. Instead every rank
+    counts its own starts in the store; each attempt starts every rank once, so the count is
+    the same on all ranks of an attempt."""
     addr = os.environ.get("MASTER_ADDR", "127.0.0.1")
     port = int(os.environ.get("MASTER_PORT", "29500"))
     hosted = os.environ.get("TANDEM_STORE_HOSTED") == "1"
@@ -38,9 +46,9 @@ def store_from_env(rank: int, world: int, timeout_s: float) -> Any:
     base = dist.TCPStore(addr, port, world, is_master=(not agent and rank == 0),
                          timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
     if hosted:
-        return base
-    # torchrun restarts reuse the agent's store: keep each attempt's keys apart.
-    return dist.PrefixStore(f"tandem/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+        return base, 0
+    attempt = int(base.add(f"tandem/starts/{rank}", 1)) - 1 if agent else 0
+    return dist.PrefixStore(f"tandem/{attempt}", base), attempt
 
 
 def mark_dead(store: Any, rank: int, why: str) -> None:

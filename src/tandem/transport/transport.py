@@ -85,6 +85,8 @@ class Transport:
         device: torch.device | None = None,
     ) -> None:
         net = as_net(net)
+        #: 0 on a job's first start, n after n torchrun restarts (set by transport_from_env)
+        self.attempt = 0
         self.rank, self.world, self.backend = rank, world, backend
         self.timeout_s = timeout_s
         self.device = device or torch.device("cpu")
