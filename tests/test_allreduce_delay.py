@@ -17,8 +17,8 @@ import torch
 import jobs
 import tandem
 from tandem import worker
-from tandem.errors import WorkerFailed
 from tandem.api import prepare_run_dir
+from tandem.errors import WorkerFailed
 from tandem.launch import spawn
 
 
