@@ -86,3 +86,13 @@ def test_delay_with_overlap_is_refused_before_any_worker_starts(tmp_path):
     with pytest.raises(Exception, match="delay=1 and overlap=true"):
         tandem.load_config(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_dead_peer_mid_exchange_is_named_not_waited_for(tmp_path):
+    """Worker 1 dies while worker 0's exchange runs in the background thread: the run ends with
+    WorkerFailed naming rank 1 (the thread's error reaches the worker), never a hang."""
+    cfg = _cfg(tmp_path / "run", steps=20, inject_crash=["1:6"], timeout_s=10,
+               codec={"name": "powersgd", "options": {"rank": 1}})
+    with pytest.raises(WorkerFailed, match=r"^rank 1 failed: worker 1 killed by SIGKILL") as info:
+        tandem.train(cfg)
+    assert 1 in info.value.ranks

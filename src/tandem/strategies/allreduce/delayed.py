@@ -26,6 +26,8 @@ the bytes that left during it (mostly the previous step's exchange); the totals 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import queue
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -49,8 +51,12 @@ class DelayedExchange:
         self._run = run
         self._rank = rank
         self._timeout_s = timeout_s
-        self._pool = cf.ThreadPoolExecutor(max_workers=1,
-                                           thread_name_prefix="tandem-delayed-exchange")
+        # a daemon thread, not an executor: a worker that fails while an exchange is blocked
+        # in a collective must be able to exit (an executor's thread is joined at exit)
+        self._queue: queue.Queue[tuple[list[torch.Tensor], cf.Future] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="tandem-delayed-exchange",
+                                        daemon=True)
+        self._thread.start()
         self._flight: tuple[int, cf.Future[tuple[list[torch.Tensor], float]]] | None = None
         #: the mean of the last finished exchange, not applied yet (a checkpoint holds it)
         self.pending: list[torch.Tensor] | None = None
@@ -61,8 +67,17 @@ class DelayedExchange:
         """Start exchanging ``step``'s gradients (copied: the trainer reuses its buffers)."""
         if self._flight is not None:
             raise RuntimeError("DelayedExchange.submit with an exchange in flight")
-        mine = [g.detach().clone() for g in grads]
-        self._flight = (step, self._pool.submit(self._exchange, mine))
+        fut: cf.Future[tuple[list[torch.Tensor], float]] = cf.Future()
+        self._queue.put(([g.detach().clone() for g in grads], fut))
+        self._flight = (step, fut)
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            grads, fut = item
+            try:
+                fut.set_result(self._exchange(grads))
+            except BaseException as err:  # noqa: BLE001 - re-raised by drain, in the worker
+                fut.set_exception(err)
 
     def _exchange(self, grads: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
         # a copy: a codec may reuse the buffers it returns on its next exchange
@@ -103,4 +118,4 @@ class DelayedExchange:
         self.pending = state.get("pending")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._queue.put(None)
