@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from bench.harness import ROOT
+from bench.harness import CHILD_PYTHONPATH, ROOT
 from bench.netns import Cluster
 
 
@@ -116,7 +116,7 @@ def run_real(net: Cluster, row: Row, cfg: dict[str, Any], row_dir: Path, port: i
              limit_s: float) -> dict[str, Any]:
     """One row on the real links: a torchrun per host; its summary and wire counters."""
     env = dict(os.environ, GLOO_SOCKET_IFNAME=net.hosts[0].dev, OMP_NUM_THREADS="1",
-               PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+               PYTHONUNBUFFERED="1", PYTHONPATH=CHILD_PYTHONPATH)
     env.pop("TANDEM_STORE_HOSTED", None)
     n = len(net.hosts)
     if row.kind == "local":

@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+#: what a process the bench starts must import: this checkout's tandem (its src/, ahead of any
+#: installed copy, so that a run from a clone measures the clone) and the bench package
+CHILD_PYTHONPATH = f"{ROOT / 'src'}{os.pathsep}{ROOT}"
 RESULTS = Path(__file__).resolve().parent / "results"
 _PROCESS_STARTED = time.time()  # benchmarks import this first: their whole run is timed
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from bench.harness import ROOT
+from bench.harness import CHILD_PYTHONPATH
 
 RATE = "100mbit"
 
@@ -47,7 +47,7 @@ def torchrun_kill_trial(cfg: dict[str, Any], kill_step: int, tmp: Path, hosts: i
     t0 = time.monotonic()
     with Cluster(hosts, RATE) as net:
         env = dict(os.environ, GLOO_SOCKET_IFNAME=net.hosts[0].dev, OMP_NUM_THREADS="1",
-                   PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+                   PYTHONUNBUFFERED="1", PYTHONPATH=CHILD_PYTHONPATH)
         env.pop("TANDEM_STORE_HOSTED", None)
         procs, logs = [], []
         for i in range(hosts):

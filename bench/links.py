@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.harness import Bench
+from bench.harness import CHILD_PYTHONPATH, Bench
 from bench.netns import Cluster, NetnsUnavailable, unavailable_reason
 from tandem.config import NetConfig
 from tandem.transport import costs
@@ -56,7 +56,7 @@ def run_real(rate: str, sizes: list[int]) -> list[dict]:
         for rank, host in enumerate(net.hosts):
             env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR=net.hosts[0].addr,
                        MASTER_PORT="29611", GLOO_SOCKET_IFNAME=host.dev, LOCAL_RANK="0",
-                       PYTHONPATH=str(ROOT))
+                       PYTHONPATH=CHILD_PYTHONPATH)
             env.pop("TANDEM_STORE_HOSTED", None)
             out = Path(tmp) / f"r{rank}.json"
             code = ("import json,sys; from bench.links import measure; "
