@@ -150,14 +150,14 @@ class AllReduceWorker(StepLoop):
             self.codec.step += 1
             return Exchanged(mean)
         if self.delayed is not None:  # apply step-1's mean; step's leaves during step+1
-            fields = {"t_compute_start": self._compute_started,
+            timing = {"t_compute_start": self._compute_started,
                       "t_prev_comm_done": self.delayed.pending_done_at}
             update = self.delayed.take()
             self.delayed.submit(step, c.grads)
             if step == self.total - 1:  # the last step applies its own mean too
                 waited += self.delayed.drain()
                 self._final = self.delayed.take()
-            return Exchanged(update, comm_s=waited, fields=fields)
+            return Exchanged(update, comm_s=waited, fields=timing)
         return Exchanged(self.codec.exchange(c.grads, self.ctx.transport))
 
     def apply(self, step: int, c: Computed, ex: Exchanged) -> None:
