@@ -1,7 +1,7 @@
 """Real links between hosts: Tandem and PyTorch DDP across network namespaces, against the emulator.
 
     sudo .venv/bin/python -m bench.cluster             # full: the tables in docs/cluster.md
-    sudo .venv/bin/python -m bench.cluster --quick     # make bench: 10 Mbit/s, CNN, 5 rows
+    sudo .venv/bin/python -m bench.cluster --quick     # make bench: 10 Mbit/s, CNN, 6 rows
     .venv/bin/python -m bench.cluster [--rates 10mbit,100mbit] [--workloads cnn,textlm]
         [--only dense,ddp,...] [--hosts 4] [--runs runs/bench-cluster] [--merge]
     .venv/bin/python -m bench.cluster --rescore      # recompute the targets from the kept rows
@@ -77,7 +77,7 @@ PORT = 29500
 UNSHAPED = "unshaped"  # a --rates value: the namespaces' veth pairs with no tbf
 
 
-QUICK_ROWS = ("local", "ddp", "ddp-powersgd", "topk", "powersgd")
+QUICK_ROWS = ("local", "ddp", "ddp-powersgd", "topk", "powersgd", "powersgd-r1")
 
 
 # ---- the benchmark -------------------------------------------------------------------------

@@ -26,9 +26,11 @@ while step ``t + 1`` computes, and its mean is applied one step late (one-step-s
 SGD; the replicas stay equal, the result is no longer DDP's). A step then costs about
 max(compute, exchange) instead of their sum: use it when the exchange is a large share of the
 step (a slow link, a compressing codec whose bytes still take longer than the compute) and the
-model tolerates one step of staleness (plain SGD and momentum at the usual learning rates do;
-check the accuracy against ``delay=0`` on your model). Not with ``overlap=true`` (both claim the
-time of backward; refused). See :mod:`tandem.strategies.allreduce.delayed`.
+model tolerates one step of staleness. Heavy momentum does not: the cluster benchmark's CNN
+(SGD, lr 0.05, momentum 0.9) did not train with ``delay=1``, the dense codec included, and did
+at momentum 0.5 (docs/cluster.md); lower the momentum and check the accuracy against
+``delay=0`` on your model. Not with ``overlap=true`` (both claim the time of backward; refused).
+See :mod:`tandem.strategies.allreduce.delayed`.
 """
 
 from __future__ import annotations
