@@ -106,6 +106,25 @@ def wait_all(procs: list[subprocess.Popen], limit_s: float, grace_s: float = 20.
         time.sleep(0.2)
 
 
+def run_on_hosts(net: Cluster, argvs: list[list[str]], env: dict[str, str], cwd: Path,
+                 log_dir: Path, limit_s: float) -> tuple[list[int | None], bool]:
+    """Start ``argvs[i]`` in host ``i``'s namespace (output to ``log_dir/host<i>.log``), wait
+    for all of them (see :func:`wait_all`) and reap whatever is left."""
+    procs, logs = [], []
+    try:
+        for i, argv in enumerate(argvs):
+            log = open(log_dir / f"host{i}.log", "w")  # noqa: SIM115 - closed below
+            logs.append(log)
+            procs.append(net.popen(i, argv, env=env, cwd=cwd, stdout=log,
+                                   stderr=subprocess.STDOUT))
+        return wait_all(procs, limit_s)
+    finally:
+        for p in procs:
+            net.reap(p)
+        for log in logs:
+            log.close()
+
+
 def write_config(data: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
@@ -139,19 +158,7 @@ def run_real(net: Cluster, row: Row, cfg: dict[str, Any], row_dir: Path, port: i
                   *target] for i in range(n)]
     before, drops0 = net.counters(), net.qdisc_drops()
     t0 = time.monotonic()
-    procs, logs = [], []
-    for i, argv in enumerate(argvs):
-        log = open(row_dir / f"host{i}.log", "w")  # noqa: SIM115 - closed below
-        logs.append(log)
-        procs.append(net.popen(i, argv, env=env, cwd=ROOT, stdout=log,
-                               stderr=subprocess.STDOUT))
-    try:
-        codes, timed_out = wait_all(procs, limit_s)
-    finally:
-        for p in procs:
-            net.reap(p)
-        for log in logs:
-            log.close()
+    codes, timed_out = run_on_hosts(net, argvs, env, ROOT, row_dir, limit_s)
     took = time.monotonic() - t0
     after, drops = net.counters(), net.qdisc_drops() - drops0
     out: dict[str, Any] = {"codes": codes, "run_s": took, "drops": drops,

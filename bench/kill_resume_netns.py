@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ def torchrun_kill_trial(cfg: dict[str, Any], kill_step: int, tmp: Path, hosts: i
                         limit_s: float = 300.0) -> dict[str, Any]:
     """One trial; returns the row (``ok``, ``outcome``, ``loss_diff``, ``resumed_from``...)."""
     import tandem
-    from bench.cluster_run import first_error, wait_all
+    from bench.cluster_run import first_error, run_on_hosts
     from bench.netns import Cluster
 
     base = dict(cfg, workers=hosts, progress=False)
@@ -49,28 +48,15 @@ def torchrun_kill_trial(cfg: dict[str, Any], kill_step: int, tmp: Path, hosts: i
         env = dict(os.environ, GLOO_SOCKET_IFNAME=net.hosts[0].dev, OMP_NUM_THREADS="1",
                    PYTHONUNBUFFERED="1", PYTHONPATH=CHILD_PYTHONPATH)
         env.pop("TANDEM_STORE_HOSTED", None)
-        procs, logs = [], []
-        for i in range(hosts):
-            log = open(tmp / f"host{i}.log", "w")  # noqa: SIM115 - closed below
-            logs.append(log)
-            argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(hosts),
-                    "--node_rank", str(i), "--nproc_per_node", "1", "--max-restarts", "1",
-                    "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{net.hosts[0].addr}:{port}",
-                    "--rdzv-id", f"kill-{os.getpid()}",
-                    # host 0's agent hosts the store, and each agent names its own address
-                    # (c10d would go by the machine's hostname, the same in every namespace)
-                    "--rdzv-conf", f"is_host={int(i == 0)}", "--local-addr", net.hosts[i].addr,
-                    "-m", "tandem.cli", "worker",
-                    "--config", str(path)]
-            procs.append(net.popen(i, argv, env=env, cwd=tmp, stdout=log,
-                                   stderr=subprocess.STDOUT))
-        try:
-            codes, timed_out = wait_all(procs, limit_s)
-        finally:
-            for p in procs:
-                net.reap(p)
-            for log in logs:
-                log.close()
+        argvs = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", str(hosts),
+                  "--node_rank", str(i), "--nproc_per_node", "1", "--max-restarts", "1",
+                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{net.hosts[0].addr}:{port}",
+                  "--rdzv-id", f"kill-{os.getpid()}",
+                  # host 0's agent hosts the store, and each agent names its own address
+                  # (c10d would go by the machine's hostname, the same in every namespace)
+                  "--rdzv-conf", f"is_host={int(i == 0)}", "--local-addr", net.hosts[i].addr,
+                  "-m", "tandem.cli", "worker", "--config", str(path)] for i in range(hosts)]
+        codes, timed_out = run_on_hosts(net, argvs, env, tmp, tmp, limit_s)
     row["run_s"] = round(time.monotonic() - t0, 1)
     texts = [(tmp / f"host{i}.log").read_text(errors="replace") for i in range(hosts)]
     crashed = "exitcode: -9" in texts[1] or "Signals.SIGKILL" in texts[1]
