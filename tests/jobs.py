@@ -162,6 +162,28 @@ def kill_after_checkpoint(run_dir, min_step: int, victim: int = 1):
     return on_start
 
 
+def kill_then_resume(cfg, min_step: int) -> list:
+    """Run ``cfg`` (2 workers) under the local launcher, SIGKILL worker 1 once a checkpoint at
+    step >= ``min_step`` exists, check the failure names it and the checkpoint is mid-run, then
+    ``--resume``: rank 0's final parameters."""
+    import pytest
+
+    import tandem
+    from tandem import worker
+    from tandem.api import prepare_run_dir
+    from tandem.launch import spawn
+
+    prepare_run_dir(cfg)
+    with pytest.raises(WorkerFailed) as info:
+        spawn(worker.main, 2, cfg.model_dump(mode="json"), None, True, timeout_s=120,
+              on_start=kill_after_checkpoint(cfg.run_dir(), min_step))
+    assert 1 in info.value.ranks
+    latest = json.loads((cfg.run_dir() / "checkpoints" / "LATEST").read_text())
+    assert min_step <= latest["step"] < cfg.steps
+    resumed = tandem.train(cfg.model_copy(update={"resume": True}), return_results=True)
+    return resumed["results"][0]["params"]
+
+
 def allocator_state() -> tuple[bool, bool]:
     """(was this process's allocator tuned before the job ran, is it tuned when asked now)."""
     from tandem import allocator

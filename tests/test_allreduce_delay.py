@@ -16,8 +16,6 @@ import torch
 
 import jobs
 import tandem
-from tandem import worker
-from tandem.api import prepare_run_dir
 from tandem.errors import WorkerFailed
 from tandem.launch import spawn
 
@@ -53,16 +51,8 @@ def test_delay_with_powersgd_keeps_replicas_equal_and_resumes_exactly(tmp_path):
     ref = tandem.train(_cfg(tmp_path / "ref", **opts), return_results=True)
     a, b = ref["results"][0]["params"], ref["results"][1]["params"]
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-    cfg = tandem.load_config(_cfg(tmp_path / "killed", **opts))
-    prepare_run_dir(cfg)
-    with pytest.raises(WorkerFailed) as info:
-        spawn(worker.main, 2, cfg.model_dump(mode="json"), None, True, timeout_s=120,
-              on_start=jobs.kill_after_checkpoint(cfg.run_dir(), 16))
-    assert 1 in info.value.ranks
-    latest = json.loads((cfg.run_dir() / "checkpoints" / "LATEST").read_text())
-    assert 16 <= latest["step"] < 30
-    resumed = tandem.train(cfg.model_copy(update={"resume": True}), return_results=True)
-    for x, y in zip(a, resumed["results"][0]["params"], strict=True):
+    resumed = jobs.kill_then_resume(tandem.load_config(_cfg(tmp_path / "killed", **opts)), 16)
+    for x, y in zip(a, resumed, strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
 
 

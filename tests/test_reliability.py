@@ -10,12 +10,9 @@ import torch
 
 import jobs
 import tandem
-from tandem import worker
-from tandem.api import prepare_run_dir
 from tandem.checkpoint import Checkpointer, config_fingerprint
 from tandem.codecs import CODECS
 from tandem.errors import CheckpointError, WorkerFailed
-from tandem.launch import spawn
 
 
 def _cfg(out, codec="dense", **kw):
@@ -41,16 +38,8 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path, codec):
         pytest.skip(f"codec {codec} not available")
     opts = {"codec": {"name": codec, "options": CODEC_OPTIONS[codec]}}
     ref = tandem.train(_cfg(tmp_path / "ref", **opts), return_results=True)
-    cfg = _cfg(tmp_path / "killed", **opts)
-    prepare_run_dir(cfg)
-    with pytest.raises(WorkerFailed) as info:
-        spawn(worker.main, 2, cfg.model_dump(mode="json"), None, True, timeout_s=120,
-              on_start=jobs.kill_after_checkpoint(cfg.run_dir(), 16))
-    assert 1 in info.value.ranks
-    latest = json.loads((cfg.run_dir() / "checkpoints" / "LATEST").read_text())
-    assert 16 <= latest["step"] < 40
-    resumed = tandem.train(cfg.model_copy(update={"resume": True}), return_results=True)
-    for a, b in zip(ref["results"][0]["params"], resumed["results"][0]["params"], strict=True):
+    resumed = jobs.kill_then_resume(_cfg(tmp_path / "killed", **opts), 16)
+    for a, b in zip(ref["results"][0]["params"], resumed, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
