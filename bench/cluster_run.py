@@ -80,7 +80,12 @@ def first_error(text: str) -> str:
         m = pat.match(ln)
         if m and "ChildFailedError" not in ln and "elastic" not in ln:
             return m.group(1)
-    return lines[-1] if lines else "no output"
+    for key in ("enforce fail", "what():", "terminate called"):  # a C++ abort (gloo's
+        for ln in lines:  # enforce), which prints no Python traceback
+            if key in ln:
+                return ln
+    worded = [ln for ln in lines if re.search(r"[A-Za-z]", ln)]  # not torchrun's ==== banner
+    return worded[-1] if worded else "no output"
 
 
 def per_host(procs: int, hosts: int) -> list[int]:
