@@ -93,3 +93,16 @@ def test_rescore_keeps_the_measured_provenance_and_recomputes_the_targets(tmp_pa
     by = {t["name"]: t for t in rec["targets"]}
     assert by["10mbit cnn: plain DDP time to 0.95 / the best Tandem row's"]["value"] == 10.0
     assert by["emulation error, 10mbit cnn allreduce fp16"]["state"] == "NOT MET"
+
+
+def test_first_error_names_a_cpp_abort_and_never_a_banner():
+    """A row that aborted in gloo (no Python traceback) once read 'FAILED: ====' (torchrun's
+    banner): breaks if the enforce line is not picked, or a line without words can be."""
+    from bench.cluster_run import first_error
+
+    log = ("starting\nterminate called after throwing an instance of 'gloo::EnforceNotMet'\n"
+           "  what():  [enforce fail at pair.cc:446] op.preamble.length <= op.nbytes. 2432 vs "
+           "1536\n" + "=" * 40 + "\n")
+    assert first_error(log).startswith("what():  [enforce fail at pair.cc:446]")
+    assert first_error("hosts up\n" + "=" * 40 + "\n-----\n") == "hosts up"
+    assert first_error("x\nerror: config invalid\nRuntimeError: later") == "config invalid"
