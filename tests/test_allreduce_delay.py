@@ -16,7 +16,7 @@ import torch
 
 import jobs
 import tandem
-from tandem.errors import WorkerFailed
+from tandem.errors import ConfigError, WorkerFailed
 from tandem.launch import spawn
 
 
@@ -73,9 +73,9 @@ def test_exchange_overlaps_the_next_compute(tmp_path):
 def test_delay_with_overlap_is_refused_before_any_worker_starts(tmp_path):
     cfg = _cfg(tmp_path / "run", strategy={"name": "allreduce",
                                            "options": {"delay": 1, "overlap": True}})
-    with pytest.raises(Exception, match="delay=1 and overlap=true"):
-        tandem.load_config(cfg)
-    assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match="delay=1 and overlap=true"):
+        tandem.train(cfg)
+    assert not (tmp_path / "run").exists()  # refused before the run directory or a worker
 
 
 def test_a_dead_peer_mid_exchange_is_named_not_waited_for(tmp_path):

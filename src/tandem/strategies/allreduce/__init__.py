@@ -130,7 +130,8 @@ class AllReduceWorker(StepLoop):
             self.delayed.load_state_dict(state.get("delayed", {}))
 
     def compute(self, step: int) -> Computed:
-        self._compute_started = time.perf_counter() - CLOCK0
+        if self.delayed is not None:  # for the record's overlap fields
+            self._compute_started = time.perf_counter() - CLOCK0
         if self.overlap is not None:
             self.overlap.arm(step)  # buckets leave from gradient hooks during this backward
         return super().compute(step)
