@@ -17,6 +17,7 @@ from tandem.codecs import CODECS
 from tandem.errors import ConfigError
 from tandem.launch import spawn
 from tandem.sweep import expand_grid, label_of, variant_configs
+from tandem.telemetry.curves import load_events
 
 BASE = {"workload": {"name": "digits"}, "workers": 2, "steps": 8, "batch_size": 16, "lr": 0.1,
         "momentum": 0.9, "seed": 3, "progress": False, "eval_every": 4}
@@ -111,6 +112,11 @@ def test_each_model_leaves_a_run_record_with_its_own_bytes_and_overlap(job):
         assert stats["hidden_s"] <= stats["comm_s"] + 1e-9
     job_stats = job["results"][0]
     assert [m["label"] for m in job_stats["models"]] == [label for label, _ in variants]
+    # the job's own step records hold every byte its models sent, the last round's too (whose
+    # exchanges used to finish after the job's record of that round was written)
+    def sent(d):
+        return sum(r["bytes_sent"] for r in load_events(d) if r.get("kind") == "step")
+    assert sent(job["dir"]) == sum(sent(v.run_dir()) for _, v in variants) > 0
     assert 0.0 <= job_stats["hidden_share"] <= 1.0
 
 

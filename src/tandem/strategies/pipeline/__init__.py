@@ -175,7 +175,9 @@ class PipelineStrategy(Strategy):
                         if not self.opts.overlap:
                             exposed += lane.settle(evaluating)
                 saving = self.ckpt.due(step, rounds)
-                if saving:  # a checkpoint holds every model with its round applied
+                # a checkpoint holds every model with its round applied; the last round's
+                # exchanges have nothing left to hide behind, and their bytes belong to its record
+                if saving or step == rounds - 1:
                     for lane in lanes:
                         exposed += lane.settle(evaluating)
                 b = ctx.transport.end_step()
