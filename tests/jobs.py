@@ -35,6 +35,31 @@ def byte_counts(world: int) -> dict:
     return {k: (v.sent, v.recv) if hasattr(v, "sent") else v for k, v in out.items()}
 
 
+def swap_in_pieces() -> dict:
+    """Ranks 0 and 1 swap a message of several pieces (receives posted first, one into a
+    non-contiguous buffer), then a small one and an empty one: what arrived, what was metered."""
+    t = transport_from_env(timeout_s=30)
+    peer = 1 - t.rank
+
+    def values(rank: int) -> torch.Tensor:  # every other of 60,000: 240,000 bytes, 4 pieces
+        return (torch.arange(60_000, dtype=torch.float64) + 1e5 * rank)[::2]
+
+    into = torch.empty(60_000, dtype=torch.float64)[::2]  # a non-contiguous buffer
+    got = t.recv(into, peer)
+    small = t.recv(torch.empty(100, dtype=torch.int32), peer)
+    empty = t.recv(torch.empty(0), peer)
+    for msg in (values(t.rank), torch.full((100,), t.rank, dtype=torch.int32), torch.empty(0)):
+        t.send(msg, peer).wait()
+    got.wait()
+    want = values(peer)
+    out = {"big_ok": bool(torch.equal(into, want)),
+           "small_ok": bool((small.wait() == peer).all()), "empty": empty.wait().numel()}
+    b = t.end_step()
+    out["bytes"] = (b.sent, b.recv)
+    t.close()
+    return out
+
+
 def link_timing(net: str, sizes: list[int]) -> list[tuple[int, float, float]]:
     """Time all_reduce and send on an emulated link; return (bytes, all_reduce s, p2p s)."""
     t = transport_from_env(net=NetConfig.parse(net), timeout_s=60)

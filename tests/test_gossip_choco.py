@@ -35,8 +35,18 @@ class QueueP2P:
         self.pipes[(self.rank, dst)].put(buf.clone())
         return Done(None)
 
-    def recv_packed(self, specs: Any, src: int) -> Done:
-        return Done(unpack(self.pipes[(src, self.rank)].get(timeout=30), specs))
+    def recv_packed(self, specs: Any, src: int) -> Posted:
+        return Posted(lambda: unpack(self.pipes[(src, self.rank)].get(timeout=30), specs))
+
+
+class Posted:
+    """A receive posted now and completed by ``wait`` (the mixer posts receives before sends)."""
+
+    def __init__(self, take: Any) -> None:
+        self.take = take
+
+    def wait(self) -> Any:
+        return self.take()
 
 
 def _rounds(codec: str, opts: dict[str, Any], gamma: float, ys: list[torch.Tensor],

@@ -6,12 +6,14 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 
 import jobs
 from tandem.config import NetConfig
 from tandem.errors import ConfigError, WorkerFailed
 from tandem.launch import spawn
 from tandem.transport import costs
+from tandem.transport.packing import P2P_PIECE_BYTES, byte_pieces
 from tandem.transport.transport import as_net
 
 
@@ -28,6 +30,19 @@ def test_byte_counts_exact_for_all_reduce_broadcast_and_p2p():
     assert res[0]["p2p"] == (400, 0)
     assert res[1]["p2p"] == (0, 400)
     assert res[2]["p2p"] == (0, 0)
+
+
+def test_a_message_travels_in_pieces_that_arrive_whole_and_are_metered_once():
+    """Breaks if the pieces are cut differently at the two ends, reassembled out of order, lost
+    for a non-contiguous buffer, or metered per piece: a swap with receives posted first."""
+    big = torch.zeros(30_000, dtype=torch.float64)
+    pieces = byte_pieces(big)
+    assert [p.numel() for p in pieces] == [P2P_PIECE_BYTES] * 3 + [240_000 - 3 * P2P_PIECE_BYTES]
+    assert all(p.untyped_storage().data_ptr() == big.untyped_storage().data_ptr() for p in pieces)
+    assert [p.numel() for p in byte_pieces(torch.empty(0))] == [0]
+    for r in spawn(jobs.swap_in_pieces, 2, timeout_s=60):
+        assert r["big_ok"] and r["small_ok"] and r["empty"] == 0
+        assert r["bytes"] == (240_000 + 400, 240_000 + 400)
 
 
 def test_emulated_link_time_matches_model():

@@ -206,15 +206,25 @@ class _Loopback:
         self.last = t
         return Done(None)
 
-    def recv_packed(self, specs: Any, src: int, **_: Any) -> Done:
-        from tandem.transport.packing import unpack
-
-        assert self.last is not None
-        return Done(unpack(self.last.clone(), specs))
+    def recv_packed(self, specs: Any, src: int, **_: Any) -> _Echo:
+        return _Echo(self, specs)  # posted before this peer's send, as the mixer does
 
     def row(self) -> tuple[list[int], float, dict[int, float]]:
         w = 1.0 / (self.degree + 1)
         return list(range(1, self.degree + 1)), w, {j: w for j in range(1, self.degree + 1)}
+
+
+class _Echo:
+    """The answer of a :class:`_Loopback` neighbour: what this peer sent, once it has sent."""
+
+    def __init__(self, loop: _Loopback, specs: Any) -> None:
+        self.loop, self.specs = loop, specs
+
+    def wait(self, timeout: float | None = None) -> list[torch.Tensor]:
+        from tandem.transport.packing import unpack
+
+        assert self.loop.last is not None, "the mixer waited for a receive before it sent"
+        return unpack(self.loop.last.clone(), self.specs)
 
 
 def _gossip_time(name: str, options: dict[str, Any], grads: list[torch.Tensor], degree: int,

@@ -172,11 +172,10 @@ class CodedPSStrategy(Strategy):
 
         def dispatch(j: int, step: float) -> Any:
             try:
-                sent = tr.send(torch.cat([torch.tensor([step]), x]), j)
-                if step != STOP:
+                if step != STOP:  # the answer's receive before the send: see Transport.send
                     b = torch.empty(x.numel() + 1)
                     inbox[j] = (b, tr.recv(b, j))
-                return sent
+                return tr.send(torch.cat([torch.tensor([step]), x]), j)
             except TandemError as err:
                 self._lose(j, f"send failed: {err}", inbox)
                 return None

@@ -66,3 +66,14 @@ def specs_from_header(header: torch.Tensor) -> list[TensorSpec]:
         specs.append((dtype, tuple(vals[i + 2: i + 2 + ndim])))
         i += 2 + ndim
     return specs
+
+
+#: a point-to-point message travels in pieces of at most this many bytes (Transport.send says why)
+P2P_PIECE_BYTES = 64 * 1024
+
+
+def byte_pieces(t: torch.Tensor, size: int = P2P_PIECE_BYTES) -> list[torch.Tensor]:
+    """Views of contiguous ``t``'s bytes, ``size`` bytes each (the last one shorter); one empty
+    view for an empty tensor. Both ends of a message cut it the same way, from its byte count."""
+    flat = t.reshape(-1).view(torch.uint8)
+    return list(flat.split(size)) if flat.numel() else [flat]

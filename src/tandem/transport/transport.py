@@ -33,6 +33,7 @@ from tandem.transport.accounting import ByteMeter, StepBytes
 from tandem.transport.liveness import CallerWait, Liveness, Pending, Scheduler, Waiters
 from tandem.transport.packing import (
     TensorSpec,
+    byte_pieces,
     header_of,
     nbytes_of,
     pack,
@@ -238,30 +239,47 @@ class Transport:
         return pending
 
     # ---- point to point ---------------------------------------------------------------------
-    def _next_tag(self, table: dict[int, int], peer: int) -> int:
+    def _next_tags(self, table: dict[int, int], peer: int, n: int) -> list[int]:
         with self._seq_lock:
-            table[peer] = table.get(peer, 0) + 1
-            return table[peer] % (2**31 - 1)
+            first = table.get(peer, 0) + 1
+            table[peer] = first + n - 1
+            return [t % (2**31 - 1) for t in range(first, first + n)]
 
     def send(self, tensor: torch.Tensor, dst: int, *, category: str = "train") -> Pending:
-        """Send to ``dst``; completes when the emulated egress has carried it."""
+        """Send to ``dst``; completes when the emulated egress has carried it.
+
+        When two ranks exchange (each sends to the other), post the receives *before* the sends:
+        gloo does not read a pair's socket for a message whose receive is not posted yet, so two
+        sends issued first take turns on the link. Measured between two network namespaces at
+        100 Mbit/s, 800 kB each way: 133 ms with the sends first, 74 ms with the receives first
+        (one way alone: 67 ms). The emulated link cannot show it (it releases a send after its
+        modelled egress time), so only the real link tells.
+
+        A message leaves in pieces of :data:`~tandem.transport.packing.P2P_PIECE_BYTES` (one
+        tag each), which lets each direction's pieces interleave: the same exchange between four
+        namespaces (800 kB to and from both ring neighbours, receives first) took 182-212 ms
+        whole, 159-165 ms in 50 kB pieces, 158-170 ms in 12.5 kB pieces (modelled: 128 ms;
+        gloo's ring all-reduce of the same bytes runs 1.2x its model there too)."""
         tensor = tensor.detach().contiguous().cpu()
         nbytes = tensor.numel() * tensor.element_size()
         self.meter.record("send", nbytes, 0, peer=dst, category=category)
-        tag = self._next_tag(self._send_seq, dst)
+        pieces = byte_pieces(tensor)
+        tags = self._next_tags(self._send_seq, dst, len(pieces))
         pending = self._pending(f"send of {nbytes} bytes to rank {dst}", [dst])
         egress_done, release = self.link.send_release_time(nbytes)
 
         def issue() -> None:
             try:
-                work = dist.isend(tensor, dst, group=self._p2p_pg, tag=tag)
+                works = [dist.isend(piece, dst, group=self._p2p_pg, tag=tag)
+                         for piece, tag in zip(pieces, tags, strict=True)]
             except BaseException as err:  # noqa: BLE001
                 pending.set_error(err)
                 return
 
             def wait() -> None:
                 try:
-                    work.wait()
+                    for work in works:
+                        work.wait()
                     self._complete_at(egress_done, pending, None)
                 except BaseException as err:  # noqa: BLE001
                     pending.set_error(err)
@@ -279,14 +297,18 @@ class Transport:
         """Receive into ``tensor`` from ``src``; result: ``tensor``, or ``then(tensor)``
         (computed by the thread that completes the receive; an error in it is the result)."""
         nbytes = tensor.numel() * tensor.element_size()
-        tag = self._next_tag(self._recv_seq, src)
         pending = self._pending(f"receive of {nbytes} bytes from rank {src}", [src])
-        buf = tensor if tensor.device.type == "cpu" else torch.empty_like(tensor, device="cpu")
-        work = dist.irecv(buf, src, group=self._p2p_pg, tag=tag)
+        direct = tensor.device.type == "cpu" and tensor.is_contiguous()
+        buf = tensor if direct else torch.empty(tensor.shape, dtype=tensor.dtype)
+        pieces = byte_pieces(buf)  # cut as the sender cut it (see send)
+        tags = self._next_tags(self._recv_seq, src, len(pieces))
+        works = [dist.irecv(piece, src, group=self._p2p_pg, tag=tag)
+                 for piece, tag in zip(pieces, tags, strict=True)]
 
         def wait() -> None:
             try:  # as in _finish_collective: every error reaches the caller at once
-                work.wait()
+                for work in works:
+                    work.wait()
                 self.meter.record("recv", 0, nbytes, peer=src, category=category)
                 if buf is not tensor:
                     tensor.copy_(buf)

@@ -86,8 +86,8 @@ class ChocoMixer:
         nbrs, _, _ = self.view.row()
         msg = codec.encode(unflatten(y - self.public[me], self.shapes))
         packed = msg.pack()  # a fresh buffer, never written again: one for every neighbour
+        recvs = [(j, tr.recv_packed(msg.specs(), j)) for j in nbrs]  # first: see Transport.send
         sends = [(j, tr.send(packed, j)) for j in nbrs]
-        recvs = [(j, tr.recv_packed(msg.specs(), j)) for j in nbrs]
         got: dict[int, list[torch.Tensor]] = {}
         lost: set[int] = set()
         for is_recv, (j, h) in [(True, r) for r in recvs] + [(False, d) for d in sends]:

@@ -293,9 +293,9 @@ class GossipPeer(StepLoop):
         tr, view = self.ctx.transport, self.view
         for _ in range(rounds):
             nbrs, w_self, w_nbr = view.row()
-            sends = [(j, tr.send(y.clone(), j)) for j in nbrs]
             bufs = {j: torch.empty_like(y) for j in nbrs}
-            recvs = [(j, tr.recv(bufs[j], j)) for j in nbrs]
+            recvs = [(j, tr.recv(bufs[j], j)) for j in nbrs]  # first: see Transport.send
+            sends = [(j, tr.send(y.clone(), j)) for j in nbrs]
             lost: set[int] = set()
             for j, h in recvs + sends:
                 if j in lost:
