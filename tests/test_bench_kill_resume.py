@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `bench` is a package of the repository, not installed
 
 from bench import kill_resume as kr  # noqa: E402
+from bench import killer  # noqa: E402
 
 
 def test_every_strategy_and_role_is_covered_and_every_config_resolves():
@@ -52,7 +53,7 @@ def test_only_selects_by_strategy_prefix_and_role():
 
 def test_tail_reads_only_whole_new_lines(tmp_path):
     path = tmp_path / "events.rank0.jsonl"
-    tail = kr.Tail(path)
+    tail = killer.Tail(path)
     assert tail.records() == []  # not written yet
     path.write_text(json.dumps({"kind": "step", "step": 0}) + "\n" + '{"kind": "st')
     assert tail.records() == [{"kind": "step", "step": 0}]
@@ -63,21 +64,21 @@ def test_tail_reads_only_whole_new_lines(tmp_path):
 
 
 def test_records_of_a_loss():
-    assert kr.mentions_loss({"kind": "info", "lost_worker": 2, "lost_reason": "x"}, 2)
-    assert kr.mentions_loss({"kind": "info", "lost_worker": 0, "lost_rank": 2}, 2)
-    assert kr.mentions_loss({"kind": "info", "gossip_reweighted": [1, 3], "at_step": 9}, 3)
-    assert kr.mentions_loss({"kind": "info", "checkpoints_stopped_at_step": 9,
+    assert killer.mentions_loss({"kind": "info", "lost_worker": 2, "lost_reason": "x"}, 2)
+    assert killer.mentions_loss({"kind": "info", "lost_worker": 0, "lost_rank": 2}, 2)
+    assert killer.mentions_loss({"kind": "info", "gossip_reweighted": [1, 3], "at_step": 9}, 3)
+    assert killer.mentions_loss({"kind": "info", "checkpoints_stopped_at_step": 9,
                              "lost_peers": [1]}, 1)
-    assert not kr.mentions_loss({"kind": "info", "lost_worker": 1}, 2)
-    assert not kr.mentions_loss({"kind": "step", "lost_worker": 2}, 2)
+    assert not killer.mentions_loss({"kind": "info", "lost_worker": 1}, 2)
+    assert not killer.mentions_loss({"kind": "step", "lost_worker": 2}, 2)
 
 
 def test_dead_sees_an_exited_process():
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     try:
-        assert not kr.dead(os.getpid())
+        assert not killer.dead(os.getpid())
         p.wait(30)
-        assert kr.dead(p.pid)  # reaped: gone from /proc
+        assert killer.dead(p.pid)  # reaped: gone from /proc
     finally:
         p.kill()
         p.wait()
