@@ -155,6 +155,8 @@ def measure(args: argparse.Namespace, bench: Bench,
                     cfg = dict(base, strategy={"name": row.strategy,
                                                "options": row.strategy_opts},
                                codec={"name": row.codec, "options": row.codec_opts})
+                    if row.workers is not None:
+                        cfg["workers"] = row.workers
                     row_dir = root / rate / wl / row.key
                     row_dir.mkdir(parents=True, exist_ok=True)
                     limit = limit_for(cfg, params, parse_rate_bps(rate if shaped else "1gbit"))

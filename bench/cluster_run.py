@@ -31,6 +31,7 @@ class Row:
     codec_opts: dict[str, Any] = field(default_factory=dict)
     strategy_opts: dict[str, Any] = field(default_factory=dict)
     hook: str | None = None
+    workers: int | None = None  # None: one per host (the config's default)
 
 
 def rows_for(hosts: int, workload: str) -> list[Row]:
@@ -56,9 +57,13 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
             codec_opts={"rank": 1}, strategy_opts={"delay": 1}),
         Row("qsgd", "allreduce qsgd", "tandem", codec="qsgd"),
         # one server per host, a shard each; textlm's optimizer factory (AdamW with parameter
-        # groups) needs the whole model, so one server there
+        # groups) needs the whole model, so one server there, on a host of its own (torchrun
+        # runs equal nodes: one process per host, so one host fewer trains)
         Row("param_server", "param_server candidate", "tandem", strategy="param_server",
-            strategy_opts={"servers": hosts if workload == "cnn" else 1}),
+            strategy_opts={"servers": hosts})
+        if workload == "cnn" else
+        Row("param_server", f"param_server candidate ({hosts - 1} workers + 1 server)", "tandem",
+            strategy="param_server", strategy_opts={"servers": 1}, workers=hosts - 1),
         Row("bsp_shared", "bsp_shared", "tandem", strategy="bsp_shared",
             strategy_opts={"machines": hosts}),
         Row("gossip", "gossip goco ring", "tandem", strategy="gossip"),
