@@ -106,3 +106,15 @@ def test_first_error_names_a_cpp_abort_and_never_a_banner():
     assert first_error(log).startswith("what():  [enforce fail at pair.cc:446]")
     assert first_error("hosts up\n" + "=" * 40 + "\n-----\n") == "hosts up"
     assert first_error("x\nerror: config invalid\nRuntimeError: later") == "config invalid"
+
+
+def test_make_bench_runs_only_modules_that_are_benchmarks():
+    """Breaks when a helper module is added to bench/ without joining run_all.SKIP: `make bench`
+    would run it as a benchmark (and fail, or wait for input)."""
+    from bench import run_all
+
+    bench_dir = Path(run_all.__file__).parent
+    runnable = {p.stem for p in bench_dir.glob("*.py")
+                if '__name__ == "__main__"' in p.read_text()}
+    chosen = {p.stem for p in bench_dir.glob("*.py")} - run_all.SKIP
+    assert chosen <= runnable, f"helpers run by make bench: {sorted(chosen - runnable)}"
