@@ -118,3 +118,23 @@ def test_make_bench_runs_only_modules_that_are_benchmarks():
                 if '__name__ == "__main__"' in p.read_text()}
     chosen = {p.stem for p in bench_dir.glob("*.py")} - run_all.SKIP
     assert chosen <= runnable, f"helpers run by make bench: {sorted(chosen - runnable)}"
+
+
+def test_p2p_rows_take_a_swap_at_its_slowest_rank_and_a_receiver_at_its_own_time():
+    """Breaks if a swap's time is one rank's (a swap ends when the last rank is done) or a
+    fan-out receiver's time is mixed with another's."""
+    from bench.p2p import MODEL_MESSAGES, by_pattern
+
+    def rank(swap: list[float], fan_out: list[float], fan_in: list[float]) -> dict:
+        return {"swap, receives first": swap, "swap, sends first": [2 * s for s in swap],
+                "fan-out": fan_out, "fan-in": fan_in}
+
+    rows = by_pattern([rank([0.10, 0.30], [0.01, 0.01], [0.40, 0.20]),
+                       rank([0.20, 0.12], [0.07, 0.05], [0.0, 0.0]),
+                       rank([0.11, 0.11], [0.15, 0.13], [0.0, 0.0]),
+                       rank([0.10, 0.10], [0.21, 0.19], [0.0, 0.0])])
+    assert rows["swap, receives first"] == 0.20  # rep 0: its slowest rank 0.20, rep 1: 0.30
+    assert rows["swap, sends first"] == 0.40
+    assert [rows[f"fan-out, receiver {j}"] for j in (1, 2, 3)] == [0.05, 0.13, 0.19]
+    assert rows["fan-in, receiver"] == 0.20
+    assert set(rows) == set(MODEL_MESSAGES)

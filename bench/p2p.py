@@ -1,0 +1,176 @@
+"""Point-to-point patterns on real links between four hosts, against the emulator and its model.
+
+Why: the emulator gives each process a full-duplex link whose sends leave one after another at
+the line rate (first come, first served). Two things on a real link (gloo over TCP through
+``tbf``) differ, and they decide what ``gossip``, ``coded_ps`` and the parameter server cost:
+
+* **a swap**: every host sends a message to each ring neighbour and receives one from each. If
+  the sends are posted before the receives, the two directions take turns: gloo does not read a
+  pair's socket for a message whose receive is not posted yet. Tandem's strategies post their
+  receives first (see ``Transport.send``); the ``sends first`` row shows what that avoids.
+* **a fan-out**: host 0 sends a message to each of the three others at once. TCP shares host 0's
+  rate between the flows, so every receiver has its message near the end of the fan-out, while
+  the emulator serves them in turn (the first after a third of the time): a server's first worker
+  starts computing earlier in emulation than on a real link.
+
+Rows: the pattern (per receiver for the fan-out), ``model_ms`` (first come, first served at the
+line rate, no latency), ``emulated_ms`` (loopback + the emulator) and ``real_ms`` (four network
+namespaces behind a switch namespace, :mod:`bench.netns`), each the best of ``--reps``. Run as
+root; without root the real column and its targets are NOT RUN. About a minute.
+
+    sudo .venv/bin/python -m bench.p2p [--rate 100mbit] [--bytes 800000] [--reps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.harness import CHILD_PYTHONPATH, Bench
+from bench.netns import Cluster, NetnsUnavailable, parse_rate_bps, unavailable_reason
+
+HOSTS = 4
+ROOT = Path(__file__).resolve().parent.parent
+#: pattern -> how many messages' line time the model gives it (first come, first served)
+MODEL_MESSAGES = {"swap, receives first": 2, "swap, sends first": 2, "fan-out, receiver 1": 1,
+                  "fan-out, receiver 2": 2, "fan-out, receiver 3": 3, "fan-in, receiver": 3}
+
+
+def measure(net: str | None, nbytes: int, reps: int) -> dict[str, list[float]]:
+    """Inside a rank of four: seconds from a barrier until this rank's part of each pattern is
+    done, per rep (the swaps: all four of its transfers; the fan-out: a receiver's message)."""
+    import torch
+
+    from tandem.config import NetConfig
+    from tandem.transport.env import transport_from_env
+
+    t = transport_from_env(net=NetConfig.parse(net) if net else None, timeout_s=120)
+    r, w = t.rank, t.world
+    nbrs = [(r - 1) % w, (r + 1) % w]
+    n = nbytes // 4
+
+    def swap(receives_first: bool) -> None:
+        recvs: list[Any] = []
+        if receives_first:
+            recvs = [t.recv(torch.empty(n), j) for j in nbrs]
+        sends = [t.send(torch.zeros(n), j) for j in nbrs]
+        if not receives_first:
+            recvs = [t.recv(torch.empty(n), j) for j in nbrs]
+        for p in recvs + sends:
+            p.wait()
+
+    def fan_out() -> None:
+        if r == 0:
+            for p in [t.send(torch.zeros(n), j) for j in range(1, w)]:
+                p.wait()
+        else:
+            t.recv(torch.empty(n), 0).wait()
+
+    def fan_in() -> None:
+        if r == 0:
+            for p in [t.recv(torch.empty(n), j) for j in range(1, w)]:
+                p.wait()
+        else:
+            t.send(torch.zeros(n), 0).wait()
+
+    out: dict[str, list[float]] = {}
+    for name, fn in (("swap, receives first", lambda: swap(True)),
+                     ("swap, sends first", lambda: swap(False)),
+                     ("fan-out", fan_out), ("fan-in", fan_in)):
+        times = []
+        for _ in range(reps + 1):  # the first rep warms the pairs' connections up
+            t.barrier().wait()
+            t0 = time.monotonic()
+            fn()
+            times.append(time.monotonic() - t0)
+        out[name] = times[1:]
+    t.barrier().wait()
+    t.close()
+    return out
+
+
+def by_pattern(per_rank: list[dict[str, list[float]]]) -> dict[str, float]:
+    """Each row's time (s): a swap ends when its slowest rank is done (best rep); a fan-out
+    receiver's and the fan-in receiver's own best rep."""
+    reps = len(per_rank[0]["fan-out"])
+    rows = {name: min(max(rank[name][i] for rank in per_rank) for i in range(reps))
+            for name in ("swap, receives first", "swap, sends first")}
+    for j in range(1, len(per_rank)):
+        rows[f"fan-out, receiver {j}"] = min(per_rank[j]["fan-out"])
+    rows["fan-in, receiver"] = min(per_rank[0]["fan-in"])
+    return rows
+
+
+def run_real(rate: str, nbytes: int, reps: int) -> list[dict[str, list[float]]]:
+    """Four ranks in four namespaces over the shaped links: every rank's measurements."""
+    with Cluster(HOSTS, rate) as net, tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for rank, host in enumerate(net.hosts):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(HOSTS), LOCAL_RANK="0",
+                       MASTER_ADDR=net.hosts[0].addr, MASTER_PORT="29631",
+                       GLOO_SOCKET_IFNAME=host.dev, PYTHONPATH=CHILD_PYTHONPATH)
+            env.pop("TANDEM_STORE_HOSTED", None)
+            out = Path(tmp) / f"r{rank}.json"
+            code = ("import json; from bench.p2p import measure; "
+                    f"json.dump(measure(None, {nbytes}, {reps}), open({str(out)!r}, 'w'))")
+            procs.append((net.popen(rank, [sys.executable, "-c", code], env=env, cwd=ROOT), out))
+        for p, _ in procs:
+            try:
+                p.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                net.reap(p)
+        return [json.loads(out.read_text()) for _, out in procs]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rate", default="100mbit")
+    ap.add_argument("--bytes", type=int, default=800_000, help="each message's size")
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    from tandem.launch import spawn
+
+    line_s = args.bytes / (parse_rate_bps(args.rate) / 8)
+    emulated = by_pattern(spawn(measure, HOSTS, f"{args.rate}:0ms", args.bytes, args.reps,
+                                timeout_s=600))
+    real, why = None, unavailable_reason()
+    if why is None:
+        try:
+            real = by_pattern(run_real(args.rate, args.bytes, args.reps))
+        except (NetnsUnavailable, OSError, ValueError, KeyError) as err:
+            why = f"the real links failed: {err}"
+            print(why)
+    b = Bench("p2p", ["pattern", "model_ms", "emulated_ms", "real_ms", "emulated/model",
+                      "real/model"])
+    for name, k in MODEL_MESSAGES.items():
+        model = k * line_s
+        rl = real[name] if real else None
+        b.row(pattern=name, model_ms=model * 1e3, emulated_ms=emulated[name] * 1e3,
+              real_ms=rl * 1e3 if rl else None, **{"emulated/model": emulated[name] / model,
+                                                   "real/model": rl / model if rl else None})
+    swap = "swap, receives first"
+    goals = [("real: swap with the sends first / with the receives first (why the strategies "
+              "post receives first)", "swap, sends first", swap, ">= 1.2"),
+             ("real: swap with the receives first / its model", swap, None, "<= 1.5")]
+    for name, num, den, goal in goals:
+        value = None
+        if real:
+            value = real[num] / (real[den] if den else MODEL_MESSAGES[num] * line_s)
+        b.target(name, value, goal, not_run=None if real else (why or "no result"))
+    b.note(f"{HOSTS} hosts, {args.rate} tbf both ways (burst 3.3 ms of line rate), messages of "
+           f"{args.bytes:,} B, the best of {args.reps} reps after one warm-up; the emulator with "
+           "0 latency (the real links add none: no netem on this kernel)")
+    if real is None:
+        b.note(f"real-link rows not measured: {why}")
+    b.finish()
+
+
+if __name__ == "__main__":
+    main()
