@@ -8,15 +8,18 @@ the line rate (first come, first served). Two things on a real link (gloo over T
   the sends are posted before the receives, the two directions take turns: gloo does not read a
   pair's socket for a message whose receive is not posted yet. Tandem's strategies post their
   receives first (see ``Transport.send``); the ``sends first`` row shows what that avoids.
-* **a fan-out**: host 0 sends a message to each of the three others at once. TCP shares host 0's
-  rate between the flows, so every receiver has its message near the end of the fan-out, while
-  the emulator serves them in turn (the first after a third of the time): a server's first worker
-  starts computing earlier in emulation than on a real link.
+* **a fan-out**: host 0 sends a message to each of the three others at once. The emulator serves
+  them in turn (the first receiver has its message after a third of the fan-out); TCP shares
+  host 0's rate between the three flows, unevenly and differently each time, so the first
+  receiver waits longer than in emulation while the whole fan-out takes the same time. A server
+  whose workers start computing as their model arrives starts them later than emulated.
+* **a fan-in**: the three others send to host 0 at once; its link in is the bottleneck.
 
-Rows: the pattern (per receiver for the fan-out), ``model_ms`` (first come, first served at the
-line rate, no latency), ``emulated_ms`` (loopback + the emulator) and ``real_ms`` (four network
-namespaces behind a switch namespace, :mod:`bench.netns`), each the best of ``--reps``. Run as
-root; without root the real column and its targets are NOT RUN. About a minute.
+Rows: the pattern (per receiver and whole for the fan-out), ``model_ms`` (first come, first
+served at the line rate, no latency), ``emulated_ms`` (loopback + the emulator) and ``real_ms``
+(four network namespaces behind a switch namespace, :mod:`bench.netns`), each the best of
+``--reps``. Run as root; without root the real column and its targets are NOT RUN. About a
+minute.
 
     sudo .venv/bin/python -m bench.p2p [--rate 100mbit] [--bytes 800000] [--reps 5]
 """
@@ -40,12 +43,16 @@ HOSTS = 4
 ROOT = Path(__file__).resolve().parent.parent
 #: pattern -> how many messages' line time the model gives it (first come, first served)
 MODEL_MESSAGES = {"swap, receives first": 2, "swap, sends first": 2, "fan-out, receiver 1": 1,
-                  "fan-out, receiver 2": 2, "fan-out, receiver 3": 3, "fan-in, receiver": 3}
+                  "fan-out, receiver 2": 2, "fan-out, receiver 3": 3, "fan-out, all received": 3,
+                  "fan-in, receiver": 3}
 
 
-def measure(net: str | None, nbytes: int, reps: int) -> dict[str, list[float]]:
-    """Inside a rank of four: seconds from a barrier until this rank's part of each pattern is
-    done, per rep (the swaps: all four of its transfers; the fan-out: a receiver's message)."""
+def measure(net: str | None, nbytes: int, reps: int) -> dict[str, Spans]:
+    """Inside a rank of four: per pattern, per rep, ``[start, end]`` of this rank's part on the
+    machine's monotonic clock (the swaps: all four of its transfers; the fan-out: a receiver's
+    message). The clock is one for every process on the machine, network namespaces included, so
+    :func:`by_pattern` measures a receiver from the moment its sender started, not from its own
+    exit from the barrier (ranks leave a barrier up to milliseconds apart)."""
     import torch
 
     from tandem.config import NetConfig
@@ -80,7 +87,7 @@ def measure(net: str | None, nbytes: int, reps: int) -> dict[str, list[float]]:
         else:
             t.send(torch.zeros(n), 0).wait()
 
-    out: dict[str, list[float]] = {}
+    out: dict[str, list[list[float]]] = {}
     for name, fn in (("swap, receives first", lambda: swap(True)),
                      ("swap, sends first", lambda: swap(False)),
                      ("fan-out", fan_out), ("fan-in", fan_in)):
@@ -89,26 +96,39 @@ def measure(net: str | None, nbytes: int, reps: int) -> dict[str, list[float]]:
             t.barrier().wait()
             t0 = time.monotonic()
             fn()
-            times.append(time.monotonic() - t0)
+            times.append([t0, time.monotonic()])
         out[name] = times[1:]
     t.barrier().wait()
     t.close()
     return out
 
 
-def by_pattern(per_rank: list[dict[str, list[float]]]) -> dict[str, float]:
-    """Each row's time (s): a swap ends when its slowest rank is done (best rep); a fan-out
-    receiver's and the fan-in receiver's own best rep."""
-    reps = len(per_rank[0]["fan-out"])
-    rows = {name: min(max(rank[name][i] for rank in per_rank) for i in range(reps))
+Spans = list[list[float]]
+
+
+def by_pattern(per_rank: list[dict[str, Spans]]) -> dict[str, float]:
+    """Each row's time (s), the best rep: a swap from the first rank's start to the last rank's
+    end; a fan-out receiver from the sender's (rank 0's) start to its own end (each receiver's
+    best rep, so the three may come from different reps: which flow TCP serves first varies), the
+    whole fan-out to its last receiver's end; the fan-in from
+    the first sender's start to the receiver's end."""
+    reps = range(len(per_rank[0]["fan-out"]))
+
+    def span(name: str, starts: list[int], end: list[int]) -> float:
+        return min(max(per_rank[r][name][i][1] for r in end)
+                   - min(per_rank[r][name][i][0] for r in starts) for i in reps)
+
+    everyone = list(range(len(per_rank)))
+    rows = {name: span(name, everyone, everyone)
             for name in ("swap, receives first", "swap, sends first")}
-    for j in range(1, len(per_rank)):
-        rows[f"fan-out, receiver {j}"] = min(per_rank[j]["fan-out"])
-    rows["fan-in, receiver"] = min(per_rank[0]["fan-in"])
+    for j in everyone[1:]:
+        rows[f"fan-out, receiver {j}"] = span("fan-out", [0], [j])
+    rows["fan-out, all received"] = span("fan-out", [0], everyone[1:])
+    rows["fan-in, receiver"] = span("fan-in", everyone[1:], [0])
     return rows
 
 
-def run_real(rate: str, nbytes: int, reps: int) -> list[dict[str, list[float]]]:
+def run_real(rate: str, nbytes: int, reps: int) -> list[dict[str, Spans]]:
     """Four ranks in four namespaces over the shaped links: every rank's measurements."""
     with Cluster(HOSTS, rate) as net, tempfile.TemporaryDirectory() as tmp:
         procs = []

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `bench` is a package of the repository, not installed
 
@@ -120,21 +122,31 @@ def test_make_bench_runs_only_modules_that_are_benchmarks():
     assert chosen <= runnable, f"helpers run by make bench: {sorted(chosen - runnable)}"
 
 
-def test_p2p_rows_take_a_swap_at_its_slowest_rank_and_a_receiver_at_its_own_time():
-    """Breaks if a swap's time is one rank's (a swap ends when the last rank is done) or a
-    fan-out receiver's time is mixed with another's."""
+def test_p2p_rows_time_a_pattern_from_its_first_start_to_its_last_end():
+    """Breaks if a swap's time is one rank's (a swap ends when the last rank is done), if a
+    fan-out receiver is timed from its own start rather than its sender's (ranks leave a barrier
+    apart), or if one receiver's time is mixed with another's."""
     from bench.p2p import MODEL_MESSAGES, by_pattern
 
-    def rank(swap: list[float], fan_out: list[float], fan_in: list[float]) -> dict:
-        return {"swap, receives first": swap, "swap, sends first": [2 * s for s in swap],
+    def rank(swap: list[list[float]], fan_out: list[list[float]], fan_in: list[list[float]]):
+        return {"swap, receives first": swap,
+                "swap, sends first": [[a, a + 2 * (b - a)] for a, b in swap],
                 "fan-out": fan_out, "fan-in": fan_in}
 
-    rows = by_pattern([rank([0.10, 0.30], [0.01, 0.01], [0.40, 0.20]),
-                       rank([0.20, 0.12], [0.07, 0.05], [0.0, 0.0]),
-                       rank([0.11, 0.11], [0.15, 0.13], [0.0, 0.0]),
-                       rank([0.10, 0.10], [0.21, 0.19], [0.0, 0.0])])
-    assert rows["swap, receives first"] == 0.20  # rep 0: its slowest rank 0.20, rep 1: 0.30
-    assert rows["swap, sends first"] == 0.40
-    assert [rows[f"fan-out, receiver {j}"] for j in (1, 2, 3)] == [0.05, 0.13, 0.19]
-    assert rows["fan-in, receiver"] == 0.20
+    # rep 0 starts at t=0 and rep 1 at t=10 on the shared clock; ranks start a little apart
+    rows = by_pattern([rank([[0.0, 0.10], [10.0, 10.30]], [[0.0, 0.01], [10.0, 10.01]],
+                            [[0.0, 0.40], [10.0, 10.20]]),
+                       rank([[0.05, 0.20], [10.0, 10.12]], [[0.02, 0.07], [10.01, 10.05]],
+                            [[0.05, 0.06], [10.02, 10.03]]),
+                       rank([[0.0, 0.11], [10.0, 10.11]], [[0.04, 0.15], [10.03, 10.13]],
+                            [[0.0, 0.01], [10.01, 10.02]]),
+                       rank([[0.0, 0.10], [10.0, 10.10]], [[0.0, 0.21], [10.0, 10.19]],
+                            [[0.0, 0.01], [10.01, 10.02]])])
+    assert rows["swap, receives first"] == pytest.approx(0.20)  # rep 0: 0 -> 0.20; rep 1: 0.30
+    # sends first: each rank's span doubled: rep 0 ends at 0.35 (rank 1), rep 1 at 10.60
+    assert rows["swap, sends first"] == pytest.approx(0.35)
+    fan_out = [rows[f"fan-out, receiver {j}"] for j in (1, 2, 3)]
+    assert fan_out == pytest.approx([0.05, 0.13, 0.19])
+    assert rows["fan-out, all received"] == pytest.approx(0.19)  # rep 1's last receiver
+    assert rows["fan-in, receiver"] == pytest.approx(0.19)  # rep 1: first sender at 10.01
     assert set(rows) == set(MODEL_MESSAGES)
