@@ -7,7 +7,9 @@ Tandem run, one process per host under ``torchrun``::
 ``--hook none`` is plain DDP (its own C++ all-reduce of fp32 buckets), ``fp16`` torch's
 ``fp16_compress_hook``, ``powersgd`` torch's ``powerSGD_hook`` at ``--rank`` (default 2) with
 ``start_powerSGD_iter=2`` (torch's default, 1000, would keep a short run on plain all-reduce; 2 is
-the smallest it accepts with error feedback and warm start, both left on).
+the smallest it accepts with error feedback and warm start, both left on), with all gradients in
+one DDP bucket (:func:`one_bucket`: with several, torch's hook can issue its all-reduces in a
+different order on different ranks, which gloo cannot match).
 
 It trains what ``tandem worker --config cfg.yaml`` trains with the ``allreduce`` strategy: the same
 model and initial weights (seed), the same shards and batch order, the optimizer, schedule and
@@ -64,6 +66,23 @@ class _AllReduceCounter:
         self._dist.all_reduce = self._orig
 
 
+def one_bucket(net: Any) -> dict[str, int]:
+    """DDP options that put every gradient of ``net`` in one bucket (the first bucket too: an
+    explicit ``bucket_cap_mb`` replaces DDP's 1 MiB first bucket).
+
+    Why the PowerSGD hook row needs it: torch's ``powerSGD_hook`` issues a bucket's next
+    all-reduce (its Ps, then its Qs) from the callback of the one before, on whichever thread
+    completed it, while DDP issues the next bucket's first all-reduce from the backward pass.
+    With two buckets in flight the ranks can enqueue these in different orders, and gloo
+    matches collectives by order: a size mismatch (``op.preamble.length <= op.nbytes``) or a
+    hang. On ``textlm`` (3.5 MB of gradients: two buckets by default), 4 ranks on loopback
+    failed 3 of 3 runs with DDP's default buckets and passed 6 of 6 with one bucket. One bucket
+    costs the hook its overlap with backward; Tandem's own ``allreduce`` rows exchange after
+    backward too."""
+    nbytes = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    return {"bucket_cap_mb": nbytes // (1 << 20) + 1}
+
+
 def job(cfg_data: dict[str, Any], hook: str, rank_r: int = 2) -> dict[str, Any]:
     """One rank's DDP run of ``cfg_data`` (a RunConfig dump) with ``hook``; rank 0 returns the
     summary."""
@@ -101,7 +120,7 @@ def job(cfg_data: dict[str, Any], hook: str, rank_r: int = 2) -> dict[str, Any]:
         cfg = apply_workload_defaults(cfg, work)
         spec = training_spec(cfg, work)
         net = build_model(work, cfg.seed)
-        model = DistributedDataParallel(net)
+        model = DistributedDataParallel(net, **one_bucket(net) if hook == "powersgd" else {})
         emulated = cfg.net is not None
         state: Any = None
         if emulated:

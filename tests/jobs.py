@@ -251,3 +251,25 @@ def net_string_and_failing_completion() -> dict:
     out["seconds"] = time.monotonic() - t0
     t.close(graceful=False)
     return out
+
+
+def ddp_bucket_sizes(one: bool) -> str:
+    """DDP's bucket sizes (bytes, after its rebuild at the second step) on a 2.4 MB model, with
+    DDP's defaults or with the cluster bench's ``one_bucket`` options."""
+    import sys
+    from pathlib import Path
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from bench.ddp_cluster_job import one_bucket
+
+    t = transport_from_env(timeout_s=60)  # initialises the default process group
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 320))
+    model = DistributedDataParallel(net, **(one_bucket(net) if one else {}))
+    for _ in range(3):
+        model(torch.randn(4, 256)).sum().backward()
+    sizes = str(model._get_ddp_logging_data()["rebuilt_bucket_sizes"])
+    t.close()
+    return sizes

@@ -150,3 +150,18 @@ def test_p2p_rows_time_a_pattern_from_its_first_start_to_its_last_end():
     assert rows["fan-out, all received"] == pytest.approx(0.19)  # rep 1's last receiver
     assert rows["fan-in, receiver"] == pytest.approx(0.19)  # rep 1: first sender at 10.01
     assert set(rows) == set(MODEL_MESSAGES)
+
+
+def test_the_powersgd_hook_row_puts_every_gradient_in_one_ddp_bucket():
+    """Breaks if ``one_bucket`` leaves DDP's 1 MiB first bucket in place: with two buckets in
+    flight torch's PowerSGD hook can issue its all-reduces in a different order on each rank
+    (a gloo size mismatch; textlm's rows failed so). Checked against DDP's defaults, which make
+    two buckets of this 2.4 MB model once they are rebuilt."""
+    import jobs
+    from tandem.launch import spawn
+
+    default = spawn(jobs.ddp_bucket_sizes, 2, False, timeout_s=120)[0]
+    one = spawn(jobs.ddp_bucket_sizes, 2, True, timeout_s=120)[0]
+    nbytes = (256 * 1024 + 1024 + 1024 * 320 + 320) * 4
+    assert len(default.split(", ")) >= 2, default
+    assert one.split(", ") == [str(nbytes)], one
