@@ -72,6 +72,22 @@ def test_cluster_targets_rank_the_best_row_among_kept_and_new_rows():
     assert not any(n.startswith("emulation") and "local" in n for n in by)  # it sends nothing
 
 
+def test_the_compute_only_row_measured_once_is_reported_at_every_rate_of_the_run():
+    """Breaks if a run over two rates reports its compute-only row at the first rate alone (a
+    merge then keeps the second rate's old row from another run and machine load), or if a
+    rate's other rows are touched."""
+    from bench import cluster
+
+    row = ("local row", {"summary": {"steps": 20, "wall_time_s": 4.1}}, None)
+    found = {("10mbit", "textlm"): {"rows": {"local": row}},
+             ("100mbit", "textlm"): {"rows": {"ddp": ("ddp row", {}, None)}}}
+    cluster.share_local(found, "10mbit", "100mbit", "textlm")
+    assert found[("100mbit", "textlm")]["rows"] == {"ddp": ("ddp row", {}, None), "local": row}
+    found[("100mbit", "cnn")] = {"rows": {}}
+    cluster.share_local(found, "10mbit", "100mbit", "cnn")  # none measured for the cnn
+    assert found[("100mbit", "cnn")]["rows"] == {}
+
+
 def test_rescore_keeps_the_measured_provenance_and_recomputes_the_targets(tmp_path, monkeypatch):
     """`bench.cluster --rescore` measures nothing: breaks if the file's commit, command or
     duration become the rescore's, if a row is lost, or if a stale best-row note survives."""
