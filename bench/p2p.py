@@ -1,24 +1,24 @@
 """Point-to-point patterns on real links between four hosts, against the emulator and its model.
 
-Why: the emulator gives each process a full-duplex link whose sends leave one after another at
-the line rate (first come, first served). Two things on a real link (gloo over TCP through
-``tbf``) differ, and they decide what ``gossip``, ``coded_ps`` and the parameter server cost:
+Why: the emulator gives each process a full-duplex link whose point-to-point messages in flight
+share its egress rate equally (``transport.shaping.SharedEgress``; before 2026-12-04 it served
+them one after another, which ``coded_ps`` on real links showed wrong). What a real link (gloo
+over TCP through ``tbf``) does with several transfers at once decides what ``gossip``,
+``coded_ps`` and the parameter server cost:
 
 * **a swap**: every host sends a message to each ring neighbour and receives one from each. If
   the sends are posted before the receives, the two directions take turns: gloo does not read a
   pair's socket for a message whose receive is not posted yet. Tandem's strategies post their
   receives first (see ``Transport.send``); the ``sends first`` row shows what that avoids.
-* **a fan-out**: host 0 sends a message to each of the three others at once. The emulator serves
-  them in turn (the first receiver has its message after a third of the fan-out); TCP shares
-  host 0's rate between the three flows, unevenly and differently each time, so the first
-  receiver waits longer than in emulation while the whole fan-out takes the same time. A server
-  whose workers start computing as their model arrives starts them later than emulated.
+* **a fan-out**: host 0 sends a message to each of the three others at once. TCP shares host 0's
+  rate between the three flows, unevenly and differently each time: the whole fan-out takes the
+  three messages' line time, and a receiver may have its message before that.
 * **a fan-in**: the three others send to host 0 at once; its link in is the bottleneck.
 
-Rows: the pattern (per receiver and whole for the fan-out), ``model_ms`` (first come, first
-served at the line rate, no latency), ``emulated_ms`` (loopback + the emulator) and ``real_ms``
-(four network namespaces behind a switch namespace, :mod:`bench.netns`), each the best of
-``--reps``. Run as root; without root the real column and its targets are NOT RUN. About a
+Rows: the pattern (per receiver and whole for the fan-out), ``model_ms`` (the emulator's model:
+messages in flight share the line rate, no latency), ``emulated_ms`` (loopback + the emulator)
+and ``real_ms`` (four network namespaces behind a switch namespace, :mod:`bench.netns`), each the
+best of ``--reps``. Run as root; without root the real column and its targets are NOT RUN. About a
 minute.
 
     sudo .venv/bin/python -m bench.p2p [--rate 100mbit] [--bytes 800000] [--reps 5]
@@ -41,9 +41,10 @@ from bench.netns import Cluster, NetnsUnavailable, parse_rate_bps, unavailable_r
 
 HOSTS = 4
 ROOT = Path(__file__).resolve().parent.parent
-#: pattern -> how many messages' line time the model gives it (first come, first served)
-MODEL_MESSAGES = {"swap, receives first": 2, "swap, sends first": 2, "fan-out, receiver 1": 1,
-                  "fan-out, receiver 2": 2, "fan-out, receiver 3": 3, "fan-out, all received": 3,
+#: pattern -> how many messages' line time the model gives it (messages in flight on one egress
+#: share it; a receiver's ingress takes them one after another)
+MODEL_MESSAGES = {"swap, receives first": 2, "swap, sends first": 2, "fan-out, receiver 1": 3,
+                  "fan-out, receiver 2": 3, "fan-out, receiver 3": 3, "fan-out, all received": 3,
                   "fan-in, receiver": 3}
 
 

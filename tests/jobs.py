@@ -273,3 +273,22 @@ def ddp_bucket_sizes(one: bool) -> str:
     sizes = str(model._get_ddp_logging_data()["rebuilt_bucket_sizes"])
     t.close()
     return sizes
+
+
+def fan_out_times(net: str, nbytes: int) -> dict:
+    """Rank 0 sends ``nbytes`` to every other rank at once on an emulated link; each rank
+    returns its start (rank 0) or the moment its message was complete, on the shared clock."""
+    t = transport_from_env(net=NetConfig.parse(net), timeout_s=60)
+    n = nbytes // 4
+    t.barrier().wait()
+    start = time.monotonic()
+    if t.rank == 0:
+        for p in [t.send(torch.zeros(n), j) for j in range(1, t.world)]:
+            p.wait()
+        out = {"start": start, "sent": time.monotonic()}
+    else:
+        t.recv(torch.empty(n), 0).wait()
+        out = {"done": time.monotonic()}
+    t.barrier().wait()
+    t.close()
+    return out

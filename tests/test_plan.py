@@ -56,7 +56,8 @@ def test_predicted_bytes_equal_what_a_two_worker_run_meters(tmp_path, prof):
 
 def test_parameter_server_link_is_the_bottleneck_in_proportion_to_n_over_servers(prof):
     """With the workers' own links fast and the servers' the same speed, the round grows by
-    (N/S) x one model per direction: doubling N doubles it, doubling S halves it."""
+    (N/S) x (a push + a pull), one after the other (a server's pulls share its link): doubling
+    N doubles it, doubling S halves it."""
     net = Network(Tier(1e7, 0.0), adds_per_s=1e30)
     ct = ComputeTime(1e-3)
 
@@ -65,8 +66,8 @@ def test_parameter_server_link_is_the_bottleneck_in_proportion_to_n_over_servers
                         PlanOptions(servers=servers))
         return p.step_s - p.compute_s
 
-    q = max(pull_bytes(prof, 1))
-    step = 32 * q / 1e7
+    q, p = max(pull_bytes(prof, 1)), max(push_bytes(prof, "dense", 1))
+    step = 32 * (p + q) / 1e7
     assert comm(64, 1) - comm(32, 1) == pytest.approx(step, rel=0.02)
     assert comm(128, 2) == pytest.approx(comm(64, 1), rel=0.03)
     assert comm(256, 4) == pytest.approx(comm(64, 1), rel=0.05)

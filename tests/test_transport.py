@@ -14,6 +14,7 @@ from tandem.errors import ConfigError, WorkerFailed
 from tandem.launch import spawn
 from tandem.transport import costs
 from tandem.transport.packing import P2P_PIECE_BYTES, byte_pieces
+from tandem.transport.shaping import SharedEgress
 from tandem.transport.transport import as_net
 
 
@@ -56,6 +57,35 @@ def test_emulated_link_time_matches_model():
         want_p2p = n / link.bytes_per_s + 4 / link.bytes_per_s + 2 * link.latency_s
         assert ar == pytest.approx(want_ar, rel=0.25), (n, ar, want_ar)
         assert p2p == pytest.approx(want_p2p, rel=0.25), (n, p2p, want_p2p)
+
+
+def test_messages_in_flight_on_one_egress_share_its_rate():
+    """Breaks if the emulator serves sends one after another (the first of three messages
+    posted together would leave after a third of the time) or loses a late-comer's share."""
+    e = SharedEgress(100.0)  # bytes per second
+    a, b, c = (e.add(100, 0.0) for _ in range(3))
+    assert [e.projected(m) for m in (a, b, c)] == [3.0, 3.0, 3.0]
+    e.advance(1.5)  # half of each has left
+    assert e.left == {a: 50.0, b: 50.0, c: 50.0} and e.finished == {}
+    d = e.add(50, 1.5)  # joins: four messages of 50 B left at 25 B/s each
+    assert e.projected(a) == e.projected(d) == e.all_left() == 3.5
+    e.advance(10.0)
+    assert e.finished == {a: 3.5, b: 3.5, c: 3.5, d: 3.5} and e.left == {}
+    small = e.add(10, 10.0)  # alone again: the full rate
+    assert e.projected(small) == pytest.approx(10.1)
+    empty = e.add(0, 11.0)
+    assert e.finished[empty] == 11.0
+
+
+def test_an_emulated_fan_out_reaches_every_receiver_after_the_whole_fan_out():
+    """Rank 0 sends 250 KB to each of three ranks at once at 20 Mbit/s (100 ms a message): the
+    shared egress delivers none before ~300 ms, the whole fan-out's time (served in turn, the
+    first would arrive after 100 ms). A lower bound: a loaded machine only adds delay."""
+    rows = spawn(jobs.fan_out_times, 4, "20mbit:0ms", 250_000, timeout_s=120)
+    start = rows[0]["start"]
+    arrived = sorted(r["done"] - start for r in rows[1:])
+    assert arrived[0] >= 0.28, arrived
+    assert rows[0]["sent"] - start >= 0.28
 
 
 @pytest.mark.parametrize("caller_waits", [False, True])

@@ -14,8 +14,10 @@ gradient (for ``pipeline``, one step of one of its K models).
   ``max(E[max_N X], A)``.
 * ``param_server`` (S servers): a push of ``p`` and a pull of ``q`` bytes per worker; every push
   and pull passes the server's own link, so its share of a round takes ``N p / S`` and
-  ``N q / S`` over ``B`` (``R = 2L + max(N q_s/B_s + p/B_w, N p_s/B_s + q/B_w) + aggregation``),
-  plus the wait for the round's slowest push. ``sync`` waits every step: ``E[max X] + R``.
+  ``N q / S`` over ``B``, one after the other: the pulls a server sends at once share its link
+  (every worker has its pull when the last has), so no push overlaps them
+  (``R = 2L + max(N p_s/B_s, p/B_w) + max(N q_s/B_s, q/B_w) + aggregation``), plus the wait for
+  the round's slowest push. ``sync`` waits every step: ``E[max X] + R``.
   ``candidate`` never waits: it notices the pull after ``j = ceil(R/X̄)`` steps and pushes the
   next step, so it pushes every ``j + 1`` steps at ``X̄`` per step, unless ``R`` exceeds
   ``(cap - 1) X̄``: then it waits at the cap, ``(R + X̄) / cap`` per step.
@@ -168,8 +170,10 @@ def _server_round(c: Context, push: list[int], pull: list[int], n: int, *,
     p_w, q_w = share * p / wlink.bytes_per_s, share * q / wlink.bytes_per_s
     servers = max(1, len(push))
     work = k * decode_s / servers + c.adds((k + 3) * c.profile.params / servers)
+    # the server's sends of one round share its link (transport.shaping.SharedEgress, as TCP
+    # flows do): every worker has its pull when the last has, so pushes do not overlap pulls
     return (2 * srv.latency_s + (push_hops + 1) * net.overhead_s
-            + max(out_srv + p_w, in_srv + q_w) + work)
+            + max(in_srv, p_w) + max(out_srv, q_w) + work)
 
 
 def _param_server(mode: str) -> Predictor:

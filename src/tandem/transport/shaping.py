@@ -7,13 +7,22 @@ handle completes no earlier than the modelled finish time.
 
 How it models a link:
 
-* Egress and ingress are two timelines. A point-to-point message of ``s`` bytes occupies the
-  sender's egress for ``s/B`` and reaches the receiver ``L`` later (plus jitter); the receiver's
-  ingress is occupied for ``s/B`` too, so many senders to one receiver (a parameter server)
-  queue up on its ingress, as they would on a real NIC.
+* Egress and ingress are two timelines. Point-to-point messages in flight on one egress share
+  its rate equally (:class:`SharedEgress`): three messages of ``s`` bytes posted at once all
+  leave after ``3s/B``, as TCP flows through one link do, not one after another at ``s/B``,
+  ``2s/B``, ``3s/B``. A message reaches the receiver ``L`` after it has left (plus jitter); the
+  receiver's ingress is occupied for ``s/B`` too, so many senders to one receiver (a parameter
+  server) queue up on its ingress, as they would on a real NIC.
 * A collective occupies both directions for the algorithm's traffic (:mod:`.costs`) and finishes
   ``hops * L`` later. Its start is the moment the last rank joined, estimated from when the real
-  collective finished (loopback transfer time is subtracted).
+  collective finished (loopback transfer time is subtracted), and no earlier than the messages
+  already on the egress have left.
+
+Why shared and not first come, first served: on real links between four hosts (``bench/p2p.py``,
+``docs/cluster.md``) a server that sends its model to four workers and waits for their answers
+(``coded_ps``) took ``8m + c`` a step (m: one model's line time, c: compute), within 2.4 % at
+10 Mbit/s; serving the sends in turn predicts ``5m + c`` (the first worker computes while the
+others are still served), 39 % short.
 
 Tune: ``--net 100mbit:1ms`` for a shared datacenter link, ``--net 1gbit:200us`` for a fast LAN,
 ``--net 20mbit:30ms:5ms`` for a WAN with jitter. Jitter is drawn per operation from an exponential
@@ -22,6 +31,7 @@ with the given mean, seeded from the run seed and the rank (reproducible).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -35,14 +45,68 @@ _LOOPBACK_BYTES_PER_S = 1.0e9
 _LOOPBACK_FIXED_S = 0.0003
 
 
+class SharedEgress:
+    """Messages in flight on one egress, each draining at ``rate / (messages in flight)``
+    (processor sharing). Times are monotonic seconds; the caller holds the emulator's lock."""
+
+    def __init__(self, bytes_per_s: float) -> None:
+        self.rate = bytes_per_s
+        self.left: dict[int, float] = {}  # message -> bytes still to leave
+        self.clock = 0.0  # the time ``left`` is valid at
+        self.finished: dict[int, float] = {}  # message -> when its last byte left
+        self._ids = itertools.count()
+
+    def advance(self, now: float) -> None:
+        """Drain the messages in flight up to ``now``."""
+        while self.left and self.clock < now:
+            k, first = len(self.left), min(self.left.values())
+            ends = self.clock + first * k / self.rate
+            if ends > now:
+                for m in self.left:
+                    self.left[m] -= (now - self.clock) * self.rate / k
+                break
+            self.clock = ends
+            for m in list(self.left):
+                self.left[m] -= first
+                if self.left[m] <= 1e-6:
+                    del self.left[m]
+                    self.finished[m] = ends
+        self.clock = max(self.clock, now)
+
+    def add(self, nbytes: int, start: float) -> int:
+        """A message starts leaving at ``start`` (>= every earlier call's time)."""
+        self.advance(start)
+        m = next(self._ids)
+        if nbytes > 0:
+            self.left[m] = float(nbytes)
+        else:
+            self.finished[m] = start
+        return m
+
+    def projected(self, m: int) -> float:
+        """When message ``m`` will have left if no other message starts meanwhile."""
+        left, t = dict(self.left), self.clock
+        while True:
+            k, first = len(left), min(left.values())
+            t += first * k / self.rate
+            if left[m] - first <= 1e-6:
+                return t
+            left = {x: b - first for x, b in left.items() if b - first > 1e-6}
+
+    def all_left(self) -> float:
+        """When every message now in flight will have left (no later ones)."""
+        return self.clock + sum(self.left.values()) / self.rate
+
+
 class LinkEmulator:
     """Timelines of one process's link. ``None`` config means an ideal link (no delay)."""
 
     def __init__(self, net: NetConfig | None, rank: int = 0, seed: int = 0) -> None:
         self.net = net
         self._lock = threading.Lock()
-        self._egress_free = 0.0
+        self._egress_free = 0.0  # collectives' reservations of the egress
         self._ingress_free = 0.0
+        self._egress = SharedEgress(net.bytes_per_s) if net is not None else None
         self._rng = np.random.default_rng([seed, rank, 7919])
 
     @property
@@ -54,16 +118,29 @@ class LinkEmulator:
             return 0.0
         return float(self._rng.exponential(self.net.jitter_s))
 
-    def send_release_time(self, nbytes: int, now: float | None = None) -> tuple[float, float]:
-        """Reserve egress for a message; return (egress done, time the receiver may have it)."""
+    def start_send(self, nbytes: int, now: float | None = None) -> int:
+        """A message of ``nbytes`` starts leaving (after any collective holding the egress);
+        ask :meth:`send_progress` when it has left. Needs an emulated link."""
         now = time.monotonic() if now is None else now
-        if self.net is None:
-            return now, now
+        assert self.net is not None and self._egress is not None
         with self._lock:
-            start = max(now, self._egress_free)
-            self._egress_free = start + nbytes / self.net.bytes_per_s
-            done = self._egress_free
-        return done, done + self.net.latency_s + self._jitter()
+            return self._egress.add(nbytes, max(now, self._egress_free))
+
+    def send_progress(self, message: int, now: float | None = None) -> tuple[bool, float]:
+        """``(True, when it left)`` once message has left by ``now``; else ``(False, when it
+        will have left if nothing else starts)``: ask again then."""
+        now = time.monotonic() if now is None else now
+        assert self._egress is not None
+        with self._lock:
+            self._egress.advance(now)
+            if message in self._egress.finished:
+                return True, self._egress.finished.pop(message)
+            return False, self._egress.projected(message)
+
+    def arrival(self, left: float) -> float:
+        """When a message that left the egress at ``left`` reaches its receiver."""
+        assert self.net is not None
+        return left + self.net.latency_s + self._jitter()
 
     def recv_done_time(self, nbytes: int, arrived: float) -> float:
         """Charge a received message to ingress; return when the receiver has all of it."""
@@ -89,7 +166,8 @@ class LinkEmulator:
         real_cost = max(traffic.sent, traffic.recv) / _LOOPBACK_BYTES_PER_S + _LOOPBACK_FIXED_S
         joined = max(issued, finished - real_cost)
         with self._lock:
-            start = max(joined, self._egress_free if traffic.sent else 0.0,
+            messages = self._egress.all_left() if self._egress is not None else 0.0
+            start = max(joined, max(self._egress_free, messages) if traffic.sent else 0.0,
                         self._ingress_free if traffic.recv else 0.0)
             busy_until = start + (model - traffic.hops * self.net.latency_s)
             if traffic.sent:

@@ -266,9 +266,8 @@ class Transport:
         pieces = byte_pieces(tensor)
         tags = self._next_tags(self._send_seq, dst, len(pieces))
         pending = self._pending(f"send of {nbytes} bytes to rank {dst}", [dst])
-        egress_done, release = self.link.send_release_time(nbytes)
 
-        def issue() -> None:
+        def issue(egress_done: float) -> None:
             try:
                 works = [dist.isend(piece, dst, group=self._p2p_pg, tag=tag)
                          for piece, tag in zip(pieces, tags, strict=True)]
@@ -286,10 +285,26 @@ class Transport:
 
             self._waiters.pool.submit(wait)
 
-        if release <= time.monotonic():
-            issue()
-        else:
-            self._scheduler.at(release, issue)
+        if not self.link.enabled:
+            issue(time.monotonic())
+            return pending
+        message = self.link.start_send(nbytes)
+
+        def poll() -> None:  # on the emulated egress, shared with the sends in flight
+            try:
+                left, when = self.link.send_progress(message)
+                release = self.link.arrival(when) if left else when
+            except BaseException as err:  # noqa: BLE001
+                pending.set_error(err)
+                return
+            if not left:  # others started meanwhile: ask again when it should have left
+                self._scheduler.at(when, poll)
+            elif release <= time.monotonic():
+                issue(when)
+            else:
+                self._scheduler.at(release, lambda: issue(when))
+
+        poll()
         return pending
 
     def recv(self, tensor: torch.Tensor, src: int, *, category: str = "train",
