@@ -14,7 +14,7 @@ from tandem.errors import ConfigError, WorkerFailed
 from tandem.launch import spawn
 from tandem.transport import costs
 from tandem.transport.packing import P2P_PIECE_BYTES, byte_pieces
-from tandem.transport.shaping import SharedEgress
+from tandem.transport.shaping import LinkEmulator, SharedEgress
 from tandem.transport.transport import as_net
 
 
@@ -75,6 +75,20 @@ def test_messages_in_flight_on_one_egress_share_its_rate():
     assert e.projected(small) == pytest.approx(10.1)
     empty = e.add(0, 11.0)
     assert e.finished[empty] == 11.0
+
+
+def test_an_ingress_carries_a_message_from_when_it_started_to_leave_its_sender():
+    """A swap: two messages left their senders together at half the rate each and arrive at
+    once; breaks if the ingress makes the second wait for the first (as if each had crossed at
+    the full rate just before arriving), or if a fan-in stops queueing on the ingress."""
+    link = LinkEmulator(NetConfig.parse("8mbit:0ms"))  # 1 MB/s: 100 kB take 0.1 s
+    assert link.recv_done_time(100_000, 0.2, started=0.0) == 0.2
+    assert link.recv_done_time(100_000, 0.2, started=0.0) == 0.2  # not 0.3
+    fan_in = LinkEmulator(NetConfig.parse("8mbit:0ms"))  # three senders alone on their links
+    done = [fan_in.recv_done_time(100_000, 0.1, started=0.0) for _ in range(3)]
+    assert done == pytest.approx([0.1, 0.2, 0.3])
+    unknown = LinkEmulator(NetConfig.parse("8mbit:0ms"))  # no timestamp: the full rate
+    assert [unknown.recv_done_time(100_000, 0.2) for _ in range(2)] == pytest.approx([0.2, 0.3])
 
 
 def test_an_emulated_fan_out_reaches_every_receiver_after_the_whole_fan_out():

@@ -11,8 +11,9 @@ How it models a link:
   its rate equally (:class:`SharedEgress`): three messages of ``s`` bytes posted at once all
   leave after ``3s/B``, as TCP flows through one link do, not one after another at ``s/B``,
   ``2s/B``, ``3s/B``. A message reaches the receiver ``L`` after it has left (plus jitter); the
-  receiver's ingress is occupied for ``s/B`` too, so many senders to one receiver (a parameter
-  server) queue up on its ingress, as they would on a real NIC.
+  receiver's ingress carries its ``s/B`` too, from the moment it started to leave (an 8-byte
+  timestamp sent along with it, on loopback only: neither metered nor charged), so many senders
+  to one receiver (a parameter server) queue up on its ingress, as they would on a real NIC.
 * A collective occupies both directions for the algorithm's traffic (:mod:`.costs`) and finishes
   ``hops * L`` later. Its start is the moment the last rank joined, estimated from when the real
   collective finished (loopback transfer time is subtracted), and no earlier than the messages
@@ -32,6 +33,7 @@ with the given mean, seeded from the run seed and the rank (reproducible).
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 
@@ -118,13 +120,15 @@ class LinkEmulator:
             return 0.0
         return float(self._rng.exponential(self.net.jitter_s))
 
-    def start_send(self, nbytes: int, now: float | None = None) -> int:
-        """A message of ``nbytes`` starts leaving (after any collective holding the egress);
-        ask :meth:`send_progress` when it has left. Needs an emulated link."""
+    def start_send(self, nbytes: int, now: float | None = None) -> tuple[int, float]:
+        """A message of ``nbytes`` starts leaving (after any collective holding the egress):
+        ``(message, when it starts)``; ask :meth:`send_progress` when it has left. Needs an
+        emulated link."""
         now = time.monotonic() if now is None else now
         assert self.net is not None and self._egress is not None
         with self._lock:
-            return self._egress.add(nbytes, max(now, self._egress_free))
+            message = self._egress.add(nbytes, max(now, self._egress_free))
+            return message, self._egress.clock
 
     def send_progress(self, message: int, now: float | None = None) -> tuple[bool, float]:
         """``(True, when it left)`` once message has left by ``now``; else ``(False, when it
@@ -142,13 +146,20 @@ class LinkEmulator:
         assert self.net is not None
         return left + self.net.latency_s + self._jitter()
 
-    def recv_done_time(self, nbytes: int, arrived: float) -> float:
-        """Charge a received message to ingress; return when the receiver has all of it."""
+    def recv_done_time(self, nbytes: int, arrived: float, started: float = math.nan) -> float:
+        """Charge a received message to ingress; return when the receiver has all of it.
+
+        ``started``: when it started to leave its sender (the sender sends it along). The
+        ingress carries ``nbytes`` at the line rate, one message after another, from then on:
+        two messages that left their senders together, each at half the rate (a swap), both
+        arrive at once, and neither waits for the other here. Unknown (``nan``): the message
+        is taken to have crossed at the full rate just before it arrived."""
         if self.net is None:
             return arrived
         dur = nbytes / self.net.bytes_per_s
+        begun = arrived - dur if math.isnan(started) else min(started, arrived)
         with self._lock:
-            start = max(arrived - dur, self._ingress_free)
+            start = max(begun, self._ingress_free)
             self._ingress_free = start + dur
             return max(arrived, self._ingress_free)
 

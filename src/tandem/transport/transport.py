@@ -259,11 +259,20 @@ class Transport:
         tag each), which lets each direction's pieces interleave: the same exchange between four
         namespaces (800 kB to and from both ring neighbours, receives first) took 182-212 ms
         whole, 159-165 ms in 50 kB pieces, 158-170 ms in 12.5 kB pieces (modelled: 128 ms;
-        gloo's ring all-reduce of the same bytes runs 1.2x its model there too)."""
+        gloo's ring all-reduce of the same bytes runs 1.2x its model there too).
+
+        On an emulated link the message also carries, as a last piece, the moment it started
+        to leave this rank's egress, for the receiver's ingress model
+        (:meth:`~tandem.transport.shaping.LinkEmulator.recv_done_time`); the byte meter and the
+        link charge the message's own bytes only."""
         tensor = tensor.detach().contiguous().cpu()
         nbytes = tensor.numel() * tensor.element_size()
         self.meter.record("send", nbytes, 0, peer=dst, category=category)
         pieces = byte_pieces(tensor)
+        emulated = self.link.enabled
+        if emulated:  # the moment it starts to leave travels with it (see recv), unmetered
+            message, started = self.link.start_send(nbytes)
+            pieces.append(torch.tensor([started], dtype=torch.float64))
         tags = self._next_tags(self._send_seq, dst, len(pieces))
         pending = self._pending(f"send of {nbytes} bytes to rank {dst}", [dst])
 
@@ -285,10 +294,9 @@ class Transport:
 
             self._waiters.pool.submit(wait)
 
-        if not self.link.enabled:
+        if not emulated:
             issue(time.monotonic())
             return pending
-        message = self.link.start_send(nbytes)
 
         def poll() -> None:  # on the emulated egress, shared with the sends in flight
             try:
@@ -316,6 +324,9 @@ class Transport:
         direct = tensor.device.type == "cpu" and tensor.is_contiguous()
         buf = tensor if direct else torch.empty(tensor.shape, dtype=tensor.dtype)
         pieces = byte_pieces(buf)  # cut as the sender cut it (see send)
+        started = torch.full((1,), float("nan"), dtype=torch.float64)
+        if self.link.enabled:  # when the message started to leave its sender's egress
+            pieces.append(started)
         tags = self._next_tags(self._recv_seq, src, len(pieces))
         works = [dist.irecv(piece, src, group=self._p2p_pg, tag=tag)
                  for piece, tag in zip(pieces, tags, strict=True)]
@@ -327,8 +338,8 @@ class Transport:
                 self.meter.record("recv", 0, nbytes, peer=src, category=category)
                 if buf is not tensor:
                     tensor.copy_(buf)
-                self._complete_at(self.link.recv_done_time(nbytes, time.monotonic()), pending,
-                                  tensor if then is None else then(tensor))
+                done = self.link.recv_done_time(nbytes, time.monotonic(), float(started[0]))
+                self._complete_at(done, pending, tensor if then is None else then(tensor))
             except BaseException as err:  # noqa: BLE001
                 pending.set_error(err)
 
