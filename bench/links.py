@@ -19,10 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 from bench.harness import CHILD_PYTHONPATH, Bench
@@ -51,23 +47,9 @@ def measure(net: str | None, sizes: list[int], reps: int = 3) -> list[dict]:
 
 def run_real(rate: str, sizes: list[int]) -> list[dict]:
     """Two ranks in two namespaces over the shaped links (rank 0's measurements)."""
-    with Cluster(2, rate) as net, tempfile.TemporaryDirectory() as tmp:
-        procs = []
-        for rank, host in enumerate(net.hosts):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR=net.hosts[0].addr,
-                       MASTER_PORT="29611", GLOO_SOCKET_IFNAME=host.dev, LOCAL_RANK="0",
-                       PYTHONPATH=CHILD_PYTHONPATH)
-            env.pop("TANDEM_STORE_HOSTED", None)
-            out = Path(tmp) / f"r{rank}.json"
-            code = ("import json,sys; from bench.links import measure; "
-                    f"json.dump(measure(None, {sizes!r}), open({str(out)!r}, 'w'))")
-            procs.append((net.popen(rank, [sys.executable, "-c", code], env=env, cwd=ROOT), out))
-        for p, _ in procs:
-            try:
-                p.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                net.reap(p)
-        return json.loads(procs[0][1].read_text())
+    with Cluster(2, rate) as net:
+        return net.run_ranks("bench.links", "measure", f"None, {sizes!r}", port=29611,
+                             pythonpath=CHILD_PYTHONPATH, cwd=ROOT)[0]
 
 
 def main() -> None:

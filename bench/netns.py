@@ -237,6 +237,33 @@ class Cluster:
         self._procs.append(p)
         return p
 
+    def run_ranks(self, module: str, func: str, args: str, *, port: int, pythonpath: str,
+                  cwd: Path, timeout_s: float = 300.0) -> list[Any]:
+        """One process per host, the ranks of one ``torch.distributed`` job rendezvousing at
+        host 0's ``port``: each calls ``module.func(<args>)`` (``args`` as Python source) and
+        the JSON-able results come back in rank order. A rank still running at ``timeout_s``
+        is killed (its missing result then raises)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            procs = []
+            for rank, host in enumerate(self.hosts):
+                env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(len(self.hosts)),
+                           LOCAL_RANK="0", MASTER_ADDR=self.hosts[0].addr, MASTER_PORT=str(port),
+                           GLOO_SOCKET_IFNAME=host.dev, PYTHONPATH=pythonpath)
+                env.pop("TANDEM_STORE_HOSTED", None)
+                out = Path(tmp) / f"r{rank}.json"
+                code = (f"import json; from {module} import {func}; "
+                        f"json.dump({func}({args}), open({str(out)!r}, 'w'))")
+                procs.append((self.popen(rank, [sys.executable, "-c", code], env=env, cwd=cwd),
+                              out))
+            for p, _ in procs:
+                try:
+                    p.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    self.reap(p)
+            return [json.loads(out.read_text()) for _, out in procs]
+
     def reap(self, p: subprocess.Popen) -> None:
         """Forget a finished process started by :meth:`popen` (killing its tree if it is not)."""
         _kill_tree(p)

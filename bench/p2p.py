@@ -22,16 +22,14 @@ best of ``--reps``. Run as root; without root the real column and its targets ar
 minute.
 
     sudo .venv/bin/python -m bench.p2p [--rate 100mbit] [--bytes 800000] [--reps 5]
+
+A rate other than 100mbit writes ``bench/results/p2p_<rate>.json`` (``--rate 10mbit``: ten times
+the line time, about three minutes).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -131,23 +129,9 @@ def by_pattern(per_rank: list[dict[str, Spans]]) -> dict[str, float]:
 
 def run_real(rate: str, nbytes: int, reps: int) -> list[dict[str, Spans]]:
     """Four ranks in four namespaces over the shaped links: every rank's measurements."""
-    with Cluster(HOSTS, rate) as net, tempfile.TemporaryDirectory() as tmp:
-        procs = []
-        for rank, host in enumerate(net.hosts):
-            env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(HOSTS), LOCAL_RANK="0",
-                       MASTER_ADDR=net.hosts[0].addr, MASTER_PORT="29631",
-                       GLOO_SOCKET_IFNAME=host.dev, PYTHONPATH=CHILD_PYTHONPATH)
-            env.pop("TANDEM_STORE_HOSTED", None)
-            out = Path(tmp) / f"r{rank}.json"
-            code = ("import json; from bench.p2p import measure; "
-                    f"json.dump(measure(None, {nbytes}, {reps}), open({str(out)!r}, 'w'))")
-            procs.append((net.popen(rank, [sys.executable, "-c", code], env=env, cwd=ROOT), out))
-        for p, _ in procs:
-            try:
-                p.wait(timeout=300)
-            except subprocess.TimeoutExpired:
-                net.reap(p)
-        return [json.loads(out.read_text()) for _, out in procs]
+    with Cluster(HOSTS, rate) as net:
+        return net.run_ranks("bench.p2p", "measure", f"None, {nbytes}, {reps}", port=29631,
+                             pythonpath=CHILD_PYTHONPATH, cwd=ROOT)
 
 
 def main() -> None:
@@ -168,7 +152,9 @@ def main() -> None:
         except (NetnsUnavailable, OSError, ValueError, KeyError) as err:
             why = f"the real links failed: {err}"
             print(why)
-    b = Bench("p2p", ["pattern", "model_ms", "emulated_ms", "real_ms", "emulated/model",
+    # one result per rate: p2p.json at the default 100mbit, p2p_<rate>.json otherwise
+    result = "p2p" if args.rate == "100mbit" else f"p2p_{args.rate}"
+    b = Bench(result, ["pattern", "model_ms", "emulated_ms", "real_ms", "emulated/model",
                       "real/model"])
     for name, k in MODEL_MESSAGES.items():
         model = k * line_s
