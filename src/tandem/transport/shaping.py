@@ -177,8 +177,9 @@ class LinkEmulator:
         real_cost = max(traffic.sent, traffic.recv) / _LOOPBACK_BYTES_PER_S + _LOOPBACK_FIXED_S
         joined = max(issued, finished - real_cost)
         with self._lock:
-            messages = self._egress.all_left() if self._egress is not None else 0.0
-            start = max(joined, max(self._egress_free, messages) if traffic.sent else 0.0,
+            assert self._egress is not None  # net is set
+            start = max(joined, max(self._egress_free, self._egress.all_left())
+                        if traffic.sent else 0.0,
                         self._ingress_free if traffic.recv else 0.0)
             busy_until = start + (model - traffic.hops * self.net.latency_s)
             if traffic.sent:

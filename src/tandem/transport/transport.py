@@ -15,6 +15,7 @@ unsatisfied receive swallow the next message with the same source and tag.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -324,8 +325,9 @@ class Transport:
         direct = tensor.device.type == "cpu" and tensor.is_contiguous()
         buf = tensor if direct else torch.empty(tensor.shape, dtype=tensor.dtype)
         pieces = byte_pieces(buf)  # cut as the sender cut it (see send)
-        started = torch.full((1,), float("nan"), dtype=torch.float64)
+        started = None
         if self.link.enabled:  # when the message started to leave its sender's egress
+            started = torch.empty(1, dtype=torch.float64)
             pieces.append(started)
         tags = self._next_tags(self._recv_seq, src, len(pieces))
         works = [dist.irecv(piece, src, group=self._p2p_pg, tag=tag)
@@ -338,7 +340,8 @@ class Transport:
                 self.meter.record("recv", 0, nbytes, peer=src, category=category)
                 if buf is not tensor:
                     tensor.copy_(buf)
-                done = self.link.recv_done_time(nbytes, time.monotonic(), float(started[0]))
+                done = self.link.recv_done_time(
+                    nbytes, time.monotonic(), math.nan if started is None else float(started[0]))
                 self._complete_at(done, pending, tensor if then is None else then(tensor))
             except BaseException as err:  # noqa: BLE001
                 pending.set_error(err)
