@@ -25,7 +25,8 @@ they are made; plain DDP reduces every gradient once per step in fp32.
 
 Emulated twin (``cfg.net`` set, one machine): torch's hooks bypass Tandem's link emulator, so the
 job routes DDP's buckets through :func:`tandem.codecs.ddp_hook` with the matching Tandem codec
-(``dense``, ``fp16``, ``powersgd`` at the same rank) over an emulated Transport; its run can also be
+(``dense``, ``fp16``, ``powersgd`` at the same rank and with as many dense first steps as
+torch's ``start_powerSGD_iter``) over an emulated Transport; its run can also be
 started with :func:`job` under Tandem's launcher.
 """
 
@@ -40,6 +41,9 @@ from typing import Any
 HOOKS = ("none", "fp16", "powersgd")
 #: the Tandem codec that stands for each DDP hook on an emulated link
 EMULATED_CODEC = {"none": ("dense", {}), "fp16": ("fp16", {}), "powersgd": ("powersgd", {})}
+#: torch's ``start_powerSGD_iter`` for the hook row (its default, 1000, would keep a short run on
+#: plain all-reduce); the emulated twin's Tandem codec starts with as many dense steps
+START_POWERSGD_ITER = 2
 
 
 class _AllReduceCounter:
@@ -126,7 +130,7 @@ def job(cfg_data: dict[str, Any], hook: str, rank_r: int = 2) -> dict[str, Any]:
         if emulated:
             name, opts = EMULATED_CODEC[hook]
             if name == "powersgd":
-                opts = {"rank": rank_r}
+                opts = {"rank": rank_r, "dense_steps": START_POWERSGD_ITER}
             state, fn = ddp_hook(make_codec(name, opts, seed=cfg.seed), transport=transport,
                                  total_steps=cfg.steps)
             model.register_comm_hook(state, fn)
@@ -135,7 +139,8 @@ def job(cfg_data: dict[str, Any], hook: str, rank_r: int = 2) -> dict[str, Any]:
         elif hook == "powersgd":
             state = powerSGD_hook.PowerSGDState(process_group=None,
                                                 matrix_approximation_rank=rank_r,
-                                                start_powerSGD_iter=2, random_seed=cfg.seed)
+                                                start_powerSGD_iter=START_POWERSGD_ITER,
+                                                random_seed=cfg.seed)
             model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
         if not emulated and hook != "none":
             counter = _AllReduceCounter()

@@ -244,6 +244,41 @@ def test_powersgd_exact_on_rank_r(workers):
             torch.testing.assert_close(out[i], want, rtol=1e-4, atol=1e-4)
 
 
+def test_powersgd_dense_steps_send_the_whole_gradient_first():
+    """Breaks if ``dense_steps`` (torch's start_powerSGD_iter) does not return the exact mean
+    for its first steps, keeps a residual from them, charges other than one dense all-reduce,
+    or does not compress afterwards; and if a point-to-point receiver cannot decode a whole
+    message on its own."""
+    per = [[grads(40 + r + 10 * s) for s in range(3)] for r in range(2)]
+    total = sum(math.prod(s) for s in SHAPES)
+
+    def job(t):
+        c = make_codec("powersgd", {"rank": 1, "dense_steps": 2}, seed=3)
+        outs, sent = [], []
+        for s in range(3):
+            before = t.meter.sent_total()
+            outs.append(c.exchange(per[t.rank][s], t))
+            sent.append(t.meter.sent_total() - before)
+            if s == 1:
+                assert all(not r.any() for r in c.residuals)  # nothing owed after dense steps
+        return outs, sent
+
+    res = run_threads(2, job)
+    for s in range(2):
+        want = [torch.stack([per[r][s][i] for r in range(2)]).mean(0) for i in range(len(SHAPES))]
+        for outs, _ in res:
+            for got, w in zip(outs[s], want, strict=True):
+                torch.testing.assert_close(got, w)
+    dense_bytes = res[0][1][0]
+    assert res[0][1][1] == dense_bytes and dense_bytes >= 4 * total  # 2(N-1)/N = 1 at N = 2
+    assert res[0][1][2] < dense_bytes / 4  # compressed from step 2 on
+    enc, dec = make_codec("powersgd", {"dense_steps": 1}), make_codec("powersgd")
+    g = grads(50)
+    msg = enc.encode(g)
+    assert msg.meta["whole"] and len(msg.tensors) == 1
+    assert all(torch.equal(a, b) for a, b in zip(g, dec.decode(msg), strict=True))
+
+
 def test_randomk_workers_share_positions_and_sum():
     """Breaks if random-k's workers pick different positions (then all-reduced values would
     be summed at the wrong places) or the exchange is not the mean of the transmitted parts."""

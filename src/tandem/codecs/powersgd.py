@@ -19,6 +19,13 @@ power step per iteration into a power method across iterations) and ``error_feed
 
 Bytes per worker per step: two all-reduces carrying ``4 * (sum r*n + dense)`` and
 ``4 * sum r*m`` bytes.
+
+Dense start (``dense_steps``, default 0): the first ``dense_steps`` steps send the whole gradient
+(one all-reduce, 4 bytes per parameter) and keep no residual; compression starts after them. This
+is torch's ``powerSGD_hook`` with ``start_powerSGD_iter`` (torch's default is 1000): it lets the
+first, largest and fastest-changing gradients pass exactly, which can matter to accuracy on a
+short run, at the dense cost for those steps. Leave it at 0 unless the first steps of your run
+train worse than with the dense codec, or to compare with torch's hook step for step.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ class PowerSGDOptions(CodecOptions):
     rank: int = Field(4, ge=1, description="rank r of the approximation")
     warm_start: bool = Field(True, description="start each power step from the last mean Q")
     error_feedback: bool = Field(True, description="accumulate the approximation error")
+    dense_steps: int = Field(0, ge=0, description="first steps sent whole, uncompressed "
+                             "(torch's start_powerSGD_iter)")
 
 
 def orthonormalise(p: torch.Tensor) -> torch.Tensor:
@@ -111,7 +120,18 @@ class PowerSGDCodec(Codec):
                 buf /= size
             return buf
 
+        if self.step < self.opts.dense_steps:
+            return self._dense_step(grads, mean)
         return self._run(grads, mean)
+
+    def _dense_step(self, grads: list[torch.Tensor], mean: Any) -> list[torch.Tensor]:
+        """One of the first ``dense_steps``: the whole gradient, no residual kept."""
+        corrected = self.memory.corrected(grads)
+        self.memory.keep(corrected, corrected)
+        out = unflatten(mean(flatten([c.float() for c in corrected])),
+                        [tuple(g.shape) for g in grads])
+        self.step += 1
+        return out
 
     def _run(self, grads: list[torch.Tensor], mean: Any) -> list[torch.Tensor]:
         shapes = [tuple(g.shape) for g in grads]
@@ -152,6 +172,10 @@ class PowerSGDCodec(Codec):
     def encode(self, grads: list[torch.Tensor]) -> Message:
         shapes = [tuple(g.shape) for g in grads]
         corrected = self.memory.corrected(grads)
+        if self.step < self.opts.dense_steps:  # the meta says so: a receiver decodes alone
+            self.memory.keep(corrected, corrected)
+            return Message([flatten([c.float() for c in corrected])],
+                           {"shapes": shapes, "whole": True})
         comp, mats, dense = self._split(corrected)
         qs = self._start_qs(shapes)
         p_hat = [orthonormalise(m @ q) for m, q in zip(mats, qs, strict=True)]
@@ -164,6 +188,8 @@ class PowerSGDCodec(Codec):
         return msg
 
     def decode(self, msg: Message) -> list[torch.Tensor]:
+        if msg.meta.get("whole"):
+            return unflatten(msg.tensors[0], [tuple(s) for s in msg.meta["shapes"]])
         shapes, comp, dense = msg.meta["shapes"], msg.meta["comp"], msg.meta["dense"]
         out: list[torch.Tensor] = [torch.empty(0)] * len(shapes)
         po = qo = 0
@@ -190,4 +216,5 @@ class PowerSGDCodec(Codec):
         self.qs = None if state.get("qs") is None else [q.clone() for q in state["qs"]]
 
     def describe(self) -> dict[str, Any]:
-        return {"rank": self.opts.rank, "warm_start": self.opts.warm_start}
+        return {"rank": self.opts.rank, "warm_start": self.opts.warm_start,
+                "dense_steps": self.opts.dense_steps}
