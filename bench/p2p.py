@@ -41,7 +41,8 @@ HOSTS = 4
 ROOT = Path(__file__).resolve().parent.parent
 #: pattern -> how many messages' line time the model gives it (messages in flight on one egress
 #: share it; a receiver's ingress takes them one after another)
-MODEL_MESSAGES = {"swap, receives first": 2, "swap, sends first": 2, "fan-out, receiver 1": 3,
+MODEL_MESSAGES = {"swap, receives first": 2, "swap, sends first": 2, "swap, one way at a time": 2,
+                  "fan-out, receiver 1": 3,
                   "fan-out, receiver 2": 3, "fan-out, receiver 3": 3, "fan-out, all received": 3,
                   "fan-in, receiver": 3}
 
@@ -72,6 +73,14 @@ def measure(net: str | None, nbytes: int, reps: int) -> dict[str, Spans]:
         for p in recvs + sends:
             p.wait()
 
+    def swap_phased() -> None:
+        """The ring's two directions one after the other: every link carries one flow each
+        way at a time, where the swap above puts two on each."""
+        for src, dst in (nbrs, nbrs[::-1]):
+            recv = t.recv(torch.empty(n), src)
+            t.send(torch.zeros(n), dst).wait()
+            recv.wait()
+
     def fan_out() -> None:
         if r == 0:
             for p in [t.send(torch.zeros(n), j) for j in range(1, w)]:
@@ -89,6 +98,7 @@ def measure(net: str | None, nbytes: int, reps: int) -> dict[str, Spans]:
     out: dict[str, list[list[float]]] = {}
     for name, fn in (("swap, receives first", lambda: swap(True)),
                      ("swap, sends first", lambda: swap(False)),
+                     ("swap, one way at a time", swap_phased),
                      ("fan-out", fan_out), ("fan-in", fan_in)):
         times = []
         for _ in range(reps + 1):  # the first rep warms the pairs' connections up
@@ -119,7 +129,7 @@ def by_pattern(per_rank: list[dict[str, Spans]]) -> dict[str, float]:
 
     everyone = list(range(len(per_rank)))
     rows = {name: span(name, everyone, everyone)
-            for name in ("swap, receives first", "swap, sends first")}
+            for name in ("swap, receives first", "swap, sends first", "swap, one way at a time")}
     for j in everyone[1:]:
         rows[f"fan-out, receiver {j}"] = span("fan-out", [0], [j])
     rows["fan-out, all received"] = span("fan-out", [0], everyone[1:])
