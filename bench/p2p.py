@@ -9,7 +9,10 @@ over TCP through ``tbf``) does with several transfers at once decides what ``gos
 * **a swap**: every host sends a message to each ring neighbour and receives one from each. If
   the sends are posted before the receives, the two directions take turns: gloo does not read a
   pair's socket for a message whose receive is not posted yet. Tandem's strategies post their
-  receives first (see ``Transport.send``); the ``sends first`` row shows what that avoids.
+  receives first (see ``Transport.send``); the ``sends first`` row shows what that avoids. The
+  ``one way at a time`` row sends to the right neighbours first, then to the left ones (what
+  ``gossip`` does since 2026-12-04, :mod:`tandem.strategies.gossip.swap`): one flow each way per
+  link at a time.
 * **a fan-out**: host 0 sends a message to each of the three others at once. TCP shares host 0's
   rate between the three flows, unevenly and differently each time: the whole fan-out takes the
   three messages' line time, and a receiver may have its message before that.

@@ -10,7 +10,8 @@ Every step, peer i
    or the whole partition with ``full_batch=true``);
 2. if it finished in time, ``e_i = w * sum_k g_k``; if it straggled, ``e_i = 0``;
 3. takes a local step ``y_i = x_i - lr_t * e_i`` and runs ``gossip_rounds`` rounds of
-   ``x_i <- sum_j W_ij y_j`` with its neighbours (point-to-point sends through the transport).
+   ``x_i <- sum_j W_ij y_j`` with its neighbours (point-to-point sends through the transport,
+   one direction of the graph at a time: :mod:`tandem.strategies.gossip.swap`).
 
 Modes (``mode=``): ``goco`` uses the unbiased weight ``w = 1/(d(1-p))``; ``redundant`` keeps the
 redundancy but uses ``w = 1/d`` (biased low by the straggling rate); ``dsgd`` is plain decentralized

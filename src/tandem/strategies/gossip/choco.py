@@ -39,8 +39,8 @@ from typing import Any
 import torch
 
 from tandem.codecs import Codec, Message
-from tandem.errors import WorkerFailed
 from tandem.flat import flatten, unflatten
+from tandem.strategies.gossip.swap import swap
 from tandem.topology import PeerView
 
 
@@ -86,22 +86,8 @@ class ChocoMixer:
         nbrs, _, _ = self.view.row()
         msg = codec.encode(unflatten(y - self.public[me], self.shapes))
         packed = msg.pack()  # a fresh buffer, never written again: one for every neighbour
-        recvs = [(j, tr.recv_packed(msg.specs(), j)) for j in nbrs]  # first: see Transport.send
-        sends = [(j, tr.send(packed, j)) for j in nbrs]
-        got: dict[int, list[torch.Tensor]] = {}
-        lost: set[int] = set()
-        for is_recv, (j, h) in [(True, r) for r in recvs] + [(False, d) for d in sends]:
-            if j in lost:
-                continue
-            try:
-                out = h.wait()
-            except WorkerFailed as err:
-                if j not in err.ranks:
-                    raise
-                lost.add(j)
-                continue
-            if is_recv:
-                got[j] = out
+        got, lost = swap(me, self.view.base.n, nbrs, lambda j: tr.recv_packed(msg.specs(), j),
+                         lambda j: tr.send(packed, j))
         if lost:
             self.view.learn(lost, step)
         # decode at the step the messages were encoded at (random-k's shared positions)

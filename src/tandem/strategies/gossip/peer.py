@@ -27,6 +27,7 @@ from tandem.strategies.base import Computed, Exchanged, StepLoop, Strategy
 from tandem.strategies.gossip.choco import ChocoMixer, default_consensus_step
 from tandem.strategies.gossip.evaluate import evaluate_alone, evaluate_network
 from tandem.strategies.gossip.options import GossipOptions
+from tandem.strategies.gossip.swap import swap
 from tandem.topology import PeerView, make_topology
 from tandem.trainer import build_model, screen_gradients, step_optimizer, training_spec
 from tandem.trainer.final_model import save_final_model
@@ -294,18 +295,8 @@ class GossipPeer(StepLoop):
         for _ in range(rounds):
             nbrs, w_self, w_nbr = view.row()
             bufs = {j: torch.empty_like(y) for j in nbrs}
-            recvs = [(j, tr.recv(bufs[j], j)) for j in nbrs]  # first: see Transport.send
-            sends = [(j, tr.send(y.clone(), j)) for j in nbrs]
-            lost: set[int] = set()
-            for j, h in recvs + sends:
-                if j in lost:
-                    continue
-                try:
-                    h.wait()
-                except WorkerFailed as err:
-                    if j not in err.ranks:
-                        raise
-                    lost.add(j)
+            _, lost = swap(tr.rank, view.base.n, nbrs, lambda j, b=bufs: tr.recv(b[j], j),
+                           lambda j, v=y: tr.send(v.clone(), j))
             if lost:
                 view.learn(lost, step)
                 _, w_self, w_nbr = view.row()

@@ -1,0 +1,67 @@
+"""How a peer swaps messages with its neighbours: one direction of the graph at a time.
+
+A gossip round sends every neighbour this peer's message and receives each neighbour's. Posted
+all at once, every link carries two flows each way on a ring (to and from both neighbours), and
+on a slow link TCP loses to itself: the token buckets of ``bench/p2p.py`` dropped packets, and a
+swap between four hosts on a ring took 1.40-1.48x its line time at 10 Mbit/s (1.27-1.30x at
+100 Mbit/s). Sent one direction at a time (first every peer to its right neighbour, then every
+peer to its left) the same bytes took 1.22x at both rates: one flow each way per link per phase.
+The line time is the same either way (a peer's egress carries both messages in turn instead of
+sharing its rate between them); each phase adds one wait for the slowest pair.
+
+The phases: every neighbour ``j`` of peer ``r`` is reached at *offset* ``d = (j - r) mod N``. In
+phase ``d`` (increasing) ``r`` sends to ``r + d`` and receives from ``r - d`` when they are
+neighbours. Both ends of an edge meet in the same phase (``r`` sends to ``j`` in phase ``j - r``,
+where ``j`` receives from ``j - (j - r) = r``), each peer sends and receives at most one message
+per phase, and since every peer takes its phases in the same increasing order, none waits on a
+peer that waits on a later phase: no deadlock whatever the graph. A ring has two phases, the
+complete graph ``N - 1`` (a pairwise exchange), the others as many as their distinct offsets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from tandem.errors import WorkerFailed
+
+
+def phases(rank: int, world: int, nbrs: Iterable[int]) -> list[tuple[int | None, int | None]]:
+    """``[(send to, receive from), ...]`` in phase order for peer ``rank``; None where the phase
+    has no such neighbour."""
+    live = set(nbrs)
+    offsets = sorted({(j - rank) % world for j in live} | {(rank - j) % world for j in live})
+    out = []
+    for d in offsets:
+        to, frm = (rank + d) % world, (rank - d) % world
+        out.append((to if to in live else None, frm if frm in live else None))
+    return out
+
+
+def swap(rank: int, world: int, nbrs: Iterable[int], post_recv: Callable[[int], Any],
+         post_send: Callable[[int], Any]) -> tuple[dict[int, Any], set[int]]:
+    """One round's messages with the neighbours ``nbrs``, phase by phase (see the module).
+
+    ``post_recv(j)`` / ``post_send(j)`` post a receive from / a send to ``j`` and return its
+    pending handle (``.wait()``). Returns what each neighbour's receive gave, and the neighbours
+    found dead (a ``WorkerFailed`` naming them); a dead neighbour's later transfers are skipped.
+    Any other error propagates."""
+    got: dict[int, Any] = {}
+    lost: set[int] = set()
+    for to, frm in phases(rank, world, nbrs):
+        posted = []
+        if frm is not None and frm not in lost:  # the receive first: see Transport.send
+            posted.append((True, frm, post_recv(frm)))
+        if to is not None and to not in lost:
+            posted.append((False, to, post_send(to)))
+        for is_recv, j, handle in posted:
+            try:
+                out = handle.wait()
+            except WorkerFailed as err:
+                if j not in err.ranks:
+                    raise
+                lost.add(j)
+                continue
+            if is_recv:
+                got[j] = out
+    return got, lost
