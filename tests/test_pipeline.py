@@ -192,3 +192,29 @@ def test_the_overlap_really_hides_communication_behind_the_next_models_compute(t
         before[overlap] = [b["t_compute_start"] < a["t_comm_done"]
                            for a, b in zip(first, second, strict=True)]
     assert before == {True: [True] * 4, False: [False] * 4}
+
+
+def test_one_exchange_on_the_link_at_a_time_unless_switched_off(tmp_path):
+    """Breaks if ``one_at_a_time`` (the default) lets two models' exchanges hold the link at
+    once, or hands the link out in another order than the round's, or if switching it off does
+    not let them run together. Over a slow link (300 ms per hop) model 1's gradient is ready
+    long before model 0's exchange ends: with turns its exchange starts only after that end (and
+    model 0's next one only after model 1's), without them at once. Orderings, not durations."""
+    base = {"workload": {"name": "digits"}, "workers": 2, "steps": 3, "batch_size": 64,
+            "seed": 1, "progress": False, "eval_every": 100, "net": "1gbit:300ms"}
+    for turns in (True, False):
+        run = tmp_path / f"turns-{turns}"
+        tandem.train(dict(base, out=str(run), strategy={"name": "pipeline", "options": {
+            "models": [{"lr": 0.05}, {"lr": 0.1}], "one_at_a_time": turns}}), timeout_s=300)
+        first, second = _lane_steps(run, "lr=0.05"), _lane_steps(run, "lr=0.1")
+        spans = sorted((r["t_comm_start"], r["t_comm_done"], i, r["step"])
+                       for i, steps in enumerate((first, second)) for r in steps)
+        disjoint = [a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False)]
+        if turns:
+            assert all(disjoint)
+            assert [(i, step) for _, _, i, step in spans] == [(0, 0), (1, 0), (0, 1), (1, 1),
+                                                               (0, 2), (1, 2)]
+        else:
+            together = [b["t_comm_start"] < a["t_comm_done"]
+                        for a, b in zip(first, second, strict=True)]
+            assert together == [True] * 3

@@ -17,8 +17,9 @@ default ``bucket_mb=0`` the parameters are bitwise equal to the solo runs, for e
 How the exchanges run: each model has its own process group and its own communication thread,
 which runs that model's exchanges in step order, so every rank issues each group's collectives
 in the same order; the transport completes each group's collectives on the group's own thread,
-so exchanges of different models may overlap each other (on an emulated or real link they queue
-back to back, which keeps the link busy).
+and by default one model's exchange has the link at a time, in the round's model order
+(:class:`~tandem.strategies.pipeline.lanes.LinkTurns`): two collectives at once split every link
+between two TCP flows each way, which real slow links serve worse than one after the other.
 
 Options (``--strategy-opt``):
 
@@ -31,6 +32,9 @@ Options (``--strategy-opt``):
   order (last bits differ from the solo run) and each bucket has its own codec instance.
 * ``variant_records`` (default true): one run record per model under ``<run>/variants/``.
 * ``overlap`` (default true): false waits for each exchange at once (a control for benchmarks).
+* ``one_at_a_time`` (default true): false lets every model's exchange start as soon as its
+  gradient is ready, concurrently with the others' (it can fill a latency-bound link's idle
+  gaps between a multi-round codec's collectives; measure before you switch it off).
 
 Tuning (docs/pipeline.md): the gain needs communication to matter and models of similar cost;
 with A << C there is nothing to hide, with A >> C the link is the bottleneck whatever the order.
@@ -55,7 +59,7 @@ from pydantic import Field, field_validator
 from tandem.checkpoint import StrategyCheckpoints
 from tandem.errors import CheckpointError
 from tandem.strategies.base import Strategy, StrategyOptions, WorkerContext, codec_factory, register
-from tandem.strategies.pipeline.lanes import CommThread, Flight, Lane, MeteredLink
+from tandem.strategies.pipeline.lanes import CommThread, Flight, Lane, LinkTurns, MeteredLink
 from tandem.telemetry.recorder import Recorder
 from tandem.trainer.stragglers import ComputeFaults
 from tandem.variants import OVERRIDABLE, finalize_variants, variant_configs
@@ -63,7 +67,8 @@ from tandem.variants import OVERRIDABLE, finalize_variants, variant_configs
 if TYPE_CHECKING:
     from tandem.config import RunConfig
 
-__all__ = ["CommThread", "Flight", "Lane", "MeteredLink", "PipelineOptions", "PipelineStrategy"]
+__all__ = ["CommThread", "Flight", "Lane", "LinkTurns", "MeteredLink", "PipelineOptions",
+           "PipelineStrategy"]
 
 
 class PipelineOptions(StrategyOptions):
@@ -74,6 +79,9 @@ class PipelineOptions(StrategyOptions):
     variant_records: bool = Field(default=True, description="write one run record per model")
     overlap: bool = Field(default=True, description="false: wait for each exchange at once "
                           "(the sequential schedule in one job, for comparisons)")
+    one_at_a_time: bool = Field(default=True, description="one model's exchange on the link "
+                                "at a time, in round order; false: every exchange starts as "
+                                "soon as its gradient is ready, concurrently with the others'")
 
     @field_validator("models")
     @classmethod
@@ -113,6 +121,7 @@ class PipelineStrategy(Strategy):
         self.variants = variant_configs(ctx.cfg)
         self.lanes: list[Lane] = []
         built: dict[str, Any] = {}
+        turns = LinkTurns(ctx.cfg.timeout_s) if self.opts.one_at_a_time else None
         for i, (label, vcfg) in enumerate(self.variants):
             work = self._workload(vcfg, built)
             run_dir = vcfg.run_dir()
@@ -123,7 +132,7 @@ class PipelineStrategy(Strategy):
                                  codec_factory=codec_factory(vcfg))
             group = ctx.transport.new_group(list(range(ctx.world)))
             self.lanes.append(Lane(i, label, vctx, group, self.opts.bucket_mb,
-                                   Strategy.total_steps(vcfg, len(work.train))))
+                                   Strategy.total_steps(vcfg, len(work.train)), turns))
             if ctx.rank == 0 and self.opts.variant_records and not ctx.cfg.resume:
                 (run_dir / "config.yaml").write_text(vcfg.to_yaml())
         self.ckpt = StrategyCheckpoints(ctx)  # after the models: building one reseeds torch
