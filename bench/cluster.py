@@ -19,8 +19,8 @@ row is one ``torchrun --nnodes N --node_rank I --master_addr <host 0> ...`` per 
   optimizer and steps;
 * the other strategies (param_server, bsp_shared, gossip, coded_ps, pipeline) with the dense codec:
   a strategy that fails under torchrun is a ``FAILED`` row with its error's first line; the
-  pipeline also with its exchanges concurrent (``pipeline-concurrent``, ``one_at_a_time=false``),
-  the control for its default;
+  pipeline also with one exchange on the link at a time (``pipeline-turns``,
+  ``one_at_a_time=true``) against its default of concurrent exchanges;
 * ``local``: the compute-only limit, one single-process run per host, all hosts at once (the same
   CPU contention as the 4-host rows; no emulated twin: it sends nothing).
 
@@ -338,7 +338,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated row keys: local, ddp, "
                     "ddp-fp16, ddp-powersgd, dense, fp16, topk, powersgd, powersgd-r1, "
                     "topk-delay, powersgd-delay, powersgd-r1-delay, qsgd, param_server, "
-                    "bsp_shared, gossip, coded_ps, pipeline, pipeline-concurrent")
+                    "bsp_shared, gossip, coded_ps, pipeline, pipeline-turns")
     ap.add_argument("--runs", default="runs/bench-cluster", help="where run records go")
     ap.add_argument("--steps", type=int, default=0, help="steps of every run (trials; default "
                     f"{FULL_STEPS}, --quick {QUICK_STEPS})")

@@ -70,10 +70,10 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
         Row("coded_ps", "coded_ps", "tandem", strategy="coded_ps"),
         Row("pipeline", "pipeline 2 models", "tandem", strategy="pipeline",
             strategy_opts={"models": [{"lr": lr}, {"lr": 2 * lr}]}),
-        # the control for the pipeline's default one_at_a_time (exchanges one after another)
-        Row("pipeline-concurrent", "pipeline 2 models, concurrent exchanges", "tandem",
+        # its option one_at_a_time, against the default (concurrent exchanges)
+        Row("pipeline-turns", "pipeline 2 models, one exchange at a time", "tandem",
             strategy="pipeline", strategy_opts={"models": [{"lr": lr}, {"lr": 2 * lr}],
-                                                "one_at_a_time": False}),
+                                                "one_at_a_time": True}),
     ]
 
 

@@ -307,6 +307,11 @@ class PeerView:
         self.switch_at: dict[int, int] = {}
 
     @property
+    def size(self) -> int:
+        """Peers in the graph, the dead included (the swap's phases are offsets modulo this)."""
+        return self.base.n
+
+    @property
     def alive(self) -> list[int]:
         return [r for r in range(self.base.n) if r not in self.dead]
 

@@ -200,6 +200,7 @@ class _Loopback:
 
     def __init__(self, degree: int) -> None:
         self.rank, self.degree = 0, degree
+        self.size = degree + 1  # the graph: this peer and its neighbours 1..degree
         self.last: torch.Tensor | None = None
 
     def send(self, t: torch.Tensor, dst: int, **_: Any) -> Done:

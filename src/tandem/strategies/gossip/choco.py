@@ -86,7 +86,7 @@ class ChocoMixer:
         nbrs, _, _ = self.view.row()
         msg = codec.encode(unflatten(y - self.public[me], self.shapes))
         packed = msg.pack()  # a fresh buffer, never written again: one for every neighbour
-        got, lost = swap(me, self.view.base.n, nbrs, lambda j: tr.recv_packed(msg.specs(), j),
+        got, lost = swap(me, self.view.size, nbrs, lambda j: tr.recv_packed(msg.specs(), j),
                          lambda j: tr.send(packed, j))
         if lost:
             self.view.learn(lost, step)

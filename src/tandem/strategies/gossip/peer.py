@@ -295,7 +295,7 @@ class GossipPeer(StepLoop):
         for _ in range(rounds):
             nbrs, w_self, w_nbr = view.row()
             bufs = {j: torch.empty_like(y) for j in nbrs}
-            _, lost = swap(tr.rank, view.base.n, nbrs, lambda j, b=bufs: tr.recv(b[j], j),
+            _, lost = swap(tr.rank, view.size, nbrs, lambda j, b=bufs: tr.recv(b[j], j),
                            lambda j, v=y: tr.send(v.clone(), j))
             if lost:
                 view.learn(lost, step)

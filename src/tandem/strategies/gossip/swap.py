@@ -1,13 +1,17 @@
 """How a peer swaps messages with its neighbours: one direction of the graph at a time.
 
 A gossip round sends every neighbour this peer's message and receives each neighbour's. Posted
-all at once, every link carries two flows each way on a ring (to and from both neighbours), and
-on a slow link TCP loses to itself: the token buckets of ``bench/p2p.py`` dropped packets, and a
-swap between four hosts on a ring took 1.40-1.48x its line time at 10 Mbit/s (1.27-1.30x at
-100 Mbit/s). Sent one direction at a time (first every peer to its right neighbour, then every
-peer to its left) the same bytes took 1.22x at both rates: one flow each way per link per phase.
-The line time is the same either way (a peer's egress carries both messages in turn instead of
-sharing its rate between them); each phase adds one wait for the slowest pair.
+all at once, every link of a ring carries two flows each way (to and from both neighbours).
+Sent one direction at a time (first every peer to its right neighbour, then every peer to its
+left) each link carries one flow each way per phase, with the same line time (a peer's egress
+carries both messages in turn instead of sharing its rate between them) and one more wait for
+the slowest pair. Measured on four hosts joined by real links (``bench/p2p.py``, 800 KB
+messages, 9 repetitions): at 100 Mbit/s the median swap took 1.35x its line time this way
+against 1.43x posted at once (1.37x against 1.43x in the run before; the best repetitions tie,
+1.29x against 1.28x), and a ``gossip`` step on the cluster benchmark's CNN 176 ms against 202
+(two runs, not side by side); at 10 Mbit/s, where the token buckets drop packets either way,
+the medians tie (1.42x against 1.42x; best 1.17x against 1.29x) and so did the ``gossip`` step
+(1,942 against 1,949 ms).
 
 The phases: every neighbour ``j`` of peer ``r`` is reached at *offset* ``d = (j - r) mod N``. In
 phase ``d`` (increasing) ``r`` sends to ``r + d`` and receives from ``r - d`` when they are

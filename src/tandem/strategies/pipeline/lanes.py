@@ -33,14 +33,15 @@ _CLOCK0 = time.perf_counter()
 
 class LinkTurns:
     """Gives the link to one model's exchange at a time, in the order the exchanges were
-    submitted (``one_at_a_time``, the default).
+    submitted (the pipeline's ``one_at_a_time`` option; off by default).
 
-    Why: two collectives in flight at once (each model has its own process group, so its own
-    connections) split every link between two TCP flows each way, and TCP serves that worse
-    than one flow: on four hosts joined by real 100 Mbit/s links, two models of ``textlm`` with
-    concurrent exchanges took 1,200 ms a round, 1.44x the 832 ms line time of the two dense
-    all-reduces, where one model alone communicated at 1.16x its line time (docs/cluster.md).
-    One after the other, the link carries the same bytes, each exchange at the full rate.
+    Why it exists: each model has its own process group, so two exchanges at once are two TCP
+    flows each way on every link, which can serve them worse than one after the other. Measured
+    side by side on four hosts joined by real links (``bench/cluster.py``, two models, dense
+    codec), one at a time against concurrent: 1,111 against 1,154 ms a round on ``textlm`` at
+    100 Mbit/s, 211 against 204 on the CNN, 10,105 against 9,991 on ``textlm`` at 10 Mbit/s and
+    2,328 against 2,166 on the CNN, so concurrent stays the default. With turns the emulator's
+    round was within 2 % and 20 % of the real one at 100 Mbit/s (12 % and 28 % concurrent).
 
     No deadlock: every rank submits its models' exchanges in the same order (the round's fixed
     model order), so every rank runs them in that one order; each lane's thread takes its own
