@@ -123,7 +123,7 @@ class PipelineStrategy(Strategy):
         self.variants = variant_configs(ctx.cfg)
         self.lanes: list[Lane] = []
         built: dict[str, Any] = {}
-        turns = LinkTurns(ctx.cfg.timeout_s) if self.opts.one_at_a_time else None
+        turns = LinkTurns() if self.opts.one_at_a_time else None
         for i, (label, vcfg) in enumerate(self.variants):
             work = self._workload(vcfg, built)
             run_dir = vcfg.run_dir()

@@ -47,8 +47,7 @@ class LinkTurns:
     model order), so every rank runs them in that one order; each lane's thread takes its own
     exchanges in step order, so the exchange whose turn it is always heads its lane's queue."""
 
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
+    def __init__(self) -> None:
         self._cond = threading.Condition()
         self._next = 0  # the next ticket to hand out
         self._serving = 0  # the ticket whose exchange has the link
@@ -59,12 +58,13 @@ class LinkTurns:
             self._next += 1
             return self._next - 1
 
-    def wait(self, ticket: int, what: str) -> None:
+    def wait(self, ticket: int, what: str, limit_s: float) -> None:
         """Block until ``ticket``'s turn; PeerTimeout naming the exchange that holds the link
-        if it does not come within the transport's timeout (one exchange's own limit)."""
+        if it does not come within ``limit_s`` (the caller passes what it allows one exchange,
+        as :meth:`Lane.settle` does)."""
         with self._cond:
-            if not self._cond.wait_for(lambda: self._serving == ticket, self.timeout_s):
-                raise PeerTimeout(f"{what} waited {self.timeout_s:.0f}s for the link, held by "
+            if not self._cond.wait_for(lambda: self._serving == ticket, limit_s):
+                raise PeerTimeout(f"{what} waited {limit_s:.0f}s for the link, held by "
                                   f"{self._holder or 'an earlier exchange'}; raise timeout_s on "
                                   "slow links")
             self._holder = what
@@ -107,7 +107,7 @@ class CommThread:
             try:
                 if self.turns is not None:
                     self.turns.wait(ticket, f"pipeline model {lane.label}'s exchange of step "
-                                            f"{flight.step}")
+                                            f"{flight.step}", lane.exchange_limit_s(flight))
                 flight.started_at = time.perf_counter()
                 for b in range(flight.nbuckets):
                     if not flight.ready[b].wait(self.timeout_s):
@@ -275,6 +275,11 @@ class Lane(StepLoop):
         flight.skipped = flight.skipped or skipped
         return self.codecs[b].exchange(grads, self.link, self.group)
 
+    def exchange_limit_s(self, flight: Flight) -> float:
+        """The longest one exchange may take: the transport's timeout per bucket, and one more
+        for the wait on the gradient."""
+        return self.ctx.cfg.timeout_s * (flight.nbuckets + 1)
+
     def settle(self, evaluating: Callable[[], contextlib.ExitStack]) -> float:
         """Wait for the last exchange, apply it, record the step (and evaluate when due).
         Returns the seconds this thread waited (the communication not hidden)."""
@@ -283,7 +288,7 @@ class Lane(StepLoop):
         flight, loss, compute_s, straggled = self.pending
         self.pending = None
         t0 = time.perf_counter()
-        limit = self.ctx.cfg.timeout_s * (flight.nbuckets + 1)
+        limit = self.exchange_limit_s(flight)
         if not flight.done.wait(limit):
             raise PeerTimeout(f"pipeline model {self.label}: the exchange of step {flight.step} "
                               f"did not finish within {limit:.0f}s; raise timeout_s on slow links")
