@@ -40,7 +40,9 @@ Columns: ``step_ms`` (training wall time / steps, evaluation excluded, real link
 (Tandem's byte meter: payload bytes sent per worker per step), ``wire/step`` (the kernel's veth
 counters: every byte each host sent, TCP/IP headers, retransmissions, rendezvous and evaluation
 included, per host per step), ``drops`` (packets the token buckets dropped), ``vs_ddp`` (plain
-DDP's step time / this row's, same rate and workload).
+DDP's step time / this row's, same rate and workload). A ``bsp_shared`` row's step is its
+superstep (one exchange between the agents, one update; steps = supersteps), its bytes and
+communication per agent: its workers' own steps are gradients, as fast as the CPU allows.
 
 Targets (4 hosts, 10 Mbit/s, CNN, time to 0.95): the best Tandem row >= 10x faster than plain DDP,
 >= 2.5x faster than DDP + PowerSGD hook, and <= 1.3x the compute-only time (local step time x the
@@ -60,7 +62,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bench.cluster_run import Row, first_error, rows_for, run_emulated, run_real
+from bench.cluster_run import Row, first_error, rows_for, run_emulated, run_real, updates
 from bench.harness import Bench
 from bench.netns import Cluster, NetnsUnavailable, unavailable_reason
 
@@ -89,17 +91,18 @@ def step_s(res: dict[str, Any] | None) -> float | None:
     if "step_s" in res:
         return res["step_s"]
     s = res["summary"]
-    return s["wall_time_s"] / s["steps"] if s.get("steps") else None
+    steps, _ = updates(s)
+    return s["wall_time_s"] / steps if steps else None
 
 
 def comm_s(res: dict[str, Any] | None, row: Row) -> float | None:
     """Mean communication seconds per rank and step (the strategy's own split; DDP and local
-    record none)."""
+    record none); for ``bsp_shared`` per machine and superstep (:func:`updates`)."""
     if row.kind != "tandem" or not res or "error" in res:
         return None
-    s = res["summary"]
-    n = (s.get("ranks") or s.get("workers") or 0) * (s.get("steps") or 0)
-    return s.get("comm_s_total", 0.0) / n if n else None
+    steps, senders = updates(res["summary"])
+    n = (senders or 0) * (steps or 0)
+    return res["summary"].get("comm_s_total", 0.0) / n if n else None
 
 
 def link_latency(net: Cluster) -> float:
@@ -209,14 +212,17 @@ def report(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], hosts: in
             else:
                 status = "ok"
             final = s.get("final_test_accuracy")
-            steps = s.get("steps")
+            steps, senders = updates(s)
+            supersteps = bool((s.get("info") or {}).get("bsp_supersteps"))
+            sent = (s["bytes_sent_total"] / senders / steps if supersteps and steps and senders
+                    else s.get("bytes_sent_per_worker_per_step"))
             bench.row(rate=rate, workload=wl, system=row.system, status=status, steps=steps,
                       step_ms=_ms(rs), emu_step_ms=_ms(em),
                       emu_err=abs(em - rs) / rs if rs and em else None,
                       comm_ms=_ms(comm_s(real, row)), emu_comm_ms=_ms(comm_s(emu, row)),
                       steps_to_target=s.get("steps_to_target"),
                       time_to_target_s=s.get("time_to_target_s"), final=final,
-                      **{"bytes/step": s.get("bytes_sent_per_worker_per_step"),
+                      **{"bytes/step": sent,
                          "wire/step": (real["tx_bytes"] / hosts / steps
                                        if steps and row.kind != "local" and "tx_bytes" in real
                                        else None)},
@@ -338,7 +344,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated row keys: local, ddp, "
                     "ddp-fp16, ddp-powersgd, dense, fp16, topk, powersgd, powersgd-r1, "
                     "topk-delay, powersgd-delay, powersgd-r1-delay, qsgd, param_server, "
-                    "bsp_shared, gossip, coded_ps, pipeline, pipeline-turns")
+                    "bsp_shared, bsp-powersgd, gossip, coded_ps, pipeline, pipeline-turns")
     ap.add_argument("--runs", default="runs/bench-cluster", help="where run records go")
     ap.add_argument("--steps", type=int, default=0, help="steps of every run (trials; default "
                     f"{FULL_STEPS}, --quick {QUICK_STEPS})")

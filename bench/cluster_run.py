@@ -34,6 +34,19 @@ class Row:
     workers: int | None = None  # None: one per host (the config's default)
 
 
+def updates(summary: dict[str, Any]) -> tuple[int | None, int | None]:
+    """(model updates, processes that send) of a run, what a row's per-step columns divide by.
+
+    Every strategy updates the model once a step, except ``bsp_shared``: there a step of the
+    summary is one worker's gradient (the fastest worker's count), so time per step would be the
+    workers' compute speed, whatever the link. Its unit is the *superstep* (one exchange between
+    the agents and one update), and only its agents, one per machine, send."""
+    info = summary.get("info") or {}
+    if info.get("bsp_supersteps"):
+        return int(info["bsp_supersteps"]), int(info["bsp_machines"])
+    return summary.get("steps"), summary.get("ranks") or summary.get("workers")
+
+
 def rows_for(hosts: int, workload: str) -> list[Row]:
     lr = 0.05 if workload == "cnn" else 3e-3
     return [
@@ -66,6 +79,9 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
             strategy="param_server", strategy_opts={"servers": 1}, workers=hosts - 1),
         Row("bsp_shared", "bsp_shared", "tandem", strategy="bsp_shared",
             strategy_opts={"machines": hosts}),
+        # what its docs advise across slow links: the agents' exchange compressed
+        Row("bsp-powersgd", "bsp_shared powersgd r2", "tandem", strategy="bsp_shared",
+            codec="powersgd", codec_opts={"rank": 2}, strategy_opts={"machines": hosts}),
         Row("gossip", "gossip goco ring", "tandem", strategy="gossip"),
         Row("coded_ps", "coded_ps", "tandem", strategy="coded_ps"),
         Row("pipeline", "pipeline 2 models", "tandem", strategy="pipeline",

@@ -275,6 +275,28 @@ def ddp_bucket_sizes(one: bool) -> str:
     return sizes
 
 
+def join_times(net: str, late_s: float) -> dict:
+    """Rank 1 joins an all-reduce ``late_s`` after the others; every rank returns the join time
+    its link model was given, and the window in which it called (on the shared clock)."""
+    t = transport_from_env(net=NetConfig.parse(net), timeout_s=60)
+    seen: list[float] = []
+    model = t.link.collective_done_time
+
+    def spy(*args: object, joined: float, **kwargs: object) -> float:
+        seen.append(joined)
+        return model(*args, joined=joined, **kwargs)
+
+    t.link.collective_done_time = spy  # type: ignore[method-assign]
+    t.barrier().wait()
+    if t.rank == 1:
+        time.sleep(late_s)
+    before = time.monotonic()
+    t.all_reduce(torch.ones(1000)).wait()
+    out = {"before": before, "after": time.monotonic(), "joined": seen[-1]}
+    t.close()
+    return out
+
+
 def fan_out_times(net: str, nbytes: int) -> dict:
     """Rank 0 sends ``nbytes`` to every other rank at once on an emulated link; each rank
     returns its start (rank 0) or the moment its message was complete, on the shared clock."""

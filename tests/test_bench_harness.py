@@ -88,6 +88,39 @@ def test_the_compute_only_row_measured_once_is_reported_at_every_rate_of_the_run
     assert found[("100mbit", "cnn")]["rows"] == {}
 
 
+def test_a_bsp_shared_row_is_reported_per_superstep_and_per_agent():
+    """bsp_shared's summary counts a step per worker gradient (300 here in 5 s: the CPU's speed,
+    whatever the link). Breaks if its row divides by those instead of by its 4 supersteps (its
+    updates and exchanges), or charges its agents' bytes and communication to all 8 ranks; an
+    all-reduce row must keep its steps and ranks."""
+    from bench import cluster
+    from bench.cluster_run import Row
+
+    bsp = {"summary": {"steps": 300, "wall_time_s": 5.0, "ranks": 8, "workers": 4,
+                       "comm_s_total": 4.0, "bytes_sent_total": 16_000_000,
+                       "bytes_sent_per_worker_per_step": 13_333.0,
+                       "info": {"bsp_supersteps": 4, "bsp_machines": 4}},
+           "tx_bytes": 17_600_000}
+    dense = {"summary": {"steps": 200, "wall_time_s": 5.0, "ranks": 4, "comm_s_total": 2.0,
+                         "bytes_sent_per_worker_per_step": 1000.0}}
+    row_b = Row("bsp_shared", "bsp_shared", "tandem", strategy="bsp_shared")
+    row_d = Row("dense", "allreduce dense", "tandem")
+    assert cluster.step_s(bsp) == 5.0 / 4
+    assert cluster.comm_s(bsp, row_b) == 4.0 / (4 * 4)
+    assert cluster.step_s(dense) == 5.0 / 200
+    assert cluster.comm_s(dense, row_d) == 2.0 / (4 * 200)
+    b = harness.Bench("c", cluster.COLUMNS)
+    cluster.report(b, {("10mbit", "cnn"): {"rows": {"bsp_shared": (row_b, bsp, None),
+                                                    "dense": (row_d, dense, None)}}}, 4)
+    got = {r["system"]: r for r in b.rows}
+    assert got["bsp_shared"]["steps"] == 4
+    assert got["bsp_shared"]["bytes/step"] == 16_000_000 / (4 * 4)
+    assert got["bsp_shared"]["wire/step"] == 17_600_000 / 4 / 4
+    assert got["bsp_shared"]["step_ms"] == 1250.0
+    assert got["allreduce dense"]["steps"] == 200
+    assert got["allreduce dense"]["bytes/step"] == 1000.0
+
+
 def test_rescore_keeps_the_measured_provenance_and_recomputes_the_targets(tmp_path, monkeypatch):
     """`bench.cluster --rescore` measures nothing: breaks if the file's commit, command or
     duration become the rescore's, if a row is lost, or if a stale best-row note survives."""

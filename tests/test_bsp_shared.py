@@ -7,6 +7,9 @@ strategy tests run whole jobs (workers + one agent per emulated machine) over gl
 from __future__ import annotations
 
 import json
+import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,6 +44,60 @@ def test_seqlock_never_tears_and_locked_adds_are_exact():
     assert writer["count"] == 2 * adds
     assert writer["per_worker"] == [adds, adds]
     assert writer["sum_min"] == writer["sum_max"] == 2 * adds
+
+
+def test_workers_compute_nothing_while_their_agent_evaluates():
+    """Evaluation time is left out of the wall time, so the workers must not train in it (free
+    compute, and stale gradients piling into the next superstep). A worker thread computes on a
+    real segment; the agent's evaluation holds it: breaks if the evaluation starts before the
+    worker has stopped, if a gradient is computed or added during it, or if the worker does not
+    go on afterwards."""
+    from tandem.strategies.bsp_shared.agent import Agent, AgentConfig, WorkerLoop
+
+    seg = MachineSegment.create(4, 1)
+    worker_seg = MachineSegment.attach(seg.path, 4, 1)
+    calls: list[int] = []
+
+    def compute(flat, version, step):
+        calls.append(step)
+        time.sleep(0.002)
+        return 0.0, torch.ones(4), 0.002, False
+
+    def wait_for(cond, what):
+        deadline = time.monotonic() + 20
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.001)
+
+    seen = {}
+
+    def evaluate():
+        seen["held"] = seg.holds(0, seg.hold_request())
+        before = (len(calls), seg.pending_count())
+        time.sleep(0.1)  # ~50 gradients' time for a worker that is not held
+        seen["during"] = (len(calls), seg.pending_count()) == before
+
+    try:
+        seg.publish(torch.zeros(4), 0)
+        loop = WorkerLoop(worker_seg, 0, compute, stall_timeout_s=20)
+        thread = threading.Thread(target=loop.run, daemon=True)
+        thread.start()
+        wait_for(lambda: len(calls) > 5, "the worker never computed")
+        x = torch.zeros(4, requires_grad=True)
+        agent = Agent(seg, [x], torch.optim.SGD([x], lr=0.1), AgentConfig(budget=1),
+                      transport=None, group=SimpleNamespace(size=1),  # type: ignore[arg-type]
+                      evaluate=evaluate)
+        agent._eval(superstep=0, applied=0)
+        assert seen == {"held": True, "during": True}
+        assert seg.hold_request() == 0
+        after = len(calls)
+        wait_for(lambda: len(calls) > after + 5, "the worker did not go on after the evaluation")
+    finally:
+        seg.abort()
+        thread.join(10)
+        worker_seg.close()
+        seg.close()
+        seg.unlink()
 
 
 def test_update_equals_formula_on_quadratic():

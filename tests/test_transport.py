@@ -91,6 +91,33 @@ def test_an_ingress_carries_a_message_from_when_it_started_to_leave_its_sender()
     assert [unknown.recv_done_time(100_000, 0.2) for _ in range(2)] == pytest.approx([0.2, 0.3])
 
 
+def test_an_emulated_collective_starts_when_its_last_rank_joined_exactly():
+    """Every rank's link model gets the same join time: the latest rank's issue time, sent along
+    (not a guess from when loopback finished, which a busy CPU makes late). Breaks if a rank
+    uses its own issue time or an estimate: the join must lie inside the late rank's call and
+    after every rank's. Load can only move the calls, not break these inequalities."""
+    rows = spawn(jobs.join_times, 3, "8mbit:0ms", 0.3, timeout_s=120)
+    joined = {r["joined"] for r in rows}
+    assert len(joined) == 1, rows
+    (j,) = joined
+    assert rows[1]["before"] <= j <= rows[1]["after"]
+    assert all(r["before"] <= j < r["after"] for r in rows)
+
+
+def test_a_collective_is_charged_from_the_join_not_from_when_loopback_finished():
+    """A 100 kB all-reduce of two ranks at 1 MB/s (0.1 s each way) joined at 1.0 whose loopback
+    run finished at 1.05 (its hops waited 50 ms for a busy CPU): done at 1.1, the join plus the
+    model; guessing the join from the loopback finish charged the wait on top (~1.15)."""
+    from tandem.transport import costs
+
+    link = LinkEmulator(NetConfig.parse("8mbit:0ms"))
+    traffic = costs.all_reduce(100_000, 2)
+    assert traffic.seconds(1e6, 0.0) == pytest.approx(0.1)
+    assert link.collective_done_time(traffic, 0.9, 1.05, joined=1.0) == pytest.approx(1.1)
+    late = LinkEmulator(NetConfig.parse("8mbit:0ms"))  # nothing completes before its data
+    assert late.collective_done_time(traffic, 0.9, 1.5, joined=1.0) == pytest.approx(1.5)
+
+
 def test_an_emulated_fan_out_reaches_every_receiver_after_the_whole_fan_out():
     """Rank 0 sends 250 KB to each of three ranks at once at 20 Mbit/s (100 ms a message): the
     shared egress delivers none before ~300 ms, the whole fan-out's time (served in turn, the

@@ -15,9 +15,9 @@ How it models a link:
   timestamp sent along with it, on loopback only: neither metered nor charged), so many senders
   to one receiver (a parameter server) queue up on its ingress, as they would on a real NIC.
 * A collective occupies both directions for the algorithm's traffic (:mod:`.costs`) and finishes
-  ``hops * L`` later. Its start is the moment the last rank joined, estimated from when the real
-  collective finished (loopback transfer time is subtracted), and no earlier than the messages
-  already on the egress have left.
+  ``hops * L`` later. Its start is the moment the last rank joined (every rank's issue time is
+  sent along on loopback, unmetered), and no earlier than the messages already on the egress
+  have left.
 
 Why shared and not first come, first served: on real links between four hosts (``bench/p2p.py``,
 ``docs/cluster.md``) a server that sends its model to four workers and waits for their answers
@@ -40,11 +40,8 @@ import time
 import numpy as np
 
 from tandem.config import NetConfig
+from tandem.errors import ConfigError
 from tandem.transport.costs import Traffic
-
-# Loopback moves ~1 GB/s with gloo here; used to estimate when the last rank joined a collective.
-_LOOPBACK_BYTES_PER_S = 1.0e9
-_LOOPBACK_FIXED_S = 0.0003
 
 
 class SharedEgress:
@@ -163,19 +160,24 @@ class LinkEmulator:
             self._ingress_free = start + dur
             return max(arrived, self._ingress_free)
 
-    def collective_done_time(
-        self, traffic: Traffic, issued: float, finished: float, seconds: float | None = None
-    ) -> float:
-        """When a collective issued at ``issued`` and really finished at ``finished`` completes.
+    def collective_done_time(self, traffic: Traffic, issued: float, finished: float,
+                             seconds: float | None = None, *, joined: float) -> float:
+        """When a collective issued at ``issued``, joined by its last rank at ``joined`` and
+        really finished at ``finished`` completes.
 
         ``seconds`` overrides the modelled duration (broadcast: the root's link sets the pace).
+        ``joined`` is exact: the transport sends every rank's issue time along
+        (``Transport._join_clock``). It used to be estimated as when the loopback collective
+        finished less loopback's transfer time; on a CPU shared with busy processes the loopback
+        hops wait for the scheduler, that guess came late and every small collective was charged
+        the wait on top of its model (PowerSGD's all-reduces on the CNN at 10 Mbit/s: emulated
+        18.5 % slower than the real links, ``bench/cluster``).
         """
         if self.net is None:
             return finished
         model = seconds if seconds is not None else traffic.seconds(self.net.bytes_per_s, 0.0)
         model += traffic.hops * self.net.latency_s + (self._jitter() if traffic.hops else 0.0)
-        real_cost = max(traffic.sent, traffic.recv) / _LOOPBACK_BYTES_PER_S + _LOOPBACK_FIXED_S
-        joined = max(issued, finished - real_cost)
+        joined = max(issued, joined)
         with self._lock:
             assert self._egress is not None  # net is set
             start = max(joined, max(self._egress_free, self._egress.all_left())
@@ -187,3 +189,17 @@ class LinkEmulator:
             if traffic.recv:
                 self._ingress_free = busy_until
         return max(finished, start + model)
+
+
+def as_net(net: NetConfig | str | None) -> NetConfig | None:
+    """``net`` as a :class:`NetConfig`: a spec string (``"100mbit:1ms"``) is parsed; anything
+    else is refused here, not deep inside a communication thread."""
+    if net is None or isinstance(net, NetConfig):
+        return net
+    if isinstance(net, str):
+        try:
+            return NetConfig.parse(net)
+        except ValueError as err:  # pydantic's errors are ValueErrors too
+            raise ConfigError(f"net {net!r}: {err}") from None
+    raise ConfigError(f"net must be a NetConfig, a string like '100mbit:1ms' or None, not "
+                      f"{type(net).__name__}")

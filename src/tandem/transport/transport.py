@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 
 from tandem.config import NetConfig
-from tandem.errors import ConfigError
 from tandem.transport import costs
 from tandem.transport.accounting import ByteMeter, StepBytes
 from tandem.transport.liveness import CallerWait, Liveness, Pending, Scheduler, Waiters
@@ -40,7 +39,7 @@ from tandem.transport.packing import (
     pack,
     unpack,
 )
-from tandem.transport.shaping import LinkEmulator
+from tandem.transport.shaping import LinkEmulator, as_net
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -55,20 +54,6 @@ class Group:
     @property
     def size(self) -> int:
         return len(self.ranks)
-
-
-def as_net(net: NetConfig | str | None) -> NetConfig | None:
-    """``net`` as a :class:`NetConfig`: a spec string (``"100mbit:1ms"``) is parsed; anything
-    else is refused here, not deep inside a communication thread."""
-    if net is None or isinstance(net, NetConfig):
-        return net
-    if isinstance(net, str):
-        try:
-            return NetConfig.parse(net)
-        except ValueError as err:  # pydantic's errors are ValueErrors too
-            raise ConfigError(f"net {net!r}: {err}") from None
-    raise ConfigError(f"net must be a NetConfig, a string like '100mbit:1ms' or None, not "
-                      f"{type(net).__name__}")
 
 
 class Transport:
@@ -130,16 +115,21 @@ class Transport:
         result: Any,
         seconds: float | None = None,
         group: Group | None = None,
+        joined: tuple[Any, torch.Tensor] | None = None,
     ) -> None:
         def run() -> None:
             # any error, the engine's or ours, goes to the caller at once: an exception left in
             # this thread would leave the caller waiting for its deadline with no cause
             try:
+                last_join = issued
+                if joined is not None:
+                    joined[0].wait()
+                    last_join = float(joined[1].item())
                 work.wait()
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 done_at = self.link.collective_done_time(traffic, issued, time.monotonic(),
-                                                         seconds)
+                                                         seconds, joined=last_join)
                 self._complete_at(done_at, pending, result)
             except BaseException as err:  # noqa: BLE001 - reported to the caller
                 pending.set_error(err)
@@ -162,6 +152,15 @@ class Transport:
     def _note_collective(self, group: Group) -> None:
         if group is self.world_group:
             self.liveness.collectives_issued += 1
+
+    def _join_clock(self, group: Group, issued: float) -> tuple[Any, torch.Tensor] | None:
+        """On an emulated link, a max all-reduce of every rank's issue time, issued just before
+        the collective on the same group: when its last rank joined, exactly (the emulator's
+        bookkeeping, unmetered; :meth:`.LinkEmulator.collective_done_time` says why)."""
+        if not self.link.enabled:
+            return None
+        clock = torch.tensor([issued], dtype=torch.float64, device=self.device)
+        return dist.all_reduce(clock, op=dist.ReduceOp.MAX, group=group.pg, async_op=True), clock
 
     # ---- collectives ------------------------------------------------------------------------
     def all_reduce(
@@ -187,11 +186,12 @@ class Transport:
         )
         issued = time.monotonic()
         self._note_collective(g)
+        joined = self._join_clock(g, issued)
         work = dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=g.pg, async_op=True)
         if caller_waits and self.link.net is None and self.device.type == "cpu":
             return CallerWait(work, tensor, pending.what, self.liveness,
                               None if g is self.world_group else g.ranks, self.timeout_s)
-        self._finish_collective(work, pending, traffic, issued, tensor, group=g)
+        self._finish_collective(work, pending, traffic, issued, tensor, group=g, joined=joined)
         return pending
 
     def all_gather(
@@ -208,8 +208,9 @@ class Transport:
         )
         issued = time.monotonic()
         self._note_collective(g)
+        joined = self._join_clock(g, issued)
         work = dist.all_gather(out, tensor.contiguous(), group=g.pg, async_op=True)
-        self._finish_collective(work, pending, traffic, issued, out, group=g)
+        self._finish_collective(work, pending, traffic, issued, out, group=g, joined=joined)
         return pending
 
     def broadcast(
@@ -226,8 +227,10 @@ class Transport:
         pending = self._pending(f"broadcast of {nbytes} bytes from rank {src}", [src])
         issued = time.monotonic()
         self._note_collective(g)
+        joined = self._join_clock(g, issued)
         work = dist.broadcast(tensor, src=src, group=g.pg, async_op=True)
-        self._finish_collective(work, pending, traffic, issued, tensor, seconds, group=g)
+        self._finish_collective(work, pending, traffic, issued, tensor, seconds, group=g,
+                                joined=joined)
         return pending
 
     def barrier(self, *, group: Group | None = None) -> Pending:
@@ -235,8 +238,10 @@ class Transport:
         pending = self._pending("barrier", None if g is self.world_group else g.ranks)
         issued = time.monotonic()
         self._note_collective(g)
+        joined = self._join_clock(g, issued)
         work = dist.barrier(group=g.pg, async_op=True)
-        self._finish_collective(work, pending, costs.barrier(g.size), issued, None, group=g)
+        self._finish_collective(work, pending, costs.barrier(g.size), issued, None, group=g,
+                                joined=joined)
         return pending
 
     # ---- point to point ---------------------------------------------------------------------

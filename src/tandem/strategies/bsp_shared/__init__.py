@@ -72,7 +72,7 @@ from tandem.config import RunConfig
 from tandem.errors import CheckpointError
 from tandem.flat import flatten, unflatten
 from tandem.strategies.base import Strategy, register
-from tandem.strategies.bsp_shared.agent import Agent, AgentConfig, WorkerLoop
+from tandem.strategies.bsp_shared.agent import Agent, WorkerLoop
 from tandem.strategies.bsp_shared.layout import (
     Layout,
     layout_for,
@@ -80,7 +80,7 @@ from tandem.strategies.bsp_shared.layout import (
     machine_split,
     torchrun_layout,
 )
-from tandem.strategies.bsp_shared.options import BspSharedOptions
+from tandem.strategies.bsp_shared.options import AgentConfig, BspSharedOptions
 from tandem.strategies.bsp_shared.segment import MachineSegment
 from tandem.trainer import (
     LocalTrainer,

@@ -31,21 +31,20 @@ superstep may be stuck: it is marked abandoned (:func:`~tandem.transport.store_b
 
 Checkpoints (every ``checkpoint_every`` supersteps; checkpoint ``N`` = the state after ``N``
 supersteps). Workers never join a collective, so the "barrier of all ranks" is two-level and
-cannot deadlock against the shared-memory protocol:
+cannot deadlock against the shared-memory protocol: (1) before superstep ``N-1``'s swap each
+agent sets the request word to ``N``; each worker, its in-flight gradient added, writes its rank
+file (data position, RNG, counters), acks and polls for the release; (2) the agent waits for its
+*live* workers' acks (one marked dead meanwhile is excluded and retired on resume; one neither
+acked nor dead after ``stall_timeout_s`` makes the machine "not ready"); (3) the swap then holds
+every gradient handed in before the cut and none after it, and the superstep runs as usual;
+(4) the agents all-reduce "not ready": if every machine is ready each writes its file (model,
+optimizer, codec memory, counters, dead workers), the all-reduce is the barrier and the
+controller moves ``LATEST``, else the checkpoint is skipped (``checkpoint_skipped``); (5) the
+agent clears the request word and the workers go on with the new model.
 
-1. at the end of superstep ``N-1`` (before its swap) each agent sets the segment's request word
-   to ``N``; each worker, at the top of its loop (its in-flight gradient already added), writes
-   its rank file (data position, RNG, counters), sets its ack word and polls for the release;
-2. the agent waits for the acks of its *live* workers: a worker the launcher marks dead meanwhile
-   is excluded (it will be *retired* on resume), never waited for; a worker neither acked nor
-   known dead after ``stall_timeout_s`` makes this machine "not ready";
-3. the swap now holds every gradient handed in before the cut and none after it; the superstep
-   runs as usual (exchange, update, publish, eval), so the accumulator is empty at the cut;
-4. the agents all-reduce "not ready" (all of them reach it: a function of the superstep index);
-   if every machine is ready each agent writes its file (model, optimizer, codec memory,
-   counters, dead workers), the agents' all-reduce is the barrier, and the controller moves
-   ``LATEST``; otherwise the checkpoint is skipped and recorded (``checkpoint_skipped``);
-5. the agent clears the request word: the workers go on with the new model.
+Evaluations hold the workers the same way (a hold word and an ack word per worker, no file):
+each worker stops between two gradients until the agent has evaluated, so evaluation time,
+which is left out of the wall time, holds no training either.
 
 Checkpoint files are numbered from the controller: ``rank0.pt`` is agent 0 (it writes
 ``LATEST``), ``rank<m>.pt`` agent ``m``, ``rank<K+w>.pt`` worker ``w`` under the local launcher
@@ -58,13 +57,13 @@ import logging
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tandem.errors import CheckpointError, TandemError
 from tandem.flat import flatten, unflatten
+from tandem.strategies.bsp_shared.options import AgentConfig
 from tandem.strategies.bsp_shared.segment import MachineSegment
 from tandem.strategies.bsp_shared.worker import (  # noqa: F401 - re-exported: one import for both roles
     ComputeFn,
@@ -83,25 +82,6 @@ if TYPE_CHECKING:
     from tandem.transport.transport import Group, Transport
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AgentConfig:
-    """How an agent runs its supersteps (the strategy's options, resolved)."""
-
-    budget: int                          # stop once this many gradients were applied, all machines
-    period_s: float = 0.05               # superstep length (time mode)
-    grads_per_superstep: int | None = None  # count mode: gradients per superstep, all machines
-    share: float = 1.0                   # this machine's fraction of the workers (count mode)
-    normalize: str = "mean"              # "mean": sum(G)/sum(c); "sum": sum(G)
-    eval_every_grads: int = 0            # evaluate each time this many more gradients applied
-    stall_timeout_s: float = 60.0
-    poll_s: float = 0.0005
-    worker_ids: list[int] = field(default_factory=list)  # global worker index of each local one
-    steps_per_worker: int | None = None  # set: recompute the budget when workers die
-    worker_ranks: list[int] = field(default_factory=list)  # transport rank of each local worker
-    liveness_every_s: float = 0.1        # how often to ask the store who died (a round trip each)
-    checkpoint_every: int = 0            # supersteps between checkpoints (0: none)
 
 
 class Agent:
@@ -173,20 +153,24 @@ class Agent:
 
     def _pause(self, cid: int) -> bool:
         """Ask this machine's workers to save checkpoint ``cid`` and wait until every live one
-        has (acked: its file is written, it waits for :meth:`_checkpoint`'s release). A worker
-        found dead meanwhile is excluded, not waited for. False after ``stall_timeout_s``."""
-        seg, cfg = self.seg, self.cfg
-        seg.request_checkpoint(cid)
+        has (acked: its file is written, it waits for :meth:`_checkpoint`'s release)."""
+        self.seg.request_checkpoint(cid)
+        return self._acked_by_all(lambda i: self.seg.acked(i, cid), f"save checkpoint {cid}")
+
+    def _acked_by_all(self, acked: Callable[[int], bool], what: str) -> bool:
+        """Wait until every live local worker has acked; a worker found dead meanwhile is
+        excluded, not waited for. False (and a warning naming them) after ``stall_timeout_s``."""
+        cfg = self.cfg
         deadline = time.monotonic() + cfg.stall_timeout_s
         while True:
             self._poll_dead()
-            waiting = [i for i in range(seg.local_workers)
-                       if i not in self.dead and not seg.acked(i, cid)]
+            waiting = [i for i in range(self.seg.local_workers)
+                       if i not in self.dead and not acked(i)]
             if not waiting:
                 return True
             if time.monotonic() > deadline:
-                log.warning("bsp agent: local worker(s) %s did not save checkpoint %d in %.0fs",
-                            waiting, cid, cfg.stall_timeout_s)
+                log.warning("bsp agent: local worker(s) %s did not %s in %.0fs", waiting, what,
+                            cfg.stall_timeout_s)
                 return False
             time.sleep(cfg.poll_s)
 
@@ -387,13 +371,22 @@ class Agent:
                 self.rec.info(torn_add=torn, discarded=n)
 
     def _eval(self, superstep: int, applied: int) -> None:
+        """Evaluate with this machine's workers held (:meth:`MachineSegment.hold`): evaluation
+        time is left out of the run's wall time, as in every strategy, so the workers must not
+        compute in it either (they would get free compute, and pile stale gradients into the
+        next superstep). A worker already paused for this superstep's checkpoint counts as
+        held. One that does not stop within ``stall_timeout_s`` is warned about, and the
+        evaluation goes on."""
         if self.evaluate is None:
             return
-        rec = self.rec
-        if rec is None:
-            self.evaluate()
-            return
-        with rec.evaluating():
-            ev = self.evaluate()
-        if self.is_controller:
+        rec, seg, hid, cid = self.rec, self.seg, superstep + 1, self.seg.checkpoint_request()
+        with rec.evaluating() if rec is not None else nullcontext():
+            seg.hold(hid)
+            try:
+                self._acked_by_all(lambda i: seg.holds(i, hid) or bool(cid and seg.acked(i, cid)),
+                                   "stop for an evaluation")
+                ev = self.evaluate()
+            finally:
+                seg.unhold()
+        if rec is not None and self.is_controller:
             rec.eval(superstep, **ev.record(), gradients=applied)

@@ -1,8 +1,9 @@
-"""Options of ``bsp_shared`` (``--strategy-opt key=value``); the package docstring explains
-each one and how to tune it."""
+"""Options of ``bsp_shared`` (``--strategy-opt key=value``; the package docstring explains each
+one and how to tune it) and what an agent runs with once they are resolved."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -34,3 +35,22 @@ class BspSharedOptions(StrategyOptions):
                 raise ValueError(f"split {self.split}: every machine needs at least one worker")
             self.machines = len(self.split)
         return self
+
+
+@dataclass
+class AgentConfig:
+    """How an agent runs its supersteps (the strategy's options, resolved)."""
+
+    budget: int                          # stop once this many gradients were applied, all machines
+    period_s: float = 0.05               # superstep length (time mode)
+    grads_per_superstep: int | None = None  # count mode: gradients per superstep, all machines
+    share: float = 1.0                   # this machine's fraction of the workers (count mode)
+    normalize: str = "mean"              # "mean": sum(G)/sum(c); "sum": sum(G)
+    eval_every_grads: int = 0            # evaluate each time this many more gradients applied
+    stall_timeout_s: float = 60.0
+    poll_s: float = 0.0005
+    worker_ids: list[int] = field(default_factory=list)  # global worker index of each local one
+    steps_per_worker: int | None = None  # set: recompute the budget when workers die
+    worker_ranks: list[int] = field(default_factory=list)  # transport rank of each local worker
+    liveness_every_s: float = 0.1        # how often to ask the store who died (a round trip each)
+    checkpoint_every: int = 0            # supersteps between checkpoints (0: none)

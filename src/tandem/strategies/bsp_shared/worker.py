@@ -3,6 +3,7 @@
 The worker never waits for anybody::
 
     loop: if the agent asks for a checkpoint: save our rank file, ack, wait for the release
+          if the agent holds us for an evaluation: ack, wait for the unhold
           if a newer model is published, copy it (seqlock read, never torn)
           compute a gradient on it
           add it at once into the machine's active accumulator (under the segment lock)
@@ -67,7 +68,7 @@ class WorkerLoop:
         #: what a checkpoint keeps of the loop (the strategy adds data position and RNG)
         self.counters = {"step": 0, "gradients": 0, "dropped": 0, "model_reads": 0}
         self.counters.update({k: int(v) for k, v in (resume or {}).items()})
-        self._acked = 0
+        self._acked = self._held = 0
         self._polled = float("-inf")
 
     def _check_agent(self) -> None:
@@ -89,13 +90,7 @@ class WorkerLoop:
 
         def barrier() -> None:
             seg.ack_checkpoint(self.local, cid)
-            deadline = time.monotonic() + self.stall_timeout_s
-            while seg.checkpoint_request() == cid and not seg.stopped:
-                self._check_agent()
-                if time.monotonic() > deadline:
-                    raise TandemError(f"worker {self.local}: checkpoint {cid} not released in "
-                                      f"{self.stall_timeout_s:.0f}s; is the agent stuck?")
-                time.sleep(0.001)
+            self._wait_while(lambda: seg.checkpoint_request() == cid, f"checkpoint {cid}")
 
         with self.rec.evaluating() if self.rec is not None else nullcontext():
             if self.save is None:
@@ -103,6 +98,24 @@ class WorkerLoop:
             else:
                 self.save(cid, dict(self.counters), barrier)
         self._acked = cid
+
+    def _hold(self, hid: int) -> None:
+        """The agent evaluates: ack and compute nothing until it lifts hold ``hid``."""
+        self.seg.ack_hold(self.local, hid)
+        with self.rec.evaluating() if self.rec is not None else nullcontext():
+            self._wait_while(lambda: self.seg.hold_request() == hid, f"evaluation hold {hid}")
+        self._held = hid
+
+    def _wait_while(self, asked: Callable[[], bool], what: str) -> None:
+        """Poll a shared-memory word (never a collective) until the agent moves on, the run
+        stops or ``stall_timeout_s`` passes (an error that says the agent may be stuck)."""
+        deadline = time.monotonic() + self.stall_timeout_s
+        while asked() and not self.seg.stopped:
+            self._check_agent()
+            if time.monotonic() > deadline:
+                raise TandemError(f"worker {self.local}: {what} not released in "
+                                  f"{self.stall_timeout_s:.0f}s; is the agent stuck?")
+            time.sleep(0.001)
 
     def run(self) -> dict[str, Any]:
         seg, c = self.seg, self.counters
@@ -114,6 +127,11 @@ class WorkerLoop:
             cid = seg.checkpoint_request()
             if cid and cid != self._acked:
                 self._checkpoint(cid)
+                changed_at = time.monotonic()
+                continue
+            hid = seg.hold_request()
+            if hid and hid != self._held:
+                self._hold(hid)
                 changed_at = time.monotonic()
                 continue
             self._check_agent()
