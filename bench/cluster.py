@@ -18,7 +18,8 @@ row is one ``torchrun --nnodes N --node_rank I --master_addr <host 0> ...`` per 
   DDP, torch's ``fp16_compress_hook``, torch's ``powerSGD_hook``) on the same model, shards, seeds,
   optimizer and steps;
 * the other strategies (param_server, bsp_shared, gossip, coded_ps, pipeline) with the dense codec:
-  a strategy that fails under torchrun is a ``FAILED`` row with its error's first line; the
+  a strategy that fails under torchrun is a ``FAILED`` row with its error's first line;
+  ``bsp_shared`` also with PowerSGD rank 2 between its agents (``bsp-powersgd``); the
   pipeline also with one exchange on the link at a time (``pipeline-turns``,
   ``one_at_a_time=true``) against its default of concurrent exchanges;
 * ``local``: the compute-only limit, one single-process run per host, all hosts at once (the same
@@ -62,7 +63,16 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from bench.cluster_run import Row, first_error, rows_for, run_emulated, run_real, updates
+from bench.cluster_run import (
+    Row,
+    comm_s,
+    first_error,
+    rows_for,
+    run_emulated,
+    run_real,
+    step_s,
+    updates,
+)
 from bench.harness import Bench
 from bench.netns import Cluster, NetnsUnavailable, unavailable_reason
 
@@ -85,26 +95,6 @@ QUICK_ROWS = ("local", "ddp", "ddp-powersgd", "topk", "powersgd", "powersgd-r1")
 
 
 # ---- the benchmark -------------------------------------------------------------------------
-def step_s(res: dict[str, Any] | None) -> float | None:
-    if not res or "error" in res:
-        return None
-    if "step_s" in res:
-        return res["step_s"]
-    s = res["summary"]
-    steps, _ = updates(s)
-    return s["wall_time_s"] / steps if steps else None
-
-
-def comm_s(res: dict[str, Any] | None, row: Row) -> float | None:
-    """Mean communication seconds per rank and step (the strategy's own split; DDP and local
-    record none); for ``bsp_shared`` per machine and superstep (:func:`updates`)."""
-    if row.kind != "tandem" or not res or "error" in res:
-        return None
-    steps, senders = updates(res["summary"])
-    n = (senders or 0) * (steps or 0)
-    return res["summary"].get("comm_s_total", 0.0) / n if n else None
-
-
 def link_latency(net: Cluster) -> float:
     """Half the smallest round trip from host 0 to host 1 (s): the emulator's latency."""
     return net.rtt_s(0, 1) / 2
@@ -356,6 +346,9 @@ def main() -> None:
                     "targets and the best row from the existing results' rows, keeping their "
                     "provenance (needs no root)")
     args = ap.parse_args()
+    if args.only and not (args.merge or args.quick or args.results or args.rescore):
+        ap.error("--only measures part of the table: add --merge to keep the file's other "
+                 "rows, or --results DIR for a trial (else the file holds these rows alone)")
     if args.results:
         import bench.harness
 
@@ -369,9 +362,9 @@ def main() -> None:
     if args.rescore:
         rescore(bench, args.hosts)
         return
-    why = None if args.rescore else unavailable_reason()
+    why = unavailable_reason()
     found: dict[tuple[str, str], dict[str, Any]] = {}
-    if why is None and not args.rescore:
+    if why is None:
         try:
             measure(args, bench, found)
         except NetnsUnavailable as err:

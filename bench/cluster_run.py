@@ -47,6 +47,26 @@ def updates(summary: dict[str, Any]) -> tuple[int | None, int | None]:
     return summary.get("steps"), summary.get("ranks") or summary.get("workers")
 
 
+def step_s(res: dict[str, Any] | None) -> float | None:
+    if not res or "error" in res:
+        return None
+    if "step_s" in res:
+        return res["step_s"]
+    s = res["summary"]
+    steps, _ = updates(s)
+    return s["wall_time_s"] / steps if steps else None
+
+
+def comm_s(res: dict[str, Any] | None, row: Row) -> float | None:
+    """Mean communication seconds per rank and step (the strategy's own split; DDP and local
+    record none); for ``bsp_shared`` per machine and superstep (:func:`updates`)."""
+    if row.kind != "tandem" or not res or "error" in res:
+        return None
+    steps, senders = updates(res["summary"])
+    n = (senders or 0) * (steps or 0)
+    return res["summary"].get("comm_s_total", 0.0) / n if n else None
+
+
 def rows_for(hosts: int, workload: str) -> list[Row]:
     lr = 0.05 if workload == "cnn" else 3e-3
     return [

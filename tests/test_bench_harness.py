@@ -217,3 +217,17 @@ def test_the_powersgd_hook_row_puts_every_gradient_in_one_ddp_bucket():
     nbytes = (256 * 1024 + 1024 + 1024 * 320 + 320) * 4
     assert len(default.split(", ")) >= 2, default
     assert one.split(", ") == [str(nbytes)], one
+
+
+def test_cluster_refuses_a_partial_run_that_would_replace_the_whole_results_file(
+        monkeypatch, capsys):
+    """`--only` without `--merge` (or a trial `--results` directory) would write a results file
+    holding only the rows it measured, losing every other committed row. Breaks if it starts."""
+    from bench import cluster
+
+    monkeypatch.setattr(sys, "argv", ["bench.cluster", "--only", "topk"])
+    monkeypatch.setattr(cluster, "measure", lambda *a: pytest.fail("measured"))
+    with pytest.raises(SystemExit) as info:
+        cluster.main()
+    assert info.value.code == 2
+    assert "--merge" in capsys.readouterr().err

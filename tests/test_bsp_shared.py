@@ -46,12 +46,12 @@ def test_seqlock_never_tears_and_locked_adds_are_exact():
     assert writer["sum_min"] == writer["sum_max"] == 2 * adds
 
 
-def test_workers_compute_nothing_while_their_agent_evaluates():
+def test_workers_start_no_gradient_while_their_agent_evaluates():
     """Evaluation time is left out of the wall time, so the workers must not train in it (free
     compute, and stale gradients piling into the next superstep). A worker thread computes on a
-    real segment; the agent's evaluation holds it: breaks if the evaluation starts before the
-    worker has stopped, if a gradient is computed or added during it, or if the worker does not
-    go on afterwards."""
+    real segment; the agent's 0.1 s evaluation (~50 gradients' time) holds it: breaks if more
+    than the one gradient already under way when the hold began is computed during it, if the
+    hold outlives the evaluation, or if the worker does not go on afterwards."""
     from tandem.strategies.bsp_shared.agent import Agent, AgentConfig, WorkerLoop
 
     seg = MachineSegment.create(4, 1)
@@ -69,14 +69,14 @@ def test_workers_compute_nothing_while_their_agent_evaluates():
             assert time.monotonic() < deadline, what
             time.sleep(0.001)
 
-    seen = {}
+    during = []
 
     def evaluate():
-        seen["held"] = seg.holds(0, seg.hold_request())
-        before = (len(calls), seg.pending_count())
-        time.sleep(0.1)  # ~50 gradients' time for a worker that is not held
-        seen["during"] = (len(calls), seg.pending_count()) == before
+        before = len(calls)
+        time.sleep(0.1)
+        during.append(len(calls) - before)
 
+    thread = None
     try:
         seg.publish(torch.zeros(4), 0)
         loop = WorkerLoop(worker_seg, 0, compute, stall_timeout_s=20)
@@ -88,13 +88,14 @@ def test_workers_compute_nothing_while_their_agent_evaluates():
                       transport=None, group=SimpleNamespace(size=1),  # type: ignore[arg-type]
                       evaluate=evaluate)
         agent._eval(superstep=0, applied=0)
-        assert seen == {"held": True, "during": True}
+        assert during[0] <= 1, during
         assert seg.hold_request() == 0
         after = len(calls)
         wait_for(lambda: len(calls) > after + 5, "the worker did not go on after the evaluation")
     finally:
         seg.abort()
-        thread.join(10)
+        if thread is not None:
+            thread.join(10)
         worker_seg.close()
         seg.close()
         seg.unlink()

@@ -42,9 +42,9 @@ optimizer, codec memory, counters, dead workers), the all-reduce is the barrier 
 controller moves ``LATEST``, else the checkpoint is skipped (``checkpoint_skipped``); (5) the
 agent clears the request word and the workers go on with the new model.
 
-Evaluations hold the workers the same way (a hold word and an ack word per worker, no file):
-each worker stops between two gradients until the agent has evaluated, so evaluation time,
-which is left out of the wall time, holds no training either.
+Evaluations hold the workers through a hold word: each worker starts no gradient until the
+agent has evaluated (one in progress is finished, not waited for), so evaluation time, which is
+left out of the wall time, holds no training either.
 
 Checkpoint files are numbered from the controller: ``rank0.pt`` is agent 0 (it writes
 ``LATEST``), ``rank<m>.pt`` agent ``m``, ``rank<K+w>.pt`` worker ``w`` under the local launcher
@@ -372,19 +372,15 @@ class Agent:
 
     def _eval(self, superstep: int, applied: int) -> None:
         """Evaluate with this machine's workers held (:meth:`MachineSegment.hold`): evaluation
-        time is left out of the run's wall time, as in every strategy, so the workers must not
-        compute in it either (they would get free compute, and pile stale gradients into the
-        next superstep). A worker already paused for this superstep's checkpoint counts as
-        held. One that does not stop within ``stall_timeout_s`` is warned about, and the
-        evaluation goes on."""
+        time is left out of the run's wall time, as in every strategy, so the workers must start
+        no gradient in it either (they would get free compute, and pile stale gradients into the
+        next superstep). Their gradients in progress are finished, not waited for."""
         if self.evaluate is None:
             return
-        rec, seg, hid, cid = self.rec, self.seg, superstep + 1, self.seg.checkpoint_request()
+        rec, seg = self.rec, self.seg
         with rec.evaluating() if rec is not None else nullcontext():
-            seg.hold(hid)
+            seg.hold(superstep + 1)
             try:
-                self._acked_by_all(lambda i: seg.holds(i, hid) or bool(cid and seg.acked(i, cid)),
-                                   "stop for an evaluation")
                 ev = self.evaluate()
             finally:
                 seg.unhold()

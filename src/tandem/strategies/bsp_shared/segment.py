@@ -31,9 +31,8 @@ so the retired buffer is *torn*: :meth:`swap` zeroes it and reports its gradient
 Checkpoints use three more words, all polled, never waited on in the kernel: a request word
 (the checkpoint id while the agent wants its workers to save), one ack word per worker (the id
 it saved last) and one *retired* word per worker (set by a resumed agent for a worker that was
-already dead at the checkpoint). Evaluations use two more, alike: a hold word (the hold id while
-the agent evaluates) and one ack word per worker (the hold it waits in). The protocols themselves
-live in :mod:`tandem.strategies.bsp_shared.agent`.
+already dead at the checkpoint). Evaluations use one more, the hold word (its id while the
+agent evaluates). The protocols themselves live in :mod:`tandem.strategies.bsp_shared.agent`.
 
 Lifetime: the agent creates the file (under ``/dev/shm`` where it exists), the workers open it,
 and once everyone has attached the agent unlinks the name, so nothing is left behind even if a
@@ -67,8 +66,7 @@ _BASE, _COUNT, _STALE_SUM, _STALE_MAX, _DROPPED = 5, 7, 9, 11, 13  # two entries
 _CKPT = 15  # checkpoint request: its id (> 0) while the agent asks the workers to save, else 0
 _HOLD = 16  # evaluation hold: its id (> 0) while the agent evaluates and the workers wait, else 0
 _FIXED = 17
-_PER_WORKER_WORDS = 6  # per local worker: 2 counts (buffer 0/1), in-add, checkpoint ack, retired,
-# hold ack
+_PER_WORKER_WORDS = 5  # per local worker: 2 counts (buffer 0/1), in-add, checkpoint ack, retired
 
 
 def shm_dir() -> Path:
@@ -114,7 +112,6 @@ class MachineSegment:
         self.in_add = self.header[_FIXED + 2 * w: _FIXED + 3 * w]  # buffer + 1 while adding
         self.acks = self.header[_FIXED + 3 * w: _FIXED + 4 * w]    # last checkpoint id saved
         self.retired = self.header[_FIXED + 4 * w: _FIXED + 5 * w]  # 1: dead before a resume
-        self.held = self.header[_FIXED + 5 * w: _FIXED + 6 * w]     # last hold id waited in
         if create:
             self.header.zero_()
             self.loss_sum.zero_()
@@ -291,10 +288,11 @@ class MachineSegment:
     def release(self) -> None:
         self.header[_CKPT] = 0
 
-    # ---- evaluation hold (the agent asks, each worker stops between gradients and acks) -----
+    # ---- evaluation hold (the agent asks; each worker stops before its next gradient) -------
     def hold(self, hid: int) -> None:
-        """Ask the workers to wait between two gradients (hold ``hid`` > 0) until :meth:`unhold`:
-        the agents evaluate the model meanwhile, and no gradient is computed in that time."""
+        """Ask the workers to start no gradient (hold ``hid`` > 0) until :meth:`unhold`: the
+        agents evaluate the model meanwhile. A gradient already being computed is finished and
+        added (at most one per worker); nobody waits for it, so a straggler delays nothing."""
         self.header[_HOLD] = hid
 
     def unhold(self) -> None:
@@ -302,13 +300,6 @@ class MachineSegment:
 
     def hold_request(self) -> int:
         return int(self.header[_HOLD])
-
-    def ack_hold(self, worker: int, hid: int) -> None:
-        self.held[worker] = hid
-
-    def holds(self, worker: int, hid: int) -> bool:
-        """Whether ``worker`` is waiting in hold ``hid`` (it computes nothing until the unhold)."""
-        return int(self.held[worker]) == hid
 
     def retire(self, worker: int) -> None:
         """Mark a worker that was dead at the checkpoint a run resumes from: it stays out."""

@@ -3,7 +3,7 @@
 The worker never waits for anybody::
 
     loop: if the agent asks for a checkpoint: save our rank file, ack, wait for the release
-          if the agent holds us for an evaluation: ack, wait for the unhold
+          if the agent holds us for an evaluation: wait for the unhold
           if a newer model is published, copy it (seqlock read, never torn)
           compute a gradient on it
           add it at once into the machine's active accumulator (under the segment lock)
@@ -100,8 +100,7 @@ class WorkerLoop:
         self._acked = cid
 
     def _hold(self, hid: int) -> None:
-        """The agent evaluates: ack and compute nothing until it lifts hold ``hid``."""
-        self.seg.ack_hold(self.local, hid)
+        """The agent evaluates: compute nothing until it lifts hold ``hid``."""
         with self.rec.evaluating() if self.rec is not None else nullcontext():
             self._wait_while(lambda: self.seg.hold_request() == hid, f"evaluation hold {hid}")
         self._held = hid
