@@ -378,14 +378,14 @@ def main() -> None:
         bench.keep_previous(lambda r: (r.get("rate"), r.get("workload"), r.get("system"))
                             not in now, lambda t: True,
                             ", ".join(f"{r} {w} {s}" for r, w, s in sorted(now)) or "nothing",
-                            keep_note=lambda n: n.partition(":")[0] not in rates
-                            and n.partition(":")[2].startswith(" tbf rate"))
+                            keep_note=lambda n: n.startswith("relabelled") or (
+                                n.partition(":")[0] not in rates
+                                and n.partition(":")[2].startswith(" tbf rate")))
     if why is None:
         report(bench, found, args.hosts)
-        targets(bench, args.hosts, None, args.quick)
     else:
         bench.note(f"real links not built: {why}")
-        targets(bench, args.hosts, why, args.quick)
+    targets(bench, args.hosts, why, args.quick)
     bench.note(f"{args.hosts} hosts; cnn = mnist5k hidden=360 (201,538 parameters), batch 32 "
                f"per host, SGD lr 0.05 momentum 0.9, eval every 10 steps, target {TARGET}; "
                "textlm = default size (867,072 parameters), its own recipe, time per step only; "
