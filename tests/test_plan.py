@@ -157,3 +157,18 @@ def test_python_entry_ranks_at_the_largest_n():
     assert methods == {"allreduce", "gossip:goco", "gossip:wait"}
     ranked = result.at(4)
     assert [p.step_s for p in ranked] == sorted(p.step_s for p in ranked)
+
+
+def test_the_emulator_backend_charges_software_time_only_where_it_outlasts_the_model():
+    """The emulator charges a collective from its last rank's join while the loopback run goes
+    on meanwhile: max(model, hops x overhead). Breaks if the tandem backend adds them (what it
+    did when the emulator guessed the join from the loopback finish) or if a real engine's
+    backend stops paying the overhead on every hop."""
+    link = Tier(bytes_per_s=1e6, latency_s=0.0)  # 4 ranks: a ring all-reduce is 6 hops
+    slow = Network(link, backend="tandem", overhead_s=0.001)
+    assert slow.all_reduce(400_000, 4).seconds == pytest.approx(0.6)  # 600 kB at 1 MB/s
+    busy = Network(link, backend="tandem", overhead_s=0.5)
+    assert busy.all_reduce(400_000, 4).seconds == pytest.approx(3.0)  # 6 hops x 0.5 s
+    gloo = Network(link, backend="gloo", overhead_s=0.001)
+    assert gloo.all_reduce(400_000, 4).seconds == pytest.approx(0.606)
+    assert slow.barrier(4).seconds == pytest.approx(0.006)

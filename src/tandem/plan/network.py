@@ -13,7 +13,10 @@ follow the algorithm of the chosen ``backend``:
 * ``gloo``: ring all-reduce and all-gather; binomial-tree broadcast (``ceil(log2 N)(s/B + L)``).
 * ``tandem``: exactly what the emulator charges (ring all-reduce and all-gather, the root's link
   carries every broadcast copy, ``(N-1) s/B + L``; a barrier costs ``2(N-1)`` latencies): the
-  backend to validate predictions against ``tandem train --net`` runs.
+  backend to validate predictions against ``tandem train --net`` runs. The emulator charges a
+  collective from the moment its last rank joined while the loopback collective runs meanwhile,
+  so the software's cost per hop counts only where it outlasts the modelled time:
+  ``max(model, hops * overhead)`` (the real engines pay it on every hop, on top of the latency).
 
 Two tiers (``inter`` given, ``per_node`` P > 1, N > P, nodes M = ceil(N/P)): the hierarchical
 algorithm NCCL and Horovod use. All-reduce = reduce-scatter inside the node, an all-reduce of
@@ -142,6 +145,12 @@ class Network:
         """One message hop: the link's latency plus the software's cost per message."""
         return t.latency_s + self.overhead_s
 
+    def _charged(self, wire_s: float, hops: int, t: Tier) -> float:
+        """A flat collective of ``wire_s`` line time and ``hops`` message hops on ``t``."""
+        if self.backend == "tandem":  # the emulator's model runs alongside the real collective
+            return max(wire_s + hops * t.latency_s, hops * self.overhead_s)
+        return wire_s + hops * self.hop(t)
+
     def p2p_hop(self, t: Tier) -> float:
         """One round of point-to-point messages (a gossip peer's sends and receives)."""
         extra = self.overhead_s if self.p2p_overhead_s is None else self.p2p_overhead_s
@@ -151,14 +160,14 @@ class Network:
         if n <= 1:
             return 0.0
         moved = 2 * (n - 1) * s // n if isinstance(s, int) else 2 * (n - 1) / n * s  # as metered
-        ring = moved / t.bytes_per_s + 2 * (n - 1) * self.hop(t)
+        ring = self._charged(moved / t.bytes_per_s, 2 * (n - 1), t)
         if self.backend != "nccl":
             return ring
         tree = 2 * s / t.bytes_per_s + 2 * math.ceil(math.log2(n)) * self.hop(t)
         return min(ring, tree)
 
     def _flat_all_gather(self, s: float, n: int, t: Tier) -> float:
-        return (n - 1) * (s / t.bytes_per_s + self.hop(t)) if n > 1 else 0.0
+        return self._charged((n - 1) * s / t.bytes_per_s, n - 1, t) if n > 1 else 0.0
 
     def _flat_broadcast(self, s: float, n: int, t: Tier) -> float:
         if n <= 1:
@@ -167,7 +176,7 @@ class Network:
             return s / t.bytes_per_s + (n - 1) * self.hop(t)
         if self.backend == "gloo":
             return math.ceil(math.log2(n)) * (s / t.bytes_per_s + self.hop(t))
-        return costs.broadcast_root_seconds(int(s), n, t.bytes_per_s, self.hop(t))
+        return self._charged(costs.broadcast_root_seconds(int(s), n, t.bytes_per_s, 0.0), 1, t)
 
     def _tier(self) -> Tier:
         """The one tier a flat collective runs on."""
@@ -214,7 +223,7 @@ class Network:
             return Cost(0.0, 0)
         if self.backend == "tandem":
             t = self.nic if self.inter is not None else self.link
-            return Cost(costs.barrier(n).hops * self.hop(t), 0)
+            return Cost(self._charged(0.0, costs.barrier(n).hops, t), 0)
         return Cost(self.all_reduce(4, n).seconds, 0)
 
     def op(self, kind: str, nbytes: int, n: int) -> Cost:
