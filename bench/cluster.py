@@ -71,7 +71,7 @@ from bench.cluster_run import (
     run_emulated,
     run_real,
     step_s,
-    updates,
+    units,
 )
 from bench.harness import Bench
 from bench.netns import Cluster, NetnsUnavailable, unavailable_reason
@@ -202,17 +202,15 @@ def report(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], hosts: in
             else:
                 status = "ok"
             final = s.get("final_test_accuracy")
-            steps, senders = updates(s)
-            supersteps = bool((s.get("info") or {}).get("bsp_supersteps"))
-            sent = (s["bytes_sent_total"] / senders / steps if supersteps and steps and senders
-                    else s.get("bytes_sent_per_worker_per_step"))
+            u = units(s)
+            steps = u.steps
             bench.row(rate=rate, workload=wl, system=row.system, status=status, steps=steps,
                       step_ms=_ms(rs), emu_step_ms=_ms(em),
                       emu_err=abs(em - rs) / rs if rs and em else None,
                       comm_ms=_ms(comm_s(real, row)), emu_comm_ms=_ms(comm_s(emu, row)),
                       steps_to_target=s.get("steps_to_target"),
                       time_to_target_s=s.get("time_to_target_s"), final=final,
-                      **{"bytes/step": sent,
+                      **{"bytes/step": u.bytes_per_step,
                          "wire/step": (real["tx_bytes"] / hosts / steps
                                        if steps and row.kind != "local" and "tx_bytes" in real
                                        else None)},
@@ -378,9 +376,8 @@ def main() -> None:
         bench.keep_previous(lambda r: (r.get("rate"), r.get("workload"), r.get("system"))
                             not in now, lambda t: True,
                             ", ".join(f"{r} {w} {s}" for r, w, s in sorted(now)) or "nothing",
-                            keep_note=lambda n: n.startswith("relabelled") or (
-                                n.partition(":")[0] not in rates
-                                and n.partition(":")[2].startswith(" tbf rate")))
+                            keep_note=lambda n: n.partition(":")[0] not in rates
+                            and n.partition(":")[2].startswith(" tbf rate"))
     if why is None:
         report(bench, found, args.hosts)
     else:

@@ -34,17 +34,28 @@ class Row:
     workers: int | None = None  # None: one per host (the config's default)
 
 
-def updates(summary: dict[str, Any]) -> tuple[int | None, int | None]:
-    """(model updates, processes that send) of a run, what a row's per-step columns divide by.
+@dataclass(frozen=True)
+class Units:
+    """What a row's per-step columns divide by: ``steps`` (model updates), ``senders`` (the
+    processes its communication is averaged over) and the bytes each sends per step."""
 
-    Every strategy updates the model once a step, except ``bsp_shared``: there a step of the
-    summary is one worker's gradient (the fastest worker's count), so time per step would be the
-    workers' compute speed, whatever the link. Its unit is the *superstep* (one exchange between
-    the agents and one update), and only its agents, one per machine, send."""
+    steps: int | None
+    senders: int | None
+    bytes_per_step: float | None
+
+
+def units(summary: dict[str, Any]) -> Units:
+    """A run's :class:`Units`. Every strategy updates the model once a step, except
+    ``bsp_shared``: there a step of the summary is one worker's gradient (the fastest worker's
+    count), so time per step would be the workers' compute speed, whatever the link. Its unit
+    is the *superstep* (one exchange between the agents and one update), and only its agents,
+    one per machine, send."""
     info = summary.get("info") or {}
     if info.get("bsp_supersteps"):
-        return int(info["bsp_supersteps"]), int(info["bsp_machines"])
-    return summary.get("steps"), summary.get("ranks") or summary.get("workers")
+        steps, machines = int(info["bsp_supersteps"]), int(info["bsp_machines"])
+        return Units(steps, machines, summary["bytes_sent_total"] / (machines * steps))
+    return Units(summary.get("steps"), summary.get("ranks") or summary.get("workers"),
+                 summary.get("bytes_sent_per_worker_per_step"))
 
 
 def step_s(res: dict[str, Any] | None) -> float | None:
@@ -53,17 +64,17 @@ def step_s(res: dict[str, Any] | None) -> float | None:
     if "step_s" in res:
         return res["step_s"]
     s = res["summary"]
-    steps, _ = updates(s)
+    steps = units(s).steps
     return s["wall_time_s"] / steps if steps else None
 
 
 def comm_s(res: dict[str, Any] | None, row: Row) -> float | None:
     """Mean communication seconds per rank and step (the strategy's own split; DDP and local
-    record none); for ``bsp_shared`` per machine and superstep (:func:`updates`)."""
+    record none); for ``bsp_shared`` per machine and superstep (:func:`units`)."""
     if row.kind != "tandem" or not res or "error" in res:
         return None
-    steps, senders = updates(res["summary"])
-    n = (senders or 0) * (steps or 0)
+    u = units(res["summary"])
+    n = (u.senders or 0) * (u.steps or 0)
     return res["summary"].get("comm_s_total", 0.0) / n if n else None
 
 

@@ -164,14 +164,18 @@ class Bench:
     def note(self, text: str) -> None:
         self.notes.append(text)
 
+    #: a note written into a results file by hand (a relabelling, a correction) starts with
+    #: this; every merge keeps it, since no run writes it again
+    HAND_NOTE = "by hand: "
+
     def keep_previous(self, keep_row: Callable[[dict[str, Any]], bool],
                       keep_target: Callable[[dict[str, Any]], bool], measured_now: str,
                       keep_note: Callable[[str], bool] = lambda n: False) -> None:
         """``--merge``: take the rows and targets of the existing results file that this run
-        does not measure (and its ``kept:`` notes, and the notes ``keep_note`` picks: those
-        describing what was kept). A target this run records as NOT RUN under a kept target's
-        name leaves the kept (measured) one in place; any other target of this run replaces
-        it."""
+        does not measure (and its ``kept:`` notes, its :attr:`HAND_NOTE` notes, and the notes
+        ``keep_note`` picks: those describing what was kept). A target this run records as NOT
+        RUN under a kept target's name leaves the kept (measured) one in place; any other target
+        of this run replaces it."""
         path = RESULTS / f"{self.name}.json"
         if not path.is_file():
             return
@@ -179,7 +183,8 @@ class Bench:
         rows = [r for r in old.get("rows", []) if keep_row(r)]
         self.rows = rows + self.rows
         self.kept_targets = [t for t in old.get("targets", []) if keep_target(t)]
-        self.notes += [n for n in old.get("notes", []) if n.startswith("kept:") or keep_note(n)]
+        self.notes += [n for n in old.get("notes", [])
+                       if n.startswith(("kept:", self.HAND_NOTE)) or keep_note(n)]
         commit = ((old.get("git") or {}).get("commit") or "?")[:10]
         if rows:
             self.note(f"kept: {len(rows)} rows and {len(self.kept_targets)} targets from the "

@@ -16,8 +16,9 @@ from bench import harness  # noqa: E402
 
 
 def test_keep_previous_keeps_unmeasured_rows_and_measured_targets(tmp_path, monkeypatch):
-    """Breaks if a merged file loses a kept row, keeps a row this run re-measured, lets a NOT
-    RUN target overwrite a measured one, or keeps an old target this run measured again."""
+    """Breaks if a merged file loses a kept row or a note written by hand, keeps a row this run
+    re-measured, lets a NOT RUN target overwrite a measured one, or keeps an old target this run
+    measured again."""
     monkeypatch.setattr(harness, "RESULTS", tmp_path)
     old = {"date": "then", "command": "old cmd", "git": {"commit": "a" * 40},
            "rows": [{"rate": "10mbit", "system": "ddp", "v": 1},
@@ -27,7 +28,8 @@ def test_keep_previous_keeps_unmeasured_rows_and_measured_targets(tmp_path, monk
                        {"name": "err 100mbit ddp", "value": 0.5, "goal": "<= 0.2",
                         "met": False, "state": "NOT MET"}],
            "notes": ["kept: from an older merge", "a note of that run",
-                     "100mbit: how that rate's links were built"]}
+                     "100mbit: how that rate's links were built",
+                     "by hand: a row relabelled after its run"]}
     (tmp_path / "x.json").write_text(json.dumps(old))
     b = harness.Bench("x", ["rate", "system", "v"])
     b.keep_previous(lambda r: r["rate"] != "100mbit", lambda t: True, "100mbit ddp",
@@ -44,6 +46,7 @@ def test_keep_previous_keeps_unmeasured_rows_and_measured_targets(tmp_path, monk
     assert "kept: from an older merge" in rec["notes"]
     assert "a note of that run" not in rec["notes"]
     assert "100mbit: how that rate's links were built" in rec["notes"]  # keep_note picked it
+    assert "by hand: a row relabelled after its run" in rec["notes"]  # no run writes it again
     assert any(n.startswith("kept: 1 rows") and "old cmd" in n for n in rec["notes"])
 
 

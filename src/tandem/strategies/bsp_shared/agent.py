@@ -153,24 +153,20 @@ class Agent:
 
     def _pause(self, cid: int) -> bool:
         """Ask this machine's workers to save checkpoint ``cid`` and wait until every live one
-        has (acked: its file is written, it waits for :meth:`_checkpoint`'s release)."""
-        self.seg.request_checkpoint(cid)
-        return self._acked_by_all(lambda i: self.seg.acked(i, cid), f"save checkpoint {cid}")
-
-    def _acked_by_all(self, acked: Callable[[int], bool], what: str) -> bool:
-        """Wait until every live local worker has acked; a worker found dead meanwhile is
-        excluded, not waited for. False (and a warning naming them) after ``stall_timeout_s``."""
-        cfg = self.cfg
+        has (acked: its file is written, it waits for :meth:`_checkpoint`'s release). A worker
+        found dead meanwhile is excluded, not waited for. False after ``stall_timeout_s``."""
+        seg, cfg = self.seg, self.cfg
+        seg.request_checkpoint(cid)
         deadline = time.monotonic() + cfg.stall_timeout_s
         while True:
             self._poll_dead()
-            waiting = [i for i in range(self.seg.local_workers)
-                       if i not in self.dead and not acked(i)]
+            waiting = [i for i in range(seg.local_workers)
+                       if i not in self.dead and not seg.acked(i, cid)]
             if not waiting:
                 return True
             if time.monotonic() > deadline:
-                log.warning("bsp agent: local worker(s) %s did not %s in %.0fs", waiting, what,
-                            cfg.stall_timeout_s)
+                log.warning("bsp agent: local worker(s) %s did not save checkpoint %d in %.0fs",
+                            waiting, cid, cfg.stall_timeout_s)
                 return False
             time.sleep(cfg.poll_s)
 
