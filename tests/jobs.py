@@ -226,6 +226,11 @@ def stuck_peer(timeout_s: float) -> int:
     return t.rank
 
 
+def session_of() -> tuple[int, int]:
+    """(this worker's pid, the id of its session)."""
+    return os.getpid(), os.getsid(0)
+
+
 def started_from() -> tuple[int, str]:
     """(this worker's parent pid, a launcher-side variable set after the first launch)."""
     return os.getppid(), os.environ.get("TANDEM_TEST_MARK", "")

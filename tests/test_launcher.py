@@ -24,6 +24,15 @@ def test_error_in_one_worker_is_reported_with_its_rank_and_text():
     assert "boom on rank 1" in str(info.value)
 
 
+def test_every_worker_leads_a_session_of_its_own():
+    """Linux's autogroup scheduler shares the CPU between sessions: a worker in the launcher's
+    session got less of it than a host of its own would (tandem.launch_child._own_session)."""
+    out = spawn(jobs.session_of, 3, timeout_s=60)
+    assert all(sid == pid for pid, sid in out), out
+    assert len({sid for _, sid in out}) == 3
+    assert os.getsid(0) not in {sid for _, sid in out}
+
+
 def _default_sigint() -> None:
     # A shell without job control starts background jobs with SIGINT ignored, and an ignored
     # signal stays ignored across exec: give the launcher a terminal's default disposition.

@@ -21,6 +21,10 @@ the launcher's current environment, working directory and ``sys.path``, as with 
 ``MKL_*``) are those of the first launch in the process. Set ``TANDEM_START_METHOD=spawn`` to
 start every worker from a fresh interpreter instead (slower, the portable default elsewhere).
 
+Sessions: every worker starts a session of its own (``tandem.launch_child._own_session``), so
+that it gets the CPU share a host of its own would, and a terminal's Ctrl-C reaches the launcher
+only, which ends the workers as above.
+
 No wait is unbounded. Starting the workers has its own deadline (``start_timeout_s``, default
 :data:`START_TIMEOUT_S`, or ``TANDEM_START_TIMEOUT_S``): a fork server stuck importing its preloads
 would otherwise hold ``Process.start`` forever, so it is killed and the launch fails naming it.
@@ -41,13 +45,12 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Collection, Iterator
 from multiprocessing import connection as mp_connection
 from typing import Any
 
-from tandem.allocator import tune_allocator
 from tandem.errors import CONSEQUENCES, TandemError, WorkerFailed, first_cause, is_secondary
+from tandem.launch_child import run_child
 from tandem.transport.rendezvous import AbandonedRanks, host_store, mark_dead, mark_stopped
 
 _GRACE_S = 5.0
@@ -74,64 +77,6 @@ def start_context() -> Any:
         ctx.set_forkserver_preload(_PRELOAD)  # read only when the server starts
         return ctx
     return mp.get_context("spawn")
-
-
-def _child(
-    rank: int,
-    world: int,
-    addr: str,
-    port: int,
-    fn: Callable[..., Any],
-    args: tuple,
-    conn: Any,
-    env: dict[str, str],
-    launcher_env: dict[str, str],
-) -> None:
-    # A forkserver child inherits the server's environment, captured at the first launch: take
-    # the launcher's as it is now, as a spawned child would.
-    os.environ.clear()
-    os.environ.update(launcher_env)
-    os.environ.update(env)
-    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                       "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": addr,
-                       "MASTER_PORT": str(port), "TANDEM_STORE_HOSTED": "1"})
-    _die_with_parent()
-    tune_allocator()  # before the first large tensor (see tandem.allocator)
-    import torch
-
-    torch.set_num_threads(int(env.get("TANDEM_THREADS", "1")))
-    from multiprocessing import util
-
-    try:  # the report carries when it happened (a TandemError's ``at``): the launcher orders by it
-        payload, code = pickle.dumps((rank, "ok", fn(*args), time.time())), 0
-    except BaseException as err:  # noqa: BLE001 - every failure is reported to the parent
-        kind = type(err).__name__
-        detail = str(err) if isinstance(err, TandemError) else traceback.format_exc()
-        at = getattr(err, "at", None) or time.time()
-        payload, code = pickle.dumps((rank, "error", f"{kind}: {detail}", at)), 1
-    # Either way the exit skips interpreter teardown (an engine thread may be stuck in a wait).
-    # multiprocessing's exit finalizers run *before* the report: once the launcher has it, it
-    # may terminate this process, and a semaphore not yet unlinked (tqdm's lock, made by the
-    # progress bar) would be left to the resource tracker ("leaked semaphore objects").
-    try:
-        util._run_finalizers(0)
-    finally:
-        try:
-            conn.send_bytes(payload)
-            conn.close()
-            util._exit_function()  # the rest (children of this process, if any)
-        finally:
-            os._exit(code)
-
-
-def _die_with_parent() -> None:
-    """Linux: the kernel sends this child SIGKILL when its parent dies, even by SIGKILL. The parent
-    is the launcher (``spawn``) or the fork server, which exits as soon as the launcher is gone.
-    Elsewhere (no ``prctl``) the launcher's own reaping still applies."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def _raise_on_sigterm() -> Any:
@@ -276,7 +221,7 @@ def spawn(
     ctx = start_context()
     store = host_store(addr, world)
     pipes = [ctx.Pipe(duplex=False) for _ in range(world)]
-    procs = [ctx.Process(target=_child, name=f"tandem-rank{r}",
+    procs = [ctx.Process(target=run_child, name=f"tandem-rank{r}",
                          args=(r, world, addr, store.port, fn, args, pipes[r][1],
                                dict(env or {}), dict(os.environ))) for r in range(world)]
     readers = {pipes[r][0]: r for r in range(world)}
