@@ -123,12 +123,13 @@ def measure(args: argparse.Namespace, bench: Bench,
         shaped = rate != UNSHAPED
         with Cluster(args.hosts, rate if shaped else None) as net:
             latency = link_latency(net)
-            net_spec = f"{rate}:{round(latency * 1e6)}us"
+            net_spec = f"{rate}:{round(latency * 1e6)}us,hosts={args.hosts}"
             if shaped:
                 bench.note(f"{rate}: tbf rate {rate} burst {net.burst} B latency "
                            f"{net.queue_latency} on both ends of each host's link; emulated "
                            f"twin net={net_spec!r} (latency = half the smallest 1-byte TCP "
-                           "round trip)")
+                           f"round trip; {args.hosts} emulated hosts: the processes of one "
+                           "share its link, as on the namespaces)")
             else:
                 bench.note(f"{rate}: tbf rate none: the same namespaces and veth pairs, not "
                            "rate-limited (what the 2-core machine allows 4 hosts); no emulated "

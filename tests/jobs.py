@@ -319,3 +319,38 @@ def fan_out_times(net: str, nbytes: int) -> dict:
     t.barrier().wait()
     t.close()
     return out
+
+
+def host_link_sends(net: str, nbytes: int) -> dict:
+    """Four ranks on two emulated hosts (``hosts=2``: ranks 0 and 2 on host 0, 1 and 3 on host
+    1). Rank 0 first sends to rank 2, on its own host; then ranks 0 and 2 send to ranks 1 and 3
+    at once, out of their one shared link. Returns the host's message count after each phase
+    and when each cross-host message was complete, on the shared clock."""
+    t = transport_from_env(net=NetConfig.parse(net), timeout_s=60)
+    n = nbytes // 4
+    assert t.link.host is not None
+    out: dict = {"host": t.host}
+
+    def messages() -> int:
+        with t.link.host.timelines() as tl:
+            return tl.next_id
+
+    t.barrier().wait()
+    if t.rank == 0:
+        t.send(torch.zeros(n), 2).wait()
+    elif t.rank == 2:
+        t.recv(torch.empty(n), 0).wait()
+    t.barrier().wait()
+    out["after_same_host"] = messages()
+    t.barrier().wait()
+    start = time.monotonic()
+    if t.host == 0:
+        t.send(torch.zeros(n), t.rank + 1).wait()
+        out["sent"] = time.monotonic() - start
+    else:
+        t.recv(torch.empty(n), t.rank - 1).wait()
+        out["received"] = time.monotonic() - start
+    t.barrier().wait()
+    out["after_cross_host"] = messages()
+    t.close()
+    return out

@@ -10,7 +10,8 @@ decided by :func:`tandem.resolve.resolve`, which the API and the worker entry ca
 
 Compact string forms are accepted where users type them on a command line:
 
-* ``net="100mbit:1ms"`` or ``"1gbit:200us:50us"`` (bandwidth, one-way latency, optional jitter)
+* ``net="100mbit:1ms"`` or ``"1gbit:200us:50us"`` (bandwidth, one-way latency, optional jitter);
+  ``"10mbit:1ms,hosts=4"`` puts the processes on 4 emulated hosts that share their links
 * ``stragglers="0.2:5"`` (probability 0.2 per worker per step, delay 5x the step's compute time) or
   ``"0.2:exp:0.05"`` (exponential delay with a 0.05 s mean)
 * ``slow_workers=["1:3"]`` (rank 1 computes 3x slower)
@@ -66,21 +67,37 @@ class _Strict(BaseModel):
 
 
 class NetConfig(_Strict):
-    """An emulated full-duplex link per process: bandwidth (bit/s), one-way latency, jitter (s)."""
+    """An emulated full-duplex link per process: bandwidth (bit/s), one-way latency, jitter (s).
+
+    ``hosts``: emulate that many hosts instead, each with one such link that its processes
+    share; what they send each other stays on the host and costs nothing. Rank ``r`` runs on
+    host ``r % hosts``: under the local launcher (workers first, then a ``param_server``'s
+    servers or ``bsp_shared``'s agents) server or agent ``i`` shares host ``i`` with worker
+    ``i``, as torchrun places them one per node. Local launcher only (under torchrun the
+    processes are on their nodes already)."""
 
     bandwidth_bps: float = Field(gt=0)
     latency_s: float = Field(default=0.0, ge=0)
     jitter_s: float = Field(default=0.0, ge=0)
+    hosts: int | None = Field(default=None, ge=1)
 
     @classmethod
     def parse(cls, text: str) -> NetConfig:
-        parts = text.split(":")
+        link, *options = text.split(",")
+        parts = link.split(":")
         if not 1 <= len(parts) <= 3:
             raise ValueError(
-                f"net {text!r}: expected BANDWIDTH[:LATENCY[:JITTER]], e.g. 100mbit:1ms")
+                f"net {text!r}: expected BANDWIDTH[:LATENCY[:JITTER]][,hosts=N], e.g. 100mbit:1ms")
         lat = parse_duration(parts[1]) if len(parts) > 1 else 0.0
         jit = parse_duration(parts[2]) if len(parts) > 2 else 0.0
-        return cls(bandwidth_bps=parse_rate(parts[0]), latency_s=lat, jitter_s=jit)
+        hosts = None
+        for option in options:
+            key, _, value = option.partition("=")
+            if key.strip() != "hosts" or not value.strip().isdigit():
+                raise ValueError(f"net {text!r}: unknown option {option!r}; the one option is "
+                                 "hosts=N (processes share N emulated hosts' links)")
+            hosts = int(value)
+        return cls(bandwidth_bps=parse_rate(parts[0]), latency_s=lat, jitter_s=jit, hosts=hosts)
 
     @property
     def bytes_per_s(self) -> float:

@@ -22,6 +22,7 @@ from tandem.preflight import preflight
 from tandem.resolve import resolve
 from tandem.telemetry.summary import finalize_run
 from tandem.trainer.final_model import save_model_factory
+from tandem.transport.host_link import check_hosts
 from tandem.workloads.base import Workload
 
 
@@ -54,12 +55,13 @@ def run_job(cfg: RunConfig, *, workload: Workload | None = None, return_results:
                               "(workload: {name: package.module:function, options: ...}) so "
                               "variants can rebuild it with other options")
         resolve(sub, object_workload=workload is not None)
+    procs = strategy_cls.processes(cfg)
+    check_hosts(cfg.net.hosts if cfg.net else None, procs, under_torchrun=False)
     if cfg.resume:  # the one resume check, before any process starts (the strategy supports
         check_resume(cfg)  # checkpoints: resolve() refused it otherwise)
         run_dir = cfg.run_dir()
     else:
         run_dir = prepare_run_dir(cfg)
-    procs = strategy_cls.processes(cfg)
     tolerate = (lambda r: r < cfg.workers) if strategy_cls.tolerates_lost_workers else None
     limit = timeout_s if timeout_s is not None else 24 * 3600.0
     env = {"TANDEM_THREADS": str(cfg.threads_per_worker)}

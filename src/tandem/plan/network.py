@@ -62,6 +62,9 @@ class Tier:
             net = NetConfig.parse(text)
         except ValueError as err:  # pydantic's ValidationError is a ValueError
             raise ConfigError(f"{flag} {text!r}: {' '.join(str(err).split())[:200]}") from None
+        if net.hosts is not None:
+            raise ConfigError(f"{flag} {text!r}: the planner takes processes per node as "
+                              "--per-node with the node's link as --net-inter, not hosts=")
         return cls(net.bytes_per_s, net.latency_s)
 
     def seconds(self, nbytes: float, hops: float = 1.0) -> float:

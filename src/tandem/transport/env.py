@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from tandem.config import NetConfig
 from tandem.errors import ConfigError
 from tandem.transport.rendezvous import store_from_env
-from tandem.transport.transport import Transport, as_net, pick_backend
+from tandem.transport.transport import Transport, as_net
 
 
 def env_rank_world() -> tuple[int, int]:
@@ -37,3 +39,12 @@ def transport_from_env(*, net: NetConfig | str | None = None, timeout_s: float =
                           seed=seed, device=device)
     transport.attempt = attempt  # > 0: torchrun restarted the job (see store_from_env)
     return transport
+
+
+def pick_backend(requested: str) -> tuple[str, torch.device]:
+    """``auto`` -> NCCL on this process's GPU when CUDA is present, gloo on CPU otherwise."""
+    if requested == "nccl" or (requested == "auto" and torch.cuda.is_available()):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return "nccl", torch.device("cuda", local)
+    return "gloo", torch.device("cpu")

@@ -32,28 +32,49 @@ with the given mean, seeded from the run seed and the rank (reproducible).
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import math
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
 from tandem.config import NetConfig
 from tandem.errors import ConfigError
 from tandem.transport.costs import Traffic
+from tandem.transport.host_link import HostLink, LinkTimelines
 
 
 class SharedEgress:
     """Messages in flight on one egress, each draining at ``rate / (messages in flight)``
-    (processor sharing). Times are monotonic seconds; the caller holds the emulator's lock."""
+    (processor sharing). Times are monotonic seconds; the caller holds the emulator's lock.
+    The state lives in ``timelines`` (a host's processes share theirs: :mod:`.host_link`)."""
 
-    def __init__(self, bytes_per_s: float) -> None:
+    def __init__(self, bytes_per_s: float, timelines: LinkTimelines | None = None) -> None:
         self.rate = bytes_per_s
-        self.left: dict[int, float] = {}  # message -> bytes still to leave
-        self.clock = 0.0  # the time ``left`` is valid at
-        self.finished: dict[int, float] = {}  # message -> when its last byte left
-        self._ids = itertools.count()
+        self.t = timelines if timelines is not None else LinkTimelines()
+
+    @property
+    def left(self) -> dict[int, float]:
+        """message -> bytes still to leave"""
+        assert self.t.left is not None
+        return self.t.left
+
+    @property
+    def finished(self) -> dict[int, float]:
+        """message -> when its last byte left"""
+        assert self.t.finished is not None
+        return self.t.finished
+
+    @property
+    def clock(self) -> float:
+        """the time ``left`` is valid at"""
+        return self.t.clock
+
+    @clock.setter
+    def clock(self, value: float) -> None:
+        self.t.clock = value
 
     def advance(self, now: float) -> None:
         """Drain the messages in flight up to ``now``."""
@@ -75,7 +96,7 @@ class SharedEgress:
     def add(self, nbytes: int, start: float) -> int:
         """A message starts leaving at ``start`` (>= every earlier call's time)."""
         self.advance(start)
-        m = next(self._ids)
+        m, self.t.next_id = self.t.next_id, self.t.next_id + 1
         if nbytes > 0:
             self.left[m] = float(nbytes)
         else:
@@ -98,19 +119,37 @@ class SharedEgress:
 
 
 class LinkEmulator:
-    """Timelines of one process's link. ``None`` config means an ideal link (no delay)."""
+    """Timelines of one process's link. ``None`` config means an ideal link (no delay).
 
-    def __init__(self, net: NetConfig | None, rank: int = 0, seed: int = 0) -> None:
+    ``host``: the link of the emulated host this process shares with others (``net.hosts``,
+    :mod:`.host_link`); its timelines then live there, and every process of the host charges
+    its traffic to them."""
+
+    def __init__(self, net: NetConfig | None, rank: int = 0, seed: int = 0,
+                 host: HostLink | None = None) -> None:
         self.net = net
+        self.host = host
         self._lock = threading.Lock()
-        self._egress_free = 0.0  # collectives' reservations of the egress
-        self._ingress_free = 0.0
-        self._egress = SharedEgress(net.bytes_per_s) if net is not None else None
+        self._local = LinkTimelines()
         self._rng = np.random.default_rng([seed, rank, 7919])
 
     @property
     def enabled(self) -> bool:
         return self.net is not None
+
+    @contextlib.contextmanager
+    def _timelines(self) -> Iterator[LinkTimelines]:
+        if self.host is not None:
+            with self.host.timelines() as t:
+                yield t
+        else:
+            with self._lock:
+                yield self._local
+
+    def close(self) -> None:
+        """Unlink a shared host link's file (in case a process of its host never opened it)."""
+        if self.host is not None:
+            self.host.unlink()
 
     def _jitter(self) -> float:
         if self.net is None or self.net.jitter_s <= 0:
@@ -122,21 +161,23 @@ class LinkEmulator:
         ``(message, when it starts)``; ask :meth:`send_progress` when it has left. Needs an
         emulated link."""
         now = time.monotonic() if now is None else now
-        assert self.net is not None and self._egress is not None
-        with self._lock:
-            message = self._egress.add(nbytes, max(now, self._egress_free))
-            return message, self._egress.clock
+        assert self.net is not None
+        with self._timelines() as t:
+            egress = SharedEgress(self.net.bytes_per_s, t)
+            message = egress.add(nbytes, max(now, t.egress_free))
+            return message, egress.clock
 
     def send_progress(self, message: int, now: float | None = None) -> tuple[bool, float]:
         """``(True, when it left)`` once message has left by ``now``; else ``(False, when it
         will have left if nothing else starts)``: ask again then."""
         now = time.monotonic() if now is None else now
-        assert self._egress is not None
-        with self._lock:
-            self._egress.advance(now)
-            if message in self._egress.finished:
-                return True, self._egress.finished.pop(message)
-            return False, self._egress.projected(message)
+        assert self.net is not None
+        with self._timelines() as t:
+            egress = SharedEgress(self.net.bytes_per_s, t)
+            egress.advance(now)
+            if message in egress.finished:
+                return True, egress.finished.pop(message)
+            return False, egress.projected(message)
 
     def arrival(self, left: float) -> float:
         """When a message that left the egress at ``left`` reaches its receiver."""
@@ -155,10 +196,10 @@ class LinkEmulator:
             return arrived
         dur = nbytes / self.net.bytes_per_s
         begun = arrived - dur if math.isnan(started) else min(started, arrived)
-        with self._lock:
-            start = max(begun, self._ingress_free)
-            self._ingress_free = start + dur
-            return max(arrived, self._ingress_free)
+        with self._timelines() as t:
+            start = max(begun, t.ingress_free)
+            t.ingress_free = start + dur
+            return max(arrived, t.ingress_free)
 
     def collective_done_time(self, traffic: Traffic, issued: float, finished: float,
                              seconds: float | None = None, *, joined: float) -> float:
@@ -172,22 +213,24 @@ class LinkEmulator:
         hops wait for the scheduler, that guess came late and every small collective was charged
         the wait on top of its model (PowerSGD's all-reduces on the CNN at 10 Mbit/s: emulated
         18.5 % slower than the real links, ``bench/cluster``).
+
+        On a shared host link (``net.hosts``) the collectives of the host's processes take
+        their turns on it, one after another.
         """
         if self.net is None:
             return finished
         model = seconds if seconds is not None else traffic.seconds(self.net.bytes_per_s, 0.0)
         model += traffic.hops * self.net.latency_s + (self._jitter() if traffic.hops else 0.0)
         joined = max(issued, joined)
-        with self._lock:
-            assert self._egress is not None  # net is set
-            start = max(joined, max(self._egress_free, self._egress.all_left())
-                        if traffic.sent else 0.0,
-                        self._ingress_free if traffic.recv else 0.0)
+        with self._timelines() as t:
+            egress = SharedEgress(self.net.bytes_per_s, t)
+            start = max(joined, max(t.egress_free, egress.all_left()) if traffic.sent else 0.0,
+                        t.ingress_free if traffic.recv else 0.0)
             busy_until = start + (model - traffic.hops * self.net.latency_s)
             if traffic.sent:
-                self._egress_free = busy_until
+                t.egress_free = busy_until
             if traffic.recv:
-                self._ingress_free = busy_until
+                t.ingress_free = busy_until
         return max(finished, start + model)
 
 

@@ -16,7 +16,6 @@ unsatisfied receive swallow the next message with the same source and tag.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ import torch.distributed as dist
 from tandem.config import NetConfig
 from tandem.transport import costs
 from tandem.transport.accounting import ByteMeter, StepBytes
+from tandem.transport.host_link import host_of, join_host
 from tandem.transport.liveness import CallerWait, Liveness, Pending, Scheduler, Waiters
 from tandem.transport.packing import (
     TensorSpec,
@@ -78,7 +78,9 @@ class Transport:
         self.timeout_s = timeout_s
         self.device = device or torch.device("cpu")
         self.meter = ByteMeter()
-        self.link = LinkEmulator(net, rank, seed)
+        #: this rank's emulated host (``net.hosts``; None: a link of its own)
+        self.host, host_link = join_host(net, store, rank, world)
+        self.link = LinkEmulator(net, rank, seed, host_link)
         self.store = store
         self.liveness = Liveness(dist.PrefixStore("live", store), rank, world)
         self._scheduler = Scheduler()
@@ -229,8 +231,7 @@ class Transport:
         self._note_collective(g)
         joined = self._join_clock(g, issued)
         work = dist.broadcast(tensor, src=src, group=g.pg, async_op=True)
-        self._finish_collective(work, pending, traffic, issued, tensor, seconds, group=g,
-                                joined=joined)
+        self._finish_collective(work, pending, traffic, issued, tensor, seconds, g, joined)
         return pending
 
     def barrier(self, *, group: Group | None = None) -> Pending:
@@ -245,6 +246,11 @@ class Transport:
         return pending
 
     # ---- point to point ---------------------------------------------------------------------
+    def _on_link(self, peer: int) -> bool:
+        """Whether traffic with ``peer`` crosses an emulated link (not within one host)."""
+        net = self.link.net
+        return net is not None and (not net.hosts or host_of(peer, net.hosts) != self.host)
+
     def _next_tags(self, table: dict[int, int], peer: int, n: int) -> list[int]:
         with self._seq_lock:
             first = table.get(peer, 0) + 1
@@ -264,18 +270,17 @@ class Transport:
         A message leaves in pieces of :data:`~tandem.transport.packing.P2P_PIECE_BYTES` (one
         tag each), which lets each direction's pieces interleave: the same exchange between four
         namespaces (800 kB to and from both ring neighbours, receives first) took 182-212 ms
-        whole, 159-165 ms in 50 kB pieces, 158-170 ms in 12.5 kB pieces (modelled: 128 ms;
-        gloo's ring all-reduce of the same bytes runs 1.2x its model there too).
+        whole, 159-165 ms in 50 kB pieces (modelled: 128 ms).
 
-        On an emulated link the message also carries, as a last piece, the moment it started
-        to leave this rank's egress, for the receiver's ingress model
-        (:meth:`~tandem.transport.shaping.LinkEmulator.recv_done_time`); the byte meter and the
-        link charge the message's own bytes only."""
+        On an emulated link (not between two processes of one emulated host, ``net.hosts``) the
+        message also carries, as a last piece, when it started to leave this rank's egress, for
+        the receiver's ingress model (:meth:`.LinkEmulator.recv_done_time`); the byte meter
+        and the link charge the message's own bytes only."""
         tensor = tensor.detach().contiguous().cpu()
         nbytes = tensor.numel() * tensor.element_size()
         self.meter.record("send", nbytes, 0, peer=dst, category=category)
         pieces = byte_pieces(tensor)
-        emulated = self.link.enabled
+        emulated = self._on_link(dst)
         if emulated:  # the moment it starts to leave travels with it (see recv), unmetered
             message, started = self.link.start_send(nbytes)
             pieces.append(torch.tensor([started], dtype=torch.float64))
@@ -331,7 +336,8 @@ class Transport:
         buf = tensor if direct else torch.empty(tensor.shape, dtype=tensor.dtype)
         pieces = byte_pieces(buf)  # cut as the sender cut it (see send)
         started = None
-        if self.link.enabled:  # when the message started to leave its sender's egress
+        on_link = self._on_link(src)
+        if on_link:  # when the message started to leave its sender's egress
             started = torch.empty(1, dtype=torch.float64)
             pieces.append(started)
         tags = self._next_tags(self._recv_seq, src, len(pieces))
@@ -345,8 +351,10 @@ class Transport:
                 self.meter.record("recv", 0, nbytes, peer=src, category=category)
                 if buf is not tensor:
                     tensor.copy_(buf)
-                done = self.link.recv_done_time(
-                    nbytes, time.monotonic(), math.nan if started is None else float(started[0]))
+                done = time.monotonic()
+                if on_link:
+                    done = self.link.recv_done_time(
+                        nbytes, done, math.nan if started is None else float(started[0]))
                 self._complete_at(done, pending, tensor if then is None else then(tensor))
             except BaseException as err:  # noqa: BLE001
                 pending.set_error(err)
@@ -385,16 +393,8 @@ class Transport:
     def close(self, *, graceful: bool = True) -> None:
         """Stop the helper threads; on a graceful close also tear down the process groups."""
         self.liveness.stop()
+        self.link.close()
         self._scheduler.stop()
         self._waiters.shutdown()
         if graceful and dist.is_initialized():
             dist.destroy_process_group()
-
-
-def pick_backend(requested: str) -> tuple[str, torch.device]:
-    """``auto`` -> NCCL on this process's GPU when CUDA is present, gloo on CPU otherwise."""
-    if requested == "nccl" or (requested == "auto" and torch.cuda.is_available()):
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return "nccl", torch.device("cuda", local)
-    return "gloo", torch.device("cpu")
