@@ -21,12 +21,15 @@ row is one ``torchrun --nnodes N --node_rank I --master_addr <host 0> ...`` per 
   a strategy that fails under torchrun is a ``FAILED`` row with its error's first line;
   ``bsp_shared`` also with PowerSGD rank 2 between its agents (``bsp-powersgd``); the
   pipeline also with one exchange on the link at a time (``pipeline-turns``,
-  ``one_at_a_time=true``) against its default of concurrent exchanges;
+  ``one_at_a_time=true``) against its default of concurrent exchanges; ``gossip`` also with
+  top-k 1 % and signSGD (CHOCO: compressed model differences; ``gossip-topk``,
+  ``gossip-signsgd``);
 * ``local``: the compute-only limit, one single-process run per host, all hosts at once (the same
   CPU contention as the 4-host rows; no emulated twin: it sends nothing).
 
 Each row (but ``local``) then runs once more on one machine over loopback with the link emulator
-(``tandem.train`` with ``net="<rate>:<latency>"``, latency half the measured TCP round trip; a
+(``tandem.train`` with ``net="<rate>:<latency>,hosts=<hosts>"``, latency half the measured TCP
+round trip, the processes of a host sharing its link as on the namespaces; a
 DDP row runs ``bench/ddp_cluster_job.py`` under Tandem's launcher, its buckets through
 ``tandem.codecs.ddp_hook`` with the matching Tandem codec, since torch's own hooks bypass the
 emulator). Real and emulated runs of a row are back to back, so machine load hits both alike.
@@ -333,7 +336,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated row keys: local, ddp, "
                     "ddp-fp16, ddp-powersgd, dense, fp16, topk, powersgd, powersgd-r1, "
                     "topk-delay, powersgd-delay, powersgd-r1-delay, qsgd, param_server, "
-                    "bsp_shared, bsp-powersgd, gossip, coded_ps, pipeline, pipeline-turns")
+                    "bsp_shared, bsp-powersgd, gossip, gossip-topk, gossip-signsgd, coded_ps, "
+                    "pipeline, pipeline-turns")
     ap.add_argument("--runs", default="runs/bench-cluster", help="where run records go")
     ap.add_argument("--steps", type=int, default=0, help="steps of every run (trials; default "
                     f"{FULL_STEPS}, --quick {QUICK_STEPS})")

@@ -114,6 +114,11 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
         Row("bsp-powersgd", "bsp_shared powersgd r2", "tandem", strategy="bsp_shared",
             codec="powersgd", codec_opts={"rank": 2}, strategy_opts={"machines": hosts}),
         Row("gossip", "gossip goco ring", "tandem", strategy="gossip"),
+        # a codec under gossip (CHOCO: compressed model differences, its default step)
+        Row("gossip-topk", "gossip goco ring topk 0.01", "tandem", strategy="gossip",
+            codec="topk", codec_opts={"ratio": 0.01}),
+        Row("gossip-signsgd", "gossip goco ring signsgd", "tandem", strategy="gossip",
+            codec="signsgd"),
         Row("coded_ps", "coded_ps", "tandem", strategy="coded_ps"),
         Row("pipeline", "pipeline 2 models", "tandem", strategy="pipeline",
             strategy_opts={"models": [{"lr": lr}, {"lr": 2 * lr}]}),
