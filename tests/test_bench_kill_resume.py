@@ -109,3 +109,16 @@ def test_torchrun_trial_is_not_run_without_namespaces_and_a_merge_keeps_the_rest
     assert by[name]["state"] == "NOT RUN" and "needs root" in by[name]["reason"]
     assert by["hangs (every strategy and role)"]["value"] == 0
     assert old["notes"][0] in rec["notes"] and old["notes"][1] in rec["notes"]
+
+
+def test_the_exactness_targets_skip_the_torchrun_row_which_compares_losses():
+    """A full run as root adds the torchrun row (strategy allreduce, no max_param_diff): the
+    report used to fail on it with a KeyError after every trial had run."""
+    from bench.kill_resume import max_param_diffs
+
+    rows = [{"strategy": "allreduce", "max_param_diff": 0.0},
+            {"strategy": "allreduce", "max_param_diff": 2e-7},
+            {"strategy": "allreduce", "role": "torchrun node (2 netns)", "loss_diff": 0.0},
+            {"strategy": "gossip", "max_param_diff": "not resumed (completed)"}]
+    assert max_param_diffs(rows, ["allreduce", "gossip", "allreduce"]) == \
+        {"allreduce": 2e-7, "gossip": None}
