@@ -31,7 +31,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +54,8 @@ class LinkTimelines:
     egress_free: float = 0.0  # collectives' reservations of the egress
     ingress_free: float = 0.0
     next_id: int = 0
-    left: dict[int, float] | None = None  # message -> bytes still to leave
-    finished: dict[int, float] | None = None  # message -> when its last byte left
-
-    def __post_init__(self) -> None:
-        self.left = {} if self.left is None else self.left
-        self.finished = {} if self.finished is None else self.finished
+    left: dict[int, float] = field(default_factory=dict)  # message -> bytes still to leave
+    finished: dict[int, float] = field(default_factory=dict)  # message -> when it had left
 
 
 class HostLink:
@@ -108,7 +104,6 @@ class HostLink:
         return LinkTimelines(float(w[0]), float(w[1]), float(w[2]), int(w[3]), left, finished)
 
     def _store(self, t: LinkTimelines) -> None:
-        assert t.left is not None and t.finished is not None
         entries = [(m, b, math.nan) for m, b in t.left.items()] + \
                   [(m, 0.0, f) for m, f in t.finished.items()]
         if len(entries) > SLOTS:

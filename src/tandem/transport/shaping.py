@@ -58,13 +58,11 @@ class SharedEgress:
     @property
     def left(self) -> dict[int, float]:
         """message -> bytes still to leave"""
-        assert self.t.left is not None
         return self.t.left
 
     @property
     def finished(self) -> dict[int, float]:
         """message -> when its last byte left"""
-        assert self.t.finished is not None
         return self.t.finished
 
     @property
