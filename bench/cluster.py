@@ -17,7 +17,8 @@ row is one ``torchrun --nnodes N --node_rank I --master_addr <host 0> ...`` per 
 * ``ddp``, ``ddp + fp16 hook``, ``ddp + powersgd r2``: ``bench/ddp_cluster_job.py`` (plain torch
   DDP, torch's ``fp16_compress_hook``, torch's ``powerSGD_hook``) on the same model, shards, seeds,
   optimizer and steps;
-* the other strategies (param_server, bsp_shared, gossip, coded_ps, pipeline) with the dense codec:
+* the other strategies (param_server, bsp_shared, gossip, coded_ps, pipeline) with the dense codec
+  (param_server in candidate mode; on the CNN also in sync mode, ``param_server-sync``):
   a strategy that fails under torchrun is a ``FAILED`` row with its error's first line;
   ``bsp_shared`` also with PowerSGD rank 2 between its agents (``bsp-powersgd``); the
   pipeline also with one exchange on the link at a time (``pipeline-turns``,
@@ -336,8 +337,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated row keys: local, ddp, "
                     "ddp-fp16, ddp-powersgd, dense, fp16, topk, powersgd, powersgd-r1, "
                     "topk-delay, powersgd-delay, powersgd-r1-delay, qsgd, param_server, "
-                    "bsp_shared, bsp-powersgd, gossip, gossip-topk, gossip-signsgd, coded_ps, "
-                    "pipeline, pipeline-turns")
+                    "param_server-sync (cnn), bsp_shared, bsp-powersgd, gossip, gossip-topk, "
+                    "gossip-signsgd, coded_ps, pipeline, pipeline-turns")
     ap.add_argument("--runs", default="runs/bench-cluster", help="where run records go")
     ap.add_argument("--steps", type=int, default=0, help="steps of every run (trials; default "
                     f"{FULL_STEPS}, --quick {QUICK_STEPS})")
