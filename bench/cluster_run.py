@@ -109,7 +109,7 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
         Row("param_server", f"param_server candidate ({hosts - 1} workers + 1 server)", "tandem",
             strategy="param_server", strategy_opts={"servers": 1}, workers=hosts - 1),
         *([Row("param_server-sync", "param_server sync", "tandem", strategy="param_server",
-               strategy_opts={"servers": hosts, "mode": "sync"})]  # what the candidate beats
+               strategy_opts={"servers": hosts, "mode": "sync"})]  # the candidate's baseline
           if workload == "cnn" else []),
         Row("bsp_shared", "bsp_shared", "tandem", strategy="bsp_shared",
             strategy_opts={"machines": hosts}),

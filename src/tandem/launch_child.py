@@ -80,9 +80,9 @@ def _own_session() -> None:
     waits (a ``bsp_shared`` agent, a parameter server) got less of the CPU than its busy
     neighbours, less than it gets as a host of its own, which is what the link emulator
     models every process as. Measured with ``bench/cluster`` (bsp_shared + PowerSGD rank 2,
-    textlm, 100 Mbit/s, 2 cores): in the same session, the agents made 33-36 supersteps and
-    their exchange took 77-95 ms; in sessions of their own, 52-55 and 57-71 ms; on four
-    network namespaces, each host its own session as real hosts would be, 49 and 51 ms.
+    textlm, 100 Mbit/s, 2 cores): in the same session, the agents made 32-37 supersteps and
+    their exchange took 80-95 ms; in sessions of their own, 52-55 and 57-71 ms; on four
+    network namespaces, each host its own session as real hosts would be, 49 and 48-52 ms.
     Where autogroup is off or absent this changes no scheduling."""
     with contextlib.suppress(OSError, AttributeError):  # already a leader; not POSIX
         os.setsid()
