@@ -74,6 +74,22 @@ def abandoned_peer(grace_s: float) -> str:
     return "done"
 
 
+def abandoned_then_closed() -> str:
+    """Rank 0 abandons rank 1 and goes; rank 1 then fails with the error an abandoned rank gets
+    when its peer closes the connection it was still opening (what CI once saw of
+    :func:`abandoned_peer`, whose rank 1 was still in gloo's connect when rank 0 closed)."""
+    t = transport_from_env(timeout_s=30, backend="gloo")
+    store = t.liveness.store
+    if t.rank == 0:
+        abandon(t, 1, "rank 0 went on without it", 0.5)
+        store.set("test/gone", "1")
+        t.close(graceful=False)
+        return "done"
+    store.wait(["test/gone"])
+    raise RuntimeError("Gloo connectFullMesh failed with [pair.cc:553] Connection closed by peer "
+                       "[127.0.0.1]:45257. This is typically caused by a remote worker crashing.")
+
+
 # ---- errors carry their time; primary and secondary -------------------------------------------
 
 
@@ -151,6 +167,19 @@ def test_an_abandoned_rank_is_ended_once_every_other_rank_has_reported():
         spawn(abandoned_peer, 2, 0.5, timeout_s=120)
     assert str(info.value).startswith("rank 1 failed: worker 1 was abandoned by its peers "
                                       "(rank 0 went on without it)")
+
+
+def test_an_abandoned_rank_that_then_fails_names_the_abandonment_first():
+    """Its error (a connection closed by peer) is the consequence; being abandoned the cause."""
+    with pytest.raises(WorkerFailed) as info:
+        spawn(abandoned_then_closed, 2, timeout_s=120)
+    assert str(info.value).startswith("rank 1 failed: worker 1 was abandoned by its peers "
+                                      "(rank 0 went on without it); then: RuntimeError"), \
+        str(info.value)[:400]
+    assert info.value.ranks == [1]
+    # tolerated, it is lost, and the job completes
+    assert spawn(abandoned_then_closed, 2, timeout_s=120, tolerate_death=lambda r: r == 1) == \
+        ["done", None]
 
 
 @pytest.mark.parametrize("strategy", [

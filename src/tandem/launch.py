@@ -32,7 +32,8 @@ Once a worker has failed, the job is lost; the others get ``failure_grace_s`` to
 for a wait already in progress to time out and name whom it waited for), and a worker still
 running after that is stuck outside any Tandem wait: it is terminated and named as the cause.
 A tolerated rank its peers abandoned (``abandoned/<rank>`` in the store) is ended once every other
-rank has reported and its grace is over, and counts as lost.
+rank has reported and its grace is over, and counts as lost. A rank that fails after its peers
+abandoned it (a connection they closed) is reported as abandoned first, then the error it got.
 """
 
 from __future__ import annotations
@@ -251,10 +252,15 @@ def spawn(
             out[rank] = value
             return
         errors[rank], when[rank] = value, at
-        if tolerated(rank) and is_secondary(value) and rank in gone_on:
-            died.add(rank)  # it failed because its peers had gone on without it
+        if is_secondary(value) and (why := gone_on.why(rank)) is not None:
+            # it failed because its peers had gone on without it (e.g. they closed the
+            # connection it was still opening): that is the cause, named first
+            errors[rank] = f"worker {rank} was abandoned by its peers ({why}); then: {value}"
+            if tolerated(rank):
+                died.add(rank)
+                return
         # A rank that failed *because* a peer went silent is a consequence, not a cause.
-        elif not value.startswith(CONSEQUENCES):
+        if not value.startswith(CONSEQUENCES):
             mark_dead(store, rank, f"raised {value.splitlines()[0][:200]}")
         else:  # gone as a consequence: waits on it end at once, without blaming it
             mark_stopped(store, rank, value.splitlines()[0][:200])

@@ -94,7 +94,14 @@ class AbandonedRanks:
         self.ends: dict[int, tuple[float, str]] = {}  # rank -> (may be ended at, why)
 
     def __contains__(self, rank: int) -> bool:
-        return rank in self.ends or bool(abandoned(self.store, [rank]))
+        return self.why(rank) is not None
+
+    def why(self, rank: int) -> str | None:
+        """Why ``rank``'s peers went on without it (None: they did not)."""
+        if rank in self.ends:
+            return self.ends[rank][1]
+        mark = abandoned(self.store, [rank]).get(rank)
+        return None if mark is None else mark[0]
 
     def due(self, running: set[int], now: float) -> dict[int, str]:
         """``{rank: why}`` for every rank of ``running`` (monotonic ``now``) once *all* of them
