@@ -63,6 +63,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
+def machine_congestion() -> str:
+    """The TCP congestion control a new namespace starts with (the root namespace's)."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
 def parse_rate_bps(rate: str) -> float:
     """``"10mbit"`` -> 1e7 (bits per second), as tc reads it (k/m/g are powers of 1000)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(bit|kbit|mbit|gbit)\s*", rate.lower())
@@ -129,7 +137,7 @@ class Cluster:
     """
 
     def __init__(self, n: int, rate: str | None = "10mbit", *, burst: int | None = None,
-                 queue_latency: str = "100ms") -> None:
+                 queue_latency: str = "100ms", congestion: str | None = None) -> None:
         why = unavailable_reason()
         if why:
             raise NetnsUnavailable(why)
@@ -138,6 +146,7 @@ class Cluster:
         self.n, self.rate = n, rate
         self.burst = burst if burst is not None else (burst_bytes(rate) if rate else None)
         self.queue_latency = queue_latency
+        self.congestion = congestion
         tag = f"{PREFIX}{os.getpid()}"
         self.switch = f"{tag}-sw"
         self.hosts = [Host(i, f"{tag}-h{i}", HOST_DEV, f"{SUBNET}.{i + 1}") for i in range(n)]
@@ -182,6 +191,9 @@ class Cluster:
             _run("ip", "-n", h.netns, "addr", "add", f"{h.addr}/24", "dev", h.dev)
             _run("ip", "-n", h.netns, "link", "set", h.dev, "up")
             _run("ip", "-n", h.netns, "link", "set", "lo", "up")
+            if self.congestion:  # per namespace; a new one inherits the root namespace's
+                _run("ip", "netns", "exec", h.netns, "sysctl", "-q", "-w",
+                     f"net.ipv4.tcp_congestion_control={self.congestion}")
             if self.rate:
                 for ns, dev in ((h.netns, h.dev), (sw, port)):
                     _run("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate",

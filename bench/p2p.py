@@ -40,7 +40,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.harness import CHILD_PYTHONPATH, Bench
-from bench.netns import Cluster, NetnsUnavailable, parse_rate_bps, unavailable_reason
+from bench.netns import (
+    Cluster,
+    NetnsUnavailable,
+    machine_congestion,
+    parse_rate_bps,
+    unavailable_reason,
+)
 
 HOSTS = 4
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,7 +55,11 @@ ROOT = Path(__file__).resolve().parent.parent
 MODEL_MESSAGES = {"swap, receives first": 2, "swap, sends first": 2, "swap, one way at a time": 2,
                   "fan-out, receiver 1": 3,
                   "fan-out, receiver 2": 3, "fan-out, receiver 3": 3, "fan-out, all received": 3,
-                  "fan-in, receiver": 3}
+                  "fan-in, receiver": 3, "all-to-all": 3, "all-to-all after idle": 3}
+#: seconds every connection idles before a rep of ``all-to-all after idle``: past TCP's smallest
+#: retransmission timeout (200 ms), after which Linux restarts a connection's congestion window
+#: (``net.ipv4.tcp_slow_start_after_idle``), as between a parameter server's rounds at 10 Mbit/s
+IDLE_S = 0.5
 
 
 def measure(net: str | None, nbytes: int, reps: int) -> dict[str, Spans]:
@@ -100,13 +110,25 @@ def measure(net: str | None, nbytes: int, reps: int) -> dict[str, Spans]:
         else:
             t.send(torch.zeros(n), 0).wait()
 
+    def all_to_all() -> None:
+        """Every host sends a message to each other host and receives one from each, the
+        receives posted first: a parameter server's round with one server per host (the pushes
+        of its workers, or the pulls of its shards)."""
+        others = [j for j in range(w) if j != r]
+        recvs = [t.recv(torch.empty(n), j) for j in others]
+        for p in recvs + [t.send(torch.zeros(n), j) for j in others]:
+            p.wait()
+
     out: dict[str, list[list[float]]] = {}
-    for name, fn in (("swap, receives first", lambda: swap(True)),
-                     ("swap, sends first", lambda: swap(False)),
-                     ("swap, one way at a time", swap_phased),
-                     ("fan-out", fan_out), ("fan-in", fan_in)):
+    for name, fn, idle_s in (("swap, receives first", lambda: swap(True), 0.0),
+                             ("swap, sends first", lambda: swap(False), 0.0),
+                             ("swap, one way at a time", swap_phased, 0.0),
+                             ("fan-out", fan_out, 0.0), ("fan-in", fan_in, 0.0),
+                             ("all-to-all", all_to_all, 0.0),
+                             ("all-to-all after idle", all_to_all, IDLE_S)):
         times = []
         for _ in range(reps + 1):  # the first rep warms the pairs' connections up
+            time.sleep(idle_s)
             t.barrier().wait()
             t0 = time.monotonic()
             fn()
@@ -138,12 +160,15 @@ def by_pattern(per_rank: list[dict[str, Spans]]) -> dict[str, list[float]]:
         rows[f"fan-out, receiver {j}"] = span("fan-out", [0], [j])
     rows["fan-out, all received"] = span("fan-out", [0], everyone[1:])
     rows["fan-in, receiver"] = span("fan-in", everyone[1:], [0])
+    for name in ("all-to-all", "all-to-all after idle"):
+        rows[name] = span(name, everyone, everyone)
     return rows
 
 
-def run_real(rate: str, nbytes: int, reps: int) -> list[dict[str, Spans]]:
+def run_real(rate: str, nbytes: int, reps: int, congestion: str | None = None
+             ) -> list[dict[str, Spans]]:
     """Four ranks in four namespaces over the shaped links: every rank's measurements."""
-    with Cluster(HOSTS, rate) as net:
+    with Cluster(HOSTS, rate, congestion=congestion) as net:
         return net.run_ranks("bench.p2p", "measure", f"None, {nbytes}, {reps}", port=29631,
                              pythonpath=CHILD_PYTHONPATH, cwd=ROOT)
 
@@ -153,6 +178,9 @@ def main() -> None:
     ap.add_argument("--rate", default="100mbit")
     ap.add_argument("--bytes", type=int, default=800_000, help="each message's size")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--congestion", default=None,
+                    help="TCP congestion control in the namespaces (default: the machine's)")
+    ap.add_argument("--result", default=None, help="result name (default p2p or p2p_<rate>)")
     args = ap.parse_args()
     from tandem.launch import spawn
 
@@ -162,12 +190,12 @@ def main() -> None:
     real, why = None, unavailable_reason()
     if why is None:
         try:
-            real = by_pattern(run_real(args.rate, args.bytes, args.reps))
+            real = by_pattern(run_real(args.rate, args.bytes, args.reps, args.congestion))
         except (NetnsUnavailable, OSError, ValueError, KeyError) as err:
             why = f"the real links failed: {err}"
             print(why)
     # one result per rate: p2p.json at the default 100mbit, p2p_<rate>.json otherwise
-    result = "p2p" if args.rate == "100mbit" else f"p2p_{args.rate}"
+    result = args.result or ("p2p" if args.rate == "100mbit" else f"p2p_{args.rate}")
     b = Bench(result, ["pattern", "model_ms", "emulated_ms", "real_ms", "real_median_ms",
                       "emulated/model", "real/model", "real median/model"])
     for name, k in MODEL_MESSAGES.items():
@@ -195,7 +223,8 @@ def main() -> None:
     b.note(f"{HOSTS} hosts, {args.rate} tbf both ways (burst 3.3 ms of line rate), messages of "
            f"{args.bytes:,} B, the best (and the real links' median) of {args.reps} reps after "
            "one warm-up; the emulator with "
-           "0 latency (the real links add none: no netem on this kernel)")
+           "0 latency (the real links add none: no netem on this kernel); TCP congestion "
+           f"control on the real links: {args.congestion or machine_congestion()}")
     if real is None:
         b.note(f"real-link rows not measured: {why}")
     b.finish()
