@@ -321,6 +321,23 @@ def fan_out_times(net: str, nbytes: int) -> dict:
     return out
 
 
+def swap_time(net: str, nbytes: int) -> float:
+    """Two ranks swap ``nbytes`` (receives posted first); the seconds until both halves of
+    this rank's swap are complete."""
+    t = transport_from_env(net=NetConfig.parse(net), timeout_s=60)
+    n, peer = nbytes // 4, 1 - t.rank
+    t.barrier().wait()
+    start = time.monotonic()
+    recv = t.recv(torch.empty(n), peer)
+    send = t.send(torch.zeros(n), peer)
+    recv.wait()
+    send.wait()
+    took = time.monotonic() - start
+    t.barrier().wait()
+    t.close()
+    return took
+
+
 def host_link_sends(net: str, nbytes: int) -> dict:
     """Four ranks on two emulated hosts (``hosts=2``: ranks 0 and 2 on host 0, 1 and 3 on host
     1). Rank 0 first sends to rank 2, on its own host; then ranks 0 and 2 send to ranks 1 and 3

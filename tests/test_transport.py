@@ -91,6 +91,32 @@ def test_an_ingress_carries_a_message_from_when_it_started_to_leave_its_sender()
     assert [unknown.recv_done_time(100_000, 0.2) for _ in range(2)] == pytest.approx([0.2, 0.3])
 
 
+def test_duplex_slows_what_comes_in_while_the_link_sends_and_nothing_else():
+    """``duplex=1.5``: a message received entirely while the receiver's egress sent takes 1.5x
+    its line time, one half inside the busy period 1.25x, one after it or on an idle egress
+    1x. Breaks if the factor is charged to a one-way transfer (a fan-in) or ignored."""
+    link = LinkEmulator(NetConfig.parse("8mbit:0ms,duplex=1.5"))  # 1 MB/s
+    link.start_send(100_000, now=0.0)  # egress busy 0 .. 0.1
+    assert link.recv_done_time(100_000, 0.1, started=0.0) == pytest.approx(0.15)
+    later = LinkEmulator(NetConfig.parse("8mbit:0ms,duplex=1.5"))
+    later.start_send(100_000, now=0.0)
+    assert later.recv_done_time(100_000, 0.15, started=0.05) == pytest.approx(0.175)
+    assert later.recv_done_time(100_000, 0.5, started=0.4) == pytest.approx(0.5)  # idle again
+    fan_in = LinkEmulator(NetConfig.parse("8mbit:0ms,duplex=1.5"))  # never sends
+    done = [fan_in.recv_done_time(100_000, 0.1, started=0.0) for _ in range(3)]
+    assert done == pytest.approx([0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        NetConfig.parse("8mbit,duplex=0.5")
+    with pytest.raises(ValueError, match="duplex=X"):
+        NetConfig.parse("8mbit,duplx=2")
+
+
+def test_an_emulated_swap_takes_duplex_times_its_line_time():
+    """Two processes swap 250 KB at 20 Mbit/s (0.1 s a message): ``duplex=2`` holds each swap
+    for at least 0.2 s. A lower bound: a loaded machine only adds delay."""
+    assert min(spawn(jobs.swap_time, 2, "20mbit:0ms,duplex=2", 250_000, timeout_s=120)) >= 0.19
+
+
 def test_an_emulated_collective_starts_when_its_last_rank_joined_exactly():
     """Every rank's link model gets the same join time: the latest rank's issue time, sent along
     (not a guess from when loopback finished, which a busy CPU makes late). Breaks if a rank

@@ -42,12 +42,17 @@ class NetConfig(_Strict):
     host ``r % hosts``: under the local launcher (workers first, then a ``param_server``'s
     servers or ``bsp_shared``'s agents) server or agent ``i`` shares host ``i`` with worker
     ``i``, as torchrun places them one per node. Local launcher only (under torchrun the
-    processes are on their nodes already)."""
+    processes are on their nodes already).
+
+    ``duplex``: how many times longer a message takes to come in while the link also sends
+    (1: an ideal full-duplex link). TCP through a shallow-queued rate limiter slows both ways
+    when a link carries data both ways; ``bench/p2p`` measures it (``docs/cluster.md``)."""
 
     bandwidth_bps: float = Field(gt=0)
     latency_s: float = Field(default=0.0, ge=0)
     jitter_s: float = Field(default=0.0, ge=0)
     hosts: int | None = Field(default=None, ge=1)
+    duplex: float = Field(default=1.0, ge=1.0, le=10.0)
 
     @classmethod
     def parse(cls, text: str) -> NetConfig:
@@ -55,17 +60,21 @@ class NetConfig(_Strict):
         parts = link.split(":")
         if not 1 <= len(parts) <= 3:
             raise ValueError(
-                f"net {text!r}: expected BANDWIDTH[:LATENCY[:JITTER]][,hosts=N], e.g. 100mbit:1ms")
+                f"net {text!r}: expected BANDWIDTH[:LATENCY[:JITTER]][,hosts=N][,duplex=X], "
+                "e.g. 100mbit:1ms")
         lat = parse_duration(parts[1]) if len(parts) > 1 else 0.0
         jit = parse_duration(parts[2]) if len(parts) > 2 else 0.0
-        hosts = None
+        extra: dict[str, float] = {}
         for option in options:
-            key, _, value = option.partition("=")
-            if key.strip() != "hosts" or not value.strip().isdigit():
-                raise ValueError(f"net {text!r}: unknown option {option!r}; the one option is "
-                                 "hosts=N (processes share N emulated hosts' links)")
-            hosts = int(value)
-        return cls(bandwidth_bps=parse_rate(parts[0]), latency_s=lat, jitter_s=jit, hosts=hosts)
+            key, _, value = (x.strip() for x in option.partition("="))
+            try:
+                extra[key] = {"hosts": int, "duplex": float}[key](value)
+            except (KeyError, ValueError):
+                raise ValueError(f"net {text!r}: unknown option {option!r}; the options are "
+                                 "hosts=N (processes share N emulated hosts' links) and "
+                                 "duplex=X (a message in takes X times longer while the link "
+                                 "sends)") from None
+        return cls(bandwidth_bps=parse_rate(parts[0]), latency_s=lat, jitter_s=jit, **extra)
 
     @property
     def bytes_per_s(self) -> float:

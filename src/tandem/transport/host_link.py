@@ -42,7 +42,7 @@ from tandem.errors import ConfigError, TandemError
 
 #: messages (in flight, or left but not yet collected by their sender) one host's link can hold
 SLOTS = 512
-_HEADER = 4  # clock, egress free, ingress free, next message id
+_HEADER = 6  # clock, egress free, ingress free, next message id, egress busy from, busy to
 _FREE = -1.0
 
 
@@ -56,6 +56,9 @@ class LinkTimelines:
     next_id: int = 0
     left: dict[int, float] = field(default_factory=dict)  # message -> bytes still to leave
     finished: dict[int, float] = field(default_factory=dict)  # message -> when it had left
+    # the egress's latest busy period of point-to-point messages (``NetConfig.duplex``)
+    busy_from: float = 0.0
+    busy_to: float = 0.0
 
 
 class HostLink:
@@ -101,7 +104,8 @@ class HostLink:
         used = slots[slots[:, 0] != _FREE]
         left = {int(m): float(b) for m, b, f in used if math.isnan(f)}
         finished = {int(m): float(f) for m, _, f in used if not math.isnan(f)}
-        return LinkTimelines(float(w[0]), float(w[1]), float(w[2]), int(w[3]), left, finished)
+        return LinkTimelines(float(w[0]), float(w[1]), float(w[2]), int(w[3]), left, finished,
+                             float(w[4]), float(w[5]))
 
     def _store(self, t: LinkTimelines) -> None:
         entries = [(m, b, math.nan) for m, b in t.left.items()] + \
@@ -110,7 +114,8 @@ class HostLink:
             raise TandemError(f"emulated host link {self.path.name}: {len(entries)} messages in "
                               f"flight or uncollected, more than its {SLOTS} slots")
         w = self._words
-        w[:_HEADER] = (t.clock, t.egress_free, t.ingress_free, float(t.next_id))
+        w[:_HEADER] = (t.clock, t.egress_free, t.ingress_free, float(t.next_id), t.busy_from,
+                       t.busy_to)
         slots = w[_HEADER:].reshape(SLOTS, 3)
         slots[:, 0] = _FREE
         if entries:

@@ -14,6 +14,14 @@ How it models a link:
   receiver's ingress carries its ``s/B`` too, from the moment it started to leave (an 8-byte
   timestamp sent along with it, on loopback only: neither metered nor charged), so many senders
   to one receiver (a parameter server) queue up on its ingress, as they would on a real NIC.
+* ``duplex`` (``--net 10mbit:1ms,duplex=1.5``): the part of a message that comes in while the
+  receiver's egress is sending point-to-point messages takes ``duplex`` times its line time.
+  TCP through a rate limiter with a shallow queue slows when a link carries data both ways (the
+  acknowledgements of one direction queue behind the data of the other): on four hosts joined
+  by ``tbf`` links, a swap or an all-to-all took 1.3-1.6x its line time where a fan-in or a
+  fan-out took 1.05x (``bench/p2p``). 1 (the default) is an ideal full-duplex link. Charged to
+  the receiver only, so a swap ends at ``duplex`` times its line time, as both directions do on
+  the real links. Collectives are not affected: their models are measured as they are.
 * A collective occupies both directions for the algorithm's traffic (:mod:`.costs`) and finishes
   ``hops * L`` later. Its start is the moment the last rank joined (every rank's issue time is
   sent along on loopback, unmetered), and no earlier than the messages already on the egress
@@ -96,7 +104,11 @@ class SharedEgress:
         self.advance(start)
         m, self.t.next_id = self.t.next_id, self.t.next_id + 1
         if nbytes > 0:
+            if not self.left:  # the egress was idle: a busy period starts
+                self.t.busy_from = start
             self.left[m] = float(nbytes)
+            # processor sharing serves every byte at the line rate while any is left
+            self.t.busy_to = max(self.t.busy_to, self.all_left())
         else:
             self.finished[m] = start
         return m
@@ -196,6 +208,9 @@ class LinkEmulator:
         begun = arrived - dur if math.isnan(started) else min(started, arrived)
         with self._timelines() as t:
             start = max(begun, t.ingress_free)
+            if self.net.duplex > 1.0:  # the part that came in while the link sent is slower
+                overlap = min(start + dur, t.busy_to) - max(start, t.busy_from)
+                dur += max(0.0, overlap) * (self.net.duplex - 1.0)
             t.ingress_free = start + dur
             return max(arrived, t.ingress_free)
 
