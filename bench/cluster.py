@@ -71,6 +71,7 @@ from bench.cluster_run import (
     Row,
     comm_s,
     first_error,
+    measured_duplex,
     rows_for,
     run_emulated,
     run_real,
@@ -127,13 +128,14 @@ def measure(args: argparse.Namespace, bench: Bench,
         shaped = rate != UNSHAPED
         with Cluster(args.hosts, rate if shaped else None) as net:
             latency = link_latency(net)
-            net_spec = f"{rate}:{round(latency * 1e6)}us,hosts={args.hosts}"
+            duplex, source = measured_duplex(rate) if shaped else (1.0, "")
+            net_spec = f"{rate}:{round(latency * 1e6)}us,hosts={args.hosts},duplex={duplex}"
             if shaped:
                 bench.note(f"{rate}: tbf rate {rate} burst {net.burst} B latency "
                            f"{net.queue_latency} on both ends of each host's link; emulated "
                            f"twin net={net_spec!r} (latency = half the smallest 1-byte TCP "
                            f"round trip; {args.hosts} emulated hosts: the processes of one "
-                           "share its link, as on the namespaces)")
+                           f"share its link, as on the namespaces; duplex = {source})")
             else:
                 bench.note(f"{rate}: tbf rate none: the same namespaces and veth pairs, not "
                            "rate-limited (what the 2-core machine allows 4 hosts); no emulated "

@@ -18,6 +18,30 @@ import yaml
 from bench.harness import CHILD_PYTHONPATH, ROOT
 from bench.netns import Cluster
 
+#: bench/p2p's patterns in which a link carries data both ways at once
+BIDIRECTIONAL = ("swap, receives first", "swap, one way at a time", "all-to-all")
+P2P_RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def measured_duplex(rate: str) -> tuple[float, str]:
+    """The emulated twin's ``duplex`` at ``rate``: the median, over bench/p2p's bidirectional
+    patterns, of the real links' median rep over the pattern's line time, from the committed
+    ``bench/results/p2p[_<rate>].json``; ``(1.0, why)`` when there is no such measurement."""
+    name = "p2p" if rate == "100mbit" else f"p2p_{rate}"
+    path = P2P_RESULTS / f"{name}.json"
+    try:
+        rows = json.loads(path.read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return 1.0, f"no bench/p2p result at {rate} ({path.name}): an ideal full-duplex link"
+    ratios = sorted(r["real median/model"] for r in rows
+                    if r.get("pattern") in BIDIRECTIONAL and r.get("real median/model"))
+    if not ratios:
+        return 1.0, f"{path.name} has no real-link rows: an ideal full-duplex link"
+    value = round(max(1.0, ratios[len(ratios) // 2]), 2)
+    return value, (f"the median of bench/p2p's bidirectional patterns on the real links at "
+                   f"{rate} ({', '.join(f'{x:.2f}' for x in ratios)}x their line time; "
+                   f"bench/results/{path.name})")
+
 
 @dataclass(frozen=True)
 class Row:

@@ -184,7 +184,8 @@ def test_p2p_rows_time_a_pattern_from_its_first_start_to_its_last_end():
         return {"swap, receives first": swap,
                 "swap, sends first": [[a, a + 2 * (b - a)] for a, b in swap],
                 "swap, one way at a time": [[a, a + 0.5 * (b - a)] for a, b in swap],
-                "fan-out": fan_out, "fan-in": fan_in}
+                "fan-out": fan_out, "fan-in": fan_in, "all-to-all": swap,
+                "all-to-all after idle": [[a, a + 3 * (b - a)] for a, b in swap]}
 
     # rep 0 starts at t=0 and rep 1 at t=10 on the shared clock; ranks start a little apart
     rows = by_pattern([rank([[0.0, 0.10], [10.0, 10.30]], [[0.0, 0.01], [10.0, 10.01]],
@@ -204,6 +205,8 @@ def test_p2p_rows_time_a_pattern_from_its_first_start_to_its_last_end():
     assert fan_out == pytest.approx([0.05, 0.13, 0.19])
     assert rows["fan-out, all received"] == pytest.approx([0.21, 0.19])  # rep 1's is best
     assert rows["fan-in, receiver"] == pytest.approx([0.40, 0.19])  # rep 1: first sender at 10.01
+    assert rows["all-to-all"] == rows["swap, receives first"]  # everyone's first start to end
+    assert rows["all-to-all after idle"] == pytest.approx([0.50, 0.90])  # rank 1, rank 0
     assert set(rows) == set(MODEL_MESSAGES)
 
 
@@ -234,3 +237,24 @@ def test_cluster_refuses_a_partial_run_that_would_replace_the_whole_results_file
         cluster.main()
     assert info.value.code == 2
     assert "--merge" in capsys.readouterr().err
+
+
+def test_the_cluster_twins_duplex_is_the_p2p_measurement_at_its_rate(tmp_path, monkeypatch):
+    """The median of the bidirectional patterns' real median/model; one-way patterns (a fan-in)
+    do not count; no measurement at a rate: an ideal link (1.0), said so."""
+    from bench import cluster_run
+
+    rows = [{"pattern": "swap, receives first", "real median/model": 1.6},
+            {"pattern": "swap, one way at a time", "real median/model": 1.4},
+            {"pattern": "all-to-all", "real median/model": 1.5},
+            {"pattern": "fan-in, receiver", "real median/model": 9.0},
+            {"pattern": "all-to-all after idle", "real median/model": 9.0}]
+    (tmp_path / "p2p_10mbit.json").write_text(json.dumps({"rows": rows}))
+    (tmp_path / "p2p.json").write_text(json.dumps({"rows": [dict(r, **{"real median/model": None})
+                                                            for r in rows]}))
+    monkeypatch.setattr(cluster_run, "P2P_RESULTS", tmp_path)
+    value, source = cluster_run.measured_duplex("10mbit")
+    assert value == 1.5 and "p2p_10mbit.json" in source
+    assert cluster_run.measured_duplex("100mbit")[0] == 1.0  # not run on real links
+    value, source = cluster_run.measured_duplex("1gbit")
+    assert value == 1.0 and "no bench/p2p result" in source

@@ -11,7 +11,8 @@ decided by :func:`tandem.resolve.resolve`, which the API and the worker entry ca
 Compact string forms are accepted where users type them on a command line:
 
 * ``net="100mbit:1ms"`` or ``"1gbit:200us:50us"`` (bandwidth, one-way latency, optional jitter);
-  ``"10mbit:1ms,hosts=4"`` puts the processes on 4 emulated hosts that share their links
+  ``"10mbit:1ms,hosts=4"`` puts the processes on 4 emulated hosts that share their links;
+  ``",duplex=1.4"`` slows what comes in while the link sends (TCP on shaped links)
 * ``stragglers="0.2:5"`` (probability 0.2 per worker per step, delay 5x the step's compute time) or
   ``"0.2:exp:0.05"`` (exponential delay with a 0.05 s mean)
 * ``slow_workers=["1:3"]`` (rank 1 computes 3x slower)
@@ -45,7 +46,7 @@ class NetConfig(_Strict):
     processes are on their nodes already).
 
     ``duplex``: how many times longer a message takes to come in while the link also sends
-    (1: an ideal full-duplex link). TCP through a shallow-queued rate limiter slows both ways
+    (1: an ideal full-duplex link). TCP through a rate limiter slows both ways
     when a link carries data both ways; ``bench/p2p`` measures it (``docs/cluster.md``)."""
 
     bandwidth_bps: float = Field(gt=0)

@@ -16,7 +16,7 @@ How it models a link:
   to one receiver (a parameter server) queue up on its ingress, as they would on a real NIC.
 * ``duplex`` (``--net 10mbit:1ms,duplex=1.5``): the part of a message that comes in while the
   receiver's egress is sending point-to-point messages takes ``duplex`` times its line time.
-  TCP through a rate limiter with a shallow queue slows when a link carries data both ways (the
+  TCP through a rate limiter slows when a link carries data both ways (the
   acknowledgements of one direction queue behind the data of the other): on four hosts joined
   by ``tbf`` links, a swap or an all-to-all took 1.3-1.6x its line time where a fan-in or a
   fan-out took 1.05x (``bench/p2p``). 1 (the default) is an ideal full-duplex link. Charged to
