@@ -54,6 +54,16 @@ def test_two_processes_of_one_host_share_its_egress_and_ingress(tmp_path):
     assert b.recv_done_time(100_000, 0.1, started=0.0) == pytest.approx(0.2)
 
 
+def test_duplex_on_a_host_counts_what_any_of_its_processes_sends(tmp_path):
+    """``duplex=1.5``: process a's message comes in while process b, on the same host, sends:
+    it takes 1.5x its line time. Breaks if the egress's busy period is not kept in the host's
+    file (each process would see only its own sends)."""
+    net = NetConfig.parse("8mbit:0ms,duplex=1.5")
+    a, b = (LinkEmulator(net, r, host=HostLink(tmp_path / "h0")) for r in (0, 1))
+    b.start_send(100_000, now=0.0)  # the host's egress is busy 0 .. 0.1
+    assert a.recv_done_time(100_000, 0.1, started=0.0) == pytest.approx(0.15)
+
+
 def test_a_host_file_is_laid_out_once_and_its_name_can_go(tmp_path):
     first = HostLink(tmp_path / "h")
     with first.timelines() as t:

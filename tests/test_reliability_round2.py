@@ -67,6 +67,7 @@ def fail_amid_collectives(victim: int, how: str) -> int:
 def abandoned_peer(grace_s: float) -> str:
     """Rank 1 hangs outside any wait; rank 0 records that it goes on without it and finishes."""
     t = transport_from_env(timeout_s=30, backend="gloo")
+    t.barrier().wait()  # both connected: rank 1 hangs, it does not fail to connect
     if t.rank == 1:
         time.sleep(3600)
     abandon(t, 1, "rank 0 went on without it", grace_s)
