@@ -130,12 +130,15 @@ def measure(args: argparse.Namespace, bench: Bench,
             latency = link_latency(net)
             duplex, source = measured_duplex(rate) if shaped else (1.0, "")
             net_spec = f"{rate}:{round(latency * 1e6)}us,hosts={args.hosts},duplex={duplex}"
+            if shaped:  # the penalty needs a queue, which the token bucket's burst does not make
+                net_spec += f",duplex_after={net.burst / (parse_rate_bps(rate) / 8) * 1e6:.0f}us"
             if shaped:
                 bench.note(f"{rate}: tbf rate {rate} burst {net.burst} B latency "
                            f"{net.queue_latency} on both ends of each host's link; emulated "
                            f"twin net={net_spec!r} (latency = half the smallest 1-byte TCP "
                            f"round trip; {args.hosts} emulated hosts: the processes of one "
-                           f"share its link, as on the namespaces; duplex = {source})")
+                           f"share its link, as on the namespaces; duplex = {source}, "
+                           "after the token bucket's burst)")
             else:
                 bench.note(f"{rate}: tbf rate none: the same namespaces and veth pairs, not "
                            "rate-limited (what the 2-core machine allows 4 hosts); no emulated "

@@ -105,6 +105,13 @@ def test_duplex_slows_what_comes_in_while_the_link_sends_and_nothing_else():
     fan_in = LinkEmulator(NetConfig.parse("8mbit:0ms,duplex=1.5"))  # never sends
     done = [fan_in.recv_done_time(100_000, 0.1, started=0.0) for _ in range(3)]
     assert done == pytest.approx([0.1, 0.2, 0.3])
+    # duplex_after=0.05: the penalty starts once the egress has sent 50 ms (0.05 .. 0.1 here)
+    burst = LinkEmulator(NetConfig.parse("8mbit:0ms,duplex=1.5,duplex_after=50ms"))
+    burst.start_send(100_000, now=0.0)
+    assert burst.recv_done_time(100_000, 0.1, started=0.0) == pytest.approx(0.125)
+    short = LinkEmulator(NetConfig.parse("8mbit:0ms,duplex=1.5,duplex_after=50ms"))
+    short.start_send(20_000, now=0.0)  # sends 20 ms: within the burst, nothing queues
+    assert short.recv_done_time(20_000, 0.02, started=0.0) == pytest.approx(0.02)
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         NetConfig.parse("8mbit,duplex=0.5")
     with pytest.raises(ValueError, match="duplex=X"):

@@ -11,8 +11,8 @@ decided by :func:`tandem.resolve.resolve`, which the API and the worker entry ca
 Compact string forms are accepted where users type them on a command line:
 
 * ``net="100mbit:1ms"`` or ``"1gbit:200us:50us"`` (bandwidth, one-way latency, optional jitter);
-  ``"10mbit:1ms,hosts=4"`` puts the processes on 4 emulated hosts that share their links;
-  ``",duplex=1.4"`` slows what comes in while the link sends (TCP on shaped links)
+  ``"10mbit:1ms,hosts=4,duplex=1.4"``: 4 emulated hosts that share their links, and what
+  comes in while a link sends is slower (TCP on shaped links; :class:`NetConfig`)
 * ``stragglers="0.2:5"`` (probability 0.2 per worker per step, delay 5x the step's compute time) or
   ``"0.2:exp:0.05"`` (exponential delay with a 0.05 s mean)
 * ``slow_workers=["1:3"]`` (rank 1 computes 3x slower)
@@ -35,6 +35,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
+_NET_OPTIONS = {"hosts": ("hosts", int), "duplex": ("duplex", float),  # option: (field, parser)
+                "duplex_after": ("duplex_after_s", parse_duration)}
+
+
 class NetConfig(_Strict):
     """An emulated full-duplex link per process: bandwidth (bit/s), one-way latency, jitter (s).
 
@@ -45,15 +49,16 @@ class NetConfig(_Strict):
     ``i``, as torchrun places them one per node. Local launcher only (under torchrun the
     processes are on their nodes already).
 
-    ``duplex``: how many times longer a message takes to come in while the link also sends
-    (1: an ideal full-duplex link). TCP through a rate limiter slows both ways
-    when a link carries data both ways; ``bench/p2p`` measures it (``docs/cluster.md``)."""
+    ``duplex``: a message comes in that many times slower while the link sends (1: ideal;
+    TCP on shaped links: ``bench/p2p``), once it has sent for ``duplex_after_s`` (a shaper's
+    burst lets a short transfer through unqueued). See :mod:`tandem.transport.shaping`."""
 
     bandwidth_bps: float = Field(gt=0)
     latency_s: float = Field(default=0.0, ge=0)
     jitter_s: float = Field(default=0.0, ge=0)
     hosts: int | None = Field(default=None, ge=1)
     duplex: float = Field(default=1.0, ge=1.0, le=10.0)
+    duplex_after_s: float = Field(default=0.0, ge=0)
 
     @classmethod
     def parse(cls, text: str) -> NetConfig:
@@ -61,7 +66,7 @@ class NetConfig(_Strict):
         parts = link.split(":")
         if not 1 <= len(parts) <= 3:
             raise ValueError(
-                f"net {text!r}: expected BANDWIDTH[:LATENCY[:JITTER]][,hosts=N][,duplex=X], "
+                f"net {text!r}: expected BANDWIDTH[:LATENCY[:JITTER]][,OPTION=VALUE...], "
                 "e.g. 100mbit:1ms")
         lat = parse_duration(parts[1]) if len(parts) > 1 else 0.0
         jit = parse_duration(parts[2]) if len(parts) > 2 else 0.0
@@ -69,12 +74,13 @@ class NetConfig(_Strict):
         for option in options:
             key, _, value = (x.strip() for x in option.partition("="))
             try:
-                extra[key] = {"hosts": int, "duplex": float}[key](value)
+                name, parse = _NET_OPTIONS[key]
+                extra[name] = parse(value)
             except (KeyError, ValueError):
                 raise ValueError(f"net {text!r}: unknown option {option!r}; the options are "
-                                 "hosts=N (processes share N emulated hosts' links) and "
-                                 "duplex=X (a message in takes X times longer while the link "
-                                 "sends)") from None
+                                 "hosts=N (processes share N emulated hosts' links), duplex=X "
+                                 "(a message in takes X times longer while the link sends) and "
+                                 "duplex_after=DURATION (once it has sent that long)") from None
         return cls(bandwidth_bps=parse_rate(parts[0]), latency_s=lat, jitter_s=jit, **extra)
 
     @property
