@@ -79,6 +79,9 @@ def git_state(root: Path = ROOT) -> dict[str, Any]:
             "dirty_paths": dirty_paths[:20]}
 
 
+_START_GIT = git_state()  # the tree the benchmark started from (see provenance)
+
+
 def machine() -> dict[str, Any]:
     """Cores, CPU model (``/proc/cpuinfo``), memory (``/proc/meminfo``) and platform."""
     model = None
@@ -124,9 +127,12 @@ def torch_version() -> str | None:
 
 
 def provenance() -> dict[str, Any]:
-    """Everything a result records about where and how it was measured (``date``: the start)."""
-    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S"), "command": command(), "git": git_state(),
-            "machine": machine(), "torch": torch_version(), "python": platform.python_version()}
+    """Everything a result records about where and how it was measured: the date and the tree
+    of the process's start (``_START_GIT``, read when a benchmark imports this module), not of
+    the moment a benchmark builds its :class:`Bench`, which some do after measuring."""
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(_PROCESS_STARTED)),
+            "command": command(), "git": _START_GIT, "machine": machine(),
+            "torch": torch_version(), "python": platform.python_version()}
 
 
 class Bench:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,16 @@ def test_the_cluster_twins_duplex_is_the_p2p_measurement_at_its_rate(tmp_path, m
     assert cluster_run.measured_duplex("100mbit")[0] == 1.0  # not run on real links
     value, source = cluster_run.measured_duplex("1gbit")
     assert value == 1.0 and "no bench/p2p result" in source
+
+
+def test_a_result_records_the_tree_it_started_from_not_the_one_it_ended_in(monkeypatch):
+    """bench/p2p builds its Bench after measuring: a file edited meanwhile must not appear as
+    the measured tree's. Breaks if provenance reads git when the Bench is built."""
+    started = {"commit": "a" * 40, "dirty": False, "dirty_paths": []}
+    monkeypatch.setattr(harness, "_START_GIT", started)
+    monkeypatch.setattr(harness, "git_state", lambda *a, **k: {"commit": "b" * 40, "dirty": True,
+                                                               "dirty_paths": ["edited.py"]})
+    b = harness.Bench("x", ["a"])
+    assert b.provenance["git"] == started
+    assert b.provenance["date"] == time.strftime("%Y-%m-%dT%H:%M:%S",
+                                                 time.localtime(harness._PROCESS_STARTED))
