@@ -76,11 +76,11 @@ class NetConfig(_Strict):
             try:
                 name, parse = _NET_OPTIONS[key]
                 extra[name] = parse(value)
-            except (KeyError, ValueError):
-                raise ValueError(f"net {text!r}: unknown option {option!r}; the options are "
-                                 "hosts=N (processes share N emulated hosts' links), duplex=X "
-                                 "(a message in takes X times longer while the link sends) and "
-                                 "duplex_after=DURATION (once it has sent that long)") from None
+            except (KeyError, ValueError) as err:
+                what = "bad value in" if isinstance(err, ValueError) else "unknown option"
+                raise ValueError(f"net {text!r}: {what} {option!r}; the options are hosts=N "
+                                 "(N emulated hosts), duplex=X (in X times slower while sending) "
+                                 "and duplex_after=DURATION (once sending that long)") from None
         return cls(bandwidth_bps=parse_rate(parts[0]), latency_s=lat, jitter_s=jit, **extra)
 
     @property
