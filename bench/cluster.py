@@ -128,11 +128,12 @@ def measure(args: argparse.Namespace, bench: Bench,
         shaped = rate != UNSHAPED
         with Cluster(args.hosts, rate if shaped else None) as net:
             latency = link_latency(net)
-            duplex, source = measured_duplex(rate) if shaped else (1.0, "")
-            net_spec = f"{rate}:{round(latency * 1e6)}us,hosts={args.hosts},duplex={duplex}"
-            if shaped:  # the penalty needs a queue, which the token bucket's burst does not make
-                net_spec += f",duplex_after={net.burst / (parse_rate_bps(rate) / 8) * 1e6:.0f}us"
+            net_spec = f"{rate}:{round(latency * 1e6)}us,hosts={args.hosts}"
             if shaped:
+                duplex, source = measured_duplex(rate)
+                # the penalty needs a queue, which the token bucket's burst does not make
+                burst_us = net.burst / (parse_rate_bps(rate) / 8) * 1e6
+                net_spec += f",duplex={duplex},duplex_after={burst_us:.0f}us"
                 bench.note(f"{rate}: tbf rate {rate} burst {net.burst} B latency "
                            f"{net.queue_latency} on both ends of each host's link; emulated "
                            f"twin net={net_spec!r} (latency = half the smallest 1-byte TCP "

@@ -17,9 +17,8 @@ import yaml
 
 from bench.harness import CHILD_PYTHONPATH, ROOT
 from bench.netns import Cluster
+from bench.p2p import BIDIRECTIONAL, result_name
 
-#: bench/p2p's patterns in which a link carries data both ways at once
-BIDIRECTIONAL = ("swap, receives first", "swap, one way at a time", "all-to-all")
 P2P_RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -27,8 +26,7 @@ def measured_duplex(rate: str) -> tuple[float, str]:
     """The emulated twin's ``duplex`` at ``rate``: the median, over bench/p2p's bidirectional
     patterns, of the real links' median rep over the pattern's line time, from the committed
     ``bench/results/p2p[_<rate>].json``; ``(1.0, why)`` when there is no such measurement."""
-    name = "p2p" if rate == "100mbit" else f"p2p_{rate}"
-    path = P2P_RESULTS / f"{name}.json"
+    path = P2P_RESULTS / f"{result_name(rate)}.json"
     try:
         rows = json.loads(path.read_text())["rows"]
     except (OSError, ValueError, KeyError):

@@ -56,6 +56,8 @@ MODEL_MESSAGES = {"swap, receives first": 2, "swap, sends first": 2, "swap, one 
                   "fan-out, receiver 1": 3,
                   "fan-out, receiver 2": 3, "fan-out, receiver 3": 3, "fan-out, all received": 3,
                   "fan-in, receiver": 3, "all-to-all": 3, "all-to-all after idle": 3}
+#: the patterns in which a link carries data both ways at once (what ``duplex`` models)
+BIDIRECTIONAL = ("swap, receives first", "swap, one way at a time", "all-to-all")
 #: seconds every connection idles before a rep of ``all-to-all after idle``: past TCP's smallest
 #: retransmission timeout (200 ms), after which Linux restarts a connection's congestion window
 #: (``net.ipv4.tcp_slow_start_after_idle``), as between a parameter server's rounds at 10 Mbit/s
@@ -165,6 +167,12 @@ def by_pattern(per_rank: list[dict[str, Spans]]) -> dict[str, list[float]]:
     return rows
 
 
+def result_name(rate: str) -> str:
+    """The results file of a run at ``rate`` (without ``--result``): ``p2p`` at the default
+    100mbit, ``p2p_<rate>`` otherwise."""
+    return "p2p" if rate == "100mbit" else f"p2p_{rate}"
+
+
 def run_real(rate: str, nbytes: int, reps: int, congestion: str | None = None
              ) -> list[dict[str, Spans]]:
     """Four ranks in four namespaces over the shaped links: every rank's measurements."""
@@ -194,8 +202,7 @@ def main() -> None:
         except (NetnsUnavailable, OSError, ValueError, KeyError) as err:
             why = f"the real links failed: {err}"
             print(why)
-    # one result per rate: p2p.json at the default 100mbit, p2p_<rate>.json otherwise
-    result = args.result or ("p2p" if args.rate == "100mbit" else f"p2p_{args.rate}")
+    result = args.result or result_name(args.rate)
     b = Bench(result, ["pattern", "model_ms", "emulated_ms", "real_ms", "real_median_ms",
                       "emulated/model", "real/model", "real median/model"])
     for name, k in MODEL_MESSAGES.items():

@@ -93,9 +93,6 @@ class AbandonedRanks:
         self.store = store
         self.ends: dict[int, tuple[float, str]] = {}  # rank -> (may be ended at, why)
 
-    def __contains__(self, rank: int) -> bool:
-        return self.why(rank) is not None
-
     def why(self, rank: int) -> str | None:
         """Why ``rank``'s peers went on without it (None: they did not)."""
         if rank in self.ends:
