@@ -180,3 +180,37 @@ def test_a_killed_fork_server_is_replaced_at_the_next_launch():
         time.sleep(0.1)
     second = spawn(jobs.started_from, 2, timeout_s=120)
     assert {p for p, _ in second} != {first} and len({p for p, _ in second}) == 1
+
+
+STUCK_THREAD = """
+import threading, sys
+from tandem.launch_child import exit_without_teardown
+threading.Thread(target=threading.Event().wait, name="stuck-in-a-wait").start()  # never ends
+print("the summary")  # piped: block-buffered, so only a flush brings it out
+print("a warning", file=sys.stderr)
+exit_without_teardown(3)
+"""
+
+
+def test_a_worker_ends_with_its_code_and_output_while_a_thread_is_stuck_in_a_wait():
+    """Both entries (the launcher's children, ``tandem worker`` under torchrun) end with
+    ``exit_without_teardown``: a thread left in a wait no peer will answer would otherwise hold
+    the interpreter's exit forever (Python joins non-daemon threads), and the C++ teardown of a
+    process group nobody destroyed once aborted a finished gossip worker under torchrun."""
+    r = subprocess.run([sys.executable, "-c", STUCK_THREAD], capture_output=True, text=True,
+                       timeout=120)  # without the helper: a hang, then TimeoutExpired
+    assert r.returncode == 3
+    assert r.stdout == "the summary\n"
+    assert r.stderr == "a warning\n"
+
+
+def test_tandem_worker_reports_a_bad_config_as_bad_input(tmp_path):
+    """``tandem worker`` ends through the same exit: a TandemError is one red line and status 2,
+    as in every other command."""
+    bad = tmp_path / "job.yaml"
+    bad.write_text("workers: -1\n")
+    r = subprocess.run([sys.executable, "-m", "tandem.cli", "worker", "--config", str(bad)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith("error: ") and "workers" in r.stderr
+    assert "Traceback" not in r.stderr

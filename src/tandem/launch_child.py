@@ -10,13 +10,15 @@ without interpreter teardown.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from tandem.allocator import tune_allocator
 from tandem.errors import TandemError
@@ -66,9 +68,33 @@ def run_child(
         try:
             conn.send_bytes(payload)
             conn.close()
-            util._exit_function()  # the rest (children of this process, if any)
         finally:
-            os._exit(code)
+            exit_without_teardown(code)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End this worker process with ``code`` now: flush what it printed and logged, run
+    multiprocessing's exit hooks (finalizers, children of this process), then ``os._exit``.
+
+    Why: a worker's interpreter and C++ teardown can block or abort once training is over. A
+    helper thread may still sit in an engine wait that no peer will answer, and a process group
+    that was not destroyed (a strategy that tolerates lost peers skips the closing barrier and
+    the teardown) is destructed at exit. Under torchrun on a loaded machine, a ``gossip`` worker
+    ended with ``terminate called without an active exception`` (SIGABRT) after its run record
+    was complete, in 2 of 22 two-node runs with two busy loops beside them; its node's agent
+    then failed and the other agent waited in torchrun's exit barrier. Both of Tandem's entries
+    end this way: the local launcher's children and ``tandem worker`` under torchrun."""
+    from multiprocessing import util
+
+    try:
+        util._run_finalizers(0)
+        util._exit_function()
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+    finally:
+        os._exit(code)
 
 
 def _own_session() -> None:

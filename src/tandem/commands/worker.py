@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 from typing import Annotated
+
+import typer
 
 from tandem.commands.base import Opt, command, fail
 from tandem.errors import TandemError
@@ -13,11 +16,22 @@ from tandem.errors import TandemError
 def worker(config: Annotated[Path, Opt(help="the run's YAML config")]) -> None:
     """One worker process under torchrun: `torchrun --nproc_per_node=4 -m tandem.cli worker --config run.yaml`. Global rank 0 shows the progress bar and prints the summary at the end, as `tandem train` does."""
     from tandem.commands.train import print_summary
+    from tandem.launch_child import exit_without_teardown
     from tandem.worker import torchrun_main
 
+    code = 1
     try:
-        done = torchrun_main(str(config))
-    except TandemError as err:
-        fail(err)
-    if done is not None:
-        print_summary(*done)
+        try:
+            done = torchrun_main(str(config))
+        except TandemError as err:
+            fail(err)
+        if done is not None:
+            print_summary(*done)
+        code = 0
+    except typer.Exit as stop:
+        code = stop.exit_code
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:  # noqa: BLE001 - printed as Python would, then the exit below
+        traceback.print_exc()
+    exit_without_teardown(code)  # never the interpreter's teardown (see its docstring)
