@@ -24,7 +24,9 @@ row is one ``torchrun --nnodes N --node_rank I --master_addr <host 0> ...`` per 
   pipeline also with one exchange on the link at a time (``pipeline-turns``,
   ``one_at_a_time=true``) against its default of concurrent exchanges; ``gossip`` also with
   top-k 1 % and signSGD (CHOCO: compressed model differences; ``gossip-topk``,
-  ``gossip-signsgd``);
+  ``gossip-signsgd``), top-k 0.1 % (``gossip-topk0.001``) and both top-k densities with the
+  exchange beside the gradient (``overlap=true``: ``gossip-topk-overlap``,
+  ``gossip-topk0.001-overlap``);
 * ``local``: the compute-only limit, one single-process run per host, all hosts at once (the same
   CPU contention as the 4-host rows; no emulated twin: it sends nothing).
 
@@ -344,7 +346,8 @@ def main() -> None:
                     "ddp-fp16, ddp-powersgd, dense, fp16, topk, powersgd, powersgd-r1, "
                     "topk-delay, powersgd-delay, powersgd-r1-delay, qsgd, param_server, "
                     "param_server-sync (cnn), bsp_shared, bsp-powersgd, gossip, gossip-topk, "
-                    "gossip-signsgd, coded_ps, pipeline, pipeline-turns")
+                    "gossip-signsgd, gossip-topk-overlap, gossip-topk0.001, "
+                    "gossip-topk0.001-overlap, coded_ps, pipeline, pipeline-turns")
     ap.add_argument("--runs", default="runs/bench-cluster", help="where run records go")
     ap.add_argument("--steps", type=int, default=0, help="steps of every run (trials; default "
                     f"{FULL_STEPS}, --quick {QUICK_STEPS})")

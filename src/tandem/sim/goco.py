@@ -71,6 +71,7 @@ class SimConfig:
     exact_draws: bool | None = None
     workload_options: dict[str, Any] = field(default_factory=dict)
     keep_params: bool = False
+    overlap: bool = False  # the gossip option: x_{t+1} = W x_t - lr e(x_t)
 
     def check(self, name: Callable[[str], str] = str) -> None:
         """Refuse a config that cannot run, before anything is built or allocated.
@@ -245,7 +246,8 @@ def simulate(cfg: SimConfig) -> SimResult:
         else:
             G = _minibatch_gradients(s, P, cfg.batch_size, rng)
         lr = cfg.lr / (1.0 + cfg.lr_decay * t)
-        P = WQ @ (P - (lr * weight) * (~mask)[:, None] * G)
+        step = (lr * weight) * (~mask)[:, None] * G
+        P = WQ @ P - step if cfg.overlap else WQ @ (P - step)
         dist = ((P - opt) ** 2).sum(1)
         mean = P.mean(0)
         opt_err[t], avg_err[t] = dist.mean(), ((mean - opt) ** 2).sum()

@@ -13,6 +13,13 @@ Every step, peer i
    ``x_i <- sum_j W_ij y_j`` with its neighbours (point-to-point sends through the transport,
    one direction of the graph at a time: :mod:`tandem.strategies.gossip.swap`).
 
+Overlap (``overlap=true``; off by default): the peer mixes ``x_t`` with its neighbours in a
+helper thread while its gradient at ``x_t`` computes, then steps from the mixed parameters:
+``x_{t+1} = W x_t - lr_t * e_i`` (D-PSGD's order; GOCO's is ``W (x_t - lr_t * e_i)``). A step
+then costs about the longer of compute and exchange instead of their sum. Use it when the
+exchange is a large share of the step (a slow link, a small compressed message whose latency
+dominates); its sequence differs from GOCO's (:mod:`.overlap`). Not with ``mode=wait``.
+
 Modes (``mode=``): ``goco`` uses the unbiased weight ``w = 1/(d(1-p))``; ``redundant`` keeps the
 redundancy but uses ``w = 1/d`` (biased low by the straggling rate); ``dsgd`` is plain decentralized
 SGD (d forced to 1, stragglers skipped); ``wait`` waits for every gradient (no straggler is
@@ -99,6 +106,10 @@ class GossipStrategy(Strategy):
             raise ConfigError("strategy.options.lr_decay: GOCO's lr_t = lr / (1 + decay t) is "
                               "for its plain SGD step; with a schedule or another optimizer "
                               "use --schedule instead")
+        if options.overlap and options.mode == "wait":
+            raise ConfigError("strategy.options.overlap: mode=wait holds every peer at a "
+                              "barrier before the exchange, so there is nothing to overlap; "
+                              "use overlap with goco, redundant or dsgd")
         if cfg.codec.options.get("momentum"):
             raise ConfigError("codec.options.momentum: gossip uses plain SGD as in GOCO; drop "
                               "the codec's momentum option")

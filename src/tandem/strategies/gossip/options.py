@@ -38,5 +38,8 @@ class GossipOptions(StrategyOptions):
     lr_decay: float = Field(default=0.0, ge=0, description="lr_t = lr / (1 + lr_decay * t)")
     save_peers: bool = Field(False, description="also write each peer's own model "
                              "(model.peer<R>.pt) beside the network average (model.pt)")
+    overlap: bool = Field(False, description="mix x_t with the neighbours while the gradient "
+                          "at x_t computes (D-PSGD's order, x_{t+1} = W x_t - lr e(x_t)): a "
+                          "step costs about max(compute, exchange); not with mode=wait")
     consensus_step: float | None = Field(default=None, gt=0, le=1, description="compressed "
                                          "gossip (CHOCO) step size; default per codec")

@@ -27,6 +27,7 @@ from tandem.strategies.base import Computed, Exchanged, StepLoop, Strategy
 from tandem.strategies.gossip.choco import ChocoMixer, default_consensus_step
 from tandem.strategies.gossip.evaluate import evaluate_alone, evaluate_network
 from tandem.strategies.gossip.options import GossipOptions
+from tandem.strategies.gossip.overlap import BackgroundMix
 from tandem.strategies.gossip.swap import swap
 from tandem.topology import PeerView, make_topology
 from tandem.trainer import build_model, screen_gradients, step_optimizer, training_spec
@@ -90,6 +91,7 @@ class GossipPeer(StepLoop):
         self.peer = {"world": world, "W": torch.as_tensor(topo.W, dtype=torch.float64),
                      "held": [int(k) for k in alloc.held[rank]], "weight": float(self.weight)}
         self.t0 = 0.0
+        self.background = BackgroundMix(self._mix) if o.overlap else None
         self.restore()
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -132,6 +134,8 @@ class GossipPeer(StepLoop):
     def compute(self, step: int) -> Computed:
         self.t0 = time.perf_counter()
         self.view.poll(step)
+        if self.background is not None:  # W x_t travels while the gradient at x_t computes
+            self.background.start(self.x, step)
         loss, g, compute_s, straggled, injected = self._gradient(step)
         return Computed(loss, [g], compute_s, straggled, fields={"injected": injected})
 
@@ -149,37 +153,49 @@ class GossipPeer(StepLoop):
 
     def exchange(self, step: int, c: Computed) -> Exchanged:
         cfg, o, x = self.ctx.cfg, self.o, self.x
+        waited = 0.0
+        base = x  # GOCO's order: step from x_t, then mix; overlap: step from the mixed W x_t
+        if self.background is not None:
+            base, waited = self.background.finish()
         if self.step_model is None:
             lr = cfg.lr / (1.0 + o.lr_decay * step)
-            y = x.clone()
+            y = base.clone()
             if not c.straggled:
                 y -= lr * self.weight * c.grads[0]
             if cfg.weight_decay:
                 y -= lr * cfg.weight_decay * x
         else:
-            y = self._optimizer_step(c)
+            y = self._optimizer_step(c, base)
         idle = 0.0
         if o.mode == "wait" and not self.view.dead:  # a dead rank cannot join a barrier
             tb = time.perf_counter()
             self._world(step, lambda: self.ctx.transport.barrier().wait())
             idle = time.perf_counter() - tb
         t1 = time.perf_counter()
-        self.x = self.mixer.mix(y, o.gossip_rounds, step) if self.mixer is not None else \
-            self._gossip(y, o.gossip_rounds, step)
+        self.x = y if self.background is not None else self._mix(y, step)
+        comm = waited + time.perf_counter() - t1
         fields: dict[str, Any] = {}
         if self.optimum is not None:
             fields["opt_error"] = float(((self.x.double() - self.optimum.double()) ** 2).sum())
             self.trajectory.append(fields["opt_error"])
         fields["step_s"] = time.perf_counter() - self.t0
-        return Exchanged(None, idle_s=idle, comm_s=time.perf_counter() - t1, fields=fields)
+        return Exchanged(None, idle_s=idle, comm_s=comm, fields=fields)
 
-    def _optimizer_step(self, c: Computed) -> torch.Tensor:
-        """This peer's optimizer on e_i = w * sum of its partition gradients (zero when it
-        straggled: the optimizer still steps, so its momentum and weight decay go on)."""
+    def _mix(self, y: torch.Tensor, step: int) -> torch.Tensor:
+        """``gossip_rounds`` rounds with the live neighbours: CHOCO's compressed rounds with a
+        codec, exact ones without."""
+        rounds = self.o.gossip_rounds
+        return self.mixer.mix(y, rounds, step) if self.mixer is not None else \
+            self._gossip(y, rounds, step)
+
+    def _optimizer_step(self, c: Computed, base: torch.Tensor) -> torch.Tensor:
+        """This peer's optimizer from ``base`` (x_t, or W x_t with overlap) on
+        e_i = w * sum of its partition gradients (zero when it straggled: the optimizer still
+        steps, so its momentum and weight decay go on)."""
         assert self.step_model is not None
         e = torch.zeros_like(self.x) if c.straggled else self.weight * c.grads[0]
         with torch.no_grad():
-            vector_to_parameters(self.x, self.step_params)
+            vector_to_parameters(base, self.step_params)
         for p, g in zip(self.step_params, unflatten(e, [tuple(q.shape) for q in self.step_params]),
                         strict=True):
             p.grad = g.clone()
@@ -200,6 +216,8 @@ class GossipPeer(StepLoop):
         finally:
             if self.pool is not None:
                 self.pool.shutdown(wait=False, cancel_futures=True)
+            if self.background is not None:
+                self.background.close()
 
     def save_model(self) -> None:
         """The network average of the peers' parameters (one all-reduce) as ``model.pt``,
