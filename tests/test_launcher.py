@@ -214,3 +214,25 @@ def test_tandem_worker_reports_a_bad_config_as_bad_input(tmp_path):
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.startswith("error: ") and "workers" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_script_that_launches_outside_its_main_guard_is_refused_before_any_worker(tmp_path):
+    """Each worker re-imports the launching script (forkserver/spawn): an unguarded
+    ``tandem.train`` would launch again from every worker. It is refused first, naming the
+    script's line, and nothing is written; the same call under the guard runs."""
+    body = ("import tandem\n\n\ndef main():\n"
+            "    tandem.train({'workload': {'name': 'digits'}, 'workers': 2, 'steps': 2, "
+            f"'progress': False, 'out': {str(tmp_path / 'run')!r}}})\n\n\n")
+    script = tmp_path / "job.py"
+    script.write_text(body + "main()\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 1
+    assert f"{script}, line 8: this line starts Tandem's workers" in r.stderr
+    assert "without reporting" not in r.stderr and r.stderr.count("Traceback") == 1
+    assert not (tmp_path / "run").exists()
+    script.write_text(body + "if __name__ == \"__main__\":\n    main()\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "run" / "model.pt").is_file()

@@ -18,6 +18,7 @@ from tandem.checkpoint import check_resume
 from tandem.config import RunConfig
 from tandem.errors import ConfigError
 from tandem.launch import spawn
+from tandem.main_guard import check_main_guard
 from tandem.preflight import preflight
 from tandem.resolve import resolve
 from tandem.telemetry.summary import finalize_run
@@ -43,6 +44,7 @@ def run_job(cfg: RunConfig, *, workload: Workload | None = None, return_results:
 
     ``return_results=True`` adds ``results``: each process's final figures and parameters.
     """
+    check_main_guard()  # first: every worker would run an unguarded script's launch again
     checked = preflight(cfg, workload)  # resolves the plugins; one batch through the job
     cfg = checked.cfg
     if workload is not None:
