@@ -31,6 +31,7 @@ from typing import Any
 import tandem
 from bench.harness import Bench
 from tandem.sim import SimConfig, floor_table, format_table, study
+from tandem.telemetry.curves import time_at
 
 FLOOR = 0.05  # seconds of (emulated) compute per gradient
 STEPS = 100
@@ -65,7 +66,7 @@ def run_row(label: str, mode: str, d: int, p: float, extra: dict[str, Any],
     hit = next((e for e in evals if e["opt_error"] <= TARGET), None)
     last = evals[-1]
     return {"config": label, "p": p, "mode": mode, "d": d,
-            "time_to_target_s": round(hit["wall"], 3) if hit else None,
+            "time_to_target_s": round(time_at(hit), 3) if hit else None,
             "steps_to_target": hit["step"] + 1 if hit else None,
             "final_error": last["opt_error"], "consensus_error": last["consensus_error"],
             "straggle_rate": round(sum(r["straggle_rate"] for r in res) / len(res), 3),
@@ -95,7 +96,7 @@ def run_cnn_row(label: str, mode: str, d: int, p: float, extra: dict[str, Any],
     hit = next((e for e in evals if (e.get("accuracy") or 0) >= CNN_TARGET), None)
     last = evals[-1]
     return {"config": label, "mode": mode, "d": d,
-            "time_to_target_s": round(hit["wall"], 3) if hit else None,
+            "time_to_target_s": round(time_at(hit), 3) if hit else None,
             "steps_to_target": hit["step"] + 1 if hit else None,
             "final_accuracy": last.get("accuracy"),
             "consensus_error": last.get("consensus_error"),

@@ -214,3 +214,28 @@ def test_nan_gradient_makes_the_peer_a_straggler_or_stops(tmp_path):
         tandem.train(dict(base, out=str(tmp_path / "stop")))  # (a connection it closed)
     assert str(info.value).startswith(
         "rank 1 failed: NonFiniteGradient: rank 1: non-finite gradient at step 4"), info.value
+
+
+def test_time_to_target_pays_for_the_averaged_model_and_model_pt_is_that_average(tmp_path):
+    """The evaluated (and saved) gossip model is the peers' average, which no peer holds: one
+    all-reduce of the parameters, timed alone in each evaluation (``averaging_s``), is added to
+    the time to a target. model.pt is that average of the peers' final parameters."""
+    cfg = {"strategy": {"name": "gossip", "options": {"topology": "ring"}},
+           "workload": {"name": "digits"}, "workers": 4, "steps": 40, "lr": 0.1, "seed": 0,
+           "eval_every": 10, "target_accuracy": 0.5, "progress": False,
+           "out": str(tmp_path / "run")}
+    s = tandem.train(cfg, return_results=True)
+    records = [json.loads(line) for r in range(4) for line in
+               (tmp_path / "run" / f"events.rank{r}.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert len(evals) == 4 * 4 and all(r["averaging_s"] > 0 for r in evals)
+    step = s["steps_to_target"]
+    at = [r for r in evals if r["step"] == step]
+    assert s["time_to_target_s"] == pytest.approx(
+        max(r["wall"] for r in at) + max(r["averaging_s"] for r in at), abs=1e-9)
+    saved = [q.detach() for q in tandem.load_model(tmp_path / "run").parameters()]
+    peers = [res["params"] for res in s["results"]]
+    assert len(saved) == len(peers[0])
+    for i, q in enumerate(saved):
+        torch.testing.assert_close(q, torch.stack([p[i] for p in peers]).mean(0), rtol=0,
+                                   atol=1e-6)

@@ -162,8 +162,16 @@ def eval_curve(records: list[dict[str, Any]], index: ByteIndex | None = None) ->
             "loss": _mean([float(v) for v in losses if v is not None]),
             "bytes": index.at(wall, step, role),
             "ranks": sorted(int(r.get("rank", 0)) for r in recs),
+            "averaging_s": max(_num(r.get("averaging_s"), 0.0) for r in recs),
         })
     return sorted(points, key=lambda p: (p["wall"], p["step"]))
+
+
+def time_at(point: dict) -> float:
+    """Seconds of training until the model evaluated at ``point`` existed: its wall, plus what
+    assembling that model costs where no worker holds it (``averaging_s``: gossip's one
+    all-reduce of the peers' parameters, 0 elsewhere)."""
+    return float(point["wall"]) + float(point.get("averaging_s") or 0.0)
 
 
 def first_reaching(points: list[dict], *, accuracy: float | None = None,

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.errors import TandemError
-from tandem.telemetry.curves import ByteIndex, eval_curve, first_reaching, load_events
+from tandem.telemetry.curves import ByteIndex, eval_curve, first_reaching, load_events, time_at
 
 COLUMNS = ("run", "strategy", "codec", "workers", "steps", "final acc", "final loss",
            "bytes/worker/step", "wall s", "target", "time-to-target s", "bytes-to-target",
@@ -139,7 +139,7 @@ def _target(s: dict, points: list[dict], target_accuracy: float | None,
         return {"target": target, "target_reached": reached if same else None,
                 **{k: s.get(k) if reached else None for k in keys}}
     return {"target": target, "target_reached": hit is not None,
-            "time_to_target_s": hit["wall"] if hit else None,
+            "time_to_target_s": time_at(hit) if hit else None,
             "steps_to_target": hit["step"] if hit else None,
             "bytes_to_target": hit["bytes"] if hit else None}
 

@@ -32,6 +32,7 @@ from tandem.telemetry.curves import (
     rank_files,
     read_jsonl,
     sort_records,
+    time_at,
     train_curve,
 )
 from tandem.telemetry.recorder import STEP_TIMES, dumps
@@ -182,7 +183,7 @@ def summarize(run_dir: Path, config: dict, *, target_accuracy: float | None = No
         "idle_fraction": times["idle_s"] / busy if busy > 0 else None,
         "target_accuracy": target_accuracy,
         "target_loss": target_loss,
-        "time_to_target_s": hit["wall"] if hit else None,
+        "time_to_target_s": time_at(hit) if hit else None,
         "steps_to_target": hit["step"] if hit else None,
         "bytes_to_target": hit["bytes"] if hit else None,
         "resumes": len(resumes),

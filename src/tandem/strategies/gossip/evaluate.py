@@ -3,6 +3,7 @@ alone after a peer was lost (:mod:`tandem.strategies.gossip`)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -12,25 +13,34 @@ from tandem.trainer.context import WorkerContext
 from tandem.trainer.evaluate import Evaluation, evaluate, evaluate_shard, reduce_evaluation
 from tandem.trainer.evaluate import evaluate_alone as evaluate_model_alone
 
-__all__ = ["evaluate_alone", "evaluate_network", "peer_accuracy"]
+__all__ = ["average_parameters", "evaluate_alone", "evaluate_network", "peer_accuracy"]
 
 
 def evaluate_network(ctx: WorkerContext, step: int, x: torch.Tensor, model: torch.nn.Module,
                      mparams: list[torch.Tensor], opt: torch.Tensor | None) -> dict[str, Any]:
-    """Consensus error, distance to the optimum and test loss of the averaged model."""
+    """Consensus error, distance to the optimum and test loss of the averaged model.
+
+    The averaged model does not exist on any peer: a user who stops here gets it by one
+    all-reduce of the parameters (what :meth:`GossipPeer.save_model` does at the end). That
+    all-reduce is timed alone, after a barrier that absorbs the peers' skew, and recorded as
+    ``averaging_s``; the run's time to a target adds it (:func:`tandem.telemetry.curves.time_at`)
+    so that the model that reached the target is paid for."""
     tr, world = ctx.transport, ctx.world
-    mean = x.double().clone()
-    tr.all_reduce(mean, category="eval").wait()
-    mean /= world
+    tr.barrier().wait()
+    t0 = time.perf_counter()
+    avg = average_parameters(tr, x)
+    averaging_s = time.perf_counter() - t0
+    mean = avg.double()
     stats = torch.tensor([float(((x.double() - mean) ** 2).sum()),
                           float(((x.double() - opt.double()) ** 2).sum()) if opt is not None
                           else 0.0], dtype=torch.float64)
     tr.all_reduce(stats, category="eval").wait()
-    out: dict[str, Any] = {"consensus_error": float(stats[0]) / world}
+    out: dict[str, Any] = {"consensus_error": float(stats[0]) / world,
+                           "averaging_s": averaging_s}
     if "accuracy" in ctx.workload.metric_fns():
         out.update(peer_accuracy(ctx, x, model, mparams))
     with torch.no_grad():
-        vector_to_parameters(mean.to(x.dtype), mparams)
+        vector_to_parameters(avg, mparams)
     ev = evaluate(model, ctx.workload, tr)
     if opt is not None:
         out["opt_error"] = float(stats[1]) / world
@@ -38,6 +48,14 @@ def evaluate_network(ctx: WorkerContext, step: int, x: torch.Tensor, model: torc
     fields = {**ev.record(), **out}
     ctx.recorder.eval(step, **fields)
     return {"step": step, "wall": ctx.recorder.wall(), "test_loss": ev.loss, **fields}
+
+
+def average_parameters(tr: Any, x: torch.Tensor) -> torch.Tensor:
+    """The network average of every peer's ``x`` (one all-reduce in ``x``'s dtype, category
+    eval): the model a gossip run hands over."""
+    avg = x.clone()
+    tr.all_reduce(avg, category="eval").wait()
+    return avg.div_(tr.world)
 
 
 def peer_accuracy(ctx: WorkerContext, x: torch.Tensor, model: torch.nn.Module,

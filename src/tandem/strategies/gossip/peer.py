@@ -25,7 +25,11 @@ from tandem.errors import CheckpointError, WorkerFailed
 from tandem.flat import unflatten
 from tandem.strategies.base import Computed, Exchanged, StepLoop, Strategy
 from tandem.strategies.gossip.choco import ChocoMixer, default_consensus_step
-from tandem.strategies.gossip.evaluate import evaluate_alone, evaluate_network
+from tandem.strategies.gossip.evaluate import (
+    average_parameters,
+    evaluate_alone,
+    evaluate_network,
+)
 from tandem.strategies.gossip.options import GossipOptions
 from tandem.strategies.gossip.overlap import BackgroundMix
 from tandem.strategies.gossip.swap import swap
@@ -230,11 +234,7 @@ class GossipPeer(StepLoop):
                 vector_to_parameters(self.x, self.grads.params)
             save_final_model(ctx.run_dir, model, ctx.cfg, name=f"model.peer{ctx.rank}.pt",
                              step=self.total, peer=ctx.rank)
-        avg = None
-        if not view.dead:
-            avg = self.x.double().clone()
-            ctx.transport.all_reduce(avg, category="eval").wait()
-            avg = (avg / ctx.world).to(self.x.dtype)
+        avg = average_parameters(ctx.transport, self.x) if not view.dead else None
         if ctx.rank != min(view.alive):
             return
         with torch.no_grad():
