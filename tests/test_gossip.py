@@ -166,6 +166,22 @@ def test_sim_cli_writes_plot_and_table(tmp_path):
     assert len(data["curves"]) == 4 and len(data["curves"][0]["opt_error"]) == 20
 
 
+def test_sim_cli_overlap_runs_the_other_order_and_is_refused_with_wait(tmp_path):
+    from tandem.cli import app
+
+    args = ["sim", "goco", "--devices", "16", "--steps", "20", "--p", "0.3", "--d", "2"]
+    curves = []
+    for flag in ("--no-overlap", "--overlap"):
+        out = tmp_path / flag
+        r = CliRunner().invoke(app, [*args, flag, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        curves.append(json.loads((out / "goco.json").read_text())["curves"][0]["opt_error"])
+    assert curves[0] != curves[1]  # same draws, another sequence
+    r = CliRunner().invoke(app, [*args, "--mode", "wait", "--overlap",
+                                 "--out", str(tmp_path / "w")])
+    assert r.exit_code == 2 and "--overlap: True is not allowed; not with --mode wait" in r.output
+
+
 def test_gossip_goes_on_without_a_killed_peer(tmp_path):
     """Peer 2 of a 5-ring is SIGKILLed at step 8: the run completes, the survivors re-weight their
     mixing matrix at one agreed step and still reach consensus near the optimum."""

@@ -107,6 +107,9 @@ class SimConfig:
                              ("allocation", SCHEMES)):
             if getattr(self, key) not in choices:
                 raise bad(key, getattr(self, key), f"choose one of {', '.join(choices)}")
+        if self.overlap and self.mode == "wait":
+            raise bad("overlap", True, f"not with {name('mode')} wait (the gossip strategy "
+                      "refuses it too: wait's barrier comes before the exchange)")
         number("d", 1, self.devices if self.mode != "dsgd" else math.inf, integer=True,
                allowed=f"a redundancy from 1 to {name('devices')} ({self.devices})")
         # dsgd holds one partition per device whatever d says
