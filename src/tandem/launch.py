@@ -52,7 +52,6 @@ from typing import Any
 
 from tandem.errors import CONSEQUENCES, TandemError, WorkerFailed, first_cause, is_secondary
 from tandem.launch_child import run_child
-from tandem.main_guard import check_main_guard
 from tandem.transport.rendezvous import AbandonedRanks, host_store, mark_dead, mark_stopped
 
 _GRACE_S = 5.0
@@ -219,7 +218,6 @@ def spawn(
     not), how long the remaining ranks may take to report; set it above the workers' own wait
     timeout, so that their errors, which name whom they waited for, arrive. Ranks still running
     then are terminated and reported as stuck."""
-    check_main_guard()  # before any worker starts: each would run the script's launch again
     start_limit = _start_timeout(start_timeout_s)
     ctx = start_context()
     store = host_store(addr, world)

@@ -87,8 +87,7 @@ def exit_without_teardown(code: int) -> NoReturn:
     from multiprocessing import util
 
     try:
-        util._run_finalizers(0)
-        util._exit_function()
+        util._exit_function()  # its finalizers, then its children joined, then the rest
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):

@@ -5,11 +5,13 @@ imports the launching script again in each worker, as ``__mp_main__``, before ru
 A script that calls ``tandem.train`` outside ``if __name__ == "__main__":`` then launches again
 from inside every worker; multiprocessing stops that with a RuntimeError in each child, which the
 user sees as a long traceback per worker and then "worker 0 exited with code 1 without
-reporting". :func:`check_main_guard` finds the call's line in the script (the ``<module>``
-frame of ``__main__`` on this thread's stack) and refuses before any worker starts when that line
-is not inside such a guard. A script run from stdin, ``-c``, a notebook or the ``tandem``
-command has no file to re-import, and is let through, as is any script whose source cannot be
-read or parsed (the check never blocks a launch it cannot judge).
+reporting". :func:`check_main_guard` (the first thing :func:`tandem.job.run_job` does, under
+``tandem.train``, ``compare`` and ``sweep``) finds the call's line in the script (the
+``<module>`` frame of ``__main__`` on this thread's stack) and refuses, before anything is
+written, when that line is not inside such a guard. A script run from stdin, ``-c`` or a
+notebook has no file to re-import and is let through, as is any script whose source cannot be
+read or parsed (the check never blocks a launch it cannot judge); the ``tandem`` command's own
+script makes its call under the guard.
 """
 
 from __future__ import annotations

@@ -30,8 +30,10 @@ def worker(config: Annotated[Path, Opt(help="the run's YAML config")]) -> None:
         code = 0
     except typer.Exit as stop:
         code = stop.exit_code
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
+    except SystemExit as stop:  # as Python reads it: None is success, text a printed failure
+        code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
+        if not isinstance(stop.code, int | None):
+            typer.echo(stop.code, err=True)
     except BaseException:  # noqa: BLE001 - printed as Python would, then the exit below
         traceback.print_exc()
     exit_without_teardown(code)  # never the interpreter's teardown (see its docstring)
