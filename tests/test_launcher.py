@@ -216,6 +216,34 @@ def test_tandem_worker_reports_a_bad_config_as_bad_input(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+WORKER_RAISING = """
+import sys
+import tandem.worker
+from tandem.cli import app
+code = {"none": None, "int": 4, "text": "stopped: the data is gone"}[sys.argv[1]]
+
+
+def stop(config):
+    raise SystemExit(code)
+
+
+tandem.worker.torchrun_main = stop
+sys.argv = ["tandem", "worker", "--config", "job.yaml"]
+app()
+"""
+
+
+@pytest.mark.parametrize("kind, rc, err", [("none", 0, ""), ("int", 4, ""),
+                                            ("text", 1, "stopped: the data is gone\n")])
+def test_tandem_worker_reads_system_exit_as_python_does(tmp_path, kind, rc, err):
+    """A worker that calls ``sys.exit`` ends as Python would have ended it (None: success, an
+    int: that status, text: printed, status 1), though ``tandem worker`` never lets the
+    interpreter's own exit run."""
+    r = subprocess.run([sys.executable, "-c", WORKER_RAISING, kind], capture_output=True,
+                       text=True, timeout=120, cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (rc, err), r.stderr[-2000:]
+
+
 def test_a_script_that_launches_outside_its_main_guard_is_refused_before_any_worker(tmp_path):
     """Each worker re-imports the launching script (forkserver/spawn): an unguarded
     ``tandem.train`` would launch again from every worker. It is refused first, naming the
