@@ -244,6 +244,34 @@ def test_tandem_worker_reads_system_exit_as_python_does(tmp_path, kind, rc, err)
     assert (r.returncode, r.stderr) == (rc, err), r.stderr[-2000:]
 
 
+WORKER_DONE = """
+import sys
+from pathlib import Path
+import tandem.worker
+from tandem.cli import app
+lost = [int(r) for r in sys.argv[1:]]
+tandem.worker.torchrun_main = lambda config: ({"strategy": "gossip", "lost_ranks": lost},
+                                              Path("run"))
+sys.argv = ["tandem", "worker", "--config", "job.yaml"]
+app()
+"""
+
+
+def test_tandem_worker_says_why_torchrun_waits_after_a_run_that_lost_ranks(tmp_path):
+    """After a run that completed without some ranks, torchrun's surviving agents wait out
+    torch's exit barrier (300 s) for the lost nodes' agents: rank 0 says so, and that nothing is
+    lost by stopping it; a run that lost no rank says nothing."""
+    r = subprocess.run([sys.executable, "-c", WORKER_DONE, "3"], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "lost_ranks: [3]" in r.stdout
+    assert r.stderr.startswith("note: ranks [3] were lost") and "exit barrier" in r.stderr
+    r = subprocess.run([sys.executable, "-c", WORKER_DONE], capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr[-2000:]
+    assert "run record" in r.stdout
+
+
 def test_a_script_that_launches_outside_its_main_guard_is_refused_before_any_worker(tmp_path):
     """Each worker re-imports the launching script (forkserver/spawn): an unguarded
     ``tandem.train`` would launch again from every worker. It is refused first, naming the

@@ -11,6 +11,15 @@ import typer
 from tandem.commands.base import Opt, command, fail
 from tandem.errors import TandemError
 
+#: torch's elastic agent waits in an exit barrier for every node's agent once its own workers
+#: succeed; a node whose worker died never arrives, so the survivors' torchrun waits the
+#: barrier's whole timeout (300 s; ``LocalElasticAgent``'s, with no torchrun flag) after the run
+#: is complete. Said at the end, so the wait is not mistaken for a hang.
+EXIT_BARRIER_NOTE = ("note: ranks {lost} were lost and the run completed without them; its record "
+                     "and model are written. torchrun on each surviving node now waits up to "
+                     "300 s in torch's exit barrier for the lost nodes' agents, which never "
+                     "arrive; stopping it (Ctrl-C) loses nothing.")
+
 
 @command("worker", rank=20)
 def worker(config: Annotated[Path, Opt(help="the run's YAML config")]) -> None:
@@ -27,6 +36,8 @@ def worker(config: Annotated[Path, Opt(help="the run's YAML config")]) -> None:
             fail(err)
         if done is not None:
             print_summary(*done)
+            if done[0].get("lost_ranks"):
+                typer.echo(EXIT_BARRIER_NOTE.format(lost=done[0]["lost_ranks"]), err=True)
         code = 0
     except typer.Exit as stop:
         code = stop.exit_code
