@@ -64,13 +64,11 @@ full results the docs render from stay.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from bench.cluster_run import (
-    Row,
     comm_s,
     first_error,
     measured_duplex,
@@ -80,10 +78,10 @@ from bench.cluster_run import (
     step_s,
     units,
 )
+from bench.cluster_targets import TARGET, rescore, targets
 from bench.harness import Bench
 from bench.netns import Cluster, NetnsUnavailable, unavailable_reason
 
-TARGET = 0.95
 WORKLOADS: dict[str, dict[str, Any]] = {
     "cnn": {"workload": {"name": "mnist5k", "options": {"hidden": 360}}, "batch_size": 32,
             "lr": 0.05, "momentum": 0.9, "eval_every": 10, "target_accuracy": TARGET},
@@ -229,104 +227,6 @@ def report(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], hosts: in
                                        else None)},
                       drops=(real or {}).get("drops") if row.kind != "local" else None,
                       vs_ddp=ddp / rs if ddp and rs else None)
-
-
-def row_kind(hosts: int, workload: str | None, system: str | None) -> Row | None:
-    """The :class:`Row` a results row (a dict) was measured from, found by its label."""
-    return next((r for r in rows_for(hosts, workload or "cnn") if r.system == system), None)
-
-
-def best_tandem(rows: dict[str, dict[str, Any]], hosts: int
-                ) -> tuple[float | None, str | None]:
-    """The Tandem row (not FAILED) with the shortest time to the target: (seconds, system)."""
-    tandem = [(r["time_to_target_s"], s) for s, r in rows.items()
-              if r.get("time_to_target_s") is not None
-              and not str(r.get("status", "")).startswith("FAILED")
-              and (k := row_kind(hosts, "cnn", s)) is not None and k.kind == "tandem"]
-    return min(tandem) if tandem else (None, None)
-
-
-def compute_only_target(bench: Bench, name: str, rows: dict[str, dict[str, Any]],
-                        local_ms: float | None, best: tuple[float | None, str | None]) -> None:
-    """best time to target / (local step time x the best row's steps to target + 1)."""
-    best_t, system = best
-    if local_ms is None:
-        bench.target(name, None, "<= 1.3", not_run="no local (compute only) cnn row")
-        return
-    steps = rows[system].get("steps_to_target") if system else None
-    compute = local_ms / 1e3 * (steps + 1) if steps is not None else None
-    bench.target(name, best_t / compute if best_t and compute else None, "<= 1.3")
-
-
-def targets(bench: Bench, hosts: int, not_run: str | None, quick: bool) -> None:
-    """The targets, computed from every row of the results (``bench.rows``: this run's and, under
-    ``--merge``, the kept ones), so that a merge ranks the best row among all of them.
-
-    The issue's three headline targets are at 10 Mbit/s; the compute-only ratio is also given at
-    every other rate measured (100 Mbit/s, ``unshaped``), which shows where its bound lies."""
-    ratio = (f"the best Tandem row's time to {TARGET} / compute-only time "
-             "(local step time x its steps to target)")
-    names = [f"10mbit cnn: plain DDP time to {TARGET} / the best Tandem row's",
-             f"10mbit cnn: DDP + PowerSGD hook time to {TARGET} / the best Tandem row's",
-             f"10mbit cnn: {ratio}"]
-    goals = [">= 10", ">= 2.5", "<= 1.3"]
-    if not_run:
-        for n, g in zip(names, goals, strict=True):
-            bench.target(n, None, g, not_run=not_run)
-        bench.target("emulation error |emulated - real| / real of time per step, every row",
-                     None, "<= 0.2", not_run=not_run)
-        return
-    cnn = [r for r in bench.rows if r.get("workload") == "cnn"]
-    local_ms = {r["rate"]: r.get("step_ms") for r in cnn
-                if r["system"] == "local (compute only)" and r.get("step_ms")}
-    rates = ["10mbit"] + sorted({r["rate"] for r in cnn} - {"10mbit"})
-    for rate in rates:
-        rows = {r["system"]: r for r in cnn if r["rate"] == rate}
-        if rate != "10mbit":
-            compute_only_target(bench, f"{rate} cnn: {ratio}", rows,
-                                local_ms.get(rate, local_ms.get("10mbit")),
-                                best_tandem(rows, hosts))
-            continue
-        if not rows:
-            for n, g in zip(names, goals, strict=True):
-                bench.target(n, None, g, not_run="no row at 10mbit cnn (--rates/--workloads)")
-            continue
-        best_t, best = best_tandem(rows, hosts)
-        if best:
-            bench.note(f"best Tandem row at 10mbit cnn: {best} ({best_t:.1f} s to {TARGET})")
-        for n, g, ref in zip(names[:2], goals[:2], ("ddp", "ddp + powersgd r2"), strict=True):
-            if ref not in rows:
-                bench.target(n, None, g, not_run=f"no {ref} row at 10mbit cnn (--only)")
-                continue
-            r = rows[ref].get("time_to_target_s")
-            bench.target(n, r / best_t if r and best_t else None, g)
-        compute_only_target(bench, names[2], rows, local_ms.get("10mbit"), (best_t, best))
-    for r in bench.rows:
-        kind = row_kind(hosts, r.get("workload"), r.get("system"))
-        if kind is None or kind.kind == "local" or r.get("rate") == "unshaped":
-            continue  # unshaped links have no emulated twin: the emulator is not involved
-        name = f"emulation error, {r['rate']} {r['workload']} {r['system']}"
-        if quick and kind.kind == "ddp" and r.get("emu_step_ms") is None:
-            bench.target(name, None, "<= 0.2", not_run="--quick runs no emulated DDP twin")
-            continue
-        bench.target(name, r.get("emu_err"), "<= 0.2")
-
-
-def rescore(bench: Bench, hosts: int) -> None:
-    """``--rescore``: the results file's rows, notes and provenance as they are, its targets and
-    best-row note recomputed from the rows (after a change to :func:`targets`; measures
-    nothing)."""
-    from bench import harness
-
-    path = harness.RESULTS / f"{bench.name}.json"
-    if not path.is_file():
-        raise SystemExit(f"error: --rescore needs {path}, which does not exist")
-    old = json.loads(path.read_text())
-    old["notes"] = [n for n in old.get("notes", [])
-                    if not n.startswith(("best Tandem row", "targets recomputed"))]
-    bench.adopt(old)
-    targets(bench, hosts, None, quick=bench.name.endswith("_quick"))
-    bench.finish()
 
 
 def _ms(s: float | None) -> float | None:
