@@ -55,7 +55,7 @@ def test_cluster_targets_rank_the_best_row_among_kept_and_new_rows():
     """bench.cluster's headline targets come from every row of the results, kept ones included:
     breaks if the best Tandem row is taken from this run's rows alone, if a FAILED row can be
     the best, or if compute-only is not the local step time x the best row's steps + 1."""
-    from bench import cluster
+    from bench import cluster, cluster_targets
 
     b = harness.Bench("c", cluster.COLUMNS)
     common = {"rate": "10mbit", "workload": "cnn", "status": "ok", "emu_err": 0.1}
@@ -67,7 +67,7 @@ def test_cluster_targets_rank_the_best_row_among_kept_and_new_rows():
         dict(common, system="allreduce qsgd", time_to_target_s=40.0, steps_to_target=90),
         dict(common, system="allreduce topk 0.01", status="FAILED: boom", time_to_target_s=1.0),
     ]
-    cluster.targets(b, 4, None, quick=False)
+    cluster_targets.targets(b, 4, None, quick=False)
     by = {t["name"]: t["value"] for t in b.targets}
     head = [v for n, v in by.items() if n.startswith("10mbit cnn:")]
     assert head == [100.0 / 5.0, 30.0 / 5.0, 5.0 / (0.020 * 100)]
