@@ -70,6 +70,7 @@ from typing import Any
 
 from bench.cluster_run import (
     comm_s,
+    cpu_ms_per_step,
     first_error,
     measured_duplex,
     rows_for,
@@ -226,7 +227,18 @@ def report(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], hosts: in
                                        if steps and row.kind != "local" and "tx_bytes" in real
                                        else None)},
                       drops=(real or {}).get("drops") if row.kind != "local" else None,
-                      vs_ddp=ddp / rs if ddp and rs else None)
+                      vs_ddp=ddp / rs if ddp and rs else None,
+                      **cpu_columns(real, emu, steps))
+
+
+def cpu_columns(real: dict[str, Any] | None, emu: dict[str, Any] | None,
+                steps: int | None) -> dict[str, float | None]:
+    """Machine-wide CPU per step of the real and the emulated run (JSON only, not rendered):
+    where the two differ in time but not in what the emulator models, the kernel's packet work
+    on the namespaces' veths, bridge and token buckets (``softirq``) is one candidate."""
+    r, e = cpu_ms_per_step(real, steps), cpu_ms_per_step(emu, steps)
+    return {"cpu_ms": r["cpu"], "emu_cpu_ms": e["cpu"], "softirq_ms": r["softirq"],
+            "emu_softirq_ms": e["softirq"]}
 
 
 def _ms(s: float | None) -> float | None:

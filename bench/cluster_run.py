@@ -41,6 +41,27 @@ def measured_duplex(rate: str) -> tuple[float, str]:
                    f"bench/results/{path.name})")
 
 
+CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq")
+
+
+def cpu_ticks() -> dict[str, int]:
+    """The whole machine's CPU time so far by kind (the ``cpu`` line of ``/proc/stat``, in clock
+    ticks): what a run used is the difference around it, everything else on the machine
+    included (the benchmark wants it alone)."""
+    first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return dict(zip(CPU_FIELDS, map(int, first[1:1 + len(CPU_FIELDS)]), strict=True))
+
+
+def cpu_spent(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
+    """Seconds of CPU between two :func:`cpu_ticks`: ``user`` (nice included), ``system``,
+    ``softirq`` (hardware interrupts included: where the kernel moves packets through veths,
+    the bridge and the token buckets, or through loopback) and ``idle`` (iowait included)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    d = {k: (after[k] - before[k]) / hz for k in CPU_FIELDS}
+    return {"user": d["user"] + d["nice"], "system": d["system"],
+            "softirq": d["irq"] + d["softirq"], "idle": d["idle"] + d["iowait"]}
+
+
 @dataclass(frozen=True)
 class Row:
     """One configuration: a Tandem strategy + codec, a DDP hook, or the compute-only run."""
@@ -256,12 +277,13 @@ def run_real(net: Cluster, row: Row, cfg: dict[str, Any], row_dir: Path, port: i
                   "--node_rank", str(i), "--nproc_per_node", str(counts[i]), "--master_addr",
                   net.hosts[0].addr, "--master_port", str(port), "--max_restarts", "0",
                   *target] for i in range(n)]
-    before, drops0 = net.counters(), net.qdisc_drops()
+    before, drops0, cpu0 = net.counters(), net.qdisc_drops(), cpu_ticks()
     t0 = time.monotonic()
     codes, timed_out = run_on_hosts(net, argvs, env, ROOT, row_dir, limit_s)
     took = time.monotonic() - t0
+    cpu = cpu_spent(cpu0, cpu_ticks())
     after, drops = net.counters(), net.qdisc_drops() - drops0
-    out: dict[str, Any] = {"codes": codes, "run_s": took, "drops": drops,
+    out: dict[str, Any] = {"codes": codes, "run_s": took, "drops": drops, "cpu_s": cpu,
                            "tx_bytes": sum(a["tx_bytes"] - b["tx_bytes"]
                                            for a, b in zip(after, before, strict=True))}
     if timed_out or any(c != 0 for c in codes):
@@ -296,7 +318,7 @@ def run_emulated(row: Row, cfg: dict[str, Any], row_dir: Path, net_spec: str,
     from tandem.launch import spawn
 
     data = dict(cfg, net=net_spec, out=str(row_dir / "emu"))
-    t0 = time.monotonic()
+    t0, cpu0 = time.monotonic(), cpu_ticks()
     try:
         if row.kind == "ddp":
             from bench.ddp_cluster_job import job
@@ -306,5 +328,16 @@ def run_emulated(row: Row, cfg: dict[str, Any], row_dir: Path, net_spec: str,
             summary = tandem.train(data, timeout_s=limit_s)
     except Exception as err:  # noqa: BLE001 - a failed row is reported, never dropped
         return {"error": first_error(f"{type(err).__name__}: {err}"),
-                "run_s": time.monotonic() - t0}
-    return {"summary": summary, "run_s": time.monotonic() - t0}
+                "run_s": time.monotonic() - t0, "cpu_s": cpu_spent(cpu0, cpu_ticks())}
+    return {"summary": summary, "run_s": time.monotonic() - t0,
+            "cpu_s": cpu_spent(cpu0, cpu_ticks())}
+
+
+def cpu_ms_per_step(res: dict[str, Any] | None, steps: int | None) -> dict[str, float | None]:
+    """A run's machine-wide CPU per step, whole run (start-up and evaluation included), in ms:
+    ``cpu`` (user + system + softirq) and ``softirq`` alone."""
+    cpu = (res or {}).get("cpu_s")
+    if not cpu or not steps:
+        return {"cpu": None, "softirq": None}
+    return {"cpu": round(1e3 * (cpu["user"] + cpu["system"] + cpu["softirq"]) / steps, 2),
+            "softirq": round(1e3 * cpu["softirq"] / steps, 2)}

@@ -272,3 +272,26 @@ def test_a_result_records_the_tree_it_started_from_not_the_one_it_ended_in(monke
     assert b.provenance["git"] == started
     assert b.provenance["date"] == time.strftime("%Y-%m-%dT%H:%M:%S",
                                                  time.localtime(harness._PROCESS_STARTED))
+
+
+def test_cluster_rows_carry_the_machine_cpu_of_each_run_per_step():
+    """The real and emulated runs' CPU comes from /proc/stat's counters around each run: breaks
+    if a kind is dropped or mixed up (irq goes with softirq, nice with user, iowait with idle)
+    or if per-step values use another unit than ms."""
+    import os
+
+    from bench.cluster import cpu_columns
+    from bench.cluster_run import cpu_spent, cpu_ticks
+
+    hz = os.sysconf("SC_CLK_TCK")
+    before = {k: 0 for k in ("user", "nice", "system", "idle", "iowait", "irq", "softirq")}
+    after = {"user": 3 * hz, "nice": hz, "system": 2 * hz, "idle": 5 * hz, "iowait": hz,
+             "irq": hz, "softirq": hz}
+    spent = cpu_spent(before, after)
+    assert spent == {"user": 4.0, "system": 2.0, "softirq": 2.0, "idle": 6.0}
+    cols = cpu_columns({"cpu_s": spent}, {"cpu_s": dict(spent, softirq=0.5)}, 100)
+    assert cols == {"cpu_ms": 80.0, "emu_cpu_ms": 65.0, "softirq_ms": 20.0,
+                    "emu_softirq_ms": 5.0}
+    assert cpu_columns({"error": "boom"}, None, 100)["cpu_ms"] is None
+    now = cpu_ticks()
+    assert set(now) == set(before) and all(v >= 0 for v in now.values())
