@@ -31,7 +31,8 @@ job must restart and resume to the uninterrupted run's final test loss
 ``--only`` takes ``strategy[:role]`` items (``param_server`` matches both modes). Duration on the
 2-core machine: about 3-10 s per trial (a run and a resume), so the default 10 trials x 12 rows
 take roughly 10-15 min (longer on a loaded machine); ``--trials 1`` about 1 min. Trials that
-failed or took over 5 s to be named keep every rank's first error line in the JSON (``details``).
+failed or took over 5 s to be named keep each rank's error in the JSON (``details``: its first
+line, or a traceback's exception and where it was raised).
 """
 
 from __future__ import annotations
@@ -126,6 +127,17 @@ def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:160]}"
 
 
+def rank_error(detail: str) -> str:
+    """What a rank's failure says, in one line: its first line, or for a traceback (a worker's
+    exception that is not a TandemError arrives as ``Kind: Traceback ...``) the exception's
+    own line and where it was raised."""
+    lines = [ln.strip() for ln in detail.splitlines() if ln.strip()]
+    if not lines or not lines[0].endswith("Traceback (most recent call last):"):
+        return (lines or [""])[0][:240]
+    where = next((ln for ln in reversed(lines) if ln.startswith("File ")), "")
+    return f"{lines[-1][:200]} ({where[:200]})"
+
+
 def max_diff(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> float:
     """Largest |a - b| over every rank's parameters (ranks without params are skipped)."""
     worst = 0.0
@@ -182,7 +194,7 @@ def trial(case: Case, victim: int, k: int, out: Path, steps: int,
                 if row["names_first"] and row["detected_s"] > allowed:
                     row["outcome"] = "named late"
         if not row["ok"] or (row["detected_s"] or 0.0) > 5.0:  # the JSON keeps why
-            row["details"] = {r: (d.splitlines() or [""])[0][:240] for r, d in err.details.items()}
+            row["details"] = {r: rank_error(d) for r, d in err.details.items()}
     except Exception as err:  # noqa: BLE001 - any other end is a failed trial
         row["outcome"] = f"error: {first_line(err)}"
     finally:

@@ -84,6 +84,20 @@ def die_mid_run(victim: int, steps: int, caller_waits: bool = False) -> int:
     return steps
 
 
+def recv_after_the_peer_is_gone() -> int:
+    """Rank 1 exchanges a message with rank 0, then is SIGKILLed; rank 0 waits until gloo has
+    seen its socket close and only then posts a receive from it. gloo then raises as the
+    receive is *posted*, not in its wait (a gossip peer's swap met it after a neighbour died)."""
+    t = transport_from_env(timeout_s=20)
+    if t.rank == 1:
+        t.send(torch.ones(4), 0).wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+    t.recv(torch.empty(4), 1).wait()
+    time.sleep(1.5)  # gloo's loop thread marks the pair closed
+    t.recv(torch.empty(4), 1).wait()
+    return 0
+
+
 def silent_peer(timeout_s: float, caller_waits: bool = False) -> int:
     """Rank 1 never joins the all-reduce (it sleeps): rank 0's wait must name rank 1."""
     t = transport_from_env(timeout_s=timeout_s)

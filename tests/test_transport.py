@@ -187,6 +187,18 @@ def test_silent_peer_is_named_on_timeout(caller_waits):
     assert "PeerTimeout" in msg and "[1]" in msg, msg
 
 
+def test_a_receive_posted_after_its_peer_died_names_the_peer():
+    """Breaks if the engine's error while *posting* a receive escapes as a bare RuntimeError
+    (a strategy that tolerates lost peers, gossip, then failed instead of dropping the dead
+    neighbour; bench/kill_resume met it in 1 of 60 kills): it must be a WorkerFailed that names
+    the dead rank, as an error in the receive's wait is."""
+    with pytest.raises(WorkerFailed) as info:
+        spawn(jobs.recv_after_the_peer_is_gone, 2, timeout_s=120)
+    msg = info.value.details[0]
+    assert msg.startswith("WorkerFailed: receive of 16 bytes from rank 1"), msg
+    assert "[1]" in msg, msg
+
+
 def test_net_spec_is_parsed_or_refused_up_front():
     """Breaks if a string or a wrong type reaches the link emulator: it used to fail inside the
     transport's completion thread, so the first collective hung until its deadline."""

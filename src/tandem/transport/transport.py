@@ -31,14 +31,7 @@ from tandem.transport import costs
 from tandem.transport.accounting import ByteMeter, StepBytes
 from tandem.transport.host_link import host_of, join_host
 from tandem.transport.liveness import CallerWait, Liveness, Pending, Scheduler, Waiters
-from tandem.transport.packing import (
-    TensorSpec,
-    byte_pieces,
-    header_of,
-    nbytes_of,
-    pack,
-    unpack,
-)
+from tandem.transport.packing import TensorSpec, byte_pieces, header_of, nbytes_of, pack, unpack
 from tandem.transport.shaping import LinkEmulator, as_net
 
 _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
@@ -341,8 +334,12 @@ class Transport:
             started = torch.empty(1, dtype=torch.float64)
             pieces.append(started)
         tags = self._next_tags(self._recv_seq, src, len(pieces))
-        works = [dist.irecv(piece, src, group=self._p2p_pg, tag=tag)
-                 for piece, tag in zip(pieces, tags, strict=True)]
+        try:  # gloo raises here, not in the wait, once it has seen the peer's socket close
+            works = [dist.irecv(piece, src, group=self._p2p_pg, tag=tag)
+                     for piece, tag in zip(pieces, tags, strict=True)]
+        except BaseException as err:  # noqa: BLE001 - the handle's wait names the peer
+            pending.set_error(err)
+            return pending
 
         def wait() -> None:
             try:  # as in _finish_collective: every error reaches the caller at once
