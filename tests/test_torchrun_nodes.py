@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,45 @@ def test_a_world_that_does_not_fit_is_refused_before_joining(tmp_path):
     assert all(a.returncode != 0 for a in agents)
     assert "runs 3 processes, but this job has 2" in outs[0]
     assert "elastic membership is not supported" in outs[0]
+
+
+def test_gossip_under_torchrun_goes_on_when_a_node_is_lost(tmp_path):
+    """Rank 3 SIGKILLs itself at step 10; its node's agent then stops rank 2. With no launcher
+    to mark the dead, rank 0 and rank 1 learn it from their neighbours' closed sockets, drop
+    them, and finish all their steps; rank 0 waits for who finished (not for the dead), lists
+    the lost ranks in the summary and says why its torchrun still waits (torch's exit barrier
+    for the lost node's agent: 300 s, which the test does not sit out)."""
+    steps = 300
+    cfg = {**BASE, "strategy": {"name": "gossip", "options": {"topology": "ring"}},
+           "workers": 4, "steps": steps, "inject_crash": [[3, 10]],
+           "out": str(tmp_path / "tr")}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    port = _free_port()
+    logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
+    agents = []
+    try:
+        for r in (0, 1):
+            with logs[r].open("w") as log:
+                agents.append(subprocess.Popen(
+                    [str(TORCHRUN), "--nnodes", "2", "--node_rank", str(r), "--nproc_per_node",
+                     "2", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m",
+                     "tandem.cli", "worker", "--config", str(path)],
+                    stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                    env=dict(os.environ, TMPDIR=str(tmp_path)), start_new_session=True))
+        deadline = time.monotonic() + 180
+        while "note: ranks" not in logs[0].read_text() and time.monotonic() < deadline \
+                and agents[0].poll() is None:
+            time.sleep(0.5)
+        assert agents[1].wait(timeout=60) != 0  # the lost node's agent fails
+    finally:
+        for a in agents:
+            if a.poll() is None:
+                os.killpg(a.pid, signal.SIGKILL)
+                a.wait()
+    out = logs[0].read_text()
+    assert "note: ranks [2, 3] were lost" in out, out[-3000:]
+    summary = json.loads((tmp_path / "tr" / "summary.json").read_text())
+    assert summary["lost_ranks"] == [2, 3]
+    assert [_steps(tmp_path / "tr", r) for r in (0, 1)] == [steps, steps]
+    assert (tmp_path / "tr" / "model.pt").is_file()

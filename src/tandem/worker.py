@@ -73,13 +73,19 @@ def main(cfg_data: dict[str, Any], workload: Workload | bytes | None = None,
         result = strategy.run()
         recorder.close()
         tolerant = strategy_cls.tolerates_lost_workers
+        lost: list[int] = []
         if not tolerant:  # a closing barrier would wait for a worker the strategy let go
             transport.barrier().wait()
+        elif finalize:  # torchrun: no launcher tells rank 0 who finished and who was lost
+            transport.liveness.mark_finished()
+            if transport.rank == 0:
+                lost = transport.liveness.await_finished(cfg.timeout_s)
         if finalize and transport.rank == 0:
             from tandem.telemetry.summary import finalize_run
 
             result["summary"] = finalize_run(run_dir, cfg.model_dump(mode="json"),
-                                             target_accuracy=cfg.target_accuracy)
+                                             target_accuracy=cfg.target_accuracy,
+                                             extra={"lost_ranks": lost})
         graceful = not tolerant
     finally:
         transport.close(graceful=graceful)

@@ -9,6 +9,10 @@ caller waits on an event with its own deadline. When the deadline passes the cal
 * ranks the launcher (or a peer) marked dead in the store;
 * ranks whose heartbeat is stale (their process is gone or frozen);
 * for a collective, ranks whose published collective count is behind ours (they never joined).
+
+An operation with one peer that fails because the engine saw that peer's socket close names the
+peer at once: only its process going away (or closing its group) closes it. Under torchrun,
+where no launcher marks the dead, this is how a neighbour's death is known in time.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from typing import Any
 from tandem.errors import PeerTimeout, WorkerFailed
 
 _log = logging.getLogger(__name__)
+#: what gloo's error says when the other end of a pair's socket went away
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 HEARTBEAT_S = 0.5
 STALE_S = 5.0
@@ -84,6 +90,9 @@ class Pending:
                 )
         if self._error is not None:
             dead = self._liveness.dead_ranks(self._peers) if self._liveness else []
+            if not dead and self._peers and len(self._peers) == 1 and \
+                    any(gone in str(self._error) for gone in PEER_GONE):
+                dead = list(self._peers)  # its socket closed: see the module's docstring
             if not dead and self._liveness is not None:
                 time.sleep(HEARTBEAT_S * 3)  # give a dying peer's mark time to land
                 dead = self._liveness.dead_ranks(self._peers) or self._liveness.suspects(
@@ -248,6 +257,28 @@ class Liveness:
     def dead_ranks(self, peers: list[int] | None = None) -> list[int]:
         ranks = peers if peers is not None else range(self.world)
         return [r for r in ranks if r != self.rank and self._read(f"dead/{r}") is not None]
+
+    def mark_finished(self) -> None:
+        """This rank's part of the run is over and its records are closed (see
+        :meth:`await_finished`)."""
+        with self._lock:
+            self.store.set(f"finished/{self.rank}", "1")
+
+    def await_finished(self, timeout_s: float) -> list[int]:
+        """Wait until every other rank has marked itself finished or is known to be gone (marked
+        dead, or its heartbeat stale, :data:`STALE_S`), for at most ``timeout_s``; return the
+        ranks that did not finish (sorted). For the rank that writes the summary under
+        torchrun, where no launcher collects who finished, when the strategy goes on without
+        lost workers and so has no closing barrier."""
+        waiting = {r for r in range(self.world) if r != self.rank}
+        deadline = time.monotonic() + timeout_s
+        gone: set[int] = set()
+        while True:
+            waiting -= {r for r in waiting if self._read(f"finished/{r}") is not None}
+            gone = set(self.suspects(sorted(waiting))) if waiting else set()
+            if waiting <= gone or time.monotonic() > deadline:
+                return sorted(waiting)
+            time.sleep(0.1)
 
     def stopped_ranks(self, peers: list[int]) -> list[int]:
         """Ranks the launcher saw end with an error caused by another rank's failure."""
