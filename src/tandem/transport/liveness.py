@@ -272,11 +272,9 @@ class Liveness:
         lost workers and so has no closing barrier."""
         waiting = {r for r in range(self.world) if r != self.rank}
         deadline = time.monotonic() + timeout_s
-        gone: set[int] = set()
         while True:
             waiting -= {r for r in waiting if self._read(f"finished/{r}") is not None}
-            gone = set(self.suspects(sorted(waiting))) if waiting else set()
-            if waiting <= gone or time.monotonic() > deadline:
+            if waiting <= set(self.suspects(sorted(waiting))) or time.monotonic() > deadline:
                 return sorted(waiting)
             time.sleep(0.1)
 
