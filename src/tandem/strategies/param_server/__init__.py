@@ -26,10 +26,17 @@ Modes (option ``mode``):
   - ``overwrite``: theta <- theta_g (local progress is dropped locally, still pushed next round);
   - ``delay-corrected`` (default): theta <- theta_g + (theta_local - theta_cand) = theta_g - lr*U,
     U the gradients not yet pushed; each local update enters the global model exactly once;
-  - ``compensated``: like delay-corrected, but U is first corrected for having been computed on
-    the candidate instead of theta_g: U <- U + lambda * sum(g*g) * (theta_g - theta_cand), the
-    first-order Taylor correction with a diagonal Hessian estimate of DC-ASGD, which is the
-    local compensation LOSP applies to stale updates (see docs/param_server.md).
+  - ``compensated`` (``local_step=sgd`` only): like delay-corrected, but U is first corrected
+    for having been computed on the candidate instead of theta_g:
+    U <- U + lambda * sum(g*g) * (theta_g - theta_cand), the first-order Taylor correction
+    with a diagonal Hessian estimate of DC-ASGD, which is the local compensation LOSP applies
+    to stale updates (see docs/param_server.md).
+
+Local steps (option ``local_step``): ``sgd`` is the form above, the servers' optimizer applying
+the pushed gradients; ``optimizer`` runs the run's optimizer on each worker and pushes its
+parameter change, which the servers average (an outer step of rate 1); ``auto`` (default) picks
+``sgd`` for SGD and ``optimizer`` for Adam, AdamW or a workload's own optimizer, whose steps a
+pushed sum of gradients does not reproduce (:func:`.options.local_step_of`).
 
 Every gradient enters the global model with weight 1/N (N = live workers) in every mode: sync and
 candidate rounds divide the sum by N, async and ssp apply each push scaled by 1/N. So all modes
@@ -59,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 from tandem.errors import ConfigError
 from tandem.strategies.base import Strategy, register
-from tandem.strategies.param_server.options import ParamServerOptions
+from tandem.strategies.param_server.options import ParamServerOptions, local_step_of
 from tandem.strategies.param_server.placement import (
     local_servers,
     placement_for,
@@ -101,6 +108,9 @@ class ParamServerStrategy(Strategy):
             raise ConfigError(f"strategy.options.min_workers: {options.min_workers} exceeds "
                               f"workers={cfg.workers}")
         check_pull(options)
+        if options.local_step == "optimizer" and options.mode != "candidate":
+            raise ConfigError(f"strategy.options.local_step=optimizer: only mode=candidate takes "
+                              f"local steps; mode={options.mode} pushes each gradient")
         from tandem.strategies.param_server.lgc import check_codec
 
         check_codec(cfg, options)
@@ -110,11 +120,18 @@ class ParamServerStrategy(Strategy):
     def check_training(cls, cfg: Any, options: Any, spec: Any) -> None:
         servers = len(placement_for(cfg.workers, options).server_ranks) if under_torchrun() \
             else local_servers(options)
-        if servers > 1 and not spec.elementwise:
+        deltas = local_step_of(options, spec) == "optimizer"
+        if deltas and options.merge == "compensated":
+            raise ConfigError("merge=compensated corrects local SGD steps (lambda*g*g); with "
+                              f"local_step=optimizer (local_step={options.local_step}, optimizer "
+                              f"{spec.optimizer_name or 'from the workload'}) use "
+                              "merge=delay-corrected, or set local_step=sgd")
+        # local_step=optimizer: the workers run the optimizer and clip; the servers only average
+        if servers > 1 and not spec.elementwise and not deltas:
             raise ConfigError("optimizer: the workload's optimizer factory needs the whole model, "
                               "which only one parameter server holds; use servers=1 or a "
                               "built-in optimizer (--optimizer sgd|adam|adamw)")
-        if servers > 1 and spec.clip is not None:
+        if servers > 1 and spec.clip is not None and not deltas:
             raise ConfigError("clip_grad_norm: clipping the aggregated gradient's global norm "
                               "needs one server to see it whole; use servers=1")
         adaptive = spec.optimizer_factory is not None or spec.optimizer_name != "sgd"

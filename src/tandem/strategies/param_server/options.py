@@ -24,6 +24,11 @@ class ParamServerOptions(StrategyOptions):
     server_ranks: list[int] | None = Field(default=None, description="torchrun: the global "
                                            "ranks that serve (default: the last local rank of "
                                            "each node)")
+    local_step: Literal["auto", "sgd", "optimizer"] = Field(
+        default="auto", description="candidate: a local step is sgd (theta - lr*g; workers "
+        "push gradients, the servers' optimizer applies them) or optimizer (the run's optimizer "
+        "on the worker; workers push their parameter change, the servers average it); auto: "
+        "sgd when the optimizer is SGD, else optimizer")
     cap: int | Literal["auto"] = Field(default="auto", description="candidate: most steps "
                                        "between merges; auto: about round trip / compute, "
                                        "at most max_staleness")
@@ -45,3 +50,21 @@ class ParamServerOptions(StrategyOptions):
         if isinstance(v, int) and v < 1:
             raise ValueError("cap must be auto or an integer >= 1")
         return v
+
+
+def local_step_of(opts: ParamServerOptions, spec: Any) -> str:
+    """The candidate's local step as run: ``sgd`` or ``optimizer`` (``auto`` resolved).
+
+    ``sgd`` is the spec's theta - lr*g: the workers push gradients and the servers' optimizer
+    applies the round's mean, so a pushed sum of k gradients is *one* step of that optimizer.
+    For SGD that equals k local steps; for Adam-like optimizers, which normalise a step's size,
+    it is about one step's progress for k gradients, and the local SGD steps use a rate meant
+    for Adam. ``optimizer`` runs the run's own optimizer (its state, clip and schedule) on each
+    worker and pushes the parameter change, which the servers average; with plain SGD the two
+    compute the same model. Every mode but ``candidate`` pushes gradients (``sgd``).
+    """
+    if opts.mode != "candidate":
+        return "sgd"
+    if opts.local_step != "auto":
+        return opts.local_step
+    return "sgd" if spec.optimizer_name == "sgd" else "optimizer"

@@ -4,6 +4,8 @@ Each server process holds the pieces :func:`~.sharding.plan_shards` gives it and
 optimizer over them (:class:`~tandem.trainer.spec.TrainSpec`: a built-in one runs on the pieces; a
 workload's factory, which may build parameter groups, needs the whole model and so one server),
 with its schedule (stepped once per applied update) and the global-norm clip (one server only).
+Under ``local_step=optimizer`` the workers run the optimizer and the pushes are parameter
+changes: a server has no optimizer and subtracts the round's mean change.
 One receiver thread per worker waits for that worker's pushes (a receive may wait as long as the
 worker lives) and queues them; the main thread decodes each push with the run's codec and applies
 it:
@@ -43,6 +45,7 @@ import torch
 from tandem.checkpoint import StrategyCheckpoints
 from tandem.codecs.base import Message
 from tandem.errors import ConfigError, PeerTimeout, TandemError, WorkerFailed
+from tandem.strategies.param_server.options import local_step_of
 from tandem.strategies.param_server.pull import PullSender
 from tandem.strategies.param_server.server_ckpt import ServerCheckpoints
 from tandem.strategies.param_server.sharding import plan_shards, split
@@ -78,20 +81,24 @@ class PSServer(ServerCheckpoints):
         self.plan = plan_shards([tuple(p.shape) for p in init], n_servers)
         mine = split(init, self.plan)[self.index]
         self.spec = spec = training_spec(cfg, ctx.workload)
-        if spec.elementwise:  # a built-in optimizer runs on this server's pieces
+        #: local_step=optimizer: pushes are parameter changes, averaged without an optimizer
+        self.deltas = local_step_of(opts, spec) == "optimizer"
+        self.opt: torch.optim.Optimizer | None = None
+        if self.deltas or spec.elementwise:  # this server's pieces (a built-in optimizer's)
             self.params = [torch.nn.Parameter(t.clone().float()) for t in mine]
-            self.opt = spec.make_optimizer(self.params)
+            if not self.deltas:
+                self.opt = spec.make_optimizer(self.params)
         else:  # the workload's factory needs the whole model: one server holds it whole
             if n_servers != 1:
                 raise ConfigError("param_server: the workload's optimizer factory needs the "
                                   "whole model; use servers=1 (or a built-in optimizer)")
             self.params = [p for p in model.parameters() if p.requires_grad]
             self.opt = spec.make_optimizer(model)
-        if spec.clip is not None and n_servers != 1:
+        if spec.clip is not None and n_servers != 1 and not self.deltas:
             raise ConfigError("param_server: clip_grad_norm clips the global norm of the "
                               "aggregated gradient, which one server sees whole; use servers=1")
         self.total = strategy.total_steps(cfg, len(ctx.workload.train))
-        self.sched = spec.make_scheduler(self.opt, self.total)
+        self.sched = spec.make_scheduler(self.opt, self.total) if self.opt is not None else None
         self.codecs = {}
         for i, w in enumerate(self.ranks):
             codec = ctx.make_codec(seed_offset=self.index)
@@ -198,6 +205,12 @@ class PSServer(ServerCheckpoints):
             return None
 
     def _apply(self, grads: list[torch.Tensor], scale: float) -> None:
+        if self.opt is None:  # local_step=optimizer: the mean parameter change, as it is
+            with torch.no_grad():
+                for p, g in zip(self.params, grads, strict=True):
+                    p.sub_(g, alpha=scale)
+            self.version += 1
+            return
         for p, g in zip(self.params, grads, strict=True):
             p.grad = g * scale if scale != 1.0 else g
         step_optimizer(self.opt, self.params, self.spec.clip, self.sched)

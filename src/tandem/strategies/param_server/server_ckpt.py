@@ -42,7 +42,8 @@ class ServerCheckpoints:
         with torch.no_grad():
             for p, v in zip(self.params, state["params"], strict=True):
                 p.copy_(v)
-        self.opt.load_state_dict(state["optimizer"])
+        if self.opt is not None:  # None under local_step=optimizer: the workers step
+            self.opt.load_state_dict(state["optimizer"])
         if self.sched is not None and "scheduler" in state:
             self.sched.load_state_dict(state["scheduler"])
         for w, cs in zip(self.ranks, state["codecs"], strict=True):
@@ -62,7 +63,7 @@ class ServerCheckpoints:
         next_step = max(self.marked[w] for w in self.active)  # the same for all: the workers'
         self._tag = str(next_step)
         state = {"params": [p.detach().clone() for p in self.params],
-                 "optimizer": self.opt.state_dict(),
+                 **({"optimizer": self.opt.state_dict()} if self.opt is not None else {}),
                  **({"scheduler": self.sched.state_dict()} if self.sched is not None else {}),
                  "codecs": [self.codecs[w].state_dict() for w in self.ranks],
                  "server": {**{k: getattr(self, k) for k in self._SAVED},

@@ -3,7 +3,8 @@
 One loop serves every mode; the baselines are the candidate loop with ``cap = 1``:
 
 1. compute a gradient g on the current model; add it to the unpushed sum U (k += 1) and take
-   the local step theta <- theta - lr*g (the candidate model);
+   the local step theta <- theta - lr*g (the candidate model); under ``local_step=optimizer``
+   the local step is the run's optimizer step and U sums the parameter changes instead;
 2. if no push is in flight: push U (through the codec, one message per server), post the pull's
    receive at once, remember theta_cand = theta;
 3. if the pull is in flight: merge when it has arrived (``Pending.done()``, never blocking);
@@ -33,6 +34,7 @@ import torch
 from tandem.errors import PeerTimeout, WorkerFailed
 from tandem.strategies.base import Computed, Exchanged, StepLoop
 from tandem.strategies.param_server.cap import AutoCap
+from tandem.strategies.param_server.options import local_step_of
 from tandem.strategies.param_server.pull import PullReceiver
 from tandem.strategies.param_server.sharding import join, plan_shards, split
 from tandem.strategies.param_server.wire import FLAG_CKPT, FLAG_FINAL, FLAG_META, meta_to_bytes
@@ -74,6 +76,8 @@ class PSWorker(StepLoop):
             codec.rank = index
             codec.set_total_steps(self.total)
             self.codecs.append(codec)
+        #: local_step=optimizer: each local step is the run's optimizer step, U the change
+        self.deltas = local_step_of(opts, trainer.spec) == "optimizer"
         self.auto = AutoCap(opts.max_staleness) if opts.cap == "auto" else None
         self.cap = 1 if opts.mode != "candidate" else \
             (self.auto.value if self.auto is not None else opts.cap)
@@ -265,26 +269,37 @@ class PSWorker(StepLoop):
 
     @torch.no_grad()
     def _accumulate(self, grads: list[torch.Tensor]) -> None:
+        """Take the local step on ``grads`` and add it to the unpushed sum U (and ``moved``,
+        the parameters' change since the push, which a delay-corrected merge keeps)."""
         if self.k == 0:
             self.oldest = self.version
-        if self.unpushed is None:
-            self.unpushed = [g.clone() for g in grads]
-        else:
-            for a, g in zip(self.unpushed, grads, strict=True):
-                a.add_(g)
+        if self.deltas:  # the run's optimizer (state, clip, schedule); U is the change it made
+            before = [p.detach().clone() for p in self.params]
+            self.trainer.apply(grads)
+            step = [b.sub_(p.detach()) for b, p in zip(before, self.params, strict=True)]
+            self._add(step, step)
+            return
         if self.opts.merge == "compensated":
             sq = [g * g for g in grads]
             self.squares = sq if self.squares is None else [
                 a + b for a, b in zip(self.squares, sq, strict=True)]
-        self.k += 1
-        self.since_merge += 1
-        lr = self.trainer.lr
-        step = [lr * g for g in grads]
-        self.moved = step if self.moved is None else [
-            m + s for m, s in zip(self.moved, step, strict=True)]
+        step = [self.trainer.lr * g for g in grads]
+        self._add(grads, step)
         for p, s in zip(self.params, step, strict=True):
             p.sub_(s.view_as(p))
         self._advance_schedule()
+
+    def _add(self, pushed: list[torch.Tensor], moved: list[torch.Tensor]) -> None:
+        """U += pushed (what the next push carries); moved += moved (the local change)."""
+        if self.unpushed is None:
+            self.unpushed = [g.clone() for g in pushed]
+        else:
+            for a, g in zip(self.unpushed, pushed, strict=True):
+                a.add_(g)
+        self.moved = [m.clone() for m in moved] if self.moved is None else [
+            a.add_(m) for a, m in zip(self.moved, moved, strict=True)]
+        self.k += 1
+        self.since_merge += 1
 
     def _advance_schedule(self) -> None:
         """The candidate's local steps are SGD steps at the schedule's rate of that step
