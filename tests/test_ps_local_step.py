@@ -51,6 +51,8 @@ def test_adam_local_steps_enter_the_global_model_exactly_once(tmp_path):
         torch.testing.assert_close(w["params"][0], expected, rtol=1e-5, atol=1e-5)
         assert w["pushed_steps_total"] == 40
     assert sum(r["role"] == "server" for r in out["results"]) == 2
+    events = (tmp_path / "adam" / "events.jsonl").read_text().replace(" ", "")
+    assert '"ps_local_step":"optimizer"' in events  # what auto picked, on record
     assert max(w["local_steps_per_round"] for w in workers) > 1.5  # candidates really happened
 
 
