@@ -23,7 +23,6 @@ mapping goes), so nothing is left behind once every process has attached.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import mmap
 import os
@@ -39,6 +38,7 @@ import numpy as np
 
 from tandem.config import NetConfig
 from tandem.errors import ConfigError, TandemError
+from tandem.transport.file_lock import flocked
 
 #: messages (in flight, or left but not yet collected by their sender) one host's link can hold
 SLOTS = 512
@@ -68,7 +68,7 @@ class HostLink:
         self.path = path
         size = (_HEADER + 3 * SLOTS) * 8
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        with self._flocked():
+        with flocked(self._fd):
             if os.fstat(self._fd).st_size < size:  # the first to open it lays it out
                 os.ftruncate(self._fd, size)
                 fresh = True
@@ -82,18 +82,10 @@ class HostLink:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def _flocked(self) -> Iterator[None]:
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-
-    @contextlib.contextmanager
     def timelines(self) -> Iterator[LinkTimelines]:
         """The host's timelines, exclusively (this process's threads and the host's other
         processes wait); what the block changes is written back when it ends."""
-        with self._lock, self._flocked():
+        with self._lock, flocked(self._fd):
             t = self._load()
             yield t
             self._store(t)

@@ -46,7 +46,6 @@ weakly ordered CPUs (ARM) a torn read is unlikely but not excluded; the stress t
 
 from __future__ import annotations
 
-import fcntl
 import os
 import signal
 import tempfile
@@ -59,6 +58,7 @@ from pathlib import Path
 import torch
 
 from tandem.errors import TandemError
+from tandem.transport.file_lock import flocked
 
 # int64 header fields
 _LATEST, _SEQ0, _SEQ1, _STOP, _ACTIVE = 0, 1, 2, 3, 4
@@ -148,11 +148,8 @@ class MachineSegment:
     @contextmanager
     def locked(self) -> Iterator[None]:
         """The inter-process lock guarding the accumulators (one flock on the segment file)."""
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-        try:
+        with flocked(self._fd):
             yield
-        finally:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
 
     # ---- model slot (single writer: the agent) ---------------------------------------------
     def publish(self, flat: torch.Tensor, version: int) -> None:
