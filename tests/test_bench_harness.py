@@ -150,6 +150,38 @@ def test_rescore_keeps_the_measured_provenance_and_recomputes_the_targets(tmp_pa
     assert by["emulation error, 10mbit cnn allreduce fp16"]["state"] == "NOT MET"
 
 
+def test_param_server_rescore_scores_where_the_candidate_must_win_and_must_not_lose(
+        tmp_path, monkeypatch):
+    """`bench.param_server --rescore` measures nothing: breaks if the provenance or a row is
+    lost, if the final-model margin compares the wrong rows or takes the wrong sign, or if
+    textlm is scored by accuracy instead of its test loss."""
+    from bench import param_server
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+
+    def row(workload, name, t, acc, loss, idle=0.01):
+        return {"section": "links", "workload": workload, "net": "10mbit:1ms", "row": name,
+                "time_to_target_s": t, "final_acc": acc, "final_loss": loss, "idle_frac": idle}
+
+    rows = [row("cnn", "candidate", 5.0, 0.955, 0.2), row("cnn", "sync PS", 10.0, 0.969, 0.1),
+            row("textlm", "candidate", None, 0.30, 3.26), row("textlm", "sync PS", 8.0, 0.28, 3.23)]
+    old = {"date": "then", "command": "the measuring command", "git": {"commit": "c" * 40},
+           "duration_s": 99.0, "rows": rows, "targets": [], "notes": ["a note"]}
+    (tmp_path / "param_server.json").write_text(json.dumps(old))
+    param_server._rescore(harness.Bench("param_server", ["row"]))
+    rec = json.loads((tmp_path / "param_server.json").read_text())
+    assert (rec["command"], rec["git"]["commit"], rec["rows"]) == \
+        ("the measuring command", "c" * 40, rows)
+    by = {t["name"]: t for t in rec["targets"]}
+    cnn, lm = "links cnn 10mbit:1ms: candidate ", "links textlm 10mbit:1ms: candidate "
+    assert by[cnn + "time to target / sync PS's"]["value"] == 0.5
+    assert by[cnn + "final test accuracy - sync PS's"]["state"] == "NOT MET"  # -1.4 points
+    assert abs(by[cnn + "final test accuracy - sync PS's"]["value"] + 0.014) < 1e-9
+    assert by[lm + "final test loss - sync PS's"]["state"] == "MET"  # +0.03 nats
+    assert by[lm + "time to target / sync PS's"]["state"] == "NOT MET"  # never reached it
+    assert not any(n.startswith(lm + "final test accuracy") for n in by)
+
+
 def test_first_error_names_a_cpp_abort_and_never_a_banner():
     """A row that aborted in gloo (no Python traceback) once read 'FAILED: ====' (torchrun's
     banner): breaks if the enforce line is not picked, or a line without words can be."""
