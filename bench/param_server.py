@@ -2,7 +2,8 @@
 against synchronous PS with the same codecs, all-reduce with the same codec, and plain
 DDP-equivalent all-reduce (dense), on emulated links.
 
-Two sections, every row measured in this one run with the same seed, data and steps:
+Sections (``--sections``), every row of a section measured in one run with the same seed, data
+and steps (``modes``: the baselines and both merges on digits at 20 ms, dense):
 
 * ``links``: 4 workers (+ 1 server) on emulated 10 and 100 Mbit/s links with 1 ms one-way
   latency, on mnist5k's CNN with ``hidden=360`` (201,538 parameters; 3,500 train / 1,500 test
@@ -20,6 +21,10 @@ Two sections, every row measured in this one run with the same seed, data and st
     server);
   - ``allreduce topk``: the same push codec under all-reduce;
   - ``allreduce dense``: what DDP computes (optimizer momentum 0.9 for the CNN).
+
+* ``tuning``: the CNN at 10 Mbit/s, where the candidate loses: the candidate with the options a
+  user would try there (``max_staleness`` 8 and 16 for fresher models, ``merge=compensated``)
+  beside the default candidate and sync PS. No targets: it says whether tuning rescues it.
 
 * ``latency``: one-way latency 0.1, 1 and 20 ms at 100 Mbit/s on ``digits`` (MLP, 360 test
   images) and ``textlm``; rows ``candidate`` and ``sync PS`` with the default ``cap`` (auto),
@@ -73,7 +78,18 @@ MODES = [("sync PS", {"mode": "sync"}), ("ssp(s=3)", {"mode": "ssp", "staleness"
          ("candidate", {"mode": "candidate", "merge": "delay-corrected"})]
 
 
+TUNING = [("candidate", {}), ("sync PS", {"mode": "sync"}),
+          ("candidate max_staleness=8", {"max_staleness": 8}),
+          ("candidate max_staleness=16", {"max_staleness": 16}),
+          ("candidate compensated", {"merge": "compensated"})]
+
+
 def rows(section: str, workload: str) -> list[tuple[str, dict[str, Any]]]:
+    if section == "tuning":  # what a user would try where the candidate loses (the CNN at
+        # 10 Mbit/s): fresher models (a lower max_staleness) or LOSP's compensation
+        ps = {"strategy": "param_server", "codec": TOPK, "momentum": 0.0}
+        return [(name, dict(ps, options={"mode": "candidate", **PULL, **opts}))
+                for name, opts in TUNING]
     if section == "modes":  # the baselines, dense, as issue 5 measured them
         return [(name, {"strategy": "param_server", "codec": "dense", "momentum": 0.0,
                         "options": opts}) for name, opts in MODES]
@@ -158,7 +174,7 @@ def _time_to_loss(run: Path, target: float) -> tuple[float | None, int | None]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
-    ap.add_argument("--sections", default="links,latency,modes")
+    ap.add_argument("--sections", default="links,latency,modes,tuning")
     ap.add_argument("--merge", action="store_true", help="keep the other sections' rows and "
                     "targets of the existing results file (each section is measured in one run)")
     ap.add_argument("--workloads", default="cnn,textlm,digits")
@@ -176,6 +192,8 @@ def main() -> None:
                  for lat in ("100us", "1ms", "20ms")]
     if "modes" in args.sections and "digits" in wanted:
         plan += [("modes", "digits", "100mbit:20ms")]
+    if "tuning" in args.sections and "cnn" in wanted:
+        plan += [("tuning", "cnn", "10mbit:1ms")]
     bench = Bench("param_server_quick" if args.quick else "param_server",
                   ["section", "workload", "net", "row", "time_to_target_s", "speedup",
                    "final_acc", "acc_se", "final_loss", "idle_frac", "steps_per_push",
@@ -249,6 +267,8 @@ def _targets(bench: Bench, measured: dict[tuple[str, str, str], dict[str, dict]]
     model within a small margin of sync PS's, METHODS M3: 1 accuracy point, about two standard
     errors on these test sets; textlm 0.05 nats of test loss)."""
     for (section, workload, net), got in measured.items():
+        if section == "tuning":  # a sweep of the candidate's options where it loses: no goal
+            continue
         cand, sync = got["candidate"], got["sync PS"]
         where = f"{section} {workload} {net}"
         bench.target(f"{where}: candidate mean worker idle fraction", cand["idle_frac"],

@@ -148,7 +148,7 @@ VIEWS: dict[str, View] = {
     "cluster:cnn_unshaped": View(_cluster_cols(True), where={"rate": "unshaped",
                                                              "workload": "cnn"}),
     **{f"param_server:{s}": View(_PS_COLS, where={"section": s})
-       for s in ("links", "latency", "modes")},
+       for s in ("links", "latency", "modes", "tuning")},
     "plan:validation": View(
         [Col("config"), Col("N"), Col("meas_ms", "measured ms/step", ms),
          Col("pred_ms", "predicted ms/step", ms), Col("err", "error", pct),
