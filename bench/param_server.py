@@ -23,8 +23,9 @@ and steps (``modes``: the baselines and both merges on digits at 20 ms, dense):
   - ``allreduce dense``: what DDP computes (optimizer momentum 0.9 for the CNN).
 
 * ``tuning``: the CNN at 10 Mbit/s, where the candidate loses: the candidate with the options a
-  user would try there (``max_staleness`` 8 and 16 for fresher models, ``merge=compensated``)
-  beside the default candidate and sync PS. No targets: it says whether tuning rescues it.
+  user would try there (``max_staleness`` 8 and 16 for fresher models, ``merge=compensated``,
+  and 4x the push density: top-k 4 % pushes, 16 % pulls) beside the default candidate and sync
+  PS. No targets: it says whether tuning rescues it.
 
 * ``latency``: one-way latency 0.1, 1 and 20 ms at 100 Mbit/s on ``digits`` (MLP, 360 test
   images) and ``textlm``; rows ``candidate`` and ``sync PS`` with the default ``cap`` (auto),
@@ -88,8 +89,12 @@ def rows(section: str, workload: str) -> list[tuple[str, dict[str, Any]]]:
     if section == "tuning":  # what a user would try where the candidate loses (the CNN at
         # 10 Mbit/s): fresher models (a lower max_staleness) or LOSP's compensation
         ps = {"strategy": "param_server", "codec": TOPK, "momentum": 0.0}
-        return [(name, dict(ps, options={"mode": "candidate", **PULL, **opts}))
-                for name, opts in TUNING]
+        out = [(name, dict(ps, options={"mode": "candidate", **PULL, **opts}))
+               for name, opts in TUNING]
+        # more of the gradient per push: top-k 4 % pushes, pulls 4 workers x that (16 %)
+        wider = {"name": "topk", "options": {"ratio": 0.04, "momentum": 0.9}}
+        return out + [("candidate push 4 %, pull 16 %", dict(ps, codec=wider, options={
+            "mode": "candidate", "pull": "topk", "pull_options": {"ratio": 0.16}}))]
     if section == "modes":  # the baselines, dense, as issue 5 measured them
         return [(name, {"strategy": "param_server", "codec": "dense", "momentum": 0.0,
                         "options": opts}) for name, opts in MODES]
