@@ -24,8 +24,8 @@ and steps (``modes``: the baselines and both merges on digits at 20 ms, dense):
 
 * ``tuning``: the CNN at 10 Mbit/s, where the candidate loses: the candidate with the options a
   user would try there (``max_staleness`` 8 and 16 for fresher models, ``merge=compensated``,
-  and 4x the push density: top-k 4 % pushes, 16 % pulls) beside the default candidate and sync
-  PS. No targets: it says whether tuning rescues it.
+  4x the push density: top-k 4 % pushes, 16 % pulls, and four servers, each with its own
+  link) beside the default candidate and sync PS. No targets: it says whether tuning rescues it.
 
 * ``latency``: one-way latency 0.1, 1 and 20 ms at 100 Mbit/s on ``digits`` (MLP, 360 test
   images) and ``textlm``; rows ``candidate`` and ``sync PS`` with the default ``cap`` (auto),
@@ -82,7 +82,10 @@ MODES = [("sync PS", {"mode": "sync"}), ("ssp(s=3)", {"mode": "ssp", "staleness"
 TUNING = [("candidate", {}), ("sync PS", {"mode": "sync"}),
           ("candidate max_staleness=8", {"max_staleness": 8}),
           ("candidate max_staleness=16", {"max_staleness": 16}),
-          ("candidate compensated", {"merge": "compensated"})]
+          ("candidate compensated", {"merge": "compensated"}),
+          # one server's link carries every push and pull: four servers, four links (8
+          # processes on this machine's 2 cores)
+          ("candidate servers=4", {"servers": 4})]
 
 
 def rows(section: str, workload: str) -> list[tuple[str, dict[str, Any]]]:
