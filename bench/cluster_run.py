@@ -143,14 +143,10 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
         Row("powersgd-r1-delay", "allreduce powersgd r1 delay=1", "tandem", codec="powersgd",
             codec_opts={"rank": 1}, strategy_opts={"delay": 1}),
         Row("qsgd", "allreduce qsgd", "tandem", codec="qsgd"),
-        # one server per host, a shard each; textlm's optimizer factory (AdamW with parameter
-        # groups) needs the whole model, so one server there, on a host of its own (torchrun
-        # runs equal nodes: one process per host, so one host fewer trains)
+        # one server per host, a shard each (textlm's AdamW factory runs on the workers under
+        # local_step=auto, so its servers only average and may hold shards too)
         Row("param_server", "param_server candidate", "tandem", strategy="param_server",
-            strategy_opts={"servers": hosts})
-        if workload == "cnn" else
-        Row("param_server", f"param_server candidate ({hosts - 1} workers + 1 server)", "tandem",
-            strategy="param_server", strategy_opts={"servers": 1}, workers=hosts - 1),
+            strategy_opts={"servers": hosts}),
         *([Row("param_server-sync", "param_server sync", "tandem", strategy="param_server",
                strategy_opts={"servers": hosts, "mode": "sync"})]  # the candidate's baseline
           if workload == "cnn" else []),
