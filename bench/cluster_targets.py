@@ -10,7 +10,6 @@ file after a change here, without measuring anything.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from bench.cluster_run import Row, rows_for
@@ -104,14 +103,6 @@ def rescore(bench: Bench, hosts: int) -> None:
     """``--rescore``: the results file's rows, notes and provenance as they are, its targets and
     best-row note recomputed from the rows (after a change to :func:`targets`; measures
     nothing)."""
-    from bench import harness
-
-    path = harness.RESULTS / f"{bench.name}.json"
-    if not path.is_file():
-        raise SystemExit(f"error: --rescore needs {path}, which does not exist")
-    old = json.loads(path.read_text())
-    old["notes"] = [n for n in old.get("notes", [])
-                    if not n.startswith(("best Tandem row", "targets recomputed"))]
-    bench.adopt(old)
+    bench.adopt_results(stale_notes=("best Tandem row",))
     targets(bench, hosts, None, quick=bench.name.endswith("_quick"))
     bench.finish()

@@ -197,6 +197,18 @@ class Bench:
                       f"run of {old.get('date') or old.get('when')} (commit {commit}, "
                       f"`{old.get('command')}`); measured in this run: {measured_now}")
 
+    def adopt_results(self, stale_notes: tuple[str, ...] = ()) -> None:
+        """``--rescore``: :meth:`adopt` this benchmark's results file, without an earlier
+        rescore's note or the notes starting with ``stale_notes`` (those the new targets
+        replace). Exits with a message when there is no file to rescore."""
+        path = RESULTS / f"{self.name}.json"
+        if not path.is_file():
+            raise SystemExit(f"error: --rescore needs {path}, which does not exist")
+        old = json.loads(path.read_text())
+        old["notes"] = [n for n in old.get("notes", [])
+                        if not n.startswith(("targets recomputed", *stale_notes))]
+        self.adopt(old)
+
     def adopt(self, old: dict[str, Any]) -> None:
         """Take a results document's rows, notes and measurement provenance (commit, date,
         machine, command, duration), for a pass that recomputes its targets from those rows and

@@ -260,16 +260,7 @@ def main() -> None:
 def _rescore(bench: Bench) -> None:
     """``--rescore``: the results file's rows, notes and provenance as they are, the targets
     recomputed from its rows (measures nothing)."""
-    import json
-
-    from bench import harness
-
-    path = harness.RESULTS / f"{bench.name}.json"
-    if not path.is_file():
-        raise SystemExit(f"error: --rescore needs {path}, which does not exist")
-    old = json.loads(path.read_text())
-    old["notes"] = [n for n in old.get("notes", []) if not n.startswith("targets recomputed")]
-    bench.adopt(old)
+    bench.adopt_results()
     measured: dict[tuple[str, str, str], dict[str, dict]] = {}
     for r in bench.rows:
         measured.setdefault((r["section"], r["workload"], r["net"]), {})[r["row"]] = r

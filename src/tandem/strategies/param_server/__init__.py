@@ -74,7 +74,6 @@ from tandem.strategies.param_server.placement import (
 )
 from tandem.strategies.param_server.pull import check_pull
 from tandem.telemetry.log import get_logger
-from tandem.trainer.spec import training_spec
 
 if TYPE_CHECKING:
     from tandem.strategies.param_server.server import PSServer
@@ -148,10 +147,10 @@ class ParamServerStrategy(Strategy):
 
         opts, cfg = self.opts, self.ctx.cfg
         self.placement = placement_for(cfg.workers, opts, self.ctx.world)
-        self.ctx.recorder.info(**self.placement.describe(), ps_local_step=local_step_of(
-            opts, training_spec(cfg, self.ctx.workload)))  # what local_step=auto picked
+        self.ctx.recorder.info(**self.placement.describe())
         self.role: PSWorker | PSServer
         self.role = PSServer(self) if self.placement.is_server(self.ctx.rank) else PSWorker(self)
+        self.ctx.recorder.info(ps_local_step="optimizer" if self.role.deltas else "sgd")
 
     def lgc_worker(self, worker: PSWorker) -> Any:
         """LGC-PS's worker half when the run's codec is ``lgc`` (else None)."""

@@ -290,13 +290,15 @@ class PSWorker(StepLoop):
         self._advance_schedule()
 
     def _add(self, pushed: list[torch.Tensor], moved: list[torch.Tensor]) -> None:
-        """U += pushed (what the next push carries); moved += moved (the local change)."""
+        """U += pushed (what the next push carries; copied, since ``pushed`` may be the
+        gradients' own tensors); moved += moved (the local change: fresh tensors, kept as they
+        are when ``moved`` starts)."""
         if self.unpushed is None:
             self.unpushed = [g.clone() for g in pushed]
         else:
             for a, g in zip(self.unpushed, pushed, strict=True):
                 a.add_(g)
-        self.moved = [m.clone() for m in moved] if self.moved is None else [
+        self.moved = moved if self.moved is None else [
             a.add_(m) for a, m in zip(self.moved, moved, strict=True)]
         self.k += 1
         self.since_merge += 1
