@@ -6,6 +6,10 @@ the compute-only time (<= 1.3x: the ``local`` row's step time x the best row's s
 target); the compute-only ratio at every other rate measured; each row's emulation error
 (<= 20 %). Kept apart from the runner so that ``--rescore`` can recompute them from a results
 file after a change here, without measuring anything.
+
+A ratio is taken only between rows of one run (``--merge`` keeps rows of many, each naming its
+run: ``bench/runs.py``): the best Tandem row of a ratio is the best of the rows measured side by
+side with its reference (DDP, the hook, the compute-only row), never a row of another day's load.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ from typing import Any
 
 from bench.cluster_run import Row, rows_for
 from bench.harness import Bench
+from bench.runs import RUN
 
 TARGET = 0.95
+LOCAL = "local (compute only)"
 
 
 def row_kind(hosts: int, workload: str | None, system: str | None) -> Row | None:
@@ -33,12 +39,23 @@ def best_tandem(rows: dict[str, dict[str, Any]], hosts: int
     return min(tandem) if tandem else (None, None)
 
 
+def side_by_side(rows: dict[str, dict[str, Any]], ref: str) -> dict[str, dict[str, Any]]:
+    """The rows measured in the same run as ``rows[ref]`` (a row of this run names no run yet:
+    the harness stamps it when it writes the file)."""
+    run = rows[ref].get(RUN)
+    return {s: r for s, r in rows.items() if r.get(RUN) == run}
+
+
 def compute_only_target(bench: Bench, name: str, rows: dict[str, dict[str, Any]],
                         local_ms: float | None, best: tuple[float | None, str | None]) -> None:
     """best time to target / (local step time x the best row's steps to target + 1)."""
     best_t, system = best
     if local_ms is None:
         bench.target(name, None, "<= 1.3", not_run="no local (compute only) cnn row")
+        return
+    if best_t is None:
+        bench.target(name, None, "<= 1.3", not_run="no Tandem row reached the target in the run "
+                     "of the local (compute only) row")
         return
     steps = rows[system].get("steps_to_target") if system else None
     compute = local_ms / 1e3 * (steps + 1) if steps is not None else None
@@ -64,15 +81,14 @@ def targets(bench: Bench, hosts: int, not_run: str | None, quick: bool) -> None:
                      None, "<= 0.2", not_run=not_run)
         return
     cnn = [r for r in bench.rows if r.get("workload") == "cnn"]
-    local_ms = {r["rate"]: r.get("step_ms") for r in cnn
-                if r["system"] == "local (compute only)" and r.get("step_ms")}
     rates = ["10mbit"] + sorted({r["rate"] for r in cnn} - {"10mbit"})
     for rate in rates:
         rows = {r["system"]: r for r in cnn if r["rate"] == rate}
+        local = rows.get(LOCAL) or {}
+        local_rows = side_by_side(rows, LOCAL) if local else {}
         if rate != "10mbit":
-            compute_only_target(bench, f"{rate} cnn: {ratio}", rows,
-                                local_ms.get(rate, local_ms.get("10mbit")),
-                                best_tandem(rows, hosts))
+            compute_only_target(bench, f"{rate} cnn: {ratio}", local_rows, local.get("step_ms"),
+                                best_tandem(local_rows, hosts))
             continue
         if not rows:
             for n, g in zip(names, goals, strict=True):
@@ -86,8 +102,14 @@ def targets(bench: Bench, hosts: int, not_run: str | None, quick: bool) -> None:
                 bench.target(n, None, g, not_run=f"no {ref} row at 10mbit cnn (--only)")
                 continue
             r = rows[ref].get("time_to_target_s")
-            bench.target(n, r / best_t if r and best_t else None, g)
-        compute_only_target(bench, names[2], rows, local_ms.get("10mbit"), (best_t, best))
+            t, _ = best_tandem(side_by_side(rows, ref), hosts)
+            if t is None:
+                bench.target(n, None, g, not_run=f"no Tandem row reached {TARGET} in the run of "
+                             f"the {ref} row: measure them side by side")
+                continue
+            bench.target(n, r / t if r else None, g)
+        compute_only_target(bench, names[2], local_rows, local.get("step_ms"),
+                            best_tandem(local_rows, hosts))
     for r in bench.rows:
         kind = row_kind(hosts, r.get("workload"), r.get("system"))
         if kind is None or kind.kind == "local" or r.get("rate") == "unshaped":

@@ -19,7 +19,8 @@ The committed results are what ``python -m bench.render`` turns into the tables 
 
 A benchmark whose full run is too long for one sitting measures part of its plan and keeps the
 rest of the existing file (:meth:`Bench.keep_previous`, its ``--merge``): the kept rows and
-targets are named in a ``kept:`` note with the date, commit and command they came from.
+targets are named in a ``kept:`` note with the date, commit and command they came from, and every
+row names the run that measured it (``"run"``, described under ``"runs"``: ``bench/runs.py``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench import runs
 
 ROOT = Path(__file__).resolve().parent.parent
 #: what a process the bench starts must import: this checkout's tandem (its src/, ahead of any
@@ -145,6 +148,7 @@ class Bench:
         self.targets: list[dict[str, Any]] = []
         self.notes: list[str] = []
         self.kept_targets: list[dict[str, Any]] = []  # see keep_previous
+        self.kept_runs: dict[str, dict[str, Any]] = {}  # the kept rows' runs (bench/runs.py)
         self.duration_s: float | None = None  # set by adopt; else the process's run time
         self.started = _PROCESS_STARTED
         self.provenance = provenance()  # at the start: the commit and tree that were measured
@@ -186,7 +190,8 @@ class Bench:
         if not path.is_file():
             return
         old = json.loads(path.read_text())
-        rows = [r for r in old.get("rows", []) if keep_row(r)]
+        rows = runs.stamp([r for r in old.get("rows", []) if keep_row(r)], runs.run_id(old))
+        self.kept_runs.update(runs.runs_of_file(old))
         self.rows = rows + self.rows
         self.kept_targets = [t for t in old.get("targets", []) if keep_target(t)]
         self.notes += [n for n in old.get("notes", [])
@@ -216,7 +221,8 @@ class Bench:
         now = self.provenance
         self.provenance = {k: old.get(k) for k in now}
         self.duration_s = old.get("duration_s")
-        self.rows = list(old.get("rows", []))
+        self.rows = runs.stamp(list(old.get("rows", [])), runs.run_id(old))
+        self.kept_runs = runs.runs_of_file(old)
         self.notes = list(old.get("notes", []))
         commit = ((now.get("git") or {}).get("commit") or "?")[:10]
         self.note(f"targets recomputed from these rows by `{now['command']}` at commit "
@@ -233,13 +239,18 @@ class Bench:
         return "\n".join(lines)
 
     def record(self) -> dict[str, Any]:
-        """The results document (what :meth:`finish` writes)."""
+        """The results document (what :meth:`finish` writes): this run's rows stamped with its
+        id, and the runs of every row it holds."""
         prov = self.provenance
-        return {"name": self.name, "when": prov["date"], **prov,
-                "duration_s": (self.duration_s if self.duration_s is not None
-                               else round(time.time() - self.started, 1)),
-                "columns": self.columns,
-                "rows": self.rows, "targets": self.merged_targets(), "notes": self.notes}
+        took = (self.duration_s if self.duration_s is not None
+                else round(time.time() - self.started, 1))
+        rid = runs.run_id(prov)
+        rows = runs.stamp(self.rows, rid)
+        known = {**self.kept_runs, rid: runs.entry(prov, took)}
+        used = {i: known.get(i, {"date": i}) for i in dict.fromkeys(r[runs.RUN] for r in rows)}
+        return {"name": self.name, "when": prov["date"], **prov, "duration_s": took,
+                "columns": self.columns, "rows": rows, "runs": used,
+                "targets": self.merged_targets(), "notes": self.notes}
 
     def merged_targets(self) -> list[dict[str, Any]]:
         """This run's targets, with the kept ones (:meth:`keep_previous`) first; a kept

@@ -13,8 +13,10 @@ A table lives between two markers in a doc; everything between them is generated
 of each benchmark are declared in :data:`VIEWS` (one place for every benchmark's column choices);
 without one, every row with the result's own columns. Every benchmark also has the views
 ``targets`` (name, value, goal, MET / NOT MET / NOT RUN) and ``notes``. The first line of each
-block states the command, commit, date and machine of the result, so a table always says where
-its figures come from. A doc with a marker whose result is missing fails ``--check``.
+block states the command, commit, date and machine of the run that measured its rows, so a table
+always says where its figures come from; where ``--merge`` left rows of several runs in one
+table, it lists each run and adds a ``run`` column (``bench/runs.py``). A doc with a marker
+whose result is missing fails ``--check``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import runs
 from bench.harness import target_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -196,30 +199,6 @@ def cell(v: Any) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def header(res: dict[str, Any]) -> str:
-    """One line: command, commit (and whether the tree had changes), date, machine, versions."""
-    git = res.get("git") or {}
-    commit = git.get("commit")
-    where = f"commit `{commit[:10]}`" if commit else "an unknown commit"
-    if git.get("dirty"):
-        where += " with uncommitted changes"
-    m = res.get("machine") or {}
-    cores = m.get("cores") or m.get("cpus")
-    box = f"{cores} cores" if cores else "an unknown machine"
-    if m.get("cpu_model"):
-        box += f" ({m['cpu_model']})"
-    if m.get("memory_gib"):
-        box += f", {m['memory_gib']} GiB"
-    versions = ", ".join(x for x in (f"torch {res['torch']}" if res.get("torch") else None,
-                                     f"Python {res['python']}" if res.get("python") else None)
-                         if x)
-    took = f"; took {res['duration_s'] / 60:.0f} min" if res.get("duration_s") else ""
-    date = str(res.get("date") or res.get("when") or "an unknown date").replace("T", " ")
-    cmd = res.get("command") or "an unknown command"
-    return (f"_Measured by `{cmd}` at {where}, {date}, on {box}"
-            + (f", {versions}" if versions else "") + f"{took}._")
-
-
 def table(columns: list[Col], rows: list[dict[str, Any]]) -> list[str]:
     lines = ["| " + " | ".join(c.title for c in columns) + " |",
              "|" + "|".join("---" for _ in columns) + "|"]
@@ -234,7 +213,7 @@ def _show(col: Col, v: Any) -> str:
 
 def render_block(name: str, view: str | None, res: dict[str, Any]) -> str:
     """The text between the markers of ``bench:NAME[:VIEW]`` (without the markers)."""
-    lines = [header(res), ""]
+    lines = [runs.targets_header(res), ""]
     if view == "targets":
         rows = [{"name": t.get("name"), "value": t.get("value"), "goal": t.get("goal"),
                  "state": target_state(t) + (f" ({t['reason']})" if t.get("reason") else "")}
@@ -249,11 +228,21 @@ def render_block(name: str, view: str | None, res: dict[str, Any]) -> str:
         spec = VIEWS.get(key)
         rows = res.get("rows", [])
         if spec is None:
-            cols = res.get("columns") or list(dict.fromkeys(k for r in rows for k in r))
+            cols = res.get("columns") or list(dict.fromkeys(
+                k for r in rows for k in r if k != runs.RUN))
             spec = View([Col(c) for c in cols])
         rows = [r for r in rows if spec.keeps(r)]
+        used = runs.used_runs(res, rows)
+        if len(used) > 1:
+            lines[0] = runs.runs_header(used)
+            own = runs.run_id(res)
+            rows = [{**r, runs.RUN: r.get(runs.RUN) or own} for r in rows]
+        elif used:
+            lines[0] = runs.header(used[0][1])
         if rows:  # a column no row of this result has (an older result) is left out
             cols = [c for c in spec.columns if any(c.key in r for r in rows)]
+            if len(used) > 1:
+                cols = [Col(runs.RUN, fmt=runs.label), *cols]
             lines += table(cols, rows)
         else:
             lines.append("No rows of this kind in the result (not measured in that run).")

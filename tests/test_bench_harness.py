@@ -51,6 +51,39 @@ def test_keep_previous_keeps_unmeasured_rows_and_measured_targets(tmp_path, monk
     assert any(n.startswith("kept: 1 rows") and "old cmd" in n for n in rec["notes"])
 
 
+def test_every_row_of_a_merged_file_names_the_run_that_measured_it(tmp_path, monkeypatch):
+    """Breaks if a kept row loses its run (or takes the new run's), if a row the old file
+    already attributed to an older run is re-attributed, if a run's command is lost, or if a
+    run no row refers to any more is kept."""
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    monkeypatch.setattr(harness, "provenance", lambda: {
+        "date": "2026-12-05T09:00:00", "command": "new cmd", "git": {"commit": "c" * 40},
+        "machine": {"cores": 2}, "torch": "t", "python": "p"})
+    old = {"date": "2026-12-04T08:00:00", "command": "mid cmd", "git": {"commit": "b" * 40},
+           "duration_s": 60.0,
+           "rows": [{"system": "ddp", "v": 1},  # measured by the file's own run
+                    {"system": "topk", "v": 2, "run": "2026-12-03T07:00:00"},
+                    {"system": "fp16", "v": 3, "run": "2026-12-02T06:00:00"}],
+           "runs": {"2026-12-03T07:00:00": {"date": "2026-12-03T07:00:00",
+                                            "command": "first cmd"},
+                    "2026-12-02T06:00:00": {"date": "2026-12-02T06:00:00",
+                                            "command": "replaced cmd"}},
+           "targets": [], "notes": []}
+    (tmp_path / "x.json").write_text(json.dumps(old))
+    b = harness.Bench("x", ["system", "v"])
+    b.keep_previous(lambda r: r["system"] != "fp16", lambda t: True, "fp16")
+    b.row(system="fp16", v=30)
+    rec = b.record()
+    assert [(r["system"], r["run"]) for r in rec["rows"]] == [
+        ("ddp", "2026-12-04T08:00:00"), ("topk", "2026-12-03T07:00:00"),
+        ("fp16", "2026-12-05T09:00:00")]
+    assert {i: e["command"] for i, e in rec["runs"].items()} == {
+        "2026-12-04T08:00:00": "mid cmd", "2026-12-03T07:00:00": "first cmd",
+        "2026-12-05T09:00:00": "new cmd"}
+    assert rec["runs"]["2026-12-04T08:00:00"]["duration_s"] == 60.0
+    assert rec["runs"]["2026-12-05T09:00:00"]["git"]["commit"] == "c" * 40
+
+
 def test_cluster_targets_rank_the_best_row_among_kept_and_new_rows():
     """bench.cluster's headline targets come from every row of the results, kept ones included:
     breaks if the best Tandem row is taken from this run's rows alone, if a FAILED row can be
@@ -74,6 +107,39 @@ def test_cluster_targets_rank_the_best_row_among_kept_and_new_rows():
     assert "best Tandem row at 10mbit cnn: allreduce powersgd r2 (5.0 s to 0.95)" in b.notes
     assert by["emulation error, 10mbit cnn allreduce qsgd"] == 0.1
     assert not any(n.startswith("emulation") and "local" in n for n in by)  # it sends nothing
+
+
+def test_a_headline_ratio_is_taken_between_rows_of_one_run():
+    """A ratio against DDP, the hook or compute alone compares rows measured side by side, not
+    a row of another run (another day's load, another commit). Breaks if the best row of the
+    whole file stands in for the best of the reference's run, or if a reference whose run has no
+    Tandem row at the target gets a value."""
+    from bench import cluster, cluster_targets
+
+    b = harness.Bench("c", cluster.COLUMNS)
+    old = {"rate": "10mbit", "workload": "cnn", "status": "ok", "run": "2026-12-03T13:34:04"}
+    new = {"rate": "10mbit", "workload": "cnn", "status": "ok"}  # this run's: stamped later
+    b.rows = [
+        dict(old, system="ddp", time_to_target_s=120.0),
+        dict(old, system="allreduce qsgd", time_to_target_s=40.0, steps_to_target=90),
+        dict(new, system="ddp + powersgd r2", time_to_target_s=30.0),
+        dict(new, system="local (compute only)", step_ms=20.0),
+        dict(new, system="allreduce powersgd r2", time_to_target_s=5.0, steps_to_target=99),
+        dict(new, rate="100mbit", system="local (compute only)", step_ms=20.0,
+             run="2026-12-04T00:00:00"),
+        dict(new, rate="100mbit", system="allreduce powersgd r2", time_to_target_s=3.0,
+             steps_to_target=99),
+    ]
+    cluster_targets.targets(b, 4, None, quick=False)
+    by = {t["name"]: t for t in b.targets}
+    assert by["10mbit cnn: plain DDP time to 0.95 / the best Tandem row's"]["value"] == 3.0
+    assert by["10mbit cnn: DDP + PowerSGD hook time to 0.95 / the best Tandem row's"][
+        "value"] == 6.0
+    assert "best Tandem row at 10mbit cnn: allreduce powersgd r2 (5.0 s to 0.95)" in b.notes
+    other = by["100mbit cnn: the best Tandem row's time to 0.95 / compute-only time "
+               "(local step time x its steps to target)"]
+    assert other["value"] is None and other["state"] == "NOT RUN"
+    assert "no Tandem row reached the target in the run of the local" in other["reason"]
 
 
 def test_the_compute_only_row_measured_once_is_reported_at_every_rate_of_the_run():
@@ -143,7 +209,8 @@ def test_rescore_keeps_the_measured_provenance_and_recomputes_the_targets(tmp_pa
     rec = json.loads((tmp_path / "cluster.json").read_text())
     assert (rec["command"], rec["git"]["commit"], rec["duration_s"]) == \
         ("the measuring command", "b" * 40, 1234.5)
-    assert rec["rows"] == rows
+    assert rec["rows"] == [{**r, "run": "then"} for r in rows]  # the run that measured them
+    assert rec["runs"]["then"]["command"] == "the measuring command"
     assert "a link note" in rec["notes"] and not any("stale" in n for n in rec["notes"])
     by = {t["name"]: t for t in rec["targets"]}
     assert by["10mbit cnn: plain DDP time to 0.95 / the best Tandem row's"]["value"] == 10.0
@@ -171,7 +238,7 @@ def test_param_server_rescore_scores_where_the_candidate_must_win_and_must_not_l
     param_server._rescore(harness.Bench("param_server", ["row"]))
     rec = json.loads((tmp_path / "param_server.json").read_text())
     assert (rec["command"], rec["git"]["commit"], rec["rows"]) == \
-        ("the measuring command", "c" * 40, rows)
+        ("the measuring command", "c" * 40, [{**r, "run": "then"} for r in rows])
     by = {t["name"]: t for t in rec["targets"]}
     cnn, lm = "links cnn 10mbit:1ms: candidate ", "links textlm 10mbit:1ms: candidate "
     assert by[cnn + "time to target / sync PS's"]["value"] == 0.5

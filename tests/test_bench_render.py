@@ -90,6 +90,40 @@ def test_a_view_picks_rows_and_columns(monkeypatch) -> None:
     assert "No rows of this kind" in empty
 
 
+def test_a_table_names_the_runs_that_measured_its_rows(monkeypatch) -> None:
+    """Rows kept from an earlier run (``--merge``) are never credited to the last run: a table
+    whose rows one older run measured names that run, and a table of several runs lists each
+    and says which row is whose. Breaks if a header names the file's last command for rows it
+    did not measure."""
+    res = dict(SYNTH, rows=[{"config": "a", "ms": 1.0, "k": "x", "run": "2026-01-01T10:20:30"},
+                            {"config": "b", "ms": 2.0, "k": "y"},  # the file's own run
+                            {"config": "c", "ms": 3.0, "k": "x"}],
+               runs={"2026-01-01T10:20:30": {"date": "2026-01-01T10:20:30",
+                                             "command": "old cmd",
+                                             "git": {"commit": "f" * 40},
+                                             "machine": SYNTH["machine"],
+                                             "torch": "2.13.0+cpu", "python": "3.11.7"}})
+    cols = [render.Col("config"), render.Col("ms", fmt=render.ms)]
+    monkeypatch.setitem(render.VIEWS, "toy:x", render.View(cols, where={"k": "x"}))
+    monkeypatch.setitem(render.VIEWS, "toy:old", render.View(cols, where={"config": "a"}))
+    only_old = render.render_block("toy", "old", res)
+    assert only_old.startswith("_Measured by `old cmd` at commit `ffffffffff`, "
+                               "2026-01-01 10:20:30, on 2 cores (Test CPU)")
+    assert "bench.toy" not in only_old
+    both = render.render_block("toy", "x", res)
+    assert both == (
+        "_Measured in 2 runs, on 2 cores (Test CPU), 8.0 GiB, torch 2.13.0+cpu, "
+        "Python 3.11.7; the `run` column names each row's:_\n\n"
+        "- `01-01 10:20`: `old cmd` at commit `ffffffffff`, 2026-01-01 10:20:30\n"
+        "- `01-02 03:04`: `.venv/bin/python -m bench.toy --fast` at commit `0123456789` "
+        "with uncommitted changes, 2026-01-02 03:04:05; took 2 min\n\n"
+        "| run | config | ms |\n|---|---|---|\n"
+        "| 01-01 10:20 | a | 1.0 |\n| 01-02 03:04 | c | 3.0 |\n\n")
+    assert render.render_block("toy", "targets", res).startswith(
+        "_From the rows of 2 runs (each table above names its own); the last run: "
+        "Measured by `.venv/bin/python -m bench.toy --fast`")
+
+
 def test_problems_are_reported_not_rendered(tmp_path: Path) -> None:
     (tmp_path / "docs").mkdir()
     doc = tmp_path / "docs" / "x.md"
