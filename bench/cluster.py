@@ -72,6 +72,7 @@ from bench.cluster_run import (
     comm_s,
     cpu_ms_per_step,
     first_error,
+    measured_collective,
     measured_duplex,
     rows_for,
     run_emulated,
@@ -132,15 +133,17 @@ def measure(args: argparse.Namespace, bench: Bench,
             net_spec = f"{rate}:{round(latency * 1e6)}us,hosts={args.hosts}"
             if shaped:
                 duplex, source = measured_duplex(rate)
+                collective, coll_source = measured_collective(rate)
                 # the penalty needs a queue, which the token bucket's burst does not make
                 burst_us = net.burst / (parse_rate_bps(rate) / 8) * 1e6
-                net_spec += f",duplex={duplex},duplex_after={burst_us:.0f}us"
+                net_spec += (f",duplex={duplex},duplex_after={burst_us:.0f}us"
+                             + (f",collective={collective}" if collective > 1.0 else ""))
                 bench.note(f"{rate}: tbf rate {rate} burst {net.burst} B latency "
                            f"{net.queue_latency} on both ends of each host's link; emulated "
                            f"twin net={net_spec!r} (latency = half the smallest 1-byte TCP "
                            f"round trip; {args.hosts} emulated hosts: the processes of one "
-                           f"share its link, as on the namespaces; duplex = {source}, "
-                           "after the token bucket's burst)")
+                           f"share its link, as on the namespaces; duplex = {source}; "
+                           f"collective = {coll_source}; both after the token bucket's burst)")
             else:
                 bench.note(f"{rate}: tbf rate none: the same namespaces and veth pairs, not "
                            "rate-limited (what the 2-core machine allows 4 hosts); no emulated "

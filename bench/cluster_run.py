@@ -17,7 +17,7 @@ import yaml
 
 from bench.harness import CHILD_PYTHONPATH, ROOT
 from bench.netns import Cluster
-from bench.p2p import BIDIRECTIONAL, result_name
+from bench.p2p import ALL_REDUCE, BIDIRECTIONAL, result_name
 
 P2P_RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -26,18 +26,28 @@ def measured_duplex(rate: str) -> tuple[float, str]:
     """The emulated twin's ``duplex`` at ``rate``: the median, over bench/p2p's bidirectional
     patterns, of the real links' median rep over the pattern's line time, from the committed
     ``bench/results/p2p[_<rate>].json``; ``(1.0, why)`` when there is no such measurement."""
+    return _p2p_factor(rate, BIDIRECTIONAL, "bidirectional patterns")
+
+
+def measured_collective(rate: str) -> tuple[float, str]:
+    """The emulated twin's ``collective`` at ``rate``: bench/p2p's all-reduce on the real links,
+    its median rep over the ring's model; ``(1.0, why)`` when it was not measured."""
+    return _p2p_factor(rate, (ALL_REDUCE,), "all-reduce")
+
+
+def _p2p_factor(rate: str, patterns: tuple[str, ...], what: str) -> tuple[float, str]:
     path = P2P_RESULTS / f"{result_name(rate)}.json"
     try:
         rows = json.loads(path.read_text())["rows"]
     except (OSError, ValueError, KeyError):
         return 1.0, f"no bench/p2p result at {rate} ({path.name}): an ideal full-duplex link"
     ratios = sorted(r["real median/model"] for r in rows
-                    if r.get("pattern") in BIDIRECTIONAL and r.get("real median/model"))
+                    if r.get("pattern") in patterns and r.get("real median/model"))
     if not ratios:
-        return 1.0, f"{path.name} has no real-link rows: an ideal full-duplex link"
+        return 1.0, f"{path.name} has no real-link {what} rows: an ideal full-duplex link"
     value = round(max(1.0, ratios[len(ratios) // 2]), 2)
-    return value, (f"the median of bench/p2p's bidirectional patterns on the real links at "
-                   f"{rate} ({', '.join(f'{x:.2f}' for x in ratios)}x their line time; "
+    return value, (f"the median of bench/p2p's {what} on the real links at {rate} "
+                   f"({', '.join(f'{x:.2f}' for x in ratios)}x the model; "
                    f"bench/results/{path.name})")
 
 

@@ -17,6 +17,11 @@ over TCP through ``tbf``) does with several transfers at once decides what ``gos
   rate between the three flows, unevenly and differently each time: the whole fan-out takes the
   three messages' line time, and a receiver may have its message before that.
 * **a fan-in**: the three others send to host 0 at once; its link in is the bottleneck.
+* **an all-reduce**: gloo's all-reduce of one message-sized tensor over the four hosts (dense
+  all-reduce, DDP, ``bsp_shared``'s agents, ``pipeline``); the model is the ring's ``2(N-1)/N``
+  messages each way. Every link carries data both ways throughout, as in a swap, but the
+  emulator charges a collective its model as it is, so this row is what its ``collective``
+  factor is taken from (the twins of ``bench/cluster.py``).
 
 Rows: the pattern (per receiver and whole for the fan-out), ``model_ms`` (the emulator's model:
 messages in flight share the line rate, no latency), ``emulated_ms`` (loopback + the emulator)
@@ -49,13 +54,16 @@ from bench.netns import (
 )
 
 HOSTS = 4
+#: the collective (what the emulator's ``collective`` factor is taken from)
+ALL_REDUCE = "all-reduce"
 ROOT = Path(__file__).resolve().parent.parent
 #: pattern -> how many messages' line time the model gives it (messages in flight on one egress
 #: share it; a receiver's ingress takes them one after another)
 MODEL_MESSAGES = {"swap, receives first": 2, "swap, sends first": 2, "swap, one way at a time": 2,
                   "fan-out, receiver 1": 3,
                   "fan-out, receiver 2": 3, "fan-out, receiver 3": 3, "fan-out, all received": 3,
-                  "fan-in, receiver": 3, "all-to-all": 3, "all-to-all after idle": 3}
+                  "fan-in, receiver": 3, "all-to-all": 3, "all-to-all after idle": 3,
+                  ALL_REDUCE: 2 * (HOSTS - 1) / HOSTS}
 #: the patterns in which a link carries data both ways at once (what ``duplex`` models)
 BIDIRECTIONAL = ("swap, receives first", "swap, one way at a time", "all-to-all")
 #: seconds every connection idles before a rep of ``all-to-all after idle``: past TCP's smallest
@@ -127,7 +135,8 @@ def measure(net: str | None, nbytes: int, reps: int) -> dict[str, Spans]:
                              ("swap, one way at a time", swap_phased, 0.0),
                              ("fan-out", fan_out, 0.0), ("fan-in", fan_in, 0.0),
                              ("all-to-all", all_to_all, 0.0),
-                             ("all-to-all after idle", all_to_all, IDLE_S)):
+                             ("all-to-all after idle", all_to_all, IDLE_S),
+                             (ALL_REDUCE, lambda: t.all_reduce(torch.zeros(n)).wait(), 0.0)):
         times = []
         for _ in range(reps + 1):  # the first rep warms the pairs' connections up
             time.sleep(idle_s)
@@ -162,7 +171,7 @@ def by_pattern(per_rank: list[dict[str, Spans]]) -> dict[str, list[float]]:
         rows[f"fan-out, receiver {j}"] = span("fan-out", [0], [j])
     rows["fan-out, all received"] = span("fan-out", [0], everyone[1:])
     rows["fan-in, receiver"] = span("fan-in", everyone[1:], [0])
-    for name in ("all-to-all", "all-to-all after idle"):
+    for name in ("all-to-all", "all-to-all after idle", ALL_REDUCE):
         rows[name] = span(name, everyone, everyone)
     return rows
 

@@ -285,7 +285,8 @@ def test_p2p_rows_time_a_pattern_from_its_first_start_to_its_last_end():
                 "swap, sends first": [[a, a + 2 * (b - a)] for a, b in swap],
                 "swap, one way at a time": [[a, a + 0.5 * (b - a)] for a, b in swap],
                 "fan-out": fan_out, "fan-in": fan_in, "all-to-all": swap,
-                "all-to-all after idle": [[a, a + 3 * (b - a)] for a, b in swap]}
+                "all-to-all after idle": [[a, a + 3 * (b - a)] for a, b in swap],
+                "all-reduce": [[a, a + 4 * (b - a)] for a, b in swap]}
 
     # rep 0 starts at t=0 and rep 1 at t=10 on the shared clock; ranks start a little apart
     rows = by_pattern([rank([[0.0, 0.10], [10.0, 10.30]], [[0.0, 0.01], [10.0, 10.01]],
@@ -307,7 +308,9 @@ def test_p2p_rows_time_a_pattern_from_its_first_start_to_its_last_end():
     assert rows["fan-in, receiver"] == pytest.approx([0.40, 0.19])  # rep 1: first sender at 10.01
     assert rows["all-to-all"] == rows["swap, receives first"]  # everyone's first start to end
     assert rows["all-to-all after idle"] == pytest.approx([0.50, 0.90])  # rank 1, rank 0
+    assert rows["all-reduce"] == pytest.approx([0.65, 1.20])  # likewise, every rank's
     assert set(rows) == set(MODEL_MESSAGES)
+    assert MODEL_MESSAGES["all-reduce"] == 1.5  # the ring: 2(N-1)/N messages each way, N = 4
 
 
 def test_the_powersgd_hook_row_puts_every_gradient_in_one_ddp_bucket():
@@ -341,14 +344,16 @@ def test_cluster_refuses_a_partial_run_that_would_replace_the_whole_results_file
 
 def test_the_cluster_twins_duplex_is_the_p2p_measurement_at_its_rate(tmp_path, monkeypatch):
     """The median of the bidirectional patterns' real median/model; one-way patterns (a fan-in)
-    do not count; no measurement at a rate: an ideal link (1.0), said so."""
+    do not count; no measurement at a rate: an ideal link (1.0), said so. The twin's
+    ``collective`` is the all-reduce row's, likewise."""
     from bench import cluster_run
 
     rows = [{"pattern": "swap, receives first", "real median/model": 1.6},
             {"pattern": "swap, one way at a time", "real median/model": 1.4},
             {"pattern": "all-to-all", "real median/model": 1.5},
             {"pattern": "fan-in, receiver", "real median/model": 9.0},
-            {"pattern": "all-to-all after idle", "real median/model": 9.0}]
+            {"pattern": "all-to-all after idle", "real median/model": 9.0},
+            {"pattern": "all-reduce", "real median/model": 1.137}]
     (tmp_path / "p2p_10mbit.json").write_text(json.dumps({"rows": rows}))
     (tmp_path / "p2p.json").write_text(json.dumps({"rows": [dict(r, **{"real median/model": None})
                                                             for r in rows]}))
@@ -358,6 +363,10 @@ def test_the_cluster_twins_duplex_is_the_p2p_measurement_at_its_rate(tmp_path, m
     assert cluster_run.measured_duplex("100mbit")[0] == 1.0  # not run on real links
     value, source = cluster_run.measured_duplex("1gbit")
     assert value == 1.0 and "no bench/p2p result" in source
+    # the collective's factor is the all-reduce row alone (not in duplex's median above)
+    value, source = cluster_run.measured_collective("10mbit")
+    assert value == 1.14 and "all-reduce" in source and "p2p_10mbit.json" in source
+    assert cluster_run.measured_collective("100mbit")[0] == 1.0
 
 
 def test_a_result_records_the_tree_it_started_from_not_the_one_it_ended_in(monkeypatch):

@@ -153,6 +153,31 @@ def test_a_collective_is_charged_from_the_join_not_from_when_loopback_finished()
     assert late.collective_done_time(traffic, 0.9, 1.5, joined=1.0) == pytest.approx(1.5)
 
 
+def test_collective_slows_a_two_way_collective_past_the_burst_and_nothing_else():
+    """``collective=1.5, duplex_after=20ms``: a 100 ms all-reduce (both ways) takes 20 ms at
+    line rate and the other 80 ms at 1.5x, 140 ms; one within the burst, a broadcast's root
+    (one way) and a link without the option take their model. Breaks if the factor is charged to
+    a one-way collective, inside the burst, or ignored."""
+    from tandem.transport import costs
+
+    net = NetConfig.parse("8mbit:0ms,collective=1.5,duplex_after=20ms")  # 1 MB/s
+    assert net.collective == 1.5
+    both = costs.all_reduce(100_000, 2)  # 100 KB each way: 0.1 s
+    assert LinkEmulator(net).collective_done_time(both, 0.0, 0.0, joined=0.0) == \
+        pytest.approx(0.14)
+    small = costs.all_reduce(10_000, 2)  # 10 ms: inside the burst
+    assert LinkEmulator(net).collective_done_time(small, 0.0, 0.0, joined=0.0) == \
+        pytest.approx(0.01)
+    root = costs.broadcast(100_000, 2, is_root=True)
+    assert root.recv == 0
+    assert LinkEmulator(net).collective_done_time(root, 0.0, 0.0, joined=0.0) == \
+        pytest.approx(root.seconds(1e6, 0.0))
+    plain = LinkEmulator(NetConfig.parse("8mbit:0ms,duplex_after=20ms"))
+    assert plain.collective_done_time(both, 0.0, 0.0, joined=0.0) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        NetConfig.parse("8mbit,collective=0.9")
+
+
 def test_an_emulated_fan_out_reaches_every_receiver_after_the_whole_fan_out():
     """Rank 0 sends 250 KB to each of three ranks at once at 20 Mbit/s (100 ms a message): the
     shared egress delivers none before ~300 ms, the whole fan-out's time (served in turn, the

@@ -10,11 +10,9 @@ decided by :func:`tandem.resolve.resolve`, which the API and the worker entry ca
 
 Compact string forms are accepted where users type them on a command line:
 
-* ``net="100mbit:1ms"`` or ``"1gbit:200us:50us"`` (bandwidth, one-way latency, optional jitter);
-  ``"10mbit:1ms,hosts=4,duplex=1.4"``: 4 emulated hosts that share their links, and what
-  comes in while a link sends is slower (TCP on shaped links; :class:`NetConfig`)
-* ``stragglers="0.2:5"`` (probability 0.2 per worker per step, delay 5x the step's compute time) or
-  ``"0.2:exp:0.05"`` (exponential delay with a 0.05 s mean)
+* ``net="100mbit:1ms"`` or ``"1gbit:200us:50us"`` (bandwidth, one-way latency, optional jitter),
+  with options: ``"10mbit:1ms,hosts=4,duplex=1.4"`` (:class:`NetConfig`)
+* ``stragglers="0.2:5"`` (p 0.2 a worker a step, 5x its compute), ``"0.2:exp:0.05"`` (mean 0.05 s)
 * ``slow_workers=["1:3"]`` (rank 1 computes 3x slower)
 """
 
@@ -36,7 +34,8 @@ class _Strict(BaseModel):
 
 
 _NET_OPTIONS = {"hosts": ("hosts", int), "duplex": ("duplex", float),  # option: (field, parser)
-                "duplex_after": ("duplex_after_s", parse_duration)}
+                "duplex_after": ("duplex_after_s", parse_duration),
+                "collective": ("collective", float)}
 
 
 class NetConfig(_Strict):
@@ -44,14 +43,14 @@ class NetConfig(_Strict):
 
     ``hosts``: emulate that many hosts instead, each with one such link that its processes
     share; what they send each other stays on the host and costs nothing. Rank ``r`` runs on
-    host ``r % hosts``: under the local launcher (workers first, then a ``param_server``'s
-    servers or ``bsp_shared``'s agents) server or agent ``i`` shares host ``i`` with worker
-    ``i``, as torchrun places them one per node. Local launcher only (under torchrun the
-    processes are on their nodes already).
+    host ``r % hosts``: under the local launcher (workers first, then servers or agents) server
+    or agent ``i`` shares host ``i`` with worker ``i``, as torchrun places them one per node.
+    Local launcher only (under torchrun the processes are on their nodes already).
 
-    ``duplex``: a message comes in that many times slower while the link sends (1: ideal;
-    TCP on shaped links: ``bench/p2p``), once it has sent for ``duplex_after_s`` (a shaper's
-    burst lets a short transfer through unqueued). See :mod:`tandem.transport.shaping`."""
+    ``duplex``: a message comes in that many times slower while the link sends (1: ideal; TCP on
+    shaped links: ``bench/p2p``), once it has sent ``duplex_after_s`` (a shaper's burst lets a
+    short transfer through unqueued); ``collective``: likewise for an all-reduce (both ways),
+    see :mod:`tandem.transport.shaping`."""
 
     bandwidth_bps: float = Field(gt=0)
     latency_s: float = Field(default=0.0, ge=0)
@@ -59,6 +58,7 @@ class NetConfig(_Strict):
     hosts: int | None = Field(default=None, ge=1)
     duplex: float = Field(default=1.0, ge=1.0, le=10.0)
     duplex_after_s: float = Field(default=0.0, ge=0)
+    collective: float = Field(default=1.0, ge=1.0, le=10.0)
 
     @classmethod
     def parse(cls, text: str) -> NetConfig:
@@ -79,8 +79,9 @@ class NetConfig(_Strict):
             except (KeyError, ValueError) as err:
                 what = "bad value in" if isinstance(err, ValueError) else "unknown option"
                 raise ValueError(f"net {text!r}: {what} {option!r}; the options are hosts=N "
-                                 "(N emulated hosts), duplex=X (in X times slower while sending) "
-                                 "and duplex_after=DURATION (once sending that long)") from None
+                                 "(N emulated hosts), duplex=X (in X times slower while sending), "
+                                 "duplex_after=DURATION (once sending that long), collective=X"
+                                 ) from None
         return cls(bandwidth_bps=parse_rate(parts[0]), latency_s=lat, jitter_s=jit, **extra)
 
     @property
@@ -250,10 +251,7 @@ class RunConfig(_Strict):
     @field_validator("slow_workers", mode="before")
     @classmethod
     def _slow(cls, v: Any) -> Any:
-        if v is None:
-            return []
-        if isinstance(v, str):
-            v = [s for s in v.split(",") if s]
+        v = _listed(v)
         if not isinstance(v, list | tuple):
             return v  # pydantic reports the wrong type
         return [SlowWorker.parse(s) if isinstance(s, str) else s for s in v]
@@ -261,10 +259,7 @@ class RunConfig(_Strict):
     @field_validator("inject_nan", "inject_crash", mode="before")
     @classmethod
     def _nan(cls, v: Any) -> Any:
-        if v is None:
-            return []
-        if isinstance(v, str):
-            v = [s for s in v.split(",") if s]
+        v = _listed(v)
         if not isinstance(v, list | tuple):
             return v
         out = []
@@ -313,6 +308,11 @@ class RunConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _listed(v: Any) -> Any:
+    """A list field's value: ``None`` -> ``[]``, ``"a,b"`` -> ``["a", "b"]``, else as it is."""
+    return [] if v is None else [s for s in v.split(",") if s] if isinstance(v, str) else v
 
 
 def _format_validation_error(err: ValidationError, what: str = "invalid configuration") -> str:

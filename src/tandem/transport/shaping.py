@@ -21,7 +21,9 @@ How it models a link:
   by ``tbf`` links, a swap or an all-to-all took 1.3-1.6x its line time where a fan-in or a
   fan-out took 1.05x (``bench/p2p``). 1 (the default) is an ideal full-duplex link. Charged to
   the receiver only, so a swap ends at ``duplex`` times its line time, as both directions do on
-  the real links. Collectives are not affected: their models are measured as they are.
+  the real links. Collectives have their own factor, ``collective``, measured apart
+  (``bench/p2p``'s all-reduce row against the ring's model): a collective that moves data both
+  ways takes ``collective`` times its model past ``duplex_after``.
   ``duplex_after=3.3ms``: only once the receiver's link has been sending that long. A shaper
   lets its burst through unqueued: at 100 Mbit/s (burst 3.3 ms) a 20 KB swap or all-to-all
   took 0.87-1.17x its line time (median repetitions), at 10 Mbit/s the same 20 KB (16 ms of
@@ -238,6 +240,8 @@ class LinkEmulator:
         if self.net is None:
             return finished
         model = seconds if seconds is not None else traffic.seconds(self.net.bytes_per_s, 0.0)
+        if self.net.collective > 1.0 and traffic.sent and traffic.recv:  # both ways on TCP
+            model += max(0.0, model - self.net.duplex_after_s) * (self.net.collective - 1.0)
         model += traffic.hops * self.net.latency_s + (self._jitter() if traffic.hops else 0.0)
         joined = max(issued, joined)
         with self._timelines() as t:
