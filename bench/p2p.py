@@ -21,8 +21,8 @@ over TCP through ``tbf``) does with several transfers at once decides what ``gos
   all-reduce, DDP, ``bsp_shared``'s agents, ``pipeline``); the model is the ring's ``2(N-1)/N``
   messages each way. Every link carries data both ways throughout, as in a swap, but the
   emulator charges a collective its model as it is, so this row is what its ``collective``
-  factor is taken from (the twins of ``bench/cluster.py``). It runs first, on connections only
-  its warm-up rep has used, and is timed from the last rank's start (the collective's join).
+  factor is taken from (the twins of ``bench/cluster.py``). It reduces one buffer in place, as
+  training does, runs first, and is timed from the last rank's start (the collective's join).
 
 Rows: the pattern (per receiver and whole for the fan-out), ``model_ms`` (the emulator's model:
 messages in flight share the line rate, no latency), ``emulated_ms`` (loopback + the emulator)
@@ -131,9 +131,12 @@ def measure(net: str | None, nbytes: int, reps: int) -> dict[str, Spans]:
             p.wait()
 
     out: dict[str, list[list[float]]] = {}
-    # the all-reduce first: after the patterns below it took 1.17-1.19x its model at 100 Mbit/s
-    # in the median rep (what they leave in the shapers' queues and TCP's windows), alone 1.04x
-    for name, fn, idle_s in ((ALL_REDUCE, lambda: t.all_reduce(torch.zeros(n)).wait(), 0.0),
+    # the all-reduce works in place on one buffer, as DDP's buckets and Tandem's flat gradient
+    # do: on a fresh tensor every call it took 1.18x its model at 100 Mbit/s in the median rep,
+    # on the same one 1.06x (15 reps each, a probe script); it runs first, before the patterns
+    # below leave anything in the shapers' queues
+    bucket = torch.zeros(n)
+    for name, fn, idle_s in ((ALL_REDUCE, lambda: t.all_reduce(bucket).wait(), 0.0),
                              ("swap, receives first", lambda: swap(True), 0.0),
                              ("swap, sends first", lambda: swap(False), 0.0),
                              ("swap, one way at a time", swap_phased, 0.0),
