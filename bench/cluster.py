@@ -47,7 +47,9 @@ Columns: ``step_ms`` (training wall time / steps, evaluation excluded, real link
 (Tandem's byte meter: payload bytes sent per worker per step), ``wire/step`` (the kernel's veth
 counters: every byte each host sent, TCP/IP headers, retransmissions, rendezvous and evaluation
 included, per host per step), ``drops`` (packets the token buckets dropped), ``vs_ddp`` (plain
-DDP's step time / this row's, same rate and workload). A ``bsp_shared`` row's step is its
+DDP's step time / this row's, same rate and workload), ``emu_net`` (JSON only: the emulated
+twin's ``net``, with the ``duplex`` and ``collective`` it took from bench/p2p then; rows measured
+before 2026-12-05 05:51 lack it). A ``bsp_shared`` row's step is its
 superstep (one exchange between the agents, one update; steps = supersteps), its bytes and
 communication per agent: its workers' own steps are gradients, as fast as the CPU allows.
 
@@ -156,7 +158,8 @@ def measure(args: argparse.Namespace, bench: Bench,
                     base["eval_every"] = steps
                 work = build_workload(WorkloadConfig(**base["workload"]), 0)
                 params = count_parameters(work.model_fn())
-                found[(rate, wl)] = {"params": params, "rows": {}}
+                found[(rate, wl)] = {"params": params, "rows": {},
+                                     "emu_net": net_spec if shaped else None}
                 for row in rows_for(args.hosts, wl):
                     if only and row.key not in only:
                         continue
@@ -231,6 +234,7 @@ def report(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], hosts: in
                                        else None)},
                       drops=(real or {}).get("drops") if row.kind != "local" else None,
                       vs_ddp=ddp / rs if ddp and rs else None,
+                      emu_net=got.get("emu_net") if emu is not None else None,
                       **cpu_columns(real, emu, steps))
 
 

@@ -97,14 +97,14 @@ def test_torchrun_trial_is_not_run_without_namespaces_and_a_merge_keeps_the_rest
            "targets": [{"name": "hangs (every strategy and role)", "value": 0, "goal": "<= 0",
                         "met": True, "state": "MET"}],
            "notes": ["gossip peer: 1 kills: 1 lost; 1 as promised", "10 kills per (strategy, "
-                     "role), 40 steps"], "git": {"commit": "c" * 40}}
+                     "role), 40 steps"], "git": {"commit": "c" * 40}, "date": "then"}
     (tmp_path / "kill_resume.json").write_text(json.dumps(old))
     monkeypatch.setattr(harness, "RESULTS", tmp_path)
     monkeypatch.setattr(netns, "unavailable_reason", lambda: "needs root")
     monkeypatch.setattr(sys, "argv", ["kill_resume", "--only", "torchrun", "--merge"])
     kr.main()
     rec = json.loads((tmp_path / "kill_resume.json").read_text())
-    assert rec["rows"] == old["rows"]
+    assert rec["rows"] == [dict(r, run="then") for r in old["rows"]]  # the run that measured it
     by = {t["name"]: t for t in rec["targets"]}
     assert by[name]["state"] == "NOT RUN" and "needs root" in by[name]["reason"]
     assert by["hangs (every strategy and role)"]["value"] == 0

@@ -47,7 +47,7 @@ def train(
     clip_grad_norm: Annotated[float | None, Opt(help="clip the aggregated gradient's global norm to this", rich_help_panel=STEP)] = None,
     accumulation: Annotated[int | None, Opt(help="micro-batches per optimizer step (each of --batch-size)", rich_help_panel=STEP)] = None,
     precision: Annotated[str | None, Opt(help="fp32 | bf16 (autocast, CPU or GPU) | fp16 (GPU, grad scaler)", rich_help_panel=STEP)] = None,
-    net: Annotated[str | None, Opt(help="emulated link BANDWIDTH[:LATENCY[:JITTER]][,hosts=N][,duplex=X][,duplex_after=T], units required, e.g. 100mbit:1ms or 1gbit:200us:50us; hosts=N: the processes share N hosts' links; duplex=X: what comes in while the link sends takes X times longer, once it has sent for T", rich_help_panel=NET)] = None,
+    net: Annotated[str | None, Opt(help="emulated link BANDWIDTH[:LATENCY[:JITTER]][,hosts=N][,duplex=X][,duplex_after=T][,collective=Y], units required, e.g. 100mbit:1ms or 1gbit:200us:50us; hosts=N: the processes share N hosts' links; duplex=X: what comes in while the link sends takes X times longer, once it has sent for T; collective=Y: an all-reduce likewise Y times", rich_help_panel=NET)] = None,
     stragglers: Annotated[str | None, Opt(help="random stragglers P:FACTOR (0.2:5 = 6x slower steps) or P:exp:MEAN_S", rich_help_panel=FAULTS)] = None,
     slow_worker: Annotated[list[str] | None, Opt(help="RANK:FACTOR, a fixed slow worker (repeat)", rich_help_panel=FAULTS)] = None,
     nan_policy: Annotated[str | None, Opt(help="skip | stop on a NaN/Inf gradient", rich_help_panel=FAULTS)] = None,
