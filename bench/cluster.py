@@ -252,11 +252,6 @@ def _ms(s: float | None) -> float | None:
     return None if s is None else round(1e3 * s, 2)
 
 
-#: rows measured under another name before: measuring the new one drops the old one's rows
-#: (``--merge``); ``--rescore`` then drops their targets
-RETIRED = {"param_server candidate": ("param_server candidate (3 workers + 1 server)",)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="10mbit, cnn, rows "
@@ -311,8 +306,6 @@ def main() -> None:
     if args.merge:
         now = {(rate, wl, row.system) for (rate, wl), got in found.items()
                for row, _, _ in got["rows"].values()}
-        now |= {(rate, wl, old) for rate, wl, system in list(now)
-                for old in RETIRED.get(system, ())}  # a renamed row replaces its old rows
         rates = {rate for rate, _ in found}
         bench.keep_previous(lambda r: (r.get("rate"), r.get("workload"), r.get("system"))
                             not in now, lambda t: True,

@@ -133,8 +133,8 @@ def measure(net: str | None, nbytes: int, reps: int) -> dict[str, Spans]:
     out: dict[str, list[list[float]]] = {}
     # the all-reduce works in place on one buffer, as DDP's buckets and Tandem's flat gradient
     # do: on a fresh tensor every call it took 1.18x its model at 100 Mbit/s in the median rep,
-    # on the same one 1.06x (15 reps each, a probe script); it runs first, before the patterns
-    # below leave anything in the shapers' queues
+    # on the same one 1.06x (15 reps each, a probe script); first or last made no difference
+    # that was measured apart (1.17-1.20x either way, both times on fresh tensors)
     bucket = torch.zeros(n)
     for name, fn, idle_s in ((ALL_REDUCE, lambda: t.all_reduce(bucket).wait(), 0.0),
                              ("swap, receives first", lambda: swap(True), 0.0),
