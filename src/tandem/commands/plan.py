@@ -152,6 +152,8 @@ def plan(
     typer.echo(f"{result.profile.workload}: {result.profile.params:,} parameters, batch "
                f"{result.profile.batch_size}; {result.notes[0]}")
     typer.echo(result.table())
+    for note in result.notes[1:]:  # a codec costed stage by stage (LGC)
+        typer.echo(f"note: {note}")
     typer.echo("")
     typer.echo(result.recommendation())
     try:

@@ -87,4 +87,20 @@ def plan(workload: str = "mnist5k", workers: Sequence[int] = DEFAULT_WORKERS, *,
                     cpu_scale=base / prof.compute_min_s)
     notes = [f"compute {'given' if quick else 'measured here'}: {compute.describe()}; measured "
              f"here {prof.compute_s * 1e3:.3g} ms (batch {prof.batch_size}, one thread)"]
+    notes += _stage_notes(preds, rank_at or ns[-1])
     return PlanResult(preds, prof, network, compute, opts, ns, rank_at or ns[-1], notes)
+
+
+def _stage_notes(preds: list[Any], n: int) -> list[str]:
+    """One note per codec costed stage by stage (LGC): its stages' share and step at ``n``."""
+    out, seen = [], set()
+    for p in preds:
+        stages = p.extra.get("stages")
+        if not stages or p.workers != n or p.codec in seen:
+            continue
+        seen.add(p.codec)
+        parts = ", ".join(f"{s['stage']} {100 * s['share']:.0f} % of the steps at "
+                          f"{s['step_s'] * 1e3:.3g} ms" for s in stages)
+        out.append(f"{p.codec}: its step is the mean over its stages ({p.method} at N={n}: "
+                   f"{parts}); its bytes are the steady stage's")
+    return out

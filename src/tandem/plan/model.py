@@ -8,7 +8,10 @@ gradient (for ``pipeline``, one step of one of its K models).
 
 * ``allreduce``: ``E[max_N X] + exchange`` (the codec's collectives in order, plus its own
   computation, timed here and scaled by ``cpu_scale``); idle is the wait for the slowest,
-  ``E[max_N X] - X̄``.
+  ``E[max_N X] - X̄``. A codec whose early rounds differ (LGC's warm-up and autoencoder
+  training, :mod:`.stages`) is costed stage by stage, and the step is their mean weighed by
+  each stage's share of the run (every method that runs the codec's exchange: ``allreduce``,
+  ``pipeline``, ``bsp_shared``); its bytes are the steady stage's.
 * ``pipeline`` (K models, each this workload): a round takes ``max(K E[max_N X], K A)``, A one
   model's exchange (the exchanges of one model hide behind the others' compute); per model step
   ``max(E[max_N X], A)``.
@@ -50,6 +53,7 @@ from typing import Any
 from tandem.plan.delays import ComputeTime, coupled_step
 from tandem.plan.measure import Profile, gossip_message_bytes, pull_bytes, push_bytes
 from tandem.plan.network import Network
+from tandem.plan.stages import codec_stages
 
 _STATS_BYTES = 48  # bsp_shared's per-superstep all-reduce of 6 float64 counters
 
@@ -126,6 +130,34 @@ class Context:
         """The codec's own computation in one exchange at ``n`` ranks."""
         return self.cpu(self.profile.codecs[codec].exchange_seconds(n))
 
+    def exchanges(self, codec: str, n: int, net: Network | None = None
+                  ) -> tuple[list[tuple[str, float, float]], float]:
+        """One exchange at ``n`` ranks over ``net`` (default the plan's) in each stage of the
+        codec's run: ``[(stage, share of the steps, seconds: collectives + the codec's own
+        computation)]`` (one steady stage for most codecs; LGC's warm-up and autoencoder
+        training first, :mod:`.stages`), and the steady stage's bytes sent per rank."""
+        net = net or self.net
+        cp = self.profile.codecs[codec]
+        ex = net.exchange(cp.exchange_ops, n)
+        out = []
+        for st in codec_stages(self.profile, codec, n):
+            wire = sum(net.exchange(list(r), n).seconds for r in st.rounds) / len(st.rounds)
+            out.append((st.name, st.share, wire + self.cpu(st.compute_s)))
+        rest = max(0.0, 1.0 - sum(share for _, share, _ in out))
+        out.append(("steady", rest, ex.seconds + self.codec_s(codec, n)))
+        return out, ex.sent
+
+
+def _mean(stages: list[tuple[str, float, float]], step: Callable[[float], float]
+          ) -> tuple[float, dict[str, Any]]:
+    """The mean of ``step(exchange seconds)`` over a run's stages, and (with several stages)
+    the prediction's ``stages`` entry: each stage's share and step time."""
+    mean = sum(share * step(secs) for _, share, secs in stages)
+    if len(stages) == 1:
+        return mean, {}
+    return mean, {"stages": [{"stage": name, "share": share, "step_s": step(secs)}
+                             for name, share, secs in stages]}
+
 
 Predictor = Callable[[Context, str, int], Prediction]
 
@@ -137,20 +169,19 @@ def _pred(method: str, codec: str, n: int, step: float, compute: float, comm: fl
 
 
 def _allreduce(c: Context, codec: str, n: int) -> Prediction:
-    ex = c.net.exchange(c.profile.codecs[codec].exchange_ops, n)
-    comm = ex.seconds + c.codec_s(codec, n)
+    stages, sent = c.exchanges(codec, n)
     xmax, xbar = c.compute.expected_max(n), c.compute.mean()
-    return _pred("allreduce", codec, n, xmax + comm, xbar, comm, xmax - xbar, ex.sent)
+    step, extra = _mean(stages, lambda secs: xmax + secs)
+    return _pred("allreduce", codec, n, step, xbar, step - xmax, xmax - xbar, sent, **extra)
 
 
 def _pipeline(c: Context, codec: str, n: int) -> Prediction:
     k = c.opts.models
-    ex = c.net.exchange(c.profile.codecs[codec].exchange_ops, n)
-    a = ex.seconds + c.codec_s(codec, n)
+    stages, sent = c.exchanges(codec, n)
     xmax, xbar = c.compute.expected_max(n), c.compute.mean()
-    step = max(xmax, a)
-    return _pred("pipeline", codec, n, step, xbar, step - xmax, xmax - xbar, ex.sent,
-                 models=k, round_s=k * step)
+    step, extra = _mean(stages, lambda a: max(xmax, a))
+    return _pred("pipeline", codec, n, step, xbar, step - xmax, xmax - xbar, sent,
+                 models=k, round_s=k * step, **extra)
 
 
 def _server_round(c: Context, push: list[int], pull: list[int], n: int, *,
@@ -267,17 +298,18 @@ def _bsp_shared(c: Context, codec: str, n: int) -> Prediction:
     machines = net.nodes(n) if net.inter is not None else n
     agents = replace(net, link=net.nic, inter=None, per_node=1)
     stats = agents.all_reduce(_STATS_BYTES, machines)
-    ex = agents.exchange(c.profile.codecs[codec].exchange_ops, machines)
-    # swap-and-zero, the optimizer step, the publication; the codec's own work
-    apply = c.adds(3 * d) + (c.codec_s(codec, machines) if machines > 1 else 0.0)
-    superstep = c.opts.period_s + stats.seconds + ex.seconds + apply
+    stages, ex_sent = c.exchanges(codec, machines, agents)
+    # the exchange (collectives + the codec's own work) over the run's stages; swap-and-zero,
+    # the optimizer step, the publication
+    exchange = sum(share * secs for _, share, secs in stages) if machines > 1 else 0.0
+    superstep = c.opts.period_s + stats.seconds + exchange + c.adds(3 * d)
     adds = c.adds(2 * d)  # read the published model, add into the accumulator
     step = c.compute.mean() + adds
     grads = n * superstep / step
-    sent = machines * (stats.sent + ex.sent) / grads if machines > 1 else 0.0
+    sent = machines * (stats.sent + ex_sent) / grads if machines > 1 else 0.0
     return _pred("bsp_shared", codec, n, step, c.compute.mean(), adds, 0.0, sent,
                  machines=machines, superstep_s=superstep, grads_per_update=grads,
-                 superstep_bytes=stats.sent + ex.sent, staleness_steps=superstep / step)
+                 superstep_bytes=stats.sent + ex_sent, staleness_steps=superstep / step)
 
 
 def _coded_ps(c: Context, codec: str, n: int) -> Prediction:
