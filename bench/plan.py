@@ -21,9 +21,10 @@ the planner's compute model is the empirical distribution of those samples
 as configured, and CPU work the planner timed on an idle thread (codecs, adds) is scaled by
 the same slow-down (``cpu_scale`` = the run's mean compute / the planner's fastest one-thread
 step; the codecs are timed by their fastest call too).
-The software's cost per collective hop (``overhead_ms``) and per gossip round of point-to-point
-messages (``p2p_overhead_ms``) are calibrated once per N from an ``allreduce`` and a ``gossip``
-run (dense) on a link too fast to matter (:func:`calibrate_overhead`). So what is
+The software's cost per loopback hop (``overhead_ms``; every emulated collective also pays the
+``2(N-1)`` hops of its join clock, :mod:`tandem.plan.network`) and per gossip round of
+point-to-point messages (``p2p_overhead_ms``) are calibrated once per N from an ``allreduce`` and
+a ``gossip`` run (dense) on a link too fast to matter (:func:`calibrate_overhead`). So what is
 validated is everything *but* compute: the codec's messages, the collective costs, who waits
 for whom (the expected maximum over N or over a neighbourhood), the parameter server's link,
 the pipeline's overlap, bsp_shared's throughput. The planner's own unloaded compute
@@ -190,13 +191,15 @@ def _fast_run(n: int, args: argparse.Namespace, out: Path, strategy: dict[str, A
 def calibrate_overhead(n: int, args: argparse.Namespace, out: Path, profile: Any
                        ) -> tuple[float, float]:
     """The software's costs at ``n`` ranks on this machine, from runs on a link too fast to
-    matter (``--calib-net``): per collective hop (``overhead_s``: an ``allreduce`` + ``dense``
+    matter (``--calib-net``): per loopback hop (``overhead_s``: an ``allreduce`` + ``dense``
     run; per step, the smallest ``comm_s`` over the ranks, the last to arrive waits for no one,
     is the all-reduce's own time; its median, less the modelled transfer, over the ring's
-    ``2(N-1)`` hops) and per gossip round of point-to-point messages (``p2p_overhead_s``: a
-    ``gossip`` run's step time less the planner's prediction without it)."""
+    ``2(N-1)`` hops and the ``2(N-1)`` of the emulator's join clock before it,
+    :func:`tandem.plan.network.join_hops`) and per gossip round of point-to-point messages
+    (``p2p_overhead_s``: a ``gossip`` run's step time less the planner's prediction without
+    it)."""
     from tandem.plan.model import predict_one
-    from tandem.plan.network import Network, Tier
+    from tandem.plan.network import Network, Tier, join_hops
 
     run = _fast_run(n, args, out, {"name": "allreduce"})
     by_step: dict[int, list[float]] = collections.defaultdict(list)
@@ -206,7 +209,8 @@ def calibrate_overhead(n: int, args: argparse.Namespace, out: Path, profile: Any
                 by_step[r["step"]].append(r["comm_s"] + (r.get("idle_s") or 0.0))
     own = statistics.median(min(v) for v in by_step.values() if len(v) == n)
     fast = Network(Tier.parse(args.calib_net), backend="tandem")
-    hop = max(0.0, own - fast.all_reduce(profile.dense_nbytes, n).seconds) / (2 * (n - 1))
+    hops = 2 * (n - 1) + join_hops(n)
+    hop = max(0.0, own - fast.all_reduce(profile.dense_nbytes, n).seconds) / hops
     m = measure(_fast_run(n, args, out, {"name": "gossip", "options": {"mode": "goco"}}),
                 args.skip)
     compute = fit_compute(m["own"], None)

@@ -15,8 +15,15 @@ follow the algorithm of the chosen ``backend``:
   carries every broadcast copy, ``(N-1) s/B + L``; a barrier costs ``2(N-1)`` latencies): the
   backend to validate predictions against ``tandem train --net`` runs. The emulator charges a
   collective from the moment its last rank joined while the loopback collective runs meanwhile,
-  so the software's cost per hop counts only where it outlasts the modelled time:
-  ``max(model, hops * overhead)`` (the real engines pay it on every hop, on top of the latency).
+  so the software's cost counts only where it outlasts the modelled time:
+  ``max(model, (hops + 2(N-1)) * overhead)`` (the real engines pay it on every hop, on top of the
+  latency). The ``2(N-1)``: before every collective the emulator all-reduces the ranks' issue
+  times on loopback (its join clock), a ring of ``2(N-1)`` hops, so a collective of few hops
+  costs the software more than its own hops say. Measured on this 2-core machine (mnist5k, 60
+  steps, a link too fast to matter): at N = 4 a top-k all-gather step took 5.6 ms of exchange and
+  a dense all-reduce step 6.8 ms, where hops alone (3 against 6) said half; their own hops plus
+  the join's say 9 against 12, 5.1 ms against 6.8 (N = 8: 21 against 28, 14.1 ms against 18.8,
+  measured 13.1 with top-k's ~1 ms of decoding in it).
 
 Two tiers (``inter`` given, ``per_node`` P > 1, N > P, nodes M = ceil(N/P)): the hierarchical
 algorithm NCCL and Horovod use. All-reduce = reduce-scatter inside the node, an all-reduce of
@@ -148,10 +155,12 @@ class Network:
         """One message hop: the link's latency plus the software's cost per message."""
         return t.latency_s + self.overhead_s
 
-    def _charged(self, wire_s: float, hops: int, t: Tier) -> float:
-        """A flat collective of ``wire_s`` line time and ``hops`` message hops on ``t``."""
+    def _charged(self, wire_s: float, hops: int, t: Tier, n: int) -> float:
+        """A flat collective of ``wire_s`` line time and ``hops`` message hops on ``t`` among
+        ``n`` ranks."""
         if self.backend == "tandem":  # the emulator's model runs alongside the real collective
-            return max(wire_s + hops * t.latency_s, hops * self.overhead_s)
+            software = (hops + join_hops(n)) * self.overhead_s  # and its join clock's ring
+            return max(wire_s + hops * t.latency_s, software)
         return wire_s + hops * self.hop(t)
 
     def p2p_hop(self, t: Tier) -> float:
@@ -163,14 +172,14 @@ class Network:
         if n <= 1:
             return 0.0
         moved = 2 * (n - 1) * s // n if isinstance(s, int) else 2 * (n - 1) / n * s  # as metered
-        ring = self._charged(moved / t.bytes_per_s, 2 * (n - 1), t)
+        ring = self._charged(moved / t.bytes_per_s, 2 * (n - 1), t, n)
         if self.backend != "nccl":
             return ring
         tree = 2 * s / t.bytes_per_s + 2 * math.ceil(math.log2(n)) * self.hop(t)
         return min(ring, tree)
 
     def _flat_all_gather(self, s: float, n: int, t: Tier) -> float:
-        return self._charged((n - 1) * s / t.bytes_per_s, n - 1, t) if n > 1 else 0.0
+        return self._charged((n - 1) * s / t.bytes_per_s, n - 1, t, n) if n > 1 else 0.0
 
     def _flat_broadcast(self, s: float, n: int, t: Tier) -> float:
         if n <= 1:
@@ -179,7 +188,8 @@ class Network:
             return s / t.bytes_per_s + (n - 1) * self.hop(t)
         if self.backend == "gloo":
             return math.ceil(math.log2(n)) * (s / t.bytes_per_s + self.hop(t))
-        return self._charged(costs.broadcast_root_seconds(int(s), n, t.bytes_per_s, 0.0), 1, t)
+        return self._charged(costs.broadcast_root_seconds(int(s), n, t.bytes_per_s, 0.0), 1, t,
+                             n)
 
     def _tier(self) -> Tier:
         """The one tier a flat collective runs on."""
@@ -226,7 +236,7 @@ class Network:
             return Cost(0.0, 0)
         if self.backend == "tandem":
             t = self.nic if self.inter is not None else self.link
-            return Cost(self._charged(0.0, costs.barrier(n).hops, t), 0)
+            return Cost(self._charged(0.0, costs.barrier(n).hops, t, n), 0)
         return Cost(self.all_reduce(4, n).seconds, 0)
 
     def op(self, kind: str, nbytes: int, n: int) -> Cost:
@@ -243,6 +253,12 @@ class Network:
         """A codec's exchange: its collectives one after the other (each waits for the last)."""
         parts = [self.op(kind, nbytes, n) for kind, nbytes in ops]
         return Cost(sum(c.seconds for c in parts), sum(c.sent for c in parts))
+
+
+def join_hops(n: int) -> int:
+    """Hops of the emulator's join clock, the loopback all-reduce of the ranks' issue times
+    that precedes every collective on an emulated link (``Transport._join_clock``): a ring."""
+    return 2 * (n - 1) if n > 1 else 0
 
 
 def ring_all_reduce_bytes(nbytes: int, n: int) -> int:
