@@ -32,9 +32,10 @@ gradient (for ``pipeline``, one step of one of its K models).
   ``goco`` waits only for its neighbours (who wait for theirs: simulated, ``coupled_step``), and a
   straggler's step ends at its deadline (``deadline_s``, or ``deadline_factor`` x its compute),
   so it costs at most the deadline. ``wait`` waits for everyone: a barrier and ``E[max_N X]``.
-* ``coded_ps`` (s stragglers tolerated, d = s+1 partitions per worker): the server sends every
-  worker the parameters and decodes from the first ``N - s`` coded gradients:
-  ``E[(N-s)-th of d X] + R``.
+* ``coded_ps`` (s stragglers tolerated, d = s+1 partitions per worker): the server decodes from
+  the first ``N - s`` coded gradients and sends those workers the new parameters at once (a late
+  worker gets them when its stale answer comes in, behind the round), so ``R`` carries
+  ``N - s`` pushes and pulls: ``E[(N-s)-th of d X] + R``.
 * ``local``: ``X̄``, nothing sent (the floor).
 
 Tune what the model assumes with :class:`PlanOptions` (servers, cap, topology, K, period,
@@ -189,15 +190,17 @@ def _server_round(c: Context, push: list[int], pull: list[int], n: int, *,
                   ) -> float:
     """Communication of one parameter-server round as the slowest worker sees it (module doc):
     pushes into and pulls out of the servers' links, the worker's own link, the servers' work.
-    ``push_hops``: messages per push the server receives one after the other (a
-    ``send_message`` is a length, a header and the payload)."""
+    ``answers``: the pushes a round waits for, and the pulls it sends at once (default all
+    ``n``; ``coded_ps`` answers its first ``n - s`` and hands the late ones theirs as their
+    stale answers come in, behind the round). ``push_hops``: messages per push the server
+    receives one after the other (a ``send_message`` is a length, a header and the payload)."""
     net = c.net
     srv = net.nic  # a server is a process of its own (its own node across two tiers)
     share = min(net.per_node, n) if net.two_tier(n) else 1  # workers sharing a NIC
     wlink = net.nic if net.inter is not None else net.link
     p, q = sum(push), sum(pull)
     k = n if answers is None else answers
-    in_srv, out_srv = k * max(push) / srv.bytes_per_s, n * max(pull) / srv.bytes_per_s
+    in_srv, out_srv = k * max(push) / srv.bytes_per_s, k * max(pull) / srv.bytes_per_s
     p_w, q_w = share * p / wlink.bytes_per_s, share * q / wlink.bytes_per_s
     servers = max(1, len(push))
     work = k * decode_s / servers + c.adds((k + 3) * c.profile.params / servers)
