@@ -149,6 +149,37 @@ def test_cli_prints_one_row_per_strategy_and_codec(tmp_path):
     assert (tmp_path / "plan.png").stat().st_size > 0 and (tmp_path / "plan.json").exists()
 
 
+def test_the_plan_predicts_what_tandem_train_runs_and_nothing_it_refuses():
+    """Every strategy x codec the planner predicts passes ``tandem train``'s checks, and every
+    one it leaves out is refused there (LGC-PS aside: ``variant=ps`` runs on a parameter server
+    by a path of its own, which the plan does not model). Breaks if the plan ranks a
+    combination that cannot run: it used to predict the parameter server with PowerSGD and with
+    LGC, both refused before any worker starts."""
+    from tandem.codecs.base import CODECS
+    from tandem.config import load_config
+    from tandem.errors import ConfigError
+    from tandem.resolve import resolve
+
+    names = sorted(CODECS.names())
+    for label, (strategy, _) in METHODS.items():
+        if strategy in ("coded_ps", "local"):  # exact: dense only (their own tests)
+            continue
+        opts = {"mode": label.split(":")[1]} if ":" in label else {}
+        if strategy == "pipeline":
+            opts = {"models": [{}, {}]}
+        accepted = set(accepted_codecs(strategy, names))
+        for codec in names:
+            cfg = load_config({"workload": {"name": "digits"}, "codec": codec, "workers": 4,
+                               "strategy": {"name": strategy, "options": opts}})
+            if codec in accepted:
+                resolve(cfg)
+            else:
+                with pytest.raises(ConfigError, match="codec"):
+                    resolve(cfg)
+    assert "powersgd" not in accepted_codecs("param_server", names)
+    assert "lgc" not in accepted_codecs("param_server", names)
+
+
 @pytest.mark.parametrize("args, flag", [
     (["--workers", "2,abc"], "--workers"),
     (["--workers", "0,8"], "--workers"),

@@ -346,14 +346,17 @@ METHODS: dict[str, tuple[str, Predictor]] = {
 
 
 def accepted_codecs(strategy: str, codecs: list[str]) -> list[str]:
-    """The codecs ``strategy`` runs with (its ``exact_exchange`` / ``peer_codes`` flags)."""
+    """The codecs ``strategy`` runs with and the plan models (its ``exact_exchange`` /
+    ``peer_codes`` / ``push_codes`` flags). A parameter server's push of LGC (LGC-PS, its own
+    path: a leader's latent and every worker's innovations) is not modelled, so not predicted;
+    neither are codecs that need a collective among the workers, which it refuses."""
     from tandem.codecs.base import CODECS
     from tandem.strategies.base import STRATEGIES
 
     cls = STRATEGIES[strategy]
     if cls.exact_exchange:
         return [c for c in codecs if c == "dense"]
-    if cls.peer_codes:
+    if cls.peer_codes or cls.push_codes:
         return [c for c in codecs if CODECS[c].self_contained]
     return list(codecs)
 

@@ -79,6 +79,11 @@ class Strategy:
     #: True when each peer's code goes point to point to neighbours that decode it alone
     #: (gossip): only codecs whose messages are self-contained qualify (not PowerSGD or LGC)
     peer_codes: ClassVar[bool] = False
+    #: True when each worker's code goes point to point to a server that decodes it alone
+    #: (param_server): only self-contained codecs qualify, besides one the strategy runs by a
+    #: path of its own (LGC-PS: the strategy's ``check`` says when); ``tandem plan`` predicts
+    #: the self-contained ones only
+    push_codes: ClassVar[bool] = False
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx

@@ -87,6 +87,7 @@ class ParamServerStrategy(Strategy):
     name = "param_server"
     tolerates_lost_workers = True
     supports_checkpoints = True
+    push_codes = True  # LGC-PS aside (lgc.check_codec)
     Options = ParamServerOptions
 
     @classmethod
