@@ -135,6 +135,13 @@ def main() -> None:
     say(line)
     if args.save and rank == 0:
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, args.save)
+    # Lightning keeps its process group after fit; end it here, in every process. A gloo group
+    # left to the interpreter's teardown can abort a process whose work is done ("terminate
+    # called without an active exception", exit code -6: its threads still hold work with
+    # tensors while Python finalises). This happened to this script once in the test suite.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
