@@ -240,3 +240,29 @@ def test_superstep_goes_on_without_a_killed_worker(tmp_path):
     events = (tmp_path / "run" / "events.rank3.jsonl").read_text().replace(" ", "")
     assert f'"lost_worker":{victim}' in events
     assert summary["final_test_accuracy"] > 0.6
+
+
+def test_a_codec_that_counts_its_exchanges_needs_their_number_known():
+    """LGC's stages are shares of its exchanges, one per superstep. With supersteps ended by
+    time their number is unknown, so bsp_shared refuses LGC unless grads_per_superstep fixes it
+    (the codec is then told workers x steps / grads_per_superstep supersteps) or the stage
+    lengths are given. Breaks if LGC is let through with its stages sized by the workers' steps,
+    which a run of fewer supersteps than steps never leaves."""
+    from tandem.config import load_config
+    from tandem.resolve import resolve
+    from tandem.strategies.bsp_shared import exchanges
+
+    def check(sopts: dict, copts: dict) -> None:
+        resolve(load_config({"workload": {"name": "digits"}, "workers": 4,
+                             "strategy": {"name": "bsp_shared", "options": sopts},
+                             "codec": {"name": "lgc", "options": copts}}))
+
+    with pytest.raises(ConfigError, match="grads_per_superstep"):
+        check({}, {})
+    with pytest.raises(ConfigError, match="warmup_steps and ae_steps"):
+        check({}, {"warmup_steps": 2})
+    check({"grads_per_superstep": 8}, {})
+    check({}, {"warmup_steps": 2, "ae_steps": 4})
+    check({}, {"total_steps": 30})
+    assert exchanges(4 * 100, 8) == 50 and exchanges(4 * 100, 7) == 58
+    assert STRATEGIES["bsp_shared"].exchanges_by_time

@@ -189,6 +189,7 @@ def test_the_plan_predicts_what_tandem_train_runs_and_nothing_it_refuses():
     (["--per-node", "8"], "--per-node"),
     (["--stragglers", "0.1"], "--stragglers"),
     (["--codec-opt", "topk.ratio=2"], "--codec-opt"),
+    (["--codecs", "powersgd", "--strategies", "param_server"], "--codecs"),  # none runs
 ])
 def test_cli_refuses_bad_flags_with_one_line(args, flag):
     res = CliRunner().invoke(app, ["plan", "--workload", "digits", *args])

@@ -114,6 +114,9 @@ class Codec:
     #: a message any receiver decodes alone, from the model's shapes and the step (no collective
     #: protocol, no learned state): what gossip needs, where each peer's code goes to neighbours
     self_contained: ClassVar[bool] = True
+    #: its schedule counts exchanges (LGC's warm-up and autoencoder stages): the run length
+    #: its strategy gives :meth:`set_total_steps` must be the number of exchanges it will make
+    counts_exchanges: ClassVar[bool] = False
     Options: ClassVar[type[CodecOptions]] = CodecOptions
 
     def __init__(self, options: CodecOptions | dict[str, Any] | None = None, *,

@@ -85,6 +85,10 @@ def plan(workload: str = "mnist5k", workers: Sequence[int] = DEFAULT_WORKERS, *,
     opts = options or PlanOptions()
     preds = predict(prof, network, compute, ns, opts, labels,
                     cpu_scale=base / prof.compute_min_s)
+    if not preds:
+        raise ConfigError(f"--codecs {sorted(prof.codecs)}: none of them runs with --strategies "
+                          f"{labels} (which codecs each strategy takes: docs/scaling.md); add a "
+                          "codec or a strategy")
     notes = [f"compute {'given' if quick else 'measured here'}: {compute.describe()}; measured "
              f"here {prof.compute_s * 1e3:.3g} ms (batch {prof.batch_size}, one thread)"]
     notes += _stage_notes(preds, rank_at or ns[-1])

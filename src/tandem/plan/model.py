@@ -347,9 +347,10 @@ METHODS: dict[str, tuple[str, Predictor]] = {
 
 def accepted_codecs(strategy: str, codecs: list[str]) -> list[str]:
     """The codecs ``strategy`` runs with and the plan models (its ``exact_exchange`` /
-    ``peer_codes`` / ``push_codes`` flags). A parameter server's push of LGC (LGC-PS, its own
-    path: a leader's latent and every worker's innovations) is not modelled, so not predicted;
-    neither are codecs that need a collective among the workers, which it refuses."""
+    ``peer_codes`` / ``push_codes`` / ``exchanges_by_time`` flags). A parameter server's push of
+    LGC (LGC-PS, its own path: a leader's latent and every worker's innovations) is not
+    modelled, so not predicted; neither are codecs that need a collective among the workers,
+    which it refuses, nor LGC under ``bsp_shared``, whose supersteps the plan ends by time."""
     from tandem.codecs.base import CODECS
     from tandem.strategies.base import STRATEGIES
 
@@ -358,6 +359,8 @@ def accepted_codecs(strategy: str, codecs: list[str]) -> list[str]:
         return [c for c in codecs if c == "dense"]
     if cls.peer_codes or cls.push_codes:
         return [c for c in codecs if CODECS[c].self_contained]
+    if cls.exchanges_by_time:  # bsp_shared's supersteps, which the plan ends by time
+        return [c for c in codecs if not CODECS[c].counts_exchanges]
     return list(codecs)
 
 

@@ -84,6 +84,11 @@ class Strategy:
     #: path of its own (LGC-PS: the strategy's ``check`` says when); ``tandem plan`` predicts
     #: the self-contained ones only
     push_codes: ClassVar[bool] = False
+    #: True when the number of exchanges is not known in advance (bsp_shared: one per
+    #: superstep, ended by time unless ``grads_per_superstep``): a codec that counts its
+    #: exchanges (``Codec.counts_exchanges``) then needs its stage lengths given, and
+    #: ``tandem plan`` (which models supersteps by time) does not predict it
+    exchanges_by_time: ClassVar[bool] = False
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx

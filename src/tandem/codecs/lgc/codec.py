@@ -110,6 +110,7 @@ class LGCCodec(Codec):
     transfer = "led"
     error_feedback = True
     self_contained = False  # a leader's indices and the shared autoencoder
+    counts_exchanges = True  # its stages are shares of the exchanges (stage_lengths)
     Options = LGCOptions
 
     def __init__(self, options: Any = None, *, seed: int = 0) -> None:

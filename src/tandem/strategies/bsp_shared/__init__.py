@@ -69,7 +69,7 @@ import torch
 
 from tandem.checkpoint import Checkpointer, config_fingerprint, rng_state, set_rng_state
 from tandem.config import RunConfig
-from tandem.errors import CheckpointError
+from tandem.errors import CheckpointError, ConfigError
 from tandem.flat import flatten, unflatten
 from tandem.strategies.base import Strategy, register
 from tandem.strategies.bsp_shared.agent import Agent, WorkerLoop
@@ -92,8 +92,14 @@ from tandem.trainer import (
 from tandem.trainer.final_model import save_final_model
 from tandem.trainer.stragglers import ComputeFaults
 
-__all__ = ["BspSharedOptions", "BspSharedStrategy", "Layout", "local_layout", "machine_split",
-           "torchrun_layout"]
+__all__ = ["BspSharedOptions", "BspSharedStrategy", "Layout", "exchanges", "local_layout",
+           "machine_split", "torchrun_layout"]
+
+
+def exchanges(budget: int, grads_per_superstep: int) -> int:
+    """Supersteps (one codec exchange each) of a run of ``budget`` gradients in all, when every
+    superstep ends after ``grads_per_superstep`` of them (the last may be short)."""
+    return -(-budget // grads_per_superstep)
 
 
 @register
@@ -104,6 +110,28 @@ class BspSharedStrategy(Strategy):
     tolerates_lost_workers = True
     #: every ``checkpoint_every`` *supersteps* (see bsp_roles for the handshake)
     supports_checkpoints = True
+    #: one codec exchange per superstep, and supersteps end by time unless grads_per_superstep
+    exchanges_by_time = True
+
+    @classmethod
+    def check(cls, cfg: RunConfig, options: Any) -> None:
+        """Refuse a codec that counts its exchanges (LGC's stages) when their number depends on
+        timing: its stages would be shares of the workers' steps, counted in supersteps, so a
+        run of fewer supersteps than steps would never leave them."""
+        from tandem.codecs.base import CODECS
+
+        codec = CODECS[cfg.codec.name]
+        if not codec.counts_exchanges or options.grads_per_superstep is not None:
+            return
+        o = codec.Options.model_validate(cfg.codec.options)
+        lengths = [getattr(o, k, None) for k in ("warmup_steps", "ae_steps")]
+        if getattr(o, "total_steps", None) is None and None in lengths:
+            raise ConfigError(
+                f"codec: {codec.name!r} under bsp_shared: its stages are shares of its "
+                "exchanges, one per superstep, and supersteps end by time (period_s), so "
+                "their number is not known before the run; set strategy option "
+                "grads_per_superstep (then the run has workers x steps / grads_per_superstep "
+                "supersteps), or give the codec warmup_steps and ae_steps (in supersteps)")
 
     @classmethod
     def check_world(cls, cfg: RunConfig, world: int) -> None:
@@ -206,7 +234,8 @@ class BspSharedStrategy(Strategy):
             worker_ranks=list(layout.worker_ranks[machine]),
             checkpoint_every=ctx.cfg.checkpoint_every)
         codec = ctx.make_codec()
-        codec.set_total_steps(total)
+        codec.set_total_steps(exchanges(total * ctx.cfg.workers, opts.grads_per_superstep)
+                              if opts.grads_per_superstep else total)
 
         def barrier() -> None:  # the agents' barrier (workers are held in shared memory)
             if layout.machines > 1:
