@@ -106,6 +106,8 @@ def window_mean(stages: list[dict[str, Any]], steps: int, skip: int) -> float:
     bounds.append((start, steps))
     window = range(skip + 1, steps - 1)
     counts = [sum(1 for s in window if lo <= s < hi) for lo, hi in bounds]
+    if not sum(counts):  # too short a run: measure() then takes every record, the whole run
+        counts = [hi - lo for lo, hi in bounds]
     return sum(c * st["step_s"] for c, st in zip(counts, stages, strict=True)) / sum(counts)
 
 

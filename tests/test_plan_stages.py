@@ -66,6 +66,8 @@ def test_bench_plan_weighs_the_stages_as_its_measured_window_holds_them():
     # 60 steps, skip 5: gaps end at steps 6..58; warm-up 0-5 (none), training 6-17 (12), 18-58
     assert window_mean(stages, 60, 5) == pytest.approx((12 * 2.0 + 41 * 4.0) / 53)
     assert window_mean(stages, 60, 0) == pytest.approx((5 * 1.0 + 12 * 2.0 + 41 * 4.0) / 58)
+    # a run too short for the window: the whole run's stages (no division by zero)
+    assert window_mean(stages, 7, 5) == pytest.approx((1 * 1.0 + 1 * 2.0 + 5 * 4.0) / 7)
 
 
 def test_the_cli_says_which_codec_it_costed_stage_by_stage(tmp_path):
