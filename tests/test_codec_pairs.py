@@ -21,7 +21,9 @@ CODEC_OPTS = {"topk": {"ratio": 0.1}, "randomk": {"ratio": 0.1}, "powersgd": {"r
               "lgc": {"variant": "ps", "ratio": 0.1, "dense_first_last": False}}
 STRATEGY = {  # name -> (options, workers)
     "allreduce": ({}, 2), "local": ({}, 1), "coded_ps": ({"s": 0}, 2),
-    "gossip": ({"topology": "ring"}, 3), "bsp_shared": ({"machines": 2}, 2),
+    # bsp_shared counts its supersteps, so LGC knows how many exchanges it will make
+    "gossip": ({"topology": "ring"}, 3), "bsp_shared": ({"machines": 2, "grads_per_superstep": 2},
+                                                       2),
     "pipeline": ({"models": [{"lr": 0.1}]}, 2), "param_server": ({"mode": "sync"}, 2),
 }
 #: why a pair is refused, as the resolve step words it (a fragment of its message)
