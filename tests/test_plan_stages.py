@@ -56,8 +56,14 @@ def test_the_predicted_step_is_the_mean_of_the_stages_weighed_by_their_share(pro
     assert stages[-1]["step_s"] == pytest.approx(steady)
     assert pred.bytes_per_step == net.exchange(cp.exchange_ops, 4).sent
     assert "stages" not in predict_one(prof, net, compute, "allreduce", "topk", 4).extra
-    for method in ("pipeline", "bsp_shared"):
-        assert predict_one(prof, net, compute, method, "lgc", 4).step_s > 0
+    # the pipeline weighs each stage's max(compute, exchange) the same way
+    pipe = predict_one(prof, net, compute, "pipeline", "lgc", 4)
+    assert [s["stage"] for s in pipe.extra["stages"]] == [s["stage"] for s in stages]
+    assert pipe.step_s == pytest.approx(sum(s["share"] * s["step_s"]
+                                            for s in pipe.extra["stages"]))
+    assert all(p["step_s"] == pytest.approx(max(compute.expected_max(4), a["step_s"]
+                                                - compute.expected_max(4)))
+               for p, a in zip(pipe.extra["stages"], stages, strict=True))
 
 
 def test_bench_plan_weighs_the_stages_as_its_measured_window_holds_them():

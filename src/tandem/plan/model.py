@@ -10,8 +10,9 @@ gradient (for ``pipeline``, one step of one of its K models).
   computation, timed here and scaled by ``cpu_scale``); idle is the wait for the slowest,
   ``E[max_N X] - X̄``. A codec whose early rounds differ (LGC's warm-up and autoencoder
   training, :mod:`.stages`) is costed stage by stage, and the step is their mean weighed by
-  each stage's share of the run (every method that runs the codec's exchange: ``allreduce``,
-  ``pipeline``, ``bsp_shared``); its bytes are the steady stage's.
+  each stage's share of the run (``allreduce`` and ``pipeline``; ``bsp_shared`` runs LGC only
+  with a superstep count the plan does not model, :func:`accepted_codecs`); its bytes are the
+  steady stage's.
 * ``pipeline`` (K models, each this workload): a round takes ``max(K E[max_N X], K A)``, A one
   model's exchange (the exchanges of one model hide behind the others' compute); per model step
   ``max(E[max_N X], A)``.
