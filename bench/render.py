@@ -131,7 +131,8 @@ def _cluster_cols(to_target: bool) -> list[Col]:
                    Col("vs_ddp", "DDP ms/step ÷ this", times)]
 
 
-_PS_COLS = [Col("workload"), Col("net"), Col("row"), Col("time_to_target_s", "to target s", sig),
+_PS_COLS = [Col("workload"), Col("net"), Col("row"), Col("steps"),
+            Col("time_to_target_s", "to target s", sig),
             Col("steps_to_target", "steps to target"), Col("speedup", "vs sync", times),
             Col("final_acc", "final acc", acc), Col("final_loss", "final loss", acc),
             Col("idle_frac", "idle", pct), Col("steps_per_push", "steps/push", ms),

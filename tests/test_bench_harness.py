@@ -230,7 +230,8 @@ def test_param_server_rescore_scores_where_the_candidate_must_win_and_must_not_l
         return {"section": "links", "workload": workload, "net": "10mbit:1ms", "row": name,
                 "time_to_target_s": t, "final_acc": acc, "final_loss": loss, "idle_frac": idle}
 
-    rows = [row("cnn", "candidate", 5.0, 0.955, 0.2), row("cnn", "sync PS", 10.0, 0.969, 0.1),
+    rows = [row("cnn", "candidate", None, 0.955, 0.2), row("cnn", "sync PS", 10.0, 0.969, 0.1),
+            row("cnn", param_server.BUDGET_ROW, 5.0, 0.96, 0.2),
             row("textlm", "candidate", None, 0.30, 3.26), row("textlm", "sync PS", 8.0, 0.28, 3.23)]
     old = {"date": "then", "command": "the measuring command", "git": {"commit": "c" * 40},
            "duration_s": 99.0, "rows": rows, "targets": [], "notes": ["a note"]}
@@ -241,12 +242,28 @@ def test_param_server_rescore_scores_where_the_candidate_must_win_and_must_not_l
         ("the measuring command", "c" * 40, [{**r, "run": "then"} for r in rows])
     by = {t["name"]: t for t in rec["targets"]}
     cnn, lm = "links cnn 10mbit:1ms: candidate ", "links textlm 10mbit:1ms: candidate "
+    # the time comes from the row run in sync PS's time, the final model's margin from the
+    # equal-steps row
     assert by[cnn + "time to target / sync PS's"]["value"] == 0.5
     assert by[cnn + "final test accuracy - sync PS's"]["state"] == "NOT MET"  # -1.4 points
     assert abs(by[cnn + "final test accuracy - sync PS's"]["value"] + 0.014) < 1e-9
     assert by[lm + "final test loss - sync PS's"]["state"] == "MET"  # +0.03 nats
     assert by[lm + "time to target / sync PS's"]["state"] == "NOT MET"  # never reached it
     assert not any(n.startswith(lm + "final test accuracy") for n in by)
+
+
+def test_param_server_budget_row_runs_the_candidate_for_sync_ps_time():
+    """Breaks if the candidate's run in sync PS's time is sized from the wrong time (sync's
+    time to target first, its whole training time where it never got there), or escapes its
+    floor (the section's steps) or its cap."""
+    from bench.param_server import BUDGET_CAP, budget_steps
+
+    cand = {"train_s": 10.0}  # 400 steps: 25 ms a step
+    assert budget_steps(400, cand, {"time_to_target_s": 45.0, "train_s": 100.0}) == 1800
+    assert budget_steps(400, cand, {"time_to_target_s": None, "train_s": 60.0}) == 2400
+    assert budget_steps(400, cand, {"time_to_target_s": 2.0, "train_s": 9.0}) == 400
+    assert budget_steps(400, cand, {"time_to_target_s": None, "train_s": 1e4}) == \
+        BUDGET_CAP * 400
 
 
 def test_first_error_names_a_cpp_abort_and_never_a_banner():
