@@ -139,7 +139,8 @@ def ddp_reference(cfg_data: dict) -> list:
 
 def ddp_delayed_reference(cfg_data: dict) -> list:
     """PyTorch DDP, one step stale: step t's averaged gradient is applied at step t + 1, the
-    last step's after it (what allreduce ``delay=1`` promises)."""
+    last step's after it (what allreduce ``delay=1`` promises); with ``predict`` (the
+    default) each gradient is computed at ``w + (w - w_prev)``, the weights restored after."""
     from torch.nn.parallel import DistributedDataParallel
 
     from tandem.config import RunConfig
@@ -161,15 +162,24 @@ def ddp_delayed_reference(cfg_data: dict) -> list:
             p.grad = g
         opt.step()
 
-    pending = None
+    predict = cfg.strategy.options.get("predict", True)
+    pending, delta = None, None
     for _ in range(cfg.steps):
         x, y = loader.next_batch()
         opt.zero_grad(set_to_none=True)
+        before = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, d in zip(params, delta, strict=True) if predict and delta else ():
+                p.add_(d)
         work.loss_fn(model(x), y).backward()
+        with torch.no_grad():
+            for p, b in zip(params, before, strict=True):
+                p.copy_(b)
         mean = [p.grad.detach().clone() for p in params]
         if pending is not None:
             step_with(pending)
         pending = mean
+        delta = [p.detach() - b for p, b in zip(params, before, strict=True)]
     step_with(pending)
     out = [p.detach().clone() for p in params]
     t.close()

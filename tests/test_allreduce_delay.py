@@ -28,10 +28,18 @@ def _cfg(out, codec="dense", **kw):
     return base
 
 
-def test_delay_equals_one_step_stale_ddp(tmp_path):
+def _far(ours: list, other: list) -> bool:
+    return max(float((a - b).abs().max()) for a, b in zip(ours, other, strict=True)) > 1e-4
+
+
+@pytest.mark.parametrize("predict", [True, False])
+def test_delay_equals_one_step_stale_ddp(tmp_path, predict):
     """Breaks if a mean is applied at the wrong step, twice, or not at all (the first step
-    applies nothing, the last its own mean too), or if the replicas drift apart."""
-    cfg = _cfg(tmp_path / "run", eval_every=7)  # evaluations drain the exchange mid-run
+    applies nothing, the last its own mean too), if the replicas drift apart, or (predict)
+    if a gradient is not computed at ``w + (w - w_prev)`` or the weights are not restored
+    exactly after it."""
+    cfg = _cfg(tmp_path / "run", eval_every=7,  # evaluations drain the exchange mid-run
+               strategy={"name": "allreduce", "options": {"delay": 1, "predict": predict}})
     summary = tandem.train(cfg, return_results=True)
     ours, theirs = summary["results"][0]["params"], summary["results"][1]["params"]
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
@@ -39,8 +47,35 @@ def test_delay_equals_one_step_stale_ddp(tmp_path):
     ref = spawn(jobs.ddp_delayed_reference, 2, full, timeout_s=120)[0]
     for a, b in zip(ours, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    sync = spawn(jobs.ddp_reference, 2, full, timeout_s=120)[0]
-    assert max(float((a - b).abs().max()) for a, b in zip(ours, sync, strict=True)) > 1e-4
+    assert _far(ours, spawn(jobs.ddp_reference, 2, full, timeout_s=120)[0])
+    if predict:  # the prediction changes the run: not the plain one-step-stale result
+        full["strategy"]["options"]["predict"] = False
+        assert _far(ours, spawn(jobs.ddp_delayed_reference, 2, full, timeout_s=120)[0])
+
+
+def test_predict_needs_delay_and_heavy_momentum_under_delay_is_warned(tmp_path, caplog):
+    """``predict`` without ``delay=1`` is refused before any worker starts (it would do
+    nothing); ``delay=1`` with heavy-ball SGD momentum is warned about, with the fix, and
+    Nesterov momentum or no momentum is not."""
+    import logging
+
+    from tandem.preflight import preflight
+
+    cfg = _cfg(tmp_path / "run", strategy={"name": "allreduce", "options": {"predict": False}})
+    with pytest.raises(ConfigError, match="predict .* needs delay=1"):
+        tandem.train(cfg)
+    assert not (tmp_path / "run").exists()
+    logger = logging.getLogger("tandem.strategies.allreduce")
+    logger.addHandler(caplog.handler)
+    try:
+        for momentum, options, warned in [(0.9, {}, True), (0.9, {"nesterov": True}, False),
+                                          (0.0, {}, False)]:
+            caplog.clear()
+            preflight(tandem.load_config(_cfg(tmp_path / "x", momentum=momentum, optimizer={
+                "name": "sgd", "options": options})))
+            assert ("--optimizer-opt nesterov=true" in caplog.text) is warned, (momentum, options)
+    finally:
+        logger.removeHandler(caplog.handler)
 
 
 def test_delay_with_powersgd_keeps_replicas_equal_and_resumes_exactly(tmp_path):

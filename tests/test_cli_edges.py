@@ -288,6 +288,11 @@ def test_train_codec_and_strategy_flags_replace_or_amend_the_yaml(launches, tmp_
     _refused(RUN.invoke(app, ["train", "--codec-opt", "ratio=0.1"]), "--codec-opt")
     _refused(RUN.invoke(app, ["train", "--config", str(cfg), "--strategy-opt", "p=2"]),
              "--strategy-opt")
+    c = train("--optimizer", "sgd", "--optimizer-opt", "nesterov=true", "--momentum", "0.9")
+    assert (c.optimizer.name, c.optimizer.options) == ("sgd", {"nesterov": True})
+    # without --optimizer the options would silently swap the workload's optimizer for sgd
+    assert "need a name" in _refused(RUN.invoke(app, [
+        "train", "--optimizer-opt", "nesterov=true"]), "--optimizer-opt")
 
 
 @pytest.mark.parametrize("args, flag", [
@@ -299,6 +304,7 @@ def test_train_codec_and_strategy_flags_replace_or_amend_the_yaml(launches, tmp_
     (["--stragglers", "0.2:x"], "--stragglers"),
     (["--workers", "2", "--slow-worker", "4:2"], "--slow-worker"),
     (["--codec-opt", "ratio"], "--codec-opt"),
+    (["--optimizer", "sgd", "--optimizer-opt", "nesterov"], "--optimizer-opt"),
     (["--bogus", "1"], "--bogus"),
 ])
 def test_train_refuses_bad_flags_in_one_line_naming_the_flag(launches, args, flag):

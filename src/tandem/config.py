@@ -275,6 +275,9 @@ class RunConfig(_Strict):
     @field_validator("optimizer", mode="before")
     @classmethod
     def _optimizer(cls, v: Any) -> Any:
+        if isinstance(v, dict) and v.get("options") and "name" not in v:
+            raise ValueError("options need a name (sgd, adam or adamw; --optimizer): without "
+                             "one, sgd would replace the workload's own optimizer")
         return {"name": v} if isinstance(v, str) else v
 
     @field_validator("schedule", mode="before")

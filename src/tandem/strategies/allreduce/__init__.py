@@ -26,11 +26,15 @@ while step ``t + 1`` computes, and its mean is applied one step late (one-step-s
 SGD; the replicas stay equal, the result is no longer DDP's). A step then costs about
 max(compute, exchange) instead of their sum: use it when the exchange is a large share of the
 step (a slow link, a compressing codec whose bytes still take longer than the compute) and the
-model tolerates one step of staleness. Heavy momentum does not: the cluster benchmark's CNN
-(SGD, lr 0.05, momentum 0.9) did not train with ``delay=1``, the dense codec included, and did
-at momentum 0.5 (docs/cluster.md); lower the momentum and check the accuracy against
-``delay=0`` on your model. Not with ``overlap=true`` (both claim the time of backward; refused).
-See :mod:`tandem.strategies.allreduce.delayed`.
+model tolerates one step of staleness. ``predict`` (on by default with ``delay=1``) computes
+each gradient at ``w + (w - w_prev)``, the weights it will be applied near
+(:mod:`tandem.strategies.allreduce.prediction`). Heavy momentum and a stale gradient can
+oscillate: on the cluster benchmark's CNN (SGD, lr 0.05, momentum 0.9) plain ``delay=1``
+ended at chance with every codec tried; with ``predict`` and Nesterov momentum
+(``optimizer: {name: sgd, options: {nesterov: true}}``) it trained (``bench/delay.py``), and
+pre-flight warns when ``delay=1`` meets heavy-ball SGD momentum. Check the accuracy against
+``delay=0`` on your model. Not with ``overlap=true`` (both claim the time of backward;
+refused). See :mod:`tandem.strategies.allreduce.delayed`.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from pydantic import Field, model_validator
 
 from tandem.strategies.allreduce.buckets import BucketedAllReduce
 from tandem.strategies.allreduce.delayed import CLOCK0, DelayedExchange
+from tandem.strategies.allreduce.prediction import WeightPrediction
 from tandem.strategies.base import (
     Computed,
     Exchanged,
@@ -52,7 +57,10 @@ from tandem.strategies.base import (
     register,
 )
 from tandem.strategies.correlation import gradient_correlation
+from tandem.telemetry.log import get_logger
 from tandem.trainer import LocalTrainer
+
+log = get_logger(__name__)
 
 
 class AllReduceOptions(StrategyOptions):
@@ -70,6 +78,9 @@ class AllReduceOptions(StrategyOptions):
     delay: int = Field(0, ge=0, le=1, description="1: apply each step's mean one step late, "
                        "its exchange running during the next step's compute (one-step-stale "
                        "SGD, any codec); 0: synchronous, DDP-equal")
+    predict: bool = Field(True, description="delay=1: compute each gradient at w + (w - "
+                          "w_prev), the weights it is applied near (linear weight "
+                          "prediction); false: at w (plain one-step-stale SGD)")
 
     @model_validator(mode="after")
     def _one_overlap(self) -> AllReduceOptions:
@@ -77,6 +88,9 @@ class AllReduceOptions(StrategyOptions):
             raise ValueError("allreduce: delay=1 and overlap=true both hide communication "
                              "behind compute and cannot be combined; choose one (overlap: "
                              "dense codec, exact; delay: any codec, one step stale)")
+        if "predict" in self.model_fields_set and not self.delay:
+            raise ValueError("allreduce: predict shifts the weights a stale gradient is "
+                             "computed on; it needs delay=1 (with delay=0 nothing is stale)")
         return self
 
 
@@ -85,6 +99,16 @@ class AllReduceStrategy(Strategy):
     name = "allreduce"
     Options = AllReduceOptions
     supports_checkpoints = True
+
+    @classmethod
+    def check_training(cls, cfg: Any, options: Any, spec: Any) -> None:
+        nesterov = bool(spec.optimizer_options.get("nesterov"))
+        if options.delay and spec.optimizer_name == "sgd" and spec.momentum > 0 and \
+                not nesterov:
+            log.warning("allreduce delay=1 with heavy-ball momentum %g: a stale gradient fed "
+                        "through momentum can oscillate (mnist5k's CNN at momentum 0.9 ended "
+                        "at chance, bench/delay.py); Nesterov momentum compensates the delay: "
+                        "--optimizer sgd --optimizer-opt nesterov=true", spec.momentum)
 
     def setup(self) -> None:
         self.loop = AllReduceWorker(self.ctx, self.opts,
@@ -113,6 +137,8 @@ class AllReduceWorker(StepLoop):
         self.delayed = (DelayedExchange(lambda g: self.codec.exchange(g, ctx.transport),
                                         ctx.rank, ctx.cfg.timeout_s) if opts.delay else None)
         self._final: list | None = None  # delay=1: the last step's own mean
+        self.predict = (WeightPrediction(trainer.params) if opts.delay and opts.predict
+                        else None)
         self._compute_started = 0.0
         self.codec.set_total_steps(total)
         self.correlation = (opts.correlation_every, opts.correlation_ratio)
@@ -121,6 +147,8 @@ class AllReduceWorker(StepLoop):
 
     def state(self) -> dict[str, Any]:
         extra = {"delayed": self.delayed.state_dict()} if self.delayed is not None else {}
+        if self.predict is not None:
+            extra["predict"] = self.predict.state_dict()
         return {**super().state(), "codec": self.codec.state_dict(), **extra}
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -128,13 +156,21 @@ class AllReduceWorker(StepLoop):
         self.codec.load_state_dict(state["codec"])
         if self.delayed is not None:
             self.delayed.load_state_dict(state.get("delayed", {}))
+        if self.predict is not None:
+            self.predict.load_state_dict(state.get("predict", {}))
 
     def compute(self, step: int) -> Computed:
         if self.delayed is not None:  # for the record's overlap fields
             self._compute_started = time.perf_counter() - CLOCK0
         if self.overlap is not None:
             self.overlap.arm(step)  # buckets leave from gradient hooks during this backward
-        return super().compute(step)
+        if self.predict is None:
+            return super().compute(step)
+        self.predict.shift()  # the gradient at the weights it will be applied near
+        try:
+            return super().compute(step)
+        finally:
+            self.predict.restore()
 
     def screen(self, step: int, c: Computed) -> Computed:
         if self.overlap is not None:
@@ -165,6 +201,8 @@ class AllReduceWorker(StepLoop):
 
     def apply(self, step: int, c: Computed, ex: Exchanged) -> None:
         super().apply(step, c, ex)
+        if self.predict is not None:
+            self.predict.applied()
         if self._final is not None:
             assert self.trainer is not None
             self.trainer.apply(self._final)
