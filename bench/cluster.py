@@ -13,7 +13,9 @@ row is one ``torchrun --nnodes N --node_rank I --master_addr <host 0> ...`` per 
 
 * ``allreduce <codec>``: ``-m tandem.cli worker --config cfg.yaml`` with dense, fp16, top-k 1 %,
   PowerSGD rank 2 and rank 1, and QSGD; top-k and PowerSGD also with ``delay=1`` (the exchange
-  overlapping the next step's compute, one step stale);
+  overlapping the next step's compute, one step stale); on the CNN top-k and PowerSGD rank 1
+  also with Nesterov momentum, with and without ``delay=1`` (``... nesterov``: the optimizer
+  ``bench/delay.py`` found to make the delayed steps train);
 * ``ddp``, ``ddp + fp16 hook``, ``ddp + powersgd r2``: ``bench/ddp_cluster_job.py`` (plain torch
   DDP, torch's ``fp16_compress_hook``, torch's ``powerSGD_hook``) on the same model, shards, seeds,
   optimizer and steps;
@@ -171,6 +173,8 @@ def measure(args: argparse.Namespace, bench: Bench,
                                codec={"name": row.codec, "options": row.codec_opts})
                     if row.workers is not None:
                         cfg["workers"] = row.workers
+                    if row.sgd_opts:
+                        cfg["optimizer"] = {"name": "sgd", "options": row.sgd_opts}
                     row_dir = root / rate / wl / row.key
                     row_dir.mkdir(parents=True, exist_ok=True)
                     limit = limit_for(cfg, params, parse_rate_bps(rate if shaped else "1gbit"))

@@ -83,6 +83,7 @@ class Row:
     codec: str = "dense"
     codec_opts: dict[str, Any] = field(default_factory=dict)
     strategy_opts: dict[str, Any] = field(default_factory=dict)
+    sgd_opts: dict[str, Any] = field(default_factory=dict)  # options of the CNN's SGD
     hook: str | None = None
     workers: int | None = None  # None: one per host (the config's default)
 
@@ -152,6 +153,17 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
             codec_opts={"rank": 2}, strategy_opts={"delay": 1}),
         Row("powersgd-r1-delay", "allreduce powersgd r1 delay=1", "tandem", codec="powersgd",
             codec_opts={"rank": 1}, strategy_opts={"delay": 1}),
+        # delay=1 with Nesterov momentum (spike compensation; bench/delay.py) and predict (the
+        # default since 2026-12-05), beside the same codecs without delay on that optimizer
+        *([Row(f"{key}-nesterov", f"{system} nesterov", "tandem", codec=codec,
+               codec_opts=opts, strategy_opts=delay, sgd_opts={"nesterov": True})
+           for key, system, codec, opts, delay in [
+               ("topk", "allreduce topk 0.01", "topk", {"ratio": 0.01}, {}),
+               ("topk-delay", "allreduce topk 0.01 delay=1", "topk", {"ratio": 0.01},
+                {"delay": 1}),
+               ("powersgd-r1", "allreduce powersgd r1", "powersgd", {"rank": 1}, {}),
+               ("powersgd-r1-delay", "allreduce powersgd r1 delay=1", "powersgd",
+                {"rank": 1}, {"delay": 1})]] if workload == "cnn" else []),
         Row("qsgd", "allreduce qsgd", "tandem", codec="qsgd"),
         # one server per host, a shard each (textlm's AdamW factory runs on the workers under
         # local_step=auto, so its servers only average and may hold shards too)
