@@ -31,11 +31,15 @@ def row_kind(hosts: int, workload: str | None, system: str | None) -> Row | None
 
 def best_tandem(rows: dict[str, dict[str, Any]], hosts: int
                 ) -> tuple[float | None, str | None]:
-    """The Tandem row (not FAILED) with the shortest time to the target: (seconds, system)."""
+    """The Tandem row (not FAILED) with the shortest time to the target: (seconds, system).
+    A row on another optimizer than the recipe's (``sgd_opts``: Nesterov momentum) is not
+    ranked: the DDP rows it would be compared with run the recipe's heavy-ball momentum, and
+    Nesterov alone took the dense codec to 0.95 in 79 steps against 109 (``bench/delay.py``)."""
     tandem = [(r["time_to_target_s"], s) for s, r in rows.items()
               if r.get("time_to_target_s") is not None
               and not str(r.get("status", "")).startswith("FAILED")
-              and (k := row_kind(hosts, "cnn", s)) is not None and k.kind == "tandem"]
+              and (k := row_kind(hosts, "cnn", s)) is not None and k.kind == "tandem"
+              and not k.sgd_opts]
     return min(tandem) if tandem else (None, None)
 
 

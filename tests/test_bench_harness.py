@@ -193,14 +193,18 @@ def test_a_bsp_shared_row_is_reported_per_superstep_and_per_agent():
 
 def test_rescore_keeps_the_measured_provenance_and_recomputes_the_targets(tmp_path, monkeypatch):
     """`bench.cluster --rescore` measures nothing: breaks if the file's commit, command or
-    duration become the rescore's, if a row is lost, or if a stale best-row note survives."""
+    duration become the rescore's, if a row is lost, if a stale best-row note survives, or if
+    a row on another optimizer than DDP's is ranked as the best."""
     from bench import cluster
 
     monkeypatch.setattr(harness, "RESULTS", tmp_path)
     rows = [{"rate": "10mbit", "workload": "cnn", "system": "ddp", "status": "ok",
              "time_to_target_s": 60.0, "emu_err": 0.1},
             {"rate": "10mbit", "workload": "cnn", "system": "allreduce fp16", "status": "ok",
-             "time_to_target_s": 6.0, "steps_to_target": 9, "emu_err": 0.3}]
+             "time_to_target_s": 6.0, "steps_to_target": 9, "emu_err": 0.3},
+            # another optimizer than DDP's recipe (Nesterov): never the best row
+            {"rate": "10mbit", "workload": "cnn", "system": "allreduce powersgd r1 nesterov",
+             "status": "ok", "time_to_target_s": 2.0, "steps_to_target": 9, "emu_err": 0.1}]
     old = {"date": "then", "command": "the measuring command", "git": {"commit": "b" * 40},
            "duration_s": 1234.5, "rows": rows, "targets": [],
            "notes": ["best Tandem row at 10mbit cnn: stale (1.0 s to 0.95)", "a link note"]}
