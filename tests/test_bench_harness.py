@@ -251,6 +251,9 @@ def test_param_server_rescore_scores_where_the_candidate_must_win_and_must_not_l
     assert by[cnn + "time to target / sync PS's"]["value"] == 0.5
     assert by[cnn + "final test accuracy - sync PS's"]["state"] == "NOT MET"  # -1.4 points
     assert abs(by[cnn + "final test accuracy - sync PS's"]["value"] + 0.014) < 1e-9
+    # and after its run in sync PS's time (0.96 against 0.969): within the point
+    assert by[cnn + "in sync's time final test accuracy - sync PS's"]["state"] == "MET"
+    assert not any(n.startswith(lm + "in sync's time") for n in by)  # no such row there
     assert by[lm + "final test loss - sync PS's"]["state"] == "MET"  # +0.03 nats
     assert by[lm + "time to target / sync PS's"]["state"] == "NOT MET"  # never reached it
     assert not any(n.startswith(lm + "final test accuracy") for n in by)

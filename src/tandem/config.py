@@ -169,7 +169,7 @@ class OptimizerConfig(_Strict):
     (``betas``, ``eps``, ``nesterov`` ...); ``lr``, ``momentum`` (sgd) and ``weight_decay`` come
     from the run's own fields."""
 
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    name: Literal["sgd", "adam", "adamw"]  # required: a default would replace a workload's own
     options: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -275,9 +275,6 @@ class RunConfig(_Strict):
     @field_validator("optimizer", mode="before")
     @classmethod
     def _optimizer(cls, v: Any) -> Any:
-        if isinstance(v, dict) and v.get("options") and "name" not in v:
-            raise ValueError("options need a name (sgd, adam or adamw; --optimizer): without "
-                             "one, sgd would replace the workload's own optimizer")
         return {"name": v} if isinstance(v, str) else v
 
     @field_validator("schedule", mode="before")
