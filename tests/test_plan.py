@@ -225,3 +225,19 @@ def test_the_emulator_backend_charges_software_time_only_where_it_outlasts_the_m
     gloo = Network(link, backend="gloo", overhead_s=0.001)
     assert gloo.all_reduce(400_000, 4).seconds == pytest.approx(0.606)
     assert slow.barrier(4).seconds == pytest.approx(0.012)  # its 6 hops + the join's 6
+
+
+def test_the_emulator_backend_with_nodes_charges_every_process_on_its_hosts_link():
+    """The emulator's shared hosts (``hosts=M``) have no intra-node tier: a host's processes
+    charge their collectives to its one link in turns, each its flat ring's traffic over all N
+    ranks. Breaks if the tandem backend with ``--net-inter``/``--per-node`` uses a real
+    engine's hierarchy (the intra-node link carrying most of it), or forgets the sharing."""
+    intra, nic = Tier(bytes_per_s=1e9, latency_s=1e-5), Tier(bytes_per_s=1e6, latency_s=1e-3)
+    net = Network(intra, nic, per_node=2, backend="tandem")
+    # 4 ranks, 2 a host: each process's ring sends 600 kB, two of them on each host's link
+    assert net.all_reduce(400_000, 4).seconds == pytest.approx(2 * 0.6 + 6e-3)
+    assert net.all_gather(1_000, 4).seconds == pytest.approx(2 * 3e-3 + 3e-3)
+    assert net.broadcast(1_000, 4).seconds == pytest.approx(3e-3 + 1e-3)  # the root's 3 copies
+    assert net.all_reduce(400_000, 2).seconds == pytest.approx(2 * 0.4 + 2e-3)  # one host
+    nccl = Network(intra, nic, per_node=2, backend="nccl")
+    assert nccl.all_reduce(400_000, 4).seconds < 0.7  # hierarchical: the NIC carries s/P

@@ -24,7 +24,12 @@ follow the algorithm of the chosen ``backend``:
   a dense all-reduce step 6.8 ms, where hops alone (3 against 6) said half; their own hops plus
   the join's say 9 against 12, 5.1 ms against 6.8 (N = 8: 21 against 28, 14.1 ms against 18.8,
   measured 13.1; top-k's own encoding and decoding take 0.24 and 0.30 ms of those on an idle
-  thread).
+  thread). With ``--net-inter`` and ``--per-node P`` it charges what the emulator's shared
+  hosts (``--net ...,hosts=M``) do: the P processes of a host charge their collectives to its
+  one link (``--net-inter``), one after another, each its flat ring's traffic over all N ranks,
+  so a host's link carries P times one rank's (an all-reduce or all-gather; a broadcast is
+  paced by the root's own link); the intra-node ``--net`` plays no part, since the emulator
+  has none.
 
 Two tiers (``inter`` given, ``per_node`` P > 1, N > P, nodes M = ceil(N/P)): the hierarchical
 algorithm NCCL and Horovod use. All-reduce = reduce-scatter inside the node, an all-reduce of
@@ -196,12 +201,19 @@ class Network:
         """The one tier a flat collective runs on."""
         return self.nic if self.inter is not None and self.per_node == 1 else self.link
 
+    def _emulated_hosts(self, n: int) -> int:
+        """The tandem backend with a node's link: how many of the ``n`` ranks share one host's
+        link (the emulator's ``hosts``); 0 otherwise."""
+        return min(self.per_node, n) if self.backend == "tandem" and self.inter else 0
+
     # ---- collectives ------------------------------------------------------------------------
     def all_reduce(self, nbytes: int, n: int) -> Cost:
         """Sum of ``nbytes`` over ``n`` ranks (hierarchical across two tiers)."""
         sent = costs.all_reduce(nbytes, n).sent
         if n <= 1:
             return Cost(0.0, 0)
+        if share := self._emulated_hosts(n):  # every process's ring, in turns on the host
+            return Cost(self._flat_all_reduce(nbytes * share, n, self.nic), sent)
         if not self.two_tier(n):
             return Cost(self._flat_all_reduce(nbytes, n, self._tier()), sent)
         p, m, ti, te = self.per_node, self.nodes(n), self.link, self.nic
@@ -214,6 +226,8 @@ class Network:
         sent = costs.all_gather(nbytes_each, n).sent
         if n <= 1:
             return Cost(0.0, 0)
+        if share := self._emulated_hosts(n):
+            return Cost(self._flat_all_gather(nbytes_each * share, n, self.nic), sent)
         if not self.two_tier(n):
             return Cost(self._flat_all_gather(nbytes_each, n, self._tier()), sent)
         p, m, ti, te = self.per_node, self.nodes(n), self.link, self.nic
@@ -226,6 +240,8 @@ class Network:
         sent = costs.broadcast(nbytes, n, True).sent / max(1, n)
         if n <= 1:
             return Cost(0.0, 0)
+        if self._emulated_hosts(n):  # the root's link carries every copy
+            return Cost(self._flat_broadcast(nbytes, n, self.nic), sent)
         if not self.two_tier(n):
             return Cost(self._flat_broadcast(nbytes, n, self._tier()), sent)
         across = self._flat_broadcast(nbytes, self.nodes(n), self.nic)
