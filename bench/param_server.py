@@ -33,7 +33,10 @@ and steps (``modes``: the baselines and both merges on digits at 20 ms, dense):
   user would try there (``max_staleness`` 8 and 16 for fresher models, ``merge=compensated``,
   4x the push density: top-k 4 % pushes, 16 % pulls, and four servers, each with its own
   link) beside the default candidate and sync PS; and textlm (AdamW) at 10 Mbit/s with four
-  servers beside the default and sync PS. No targets: it says whether tuning rescues it.
+  servers beside the default and sync PS; and digits at 100 Mbit/s, 20 ms, where the
+  candidate's workers idle at ``cap`` (``max_staleness`` 64 binds: a round lasts ~150 of their
+  steps), with ``max_staleness`` 256 beside the default and sync PS. No targets: it says
+  whether tuning rescues it.
 
 * ``latency``: one-way latency 0.1, 1 and 20 ms at 100 Mbit/s on ``digits`` (MLP, 360 test
   images) and ``textlm``; rows ``candidate`` and ``sync PS`` with the default ``cap`` (auto),
@@ -100,6 +103,11 @@ TUNING = [("candidate", {}), ("sync PS", {"mode": "sync"}),
 
 
 def rows(section: str, workload: str) -> list[tuple[str, dict[str, Any]]]:
+    if section == "tuning" and workload == "digits":  # its idle: cap bound by max_staleness
+        ps = {"strategy": "param_server", "codec": "dense", "momentum": 0.0}
+        return [(name, dict(ps, options={"mode": "candidate", **opts})) for name, opts in
+                [("candidate", {}), ("sync PS", {"mode": "sync"}),
+                 ("candidate max_staleness=256", {"max_staleness": 256})]]
     if section == "tuning" and workload == "textlm":  # AdamW at 10 Mbit/s: its own links
         # for each of four servers (its optimizer factory runs on the workers, so it may)
         ps = {"strategy": "param_server", "codec": TOPK_PLAIN, "momentum": 0.0}
@@ -231,6 +239,7 @@ def main() -> None:
         plan += [("modes", "digits", "100mbit:20ms")]
     if "tuning" in args.sections:
         plan += [("tuning", w, "10mbit:1ms") for w in ("cnn", "textlm") if w in wanted]
+        plan += [("tuning", "digits", "100mbit:20ms")] if "digits" in wanted else []
     bench = Bench("param_server_quick" if args.quick else "param_server",
                   ["section", "workload", "net", "row", "steps", "time_to_target_s", "speedup",
                    "final_acc", "acc_se", "final_loss", "idle_frac", "steps_per_push",
