@@ -18,12 +18,14 @@ with heavy-ball and with Nesterov momentum (the references), ``delay=1`` plain (
 prediction: what ``delay=1`` was before), and ``delay=1`` with Nesterov and prediction; for the
 dense codec also each remedy alone. mnist5k's CNN with ``hidden=360`` (201,538 parameters), 4
 workers on one machine with no link limit (accuracy per step is the question, not speed),
-batch 32, SGD lr 0.05, momentum 0.9, 200 steps, seed 0, evaluated every 10 steps on 1,000 test
-images (standard error about 0.006 near 0.96). One seed: a row's final accuracy moves by about
-a point between seeds, more where training is unstable.
+batch 32, SGD lr 0.05, momentum 0.9, 200 steps, evaluated every 10 steps on 1,000 test
+images (standard error about 0.006 near 0.96), seeds 0, 1 and 2 (model, data order and shards
+change with the seed): a row's ``final_acc`` is the mean over the seeds, ``sd`` their standard
+deviation, ``each`` every seed's, ``steps`` every seed's steps to 0.95 (``-``: not reached).
 
-Targets (per codec): the delayed run with both remedies reaches 0.95 within the 200 steps, and
-ends within 1 point of ``delay=0`` with the same (Nesterov) optimizer: where it must not lose.
+Targets (per codec): the delayed run with both remedies reaches 0.95 within the 200 steps with
+every seed, and ends within 1 point of ``delay=0`` with the same (Nesterov) optimizer, in the
+mean over the seeds: where it must not lose.
 
     .venv/bin/python -m bench.delay [--quick]
 """
@@ -52,6 +54,7 @@ VARIANTS = {
 #: the remedies one at a time only for the dense codec
 ALONE = ("delay=1 predict", "delay=1 nesterov")
 TARGET, TEST_N = 0.95, 1000  # mnist5k test_fraction 0.2
+SEEDS = (0, 1, 2)
 
 
 def plan(quick: bool) -> list[tuple[str, str]]:
@@ -60,45 +63,59 @@ def plan(quick: bool) -> list[tuple[str, str]]:
     return [(c, v) for c in codecs for v in VARIANTS if c == "dense" or v not in ALONE]
 
 
-def run_row(codec: str, variant: str, steps: int, out: Path) -> dict[str, Any]:
+def run_once(codec: str, variant: str, steps: int, seed: int, out: Path) -> dict[str, Any]:
     import tandem
 
     strategy, sgd = VARIANTS[variant]
     s = tandem.train({
         "workload": {"name": "mnist5k", "options": {"hidden": 360}}, "batch_size": 32,
         "lr": 0.05, "momentum": 0.9, "eval_every": 10, "target_accuracy": TARGET,
-        "workers": 4, "steps": steps, "seed": 0, "progress": False, "timeout_s": 300,
+        "workers": 4, "steps": steps, "seed": seed, "progress": False, "timeout_s": 300,
         "strategy": {"name": "allreduce", "options": strategy}, "codec": CODECS[codec],
         "optimizer": {"name": "sgd", "options": sgd}, "out": str(out)})
-    acc = s["final_test_accuracy"]
-    return {"final_acc": acc, "acc_se": math.sqrt(acc * (1 - acc) / TEST_N),
-            "steps_to_target": s["steps_to_target"], "final_loss": s["final_test_loss"],
-            "train_s": s["wall_time_s"] - (s.get("excluded_time_s") or 0.0)}
+    return {"acc": s["final_test_accuracy"], "steps": s["steps_to_target"]}
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from the seeds' runs: mean accuracy, its spread, each seed's figures, and the
+    last seed's steps to the target (None when a seed never got there)."""
+    accs = [r["acc"] for r in runs]
+    mean = sum(accs) / len(accs)
+    sd = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 \
+        else None
+    steps = [r["steps"] for r in runs]
+    return {"final_acc": mean, "sd": sd, "acc_se": math.sqrt(mean * (1 - mean) / TEST_N),
+            "each": " ".join(f"{a:.3f}" for a in accs),
+            "steps": " ".join("-" if n is None else str(n) for n in steps),
+            "reached": sum(n is not None for n in steps),
+            "worst_steps": None if None in steps else max(steps)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="the dense codec only, 60 steps")
     args = ap.parse_args()
-    steps = 60 if args.quick else 200
+    steps, seeds = (60, SEEDS[:1]) if args.quick else (200, SEEDS)
     bench = Bench("delay_quick" if args.quick else "delay",
-                  ["codec", "variant", "final_acc", "acc_se", "steps_to_target", "final_loss",
-                   "train_s"])
+                  ["codec", "variant", "final_acc", "sd", "acc_se", "each", "steps",
+                   "reached"])
     got: dict[tuple[str, str], dict[str, Any]] = {}
+    rows = plan(args.quick)
     with tempfile.TemporaryDirectory(prefix="bench-delay-") as tmp:
-        for i, (codec, variant) in enumerate(plan(args.quick)):
-            got[codec, variant] = m = run_row(codec, variant, steps, Path(tmp) / str(i))
-            print(f"[delay] {codec} {variant}: {m}", flush=True)
-            bench.row(codec=codec, variant=variant, steps=steps, **m)
+        for i, (codec, variant) in enumerate(rows):
+            runs = [run_once(codec, variant, steps, seed, Path(tmp) / f"{i}-{seed}")
+                    for seed in seeds]
+            got[codec, variant] = m = summarize(runs)
+            print(f"[delay] {i + 1}/{len(rows)} {codec} {variant}: {m}", flush=True)
+            bench.row(codec=codec, variant=variant, steps_budget=steps, **m)
     for codec in dict.fromkeys(c for c, _ in got):
         both, ref = got[codec, "delay=1 nesterov predict"], got[codec, "delay=0 nesterov"]
-        bench.target(f"{codec}: delay=1 with nesterov and predict, steps to {TARGET}",
-                     both["steps_to_target"], f"<= {steps}")
-        bench.target(f"{codec}: delay=1 with nesterov and predict, final accuracy - delay=0 "
-                     "nesterov's", both["final_acc"] - ref["final_acc"], ">= -0.01")
+        bench.target(f"{codec}: delay=1 with nesterov and predict, most steps to {TARGET} "
+                     "over the seeds", both["worst_steps"], f"<= {steps}")
+        bench.target(f"{codec}: delay=1 with nesterov and predict, mean final accuracy - "
+                     "delay=0 nesterov's", both["final_acc"] - ref["final_acc"], ">= -0.01")
     bench.note(f"mnist5k hidden=360, 4 workers, batch 32, SGD lr 0.05 momentum 0.9, {steps} "
-               f"steps, seed 0, no link limit; {TEST_N} test images; train_s: training wall "
-               "time, evaluation excluded (2 cores shared by 4 workers: not a speed result)")
+               f"steps, seeds {list(seeds)}, no link limit; {TEST_N} test images")
     bench.finish()
 
 

@@ -427,3 +427,18 @@ def test_cluster_rows_carry_the_machine_cpu_of_each_run_per_step():
     assert cpu_columns({"error": "boom"}, None, 100)["cpu_ms"] is None
     now = cpu_ticks()
     assert set(now) == set(before) and all(v >= 0 for v in now.values())
+
+
+def test_delay_rows_summarize_every_seed_and_fail_the_step_target_on_any_miss():
+    """bench.delay's row over seeds: breaks if the mean or spread is wrong, if a seed that
+    never reached the target counts as reached, or if the worst seed's steps are not the
+    ones the target reads."""
+    from bench.delay import summarize
+
+    row = summarize([{"acc": 0.96, "steps": 139}, {"acc": 0.97, "steps": 179},
+                     {"acc": 0.95, "steps": 149}])
+    assert row["final_acc"] == pytest.approx(0.96) and row["sd"] == pytest.approx(0.01)
+    assert (row["each"], row["steps"], row["reached"], row["worst_steps"]) == \
+        ("0.960 0.970 0.950", "139 179 149", 3, 179)
+    missed = summarize([{"acc": 0.96, "steps": 139}, {"acc": 0.90, "steps": None}])
+    assert (missed["steps"], missed["reached"], missed["worst_steps"]) == ("139 -", 1, None)
