@@ -34,7 +34,8 @@ def best_tandem(rows: dict[str, dict[str, Any]], hosts: int
     """The Tandem row (not FAILED) with the shortest time to the target: (seconds, system).
     A row on another optimizer than the recipe's (``sgd_opts``: Nesterov momentum) is not
     ranked: the DDP rows it would be compared with run the recipe's heavy-ball momentum, and
-    Nesterov alone took the dense codec to 0.95 in 79 steps against 109 (``bench/delay.py``)."""
+    Nesterov alone took the dense codec to 0.95 in 69-89 steps against 79-109 (three seeds,
+    ``bench/delay.py``)."""
     tandem = [(r["time_to_target_s"], s) for s, r in rows.items()
               if r.get("time_to_target_s") is not None
               and not str(r.get("status", "")).startswith("FAILED")

@@ -14,7 +14,7 @@ saved model see ``w[t]``. The step's training loss is the one at the predicted w
 
 Why: a stale gradient with heavy momentum feeds back one step late, and that loop can
 oscillate. On mnist5k's CNN (``hidden=360``, 4 workers, SGD lr 0.05, momentum 0.9, 200 steps)
-``delay=1`` without it ended at chance (0.10) with the dense codec and top-k alike; see
+plain ``delay=1`` ended at chance (0.10-0.14) in 8 of 9 runs (three codecs, three seeds); see
 ``bench/delay.py`` for what prediction and Nesterov momentum change, codec by codec.
 
 Cost: two copies of the parameters per step (the saved weights and the last change), a few
