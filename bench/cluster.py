@@ -20,7 +20,9 @@ row is one ``torchrun --nnodes N --node_rank I --master_addr <host 0> ...`` per 
   DDP, torch's ``fp16_compress_hook``, torch's ``powerSGD_hook``) on the same model, shards, seeds,
   optimizer and steps;
 * the other strategies (param_server, bsp_shared, gossip, coded_ps, pipeline) with the dense codec
-  (param_server in candidate mode; on the CNN also in sync mode, ``param_server-sync``):
+  (param_server in candidate mode; on the CNN also in sync mode, ``param_server-sync``, and the
+  candidate with 4x the steps, ``param_server-long``, since 200 of its cheap steps end short of
+  0.95):
   a strategy that fails under torchrun is a ``FAILED`` row with its error's first line;
   ``bsp_shared`` also with PowerSGD rank 2 between its agents (``bsp-powersgd``); the
   pipeline also with one exchange on the link at a time (``pipeline-turns``,
@@ -175,6 +177,7 @@ def measure(args: argparse.Namespace, bench: Bench,
                         cfg["workers"] = row.workers
                     if row.sgd_opts:
                         cfg["optimizer"] = {"name": "sgd", "options": row.sgd_opts}
+                    cfg["steps"] = steps * row.steps_factor
                     row_dir = root / rate / wl / row.key
                     row_dir.mkdir(parents=True, exist_ok=True)
                     limit = limit_for(cfg, params, parse_rate_bps(rate if shaped else "1gbit"))

@@ -84,6 +84,7 @@ class Row:
     codec_opts: dict[str, Any] = field(default_factory=dict)
     strategy_opts: dict[str, Any] = field(default_factory=dict)
     sgd_opts: dict[str, Any] = field(default_factory=dict)  # options of the CNN's SGD
+    steps_factor: int = 1  # this row runs the workload's steps x this
     hook: str | None = None
     workers: int | None = None  # None: one per host (the config's default)
 
@@ -170,7 +171,11 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
         Row("param_server", "param_server candidate", "tandem", strategy="param_server",
             strategy_opts={"servers": hosts}),
         *([Row("param_server-sync", "param_server sync", "tandem", strategy="param_server",
-               strategy_opts={"servers": hosts, "mode": "sync"})]  # the candidate's baseline
+               strategy_opts={"servers": hosts, "mode": "sync"}),  # the candidate's baseline
+           # a candidate step is a fraction of a sync one, and it needs more of them: 200 steps
+           # stop it before 0.95 (bench/param_server.py: 529 steps on this CNN at 10 Mbit/s)
+           Row("param_server-long", "param_server candidate, 4x steps", "tandem",
+               strategy="param_server", strategy_opts={"servers": hosts}, steps_factor=4)]
           if workload == "cnn" else []),
         Row("bsp_shared", "bsp_shared", "tandem", strategy="bsp_shared",
             strategy_opts={"machines": hosts}),

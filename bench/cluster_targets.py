@@ -67,6 +67,19 @@ def compute_only_target(bench: Bench, name: str, rows: dict[str, dict[str, Any]]
     bench.target(name, best_t / compute if best_t and compute else None, "<= 1.3")
 
 
+def candidate_target(bench: Bench, rows: dict[str, dict[str, Any]]) -> None:
+    """METHODS M3 on real links: the candidate (its 4x-steps row) reaches 0.95 sooner than sync
+    PS, the two measured side by side."""
+    name = f"10mbit cnn: param_server candidate (4x steps) time to {TARGET} / sync's"
+    long, sync = "param_server candidate, 4x steps", "param_server sync"
+    if long not in rows or sync not in rows or rows[long].get(RUN) != rows[sync].get(RUN):
+        bench.target(name, None, "< 1", not_run="measure param_server-long and "
+                     "param_server-sync side by side (--only)")
+        return
+    c, s = rows[long].get("time_to_target_s"), rows[sync].get("time_to_target_s")
+    bench.target(name, c / s if c and s else None, "< 1")
+
+
 def targets(bench: Bench, hosts: int, not_run: str | None, quick: bool) -> None:
     """The targets, computed from every row of the results (``bench.rows``: this run's and, under
     ``--merge``, the kept ones), so that a merge ranks the best row among all of them.
@@ -115,6 +128,7 @@ def targets(bench: Bench, hosts: int, not_run: str | None, quick: bool) -> None:
             bench.target(n, r / t if r else None, g)
         compute_only_target(bench, names[2], local_rows, local.get("step_ms"),
                             best_tandem(local_rows, hosts))
+        candidate_target(bench, rows)
     for r in bench.rows:
         kind = row_kind(hosts, r.get("workload"), r.get("system"))
         if kind is None or kind.kind == "local" or r.get("rate") == "unshaped":

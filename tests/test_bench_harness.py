@@ -102,11 +102,20 @@ def test_cluster_targets_rank_the_best_row_among_kept_and_new_rows():
     ]
     cluster_targets.targets(b, 4, None, quick=False)
     by = {t["name"]: t["value"] for t in b.targets}
-    head = [v for n, v in by.items() if n.startswith("10mbit cnn:")]
+    head = [v for n, v in by.items() if n.startswith("10mbit cnn:") and "param_server" not in n]
     assert head == [100.0 / 5.0, 30.0 / 5.0, 5.0 / (0.020 * 100)]
     assert "best Tandem row at 10mbit cnn: allreduce powersgd r2 (5.0 s to 0.95)" in b.notes
     assert by["emulation error, 10mbit cnn allreduce qsgd"] == 0.1
     assert not any(n.startswith("emulation") and "local" in n for n in by)  # it sends nothing
+    # no candidate rows: its M3 target says NOT RUN, never a ratio of other runs' rows
+    m3 = next(t for t in b.targets if "param_server candidate (4x steps)" in t["name"])
+    assert m3["met"] is None and "side by side" in m3["reason"]
+    b.rows += [dict(common, system="param_server sync", time_to_target_s=200.0),
+               dict(common, system="param_server candidate, 4x steps", time_to_target_s=20.0)]
+    b.targets = []
+    cluster_targets.targets(b, 4, None, quick=False)
+    m3 = next(t for t in b.targets if "param_server candidate (4x steps)" in t["name"])
+    assert (m3["value"], m3["state"]) == (0.1, "MET")
 
 
 def test_a_headline_ratio_is_taken_between_rows_of_one_run():
