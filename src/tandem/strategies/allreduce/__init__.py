@@ -30,10 +30,11 @@ model tolerates one step of staleness. ``predict`` (on by default with ``delay=1
 each gradient at ``w + (w - w_prev)``, the weights it will be applied near
 (:mod:`tandem.strategies.allreduce.prediction`). Heavy momentum and a stale gradient can
 oscillate: on the cluster benchmark's CNN (SGD, lr 0.05, momentum 0.9) plain ``delay=1``
-ended at chance with every codec tried; with ``predict`` and Nesterov momentum
-(``optimizer: {name: sgd, options: {nesterov: true}}``) it trained (``bench/delay.py``), and
-pre-flight warns when ``delay=1`` meets heavy-ball SGD momentum. Check the accuracy against
-``delay=0`` on your model. Not with ``overlap=true`` (both claim the time of backward;
+ended at chance in 8 of 9 runs; with ``predict`` and Nesterov momentum (``optimizer: {name:
+sgd, options: {nesterov: true}}``) every run trained, the dense codec to within a point of
+``delay=0`` and top-k and PowerSGD 1.2 and 2.0 points below it (``bench/delay.py``, three
+seeds). Pre-flight warns when ``delay=1`` meets heavy-ball SGD momentum. Check the accuracy
+against ``delay=0`` on your model. Not with ``overlap=true`` (both claim the time of backward;
 refused). See :mod:`tandem.strategies.allreduce.delayed`.
 """
 
