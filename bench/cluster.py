@@ -59,7 +59,10 @@ communication per agent: its workers' own steps are gradients, as fast as the CP
 
 Targets (4 hosts, 10 Mbit/s, CNN, time to 0.95): the best Tandem row >= 10x faster than plain DDP,
 >= 2.5x faster than DDP + PowerSGD hook, and <= 1.3x the compute-only time (local step time x the
-best row's steps to target); every row's emulation error <= 20 %. The compute-only ratio is also
+best row's steps to target); every row's emulation error <= 20 %; METHODS M3 on the real links:
+the candidate PS with 4x the steps (``param_server-long``) reaches 0.95 sooner than sync PS,
+the two measured side by side. Rows on another optimizer than the recipe's (``sgd_opts``) are
+never the best row. The compute-only ratio is also
 reported at every other rate measured: ``--rates unshaped`` runs the rows on the same namespaces
 with no ``tbf`` at all, which tells a bound of the links from one of the machine (4 hosts on its
 cores). Without root every target is
