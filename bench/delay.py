@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One row from the seeds' runs: mean accuracy, its spread, each seed's figures, and the
     last seed's steps to the target (None when a seed never got there)."""
     accs = [r["acc"] for r in runs]
-    mean = sum(accs) / len(accs)
-    sd = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) if len(accs) > 1 \
-        else None
+    mean = statistics.mean(accs)
+    sd = statistics.stdev(accs) if len(accs) > 1 else None
     steps = [r["steps"] for r in runs]
     return {"final_acc": mean, "sd": sd, "acc_se": math.sqrt(mean * (1 - mean) / TEST_N),
             "each": " ".join(f"{a:.3f}" for a in accs),

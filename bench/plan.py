@@ -202,6 +202,7 @@ def calibrate_overhead(n: int, args: argparse.Namespace, out: Path, profile: Any
     it)."""
     from tandem.plan.model import predict_one
     from tandem.plan.network import Network, Tier, join_hops
+    from tandem.transport import costs
 
     run = _fast_run(n, args, out, {"name": "allreduce"})
     by_step: dict[int, list[float]] = collections.defaultdict(list)
@@ -211,7 +212,7 @@ def calibrate_overhead(n: int, args: argparse.Namespace, out: Path, profile: Any
                 by_step[r["step"]].append(r["comm_s"] + (r.get("idle_s") or 0.0))
     own = statistics.median(min(v) for v in by_step.values() if len(v) == n)
     fast = Network(Tier.parse(args.calib_net), backend="tandem")
-    hops = 2 * (n - 1) + join_hops(n)
+    hops = costs.all_reduce(profile.dense_nbytes, n).hops + join_hops(n)
     hop = max(0.0, own - fast.all_reduce(profile.dense_nbytes, n).seconds) / hops
     m = measure(_fast_run(n, args, out, {"name": "gossip", "options": {"mode": "goco"}}),
                 args.skip)

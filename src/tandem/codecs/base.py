@@ -115,7 +115,8 @@ class Codec:
     #: protocol, no learned state): what gossip needs, where each peer's code goes to neighbours
     self_contained: ClassVar[bool] = True
     #: its schedule counts exchanges (LGC's warm-up and autoencoder stages): the run length
-    #: its strategy gives :meth:`set_total_steps` must be the number of exchanges it will make
+    #: its strategy gives :meth:`set_total_steps` must be the number of exchanges it will make;
+    #: such a codec's ``stage_lengths()`` raises ConfigError while they are unknown
     counts_exchanges: ClassVar[bool] = False
     Options: ClassVar[type[CodecOptions]] = CodecOptions
 

@@ -274,8 +274,9 @@ class Network:
 
 def join_hops(n: int) -> int:
     """Hops of the emulator's join clock, the loopback all-reduce of the ranks' issue times
-    that precedes every collective on an emulated link (``Transport._join_clock``): a ring."""
-    return 2 * (n - 1) if n > 1 else 0
+    that precedes every collective on an emulated link (``Transport._join_clock``: one float64
+    each)."""
+    return costs.all_reduce(8, n).hops
 
 
 def ring_all_reduce_bytes(nbytes: int, n: int) -> int:

@@ -118,20 +118,21 @@ class BspSharedStrategy(Strategy):
         """Refuse a codec that counts its exchanges (LGC's stages) when their number depends on
         timing: its stages would be shares of the workers' steps, counted in supersteps, so a
         run of fewer supersteps than steps would never leave them."""
-        from tandem.codecs.base import CODECS
+        from tandem.codecs.base import make_codec
 
-        codec = CODECS[cfg.codec.name]
+        codec = make_codec(cfg.codec.name, cfg.codec.options)
         if not codec.counts_exchanges or options.grads_per_superstep is not None:
             return
-        o = codec.Options.model_validate(cfg.codec.options)
-        lengths = [getattr(o, k, None) for k in ("warmup_steps", "ae_steps")]
-        if getattr(o, "total_steps", None) is None and None in lengths:
+        try:  # the codec's own rule: are its stages known without the run's length?
+            codec.stage_lengths()
+        except ConfigError:
             raise ConfigError(
                 f"codec: {codec.name!r} under bsp_shared: its stages are shares of its "
                 "exchanges, one per superstep, and supersteps end by time (period_s), so "
                 "their number is not known before the run; set strategy option "
                 "grads_per_superstep (then the run has workers x steps / grads_per_superstep "
-                "supersteps), or give the codec warmup_steps and ae_steps (in supersteps)")
+                "supersteps), or give the codec warmup_steps and ae_steps (in supersteps)"
+            ) from None
 
     @classmethod
     def check_world(cls, cfg: RunConfig, world: int) -> None:
