@@ -3,7 +3,8 @@
     sudo .venv/bin/python -m bench.cluster             # full: the tables in docs/cluster.md
     sudo .venv/bin/python -m bench.cluster --quick     # make bench: 10 Mbit/s, CNN, 6 rows
     .venv/bin/python -m bench.cluster [--rates 10mbit,100mbit] [--workloads cnn,textlm]
-        [--only dense,ddp,...] [--hosts 4] [--runs runs/bench-cluster] [--merge]
+        [--only dense,ddp,...] [--hosts 4] [--pin] [--runs runs/bench-cluster] [--merge]
+    sudo .venv/bin/python -m bench.cluster --hosts 2 --pin  # a core per host: cluster_2hosts_pinned
     .venv/bin/python -m bench.cluster --rescore      # recompute the targets from the kept rows
 
 Hosts are network namespaces behind a switch namespace (:mod:`bench.netns`): one veth pair per
@@ -73,6 +74,7 @@ full results the docs render from stay.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -155,8 +157,8 @@ def measure(args: argparse.Namespace, bench: Bench,
                            f"collective = {coll_source}; both after the token bucket's burst)")
             else:
                 bench.note(f"{rate}: tbf rate none: the same namespaces and veth pairs, not "
-                           "rate-limited (what the 2-core machine allows 4 hosts); no emulated "
-                           "twin (the emulator is not involved)")
+                           f"rate-limited (what the machine allows {args.hosts} hosts); no "
+                           "emulated twin (the emulator is not involved)")
             for wl in args.workloads:
                 steps = args.steps or (QUICK_STEPS if args.quick else FULL_STEPS)[wl]
                 base = dict(WORKLOADS[wl], workers=args.hosts, steps=steps, seed=0,
@@ -187,7 +189,7 @@ def measure(args: argparse.Namespace, bench: Bench,
                     print(f"[cluster] {rate} {wl} {row.system}: real links", flush=True)
                     port += 1
                     try:
-                        real = run_real(net, row, cfg, row_dir, port, limit)
+                        real = run_real(net, row, cfg, row_dir, port, limit, pin=args.pin)
                     except Exception as err:  # noqa: BLE001 - reported as FAILED
                         real = {"error": first_error(f"{type(err).__name__}: {err}")}
                     emu = None
@@ -258,6 +260,13 @@ def cpu_columns(real: dict[str, Any] | None, emu: dict[str, Any] | None,
             "emu_softirq_ms": e["softirq"]}
 
 
+def result_name(hosts: int, pin: bool, quick: bool) -> str:
+    """``cluster`` (4 hosts sharing the cores: the issue's setting and the docs' main tables),
+    else ``cluster_<hosts>hosts[_pinned]``; ``--quick`` adds ``_quick``."""
+    name = "cluster" if hosts == 4 and not pin else f"cluster_{hosts}hosts" + "_pinned" * pin
+    return name + "_quick" * quick
+
+
 def _ms(s: float | None) -> float | None:
     return None if s is None else round(1e3 * s, 2)
 
@@ -268,6 +277,9 @@ def main() -> None:
                     + ", ".join(QUICK_ROWS) + f", {QUICK_STEPS['cnn']} steps, no emulated twin "
                     "for the DDP rows")
     ap.add_argument("--hosts", type=int, default=4)
+    ap.add_argument("--pin", action="store_true", help="run host i's processes on core i alone "
+                    "(taskset; needs --hosts <= the machine's cores): hosts with a core each, "
+                    "as separate machines have; the emulated twins are not pinned")
     ap.add_argument("--rates", default="10mbit,100mbit", help="tbf rates; 'unshaped': the same "
                     "namespaces without tbf (no emulated twin), to see what the machine allows")
     ap.add_argument("--workloads", default="cnn,textlm")
@@ -300,7 +312,10 @@ def main() -> None:
         args.only = args.only or ",".join(QUICK_ROWS)
     args.rates = [r for r in args.rates.split(",") if r]
     args.workloads = [w for w in args.workloads.split(",") if w]
-    bench = Bench("cluster_quick" if args.quick else "cluster", COLUMNS)
+    if args.pin and args.hosts > (os.cpu_count() or 1):
+        ap.error(f"--pin gives each host a core of its own: --hosts {args.hosts} needs "
+                 f"{args.hosts} cores, this machine has {os.cpu_count()}")
+    bench = Bench(result_name(args.hosts, args.pin, args.quick), COLUMNS)
     if args.rescore:
         rescore(bench, args.hosts)
         return

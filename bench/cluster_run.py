@@ -276,8 +276,10 @@ def write_config(data: dict[str, Any], path: Path) -> Path:
 
 
 def run_real(net: Cluster, row: Row, cfg: dict[str, Any], row_dir: Path, port: int,
-             limit_s: float) -> dict[str, Any]:
-    """One row on the real links: a torchrun per host; its summary and wire counters."""
+             limit_s: float, pin: bool = False) -> dict[str, Any]:
+    """One row on the real links: a torchrun per host; its summary and wire counters. ``pin``
+    runs host ``i``'s processes (torchrun and its workers, which inherit the affinity) on core
+    ``i`` alone."""
     env = dict(os.environ, GLOO_SOCKET_IFNAME=net.hosts[0].dev, OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1", PYTHONPATH=CHILD_PYTHONPATH)
     env.pop("TANDEM_STORE_HOSTED", None)
@@ -300,6 +302,8 @@ def run_real(net: Cluster, row: Row, cfg: dict[str, Any], row_dir: Path, port: i
                   "--node_rank", str(i), "--nproc_per_node", str(counts[i]), "--master_addr",
                   net.hosts[0].addr, "--master_port", str(port), "--max_restarts", "0",
                   *target] for i in range(n)]
+    if pin:
+        argvs = [["taskset", "-c", str(i), *argv] for i, argv in enumerate(argvs)]
     before, drops0, cpu0 = net.counters(), net.qdisc_drops(), cpu_ticks()
     t0 = time.monotonic()
     codes, timed_out = run_on_hosts(net, argvs, env, ROOT, row_dir, limit_s)
