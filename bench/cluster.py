@@ -197,7 +197,8 @@ def measure(args: argparse.Namespace, bench: Bench,
                             not (args.quick and row.kind == "ddp"):
                         print(f"[cluster] {rate} {wl} {row.system}: emulated {net_spec}",
                               flush=True)
-                        emu = run_emulated(row, cfg, row_dir, net_spec, limit)
+                        emu = run_emulated(row, cfg, row_dir, net_spec, limit,
+                                           pin_hosts=args.hosts if args.pin else None)
                     found[(rate, wl)]["rows"][row.key] = (row, real, emu)
                     print(f"[cluster] {rate} {wl} {row.system}: real {_ms(step_s(real))} ms/step"
                           f", emulated {_ms(step_s(emu))} ms/step, "
@@ -279,7 +280,7 @@ def main() -> None:
     ap.add_argument("--hosts", type=int, default=4)
     ap.add_argument("--pin", action="store_true", help="run host i's processes on core i alone "
                     "(taskset; needs --hosts <= the machine's cores): hosts with a core each, "
-                    "as separate machines have; the emulated twins are not pinned")
+                    "as separate machines have; the emulated twin's rank r on core r %% hosts")
     ap.add_argument("--rates", default="10mbit,100mbit", help="tbf rates; 'unshaped': the same "
                     "namespaces without tbf (no emulated twin), to see what the machine allows")
     ap.add_argument("--workloads", default="cnn,textlm")

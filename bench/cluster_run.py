@@ -18,6 +18,7 @@ import yaml
 from bench.harness import CHILD_PYTHONPATH, ROOT
 from bench.netns import Cluster
 from bench.p2p import ALL_REDUCE, BIDIRECTIONAL, result_name
+from bench.pinning import pinned_argv, ranks_pinned
 
 P2P_RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -303,7 +304,7 @@ def run_real(net: Cluster, row: Row, cfg: dict[str, Any], row_dir: Path, port: i
                   net.hosts[0].addr, "--master_port", str(port), "--max_restarts", "0",
                   *target] for i in range(n)]
     if pin:
-        argvs = [["taskset", "-c", str(i), *argv] for i, argv in enumerate(argvs)]
+        argvs = pinned_argv(argvs)
     before, drops0, cpu0 = net.counters(), net.qdisc_drops(), cpu_ticks()
     t0 = time.monotonic()
     codes, timed_out = run_on_hosts(net, argvs, env, ROOT, row_dir, limit_s)
@@ -339,20 +340,22 @@ def processes(cfg: dict[str, Any]) -> int:
 
 
 def run_emulated(row: Row, cfg: dict[str, Any], row_dir: Path, net_spec: str,
-                 limit_s: float) -> dict[str, Any]:
-    """The same row on one machine, loopback + Tandem's link emulator."""
+                 limit_s: float, pin_hosts: int | None = None) -> dict[str, Any]:
+    """The same row on one machine, loopback + Tandem's link emulator; ``pin_hosts``: rank
+    ``r`` on core ``r % pin_hosts`` (:func:`bench.pinning.ranks_pinned`)."""
     import tandem
     from tandem.launch import spawn
 
     data = dict(cfg, net=net_spec, out=str(row_dir / "emu"))
     t0, cpu0 = time.monotonic(), cpu_ticks()
     try:
-        if row.kind == "ddp":
-            from bench.ddp_cluster_job import job
+        with ranks_pinned(pin_hosts or 1, enabled=pin_hosts is not None):
+            if row.kind == "ddp":
+                from bench.ddp_cluster_job import job
 
-            summary = spawn(job, int(cfg["workers"]), data, row.hook, timeout_s=limit_s)[0]
-        else:
-            summary = tandem.train(data, timeout_s=limit_s)
+                summary = spawn(job, int(cfg["workers"]), data, row.hook, timeout_s=limit_s)[0]
+            else:
+                summary = tandem.train(data, timeout_s=limit_s)
     except Exception as err:  # noqa: BLE001 - a failed row is reported, never dropped
         return {"error": first_error(f"{type(err).__name__}: {err}"),
                 "run_s": time.monotonic() - t0, "cpu_s": cpu_spent(cpu0, cpu_ticks())}
