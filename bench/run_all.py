@@ -20,7 +20,8 @@ HERE = Path(__file__).resolve().parent
 #: helpers, not benchmarks (bench.codecs uses codec_cost and codecs_ddp; bench.cluster the rest;
 #: every benchmark harness and runs)
 SKIP = {"__init__", "harness", "runs", "run_all", "render", "netns", "codec_cost", "codecs_ddp",
-        "ddp_cluster_job", "cluster_run", "cluster_targets", "kill_resume_netns", "killer"}
+        "ddp_cluster_job", "cluster_run", "cluster_targets", "kill_resume_netns", "killer",
+        "pinning"}
 #: name -> (arguments for make bench, the results file those arguments write)
 QUICK = {"cluster": (["--quick"], "cluster_quick")}
 

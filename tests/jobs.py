@@ -326,6 +326,38 @@ def join_times(net: str, late_s: float) -> dict:
     return out
 
 
+def join_clock_groups(net: str | None) -> dict:
+    """Which process group each all-reduce the transport issues runs on, for one collective on
+    the world group and one on a new group: the join clock's (a float64 of one element) and the
+    data's."""
+    import tandem.transport.transport as tt
+
+    t = transport_from_env(net=NetConfig.parse(net) if net else None, timeout_s=60)
+    seen: list[tuple[str, object]] = []
+    real = tt.dist.all_reduce
+
+    def spy(tensor: torch.Tensor, *args: object, group: object = None, **kw: object) -> object:
+        seen.append(("clock" if tensor.dtype == torch.float64 else "data", group))
+        return real(tensor, *args, group=group, **kw)
+
+    tt.dist.all_reduce = spy  # type: ignore[assignment]
+    try:
+        sub = t.new_group(list(range(t.world)))
+        out = {}
+        for name, g in (("world", t.world_group), ("sub", sub)):
+            seen.clear()
+            t.all_reduce(torch.ones(10), group=g).wait()
+            groups = dict(seen)
+            out[name] = {"clock_on_own_group": groups.get("clock") is not None
+                         and groups.get("clock") is g.clock and g.clock is not g.pg,
+                         "data_on_group": groups.get("data") is g.pg,
+                         "clock_issued": "clock" in groups}
+    finally:
+        tt.dist.all_reduce = real  # type: ignore[assignment]
+    t.close()
+    return out
+
+
 def fan_out_times(net: str, nbytes: int) -> dict:
     """Rank 0 sends ``nbytes`` to every other rank at once on an emulated link; each rank
     returns its start (rank 0) or the moment its message was complete, on the shared clock."""
