@@ -195,8 +195,8 @@ def calibrate_overhead(n: int, args: argparse.Namespace, out: Path, profile: Any
     """The software's costs at ``n`` ranks on this machine, from runs on a link too fast to
     matter (``--calib-net``): per loopback hop (``overhead_s``: an ``allreduce`` + ``dense``
     run; per step, the smallest ``comm_s`` over the ranks, the last to arrive waits for no one,
-    is the all-reduce's own time; its median, less the modelled transfer, over the ring's
-    ``2(N-1)`` hops and the ``2(N-1)`` of the emulator's join clock before it,
+    is the all-reduce's own time; its median, less the modelled transfer, over the larger of
+    the ring's ``2(N-1)`` hops and the ``2(N-1)`` of the emulator's join clock beside it,
     :func:`tandem.plan.network.join_hops`) and per gossip round of point-to-point messages
     (``p2p_overhead_s``: a ``gossip`` run's step time less the planner's prediction without
     it)."""
@@ -212,7 +212,7 @@ def calibrate_overhead(n: int, args: argparse.Namespace, out: Path, profile: Any
                 by_step[r["step"]].append(r["comm_s"] + (r.get("idle_s") or 0.0))
     own = statistics.median(min(v) for v in by_step.values() if len(v) == n)
     fast = Network(Tier.parse(args.calib_net), backend="tandem")
-    hops = costs.all_reduce(profile.dense_nbytes, n).hops + join_hops(n)
+    hops = max(costs.all_reduce(profile.dense_nbytes, n).hops, join_hops(n))
     hop = max(0.0, own - fast.all_reduce(profile.dense_nbytes, n).seconds) / hops
     m = measure(_fast_run(n, args, out, {"name": "gossip", "options": {"mode": "goco"}}),
                 args.skip)

@@ -210,21 +210,23 @@ def test_python_entry_ranks_at_the_largest_n():
 
 def test_the_emulator_backend_charges_software_time_only_where_it_outlasts_the_model():
     """The emulator charges a collective from its last rank's join while the loopback run goes
-    on meanwhile: max(model, (hops + the join clock's 2(N-1)) x overhead). Breaks if the tandem
-    backend adds them (what it did when the emulator guessed the join from the loopback finish),
-    forgets the join clock's ring before every collective, or if a real engine's backend stops
-    paying the overhead on every hop (and no join clock)."""
+    on meanwhile, its join clock's ring beside it on a group of its own: max(model,
+    max(hops, the join clock's 2(N-1)) x overhead). Breaks if the tandem backend adds the model
+    and the software time (what it did when the emulator guessed the join from the loopback
+    finish), adds the join clock's hops to the collective's (what it did while the clock ran
+    first on the same group), forgets them, or if a real engine's backend stops paying the
+    overhead on every hop (and no join clock)."""
     link = Tier(bytes_per_s=1e6, latency_s=0.0)  # 4 ranks: a ring all-reduce is 6 hops
     slow = Network(link, backend="tandem", overhead_s=0.001)
     assert slow.all_reduce(400_000, 4).seconds == pytest.approx(0.6)  # 600 kB at 1 MB/s
     busy = Network(link, backend="tandem", overhead_s=0.5)
-    assert busy.all_reduce(400_000, 4).seconds == pytest.approx(6.0)  # (6 + 6) hops x 0.5 s
-    assert busy.all_gather(10, 4).seconds == pytest.approx(4.5)  # (3 + 6) hops x 0.5 s
-    assert busy.broadcast(10, 4).seconds == pytest.approx(3.5)  # (1 + 6) hops x 0.5 s
+    assert busy.all_reduce(400_000, 4).seconds == pytest.approx(3.0)  # max(6, 6) hops x 0.5 s
+    assert busy.all_gather(10, 4).seconds == pytest.approx(3.0)  # max(3, 6) hops x 0.5 s
+    assert busy.broadcast(10, 4).seconds == pytest.approx(3.0)  # max(1, 6) hops x 0.5 s
     assert busy.all_reduce(10, 1).seconds == 0.0  # one rank: no collective at all
     gloo = Network(link, backend="gloo", overhead_s=0.001)
     assert gloo.all_reduce(400_000, 4).seconds == pytest.approx(0.606)
-    assert slow.barrier(4).seconds == pytest.approx(0.012)  # its 6 hops + the join's 6
+    assert slow.barrier(4).seconds == pytest.approx(0.006)  # max(its 6 hops, the join's 6)
 
 
 def test_the_emulator_backend_with_nodes_charges_every_process_on_its_hosts_link():

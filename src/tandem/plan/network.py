@@ -165,7 +165,7 @@ class Network:
         """A flat collective of ``wire_s`` line time and ``hops`` message hops on ``t`` among
         ``n`` ranks."""
         if self.backend == "tandem":  # the emulator's model runs alongside the real collective
-            software = (hops + join_hops(n)) * self.overhead_s  # and its join clock's ring
+            software = max(hops, join_hops(n)) * self.overhead_s  # its join clock beside it
             return max(wire_s + hops * t.latency_s, software)
         return wire_s + hops * self.hop(t)
 
@@ -274,8 +274,9 @@ class Network:
 
 def join_hops(n: int) -> int:
     """Hops of the emulator's join clock, the loopback all-reduce of the ranks' issue times
-    that precedes every collective on an emulated link (``Transport._join_clock``: one float64
-    each)."""
+    that runs beside every collective on an emulated link, on a group of its own
+    (``Transport._join_clock``: one float64 each; before it ran first, on the same group, and
+    its hops added to the collective's)."""
     return costs.all_reduce(8, n).hops
 
 
