@@ -32,8 +32,8 @@ How it models a link:
   line time) 1.08-1.69x (``bench/p2p --bytes 20000``).
 * A collective occupies both directions for the algorithm's traffic (:mod:`.costs`) and finishes
   ``hops * L`` later. Its start is the moment the last rank joined (every rank's issue time is
-  sent along on loopback, unmetered), and no earlier than the messages already on the egress
-  have left.
+  sent along on loopback, unmetered, beside the collective), and no earlier than the messages
+  already on the egress have left.
 
 Why shared and not first come, first served: on real links between four hosts (``bench/p2p.py``,
 ``docs/cluster.md``) a server that sends its model to four workers and waits for their answers
