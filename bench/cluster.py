@@ -253,12 +253,21 @@ def report(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], hosts: in
 
 def cpu_columns(real: dict[str, Any] | None, emu: dict[str, Any] | None,
                 steps: int | None) -> dict[str, float | None]:
-    """Machine-wide CPU per step of the real and the emulated run (JSON only, not rendered):
-    where the two differ in time but not in what the emulator models, the kernel's packet work
-    on the namespaces' veths, bridge and token buckets (``softirq``) is one candidate."""
+    """Machine-wide CPU of the real and the emulated run (JSON only, not rendered): per step
+    over the whole run (start-up included: ``cpu_ms``, ``softirq_ms``), and over rank 0's
+    steps alone (:mod:`bench.cpu_window`: ``steps_cpu_ms`` per step, ``steps_busy`` the cores
+    busy then). Where the two differ in time but not in what the emulator models, the CPU the
+    real hosts spend (the kernel's packet work on the namespaces: ``softirq``) is a candidate."""
     r, e = cpu_ms_per_step(real, steps), cpu_ms_per_step(emu, steps)
+    rs, es = (real or {}).get("steps_cpu") or {}, (emu or {}).get("steps_cpu") or {}
     return {"cpu_ms": r["cpu"], "emu_cpu_ms": e["cpu"], "softirq_ms": r["softirq"],
-            "emu_softirq_ms": e["softirq"]}
+            "emu_softirq_ms": e["softirq"], "steps_cpu_ms": _round(rs.get("ms_per_step")),
+            "emu_steps_cpu_ms": _round(es.get("ms_per_step")), "steps_busy": _round(rs.get("busy")),
+            "emu_steps_busy": _round(es.get("busy"))}
+
+
+def _round(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)
 
 
 def result_name(hosts: int, pin: bool, quick: bool) -> str:

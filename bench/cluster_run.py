@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from bench.cpu_window import CpuSampler, cpu_spent, cpu_ticks, steps_cpu, steps_window
 from bench.harness import CHILD_PYTHONPATH, ROOT
 from bench.netns import Cluster
 from bench.p2p import ALL_REDUCE, BIDIRECTIONAL, result_name
@@ -50,27 +51,6 @@ def _p2p_factor(rate: str, patterns: tuple[str, ...], what: str) -> tuple[float,
     return value, (f"the median of bench/p2p's {what} on the real links at {rate} "
                    f"({', '.join(f'{x:.2f}' for x in ratios)}x the model; "
                    f"bench/results/{path.name})")
-
-
-CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq")
-
-
-def cpu_ticks() -> dict[str, int]:
-    """The whole machine's CPU time so far by kind (the ``cpu`` line of ``/proc/stat``, in clock
-    ticks): what a run used is the difference around it, everything else on the machine
-    included (the benchmark wants it alone)."""
-    first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    return dict(zip(CPU_FIELDS, map(int, first[1:1 + len(CPU_FIELDS)]), strict=True))
-
-
-def cpu_spent(before: dict[str, int], after: dict[str, int]) -> dict[str, float]:
-    """Seconds of CPU between two :func:`cpu_ticks`: ``user`` (nice included), ``system``,
-    ``softirq`` (hardware interrupts included: where the kernel moves packets through veths,
-    the bridge and the token buckets, or through loopback) and ``idle`` (iowait included)."""
-    hz = os.sysconf("SC_CLK_TCK")
-    d = {k: (after[k] - before[k]) / hz for k in CPU_FIELDS}
-    return {"user": d["user"] + d["nice"], "system": d["system"],
-            "softirq": d["irq"] + d["softirq"], "idle": d["idle"] + d["iowait"]}
 
 
 @dataclass(frozen=True)
@@ -307,7 +287,8 @@ def run_real(net: Cluster, row: Row, cfg: dict[str, Any], row_dir: Path, port: i
         argvs = pinned_argv(argvs)
     before, drops0, cpu0 = net.counters(), net.qdisc_drops(), cpu_ticks()
     t0 = time.monotonic()
-    codes, timed_out = run_on_hosts(net, argvs, env, ROOT, row_dir, limit_s)
+    with CpuSampler() as sampler:
+        codes, timed_out = run_on_hosts(net, argvs, env, ROOT, row_dir, limit_s)
     took = time.monotonic() - t0
     cpu = cpu_spent(cpu0, cpu_ticks())
     after, drops = net.counters(), net.qdisc_drops() - drops0
@@ -327,6 +308,8 @@ def run_real(net: Cluster, row: Row, cfg: dict[str, Any], row_dir: Path, port: i
         out["step_s"] = sum(s["wall_time_s"] / s["steps"] for s in sums) / n
     else:
         out["summary"] = json.loads((row_dir / "run" / "summary.json").read_text())
+    out["steps_cpu"] = steps_cpu(sampler.samples, steps_window(
+        row_dir / ("run_h0" if row.kind == "local" else "run")))
     return out
 
 
@@ -349,7 +332,8 @@ def run_emulated(row: Row, cfg: dict[str, Any], row_dir: Path, net_spec: str,
     data = dict(cfg, net=net_spec, out=str(row_dir / "emu"))
     t0, cpu0 = time.monotonic(), cpu_ticks()
     try:
-        with ranks_pinned(pin_hosts or 1, enabled=pin_hosts is not None):
+        with ranks_pinned(pin_hosts or 1, enabled=pin_hosts is not None), \
+                CpuSampler() as sampler:
             if row.kind == "ddp":
                 from bench.ddp_cluster_job import job
 
@@ -360,7 +344,8 @@ def run_emulated(row: Row, cfg: dict[str, Any], row_dir: Path, net_spec: str,
         return {"error": first_error(f"{type(err).__name__}: {err}"),
                 "run_s": time.monotonic() - t0, "cpu_s": cpu_spent(cpu0, cpu_ticks())}
     return {"summary": summary, "run_s": time.monotonic() - t0,
-            "cpu_s": cpu_spent(cpu0, cpu_ticks())}
+            "cpu_s": cpu_spent(cpu0, cpu_ticks()),
+            "steps_cpu": steps_cpu(sampler.samples, steps_window(row_dir / "emu"))}
 
 
 def cpu_ms_per_step(res: dict[str, Any] | None, steps: int | None) -> dict[str, float | None]:

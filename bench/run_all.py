@@ -21,7 +21,7 @@ HERE = Path(__file__).resolve().parent
 #: every benchmark harness and runs)
 SKIP = {"__init__", "harness", "runs", "run_all", "render", "netns", "codec_cost", "codecs_ddp",
         "ddp_cluster_job", "cluster_run", "cluster_targets", "kill_resume_netns", "killer",
-        "pinning"}
+        "pinning", "cpu_window"}
 #: name -> (arguments for make bench, the results file those arguments write)
 QUICK = {"cluster": (["--quick"], "cluster_quick")}
 

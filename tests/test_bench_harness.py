@@ -430,9 +430,11 @@ def test_cluster_rows_carry_the_machine_cpu_of_each_run_per_step():
              "irq": hz, "softirq": hz}
     spent = cpu_spent(before, after)
     assert spent == {"user": 4.0, "system": 2.0, "softirq": 2.0, "idle": 6.0}
-    cols = cpu_columns({"cpu_s": spent}, {"cpu_s": dict(spent, softirq=0.5)}, 100)
+    cols = cpu_columns({"cpu_s": spent, "steps_cpu": {"ms_per_step": 12.3456, "busy": 1.5}},
+                       {"cpu_s": dict(spent, softirq=0.5)}, 100)
     assert cols == {"cpu_ms": 80.0, "emu_cpu_ms": 65.0, "softirq_ms": 20.0,
-                    "emu_softirq_ms": 5.0}
+                    "emu_softirq_ms": 5.0, "steps_cpu_ms": 12.35, "emu_steps_cpu_ms": None,
+                    "steps_busy": 1.5, "emu_steps_busy": None}
     assert cpu_columns({"error": "boom"}, None, 100)["cpu_ms"] is None
     now = cpu_ticks()
     assert set(now) == set(before) and all(v >= 0 for v in now.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -55,3 +56,42 @@ def test_pin_refuses_more_hosts_than_cores(monkeypatch, capsys):
         cluster.main()
     assert info.value.code == 2
     assert "cores" in capsys.readouterr().err
+
+
+def test_the_steps_cpu_is_taken_between_the_readings_that_bracket_the_steps(tmp_path):
+    """The whole-run CPU counts start-up (the compute-only row's real run: 32 s of CPU for at
+    most 5.2 s of steps), so the steps' CPU is read between the samples around rank 0's steps
+    from the end of step ``skip``. Breaks if the window starts at the run's start, includes the
+    warm-up steps, or the readings do not bracket it."""
+    from bench import cpu_window
+
+    events = [{"kind": "start", "t0": 1000.0}] + [
+        {"kind": "step", "step": s, "wall": 10.0 + s} for s in range(20)]
+    (tmp_path / "events.rank0.jsonl").write_text("\n".join(json.dumps(e) for e in events))
+    window = cpu_window.steps_window(tmp_path, skip=5)
+    assert window == (1015.0, 1029.0, 14)  # end of step 5 to end of step 19
+
+    hz = os.sysconf("SC_CLK_TCK")
+    zero = dict.fromkeys(cpu_window.CPU_FIELDS, 0)
+
+    def ticks(busy_s: float) -> dict[str, int]:
+        return dict(zero, user=round(busy_s * hz))
+
+    # start-up burns 20 s of CPU before the steps; 2 cores busy during them from t = 1014
+    samples = [(1000.0, ticks(0)), (1010.0, ticks(20)), (1014.0, ticks(20)),
+               (1030.0, ticks(52)), (1040.0, ticks(52))]
+    got = cpu_window.steps_cpu(samples, window)
+    assert got["span_s"] == 16.0 and got["user"] == 32.0
+    assert got["busy"] == 2.0 and got["ms_per_step"] == 32.0 / 14 * 1e3
+    assert cpu_window.steps_cpu(samples[:3], window) is None  # no reading after the steps
+    assert cpu_window.steps_window(tmp_path / "missing") is None
+
+
+def test_the_cpu_sampler_reads_the_machine_while_the_block_runs():
+    from bench import cpu_window
+
+    with cpu_window.CpuSampler(period_s=0.01) as s:
+        time.sleep(0.1)
+    times = [t for t, _ in s.samples]
+    assert len(times) >= 3 and times == sorted(times)
+    assert all(set(ticks) == set(cpu_window.CPU_FIELDS) for _, ticks in s.samples)
