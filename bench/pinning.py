@@ -48,21 +48,27 @@ def pin_process(pid: int, core: int, done: set[int]) -> None:
 
 
 @contextlib.contextmanager
-def ranks_pinned(hosts: int, enabled: bool = True, every_s: float = 0.005) -> Iterator[None]:
+def ranks_pinned(hosts: int, enabled: bool = True, every_s: float = 0.005,
+                 idle_s: float = 0.5) -> Iterator[None]:
     """While the block runs (a ``tandem.train`` or ``tandem.launch.spawn`` in this process),
     pin each launcher worker ``tandem-rank<r>`` to core ``r % hosts``, polling every
-    ``every_s``."""
+    ``every_s`` while workers start; a poll that pins nothing doubles the wait, up to
+    ``idle_s``, so the poll costs the measured run next to nothing once it is pinned (threads
+    its workers start later inherit the core)."""
     if not enabled:
         yield
         return
     stop, done = threading.Event(), set[int]()
 
     def loop() -> None:
-        while not stop.wait(every_s):
+        wait = every_s
+        while not stop.wait(wait):
+            before = len(done)
             for p in multiprocessing.active_children():
                 m = _RANK.fullmatch(p.name)
                 if m and p.pid:
                     pin_process(p.pid, int(m.group(1)) % hosts, done)
+            wait = every_s if len(done) > before else min(idle_s, 2 * wait)
 
     thread = threading.Thread(target=loop, name="bench-pin", daemon=True)
     thread.start()
