@@ -54,7 +54,9 @@ counters: every byte each host sent, TCP/IP headers, retransmissions, rendezvous
 included, per host per step), ``drops`` (packets the token buckets dropped), ``vs_ddp`` (plain
 DDP's step time / this row's, same rate and workload), ``emu_net`` (JSON only: the emulated
 twin's ``net``, with the ``duplex`` and ``collective`` it took from bench/p2p then; rows measured
-before 2026-12-05 05:51 lack it). A ``bsp_shared`` row's step is its
+before 2026-12-05 05:51 lack it), ``steps_cpu_ms`` / ``steps_busy`` (JSON only, both runs: the
+machine's CPU a step and the cores busy during rank 0's steps alone, :mod:`bench.cpu_window`;
+rows since 2026-12-05 14:06). A ``bsp_shared`` row's step is its
 superstep (one exchange between the agents, one update; steps = supersteps), its bytes and
 communication per agent: its workers' own steps are gradients, as fast as the CPU allows.
 
@@ -68,7 +70,9 @@ reported at every other rate measured: ``--rates unshaped`` runs the rows on the
 with no ``tbf`` at all, which tells a bound of the links from one of the machine (4 hosts on its
 cores). Without root every target is
 NOT RUN. ``--quick`` (no emulated twin for the DDP rows) writes ``cluster_quick.json``, so the
-full results the docs render from stay.
+full results the docs render from stay. ``--pin`` (at most one host per core) gives each host a
+core of its own, in the real run and in its twin (:mod:`bench.pinning`), and writes
+``cluster_<N>hosts_pinned.json``: the same targets, for hosts that do not share cores.
 """
 
 from __future__ import annotations
