@@ -151,9 +151,9 @@ VIEWS: dict[str, View] = {
        for wl in ("cnn", "textlm") for r in (10, 100)},
     "cluster:cnn_unshaped": View(_cluster_cols(True), where={"rate": "unshaped",
                                                              "workload": "cnn"}),
-    **{f"cluster_2hosts_pinned:cnn{r}": View(_cluster_cols(True),
-                                              where={"rate": f"{r}mbit", "workload": "cnn"})
-       for r in (10, 100)},
+    **{f"cluster_2hosts_pinned:{wl}{r}": View(_cluster_cols(wl == "cnn"),
+                                               where={"rate": f"{r}mbit", "workload": wl})
+       for wl in ("cnn", "textlm") for r in (10, 100)},
     **{f"param_server:{s}": View(_PS_COLS, where={"section": s})
        for s in ("links", "latency", "modes", "tuning")},
     "plan:validation": View(
