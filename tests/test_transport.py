@@ -141,9 +141,9 @@ def test_an_emulated_collective_starts_when_its_last_rank_joined_exactly():
 
 def test_the_join_clock_runs_on_a_group_of_its_own_beside_the_collective():
     """On the collective's own group the join clock ran first: one more loopback round trip
-    per collective that no real link has (2 ranks, 8 KB: 1.2 ms, not 0.5; PowerSGD on
-    bench/cluster's CNN with a core per host lost 3 ms a step to it). Breaks if it goes back
-    there, or if a run with no emulated link issues it at all."""
+    per collective that no real link has (bench/links, 2 ranks, 4 KB: 3.4 ms, 0.51 ms beside
+    it; the real link 0.39). Breaks if it goes back there, or if a run with no emulated link
+    issues it at all."""
     for row in spawn(jobs.join_clock_groups, 2, "8mbit:0ms", timeout_s=120):
         for name in ("world", "sub"):
             assert row[name] == {"clock_on_own_group": True, "data_on_group": True,
