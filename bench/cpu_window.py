@@ -51,20 +51,22 @@ class CpuSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="bench-cpu", daemon=True)
 
+    def _read(self) -> None:
+        self.samples.append((time.time(), cpu_ticks()))
+
     def _loop(self) -> None:
-        while True:
-            self.samples.append((time.time(), cpu_ticks()))
-            if self._stop.wait(self.period_s):
-                self.samples.append((time.time(), cpu_ticks()))
-                return
+        while not self._stop.wait(self.period_s):
+            self._read()
 
     def __enter__(self) -> CpuSampler:
+        self._read()  # the first and the last reading bracket the block, whatever the thread does
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self._read()
 
 
 def steps_window(run_dir: Path, skip: int = 5) -> tuple[float, float, int] | None:

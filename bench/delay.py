@@ -78,8 +78,9 @@ def run_once(codec: str, variant: str, steps: int, seed: int, out: Path) -> dict
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from the seeds' runs: mean accuracy, its spread, each seed's figures, and the
-    last seed's steps to the target (None when a seed never got there)."""
+    """One row from the seeds' runs: mean accuracy, its spread, each seed's figures, how many
+    seeds reached the target, and the most steps any seed took to it (None when a seed never
+    got there)."""
     accs = [r["acc"] for r in runs]
     mean = statistics.mean(accs)
     sd = statistics.stdev(accs) if len(accs) > 1 else None

@@ -16,20 +16,18 @@ follow the algorithm of the chosen ``backend``:
   backend to validate predictions against ``tandem train --net`` runs. The emulator charges a
   collective from the moment its last rank joined while the loopback collective runs meanwhile,
   so the software's cost counts only where it outlasts the modelled time:
-  ``max(model, (hops + 2(N-1)) * overhead)`` (the real engines pay it on every hop, on top of the
-  latency). The ``2(N-1)``: before every collective the emulator all-reduces the ranks' issue
-  times on loopback (its join clock), a ring of ``2(N-1)`` hops, so a collective of few hops
-  costs the software more than its own hops say. Measured on this 2-core machine (mnist5k, 60
-  steps, a link too fast to matter): at N = 4 a top-k all-gather step took 5.6 ms of exchange and
-  a dense all-reduce step 6.8 ms, where hops alone (3 against 6) said half; their own hops plus
-  the join's say 9 against 12, 5.1 ms against 6.8 (N = 8: 21 against 28, 14.1 ms against 18.8,
-  measured 13.1; top-k's own encoding and decoding take 0.24 and 0.30 ms of those on an idle
-  thread). With ``--net-inter`` and ``--per-node P`` it charges what the emulator's shared
-  hosts (``--net ...,hosts=M``) do: the P processes of a host charge their collectives to its
-  one link (``--net-inter``), one after another, each its flat ring's traffic over all N ranks,
-  so a host's link carries P times one rank's (an all-reduce or all-gather; a broadcast is
-  paced by the root's own link); the intra-node ``--net`` plays no part, since the emulator
-  has none.
+  ``max(model, max(hops, 2(N-1)) * overhead)`` (the real engines pay it on every hop, on top of
+  the latency). The ``2(N-1)``: beside every collective the emulator all-reduces the ranks' issue
+  times on loopback (its join clock), a ring of ``2(N-1)`` hops on a group of its own, so a
+  collective of few hops (an all-gather, a broadcast) costs the software the clock's ring.
+  Until 2026-12-05 13:21 the clock ran first, on the collective's own group, and the two rings'
+  hops added up; ``bench/plan`` then measured 48 of its 54 rows within 20 %, and 52 of 54 after
+  the clock moved beside the collective and this model with it (``docs/scaling.md``).
+  With ``--net-inter`` and ``--per-node P`` it charges what the emulator's shared hosts
+  (``--net ...,hosts=M``) do: the P processes of a host charge their collectives to its one
+  link (``--net-inter``), one after another, each its flat ring's traffic over all N ranks, so a
+  host's link carries P times one rank's (an all-reduce or all-gather; a broadcast is paced by
+  the root's own link); the intra-node ``--net`` plays no part, since the emulator has none.
 
 Two tiers (``inter`` given, ``per_node`` P > 1, N > P, nodes M = ceil(N/P)): the hierarchical
 algorithm NCCL and Horovod use. All-reduce = reduce-scatter inside the node, an all-reduce of

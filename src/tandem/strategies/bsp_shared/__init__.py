@@ -118,11 +118,12 @@ class BspSharedStrategy(Strategy):
         """Refuse a codec that counts its exchanges (LGC's stages) when their number depends on
         timing: its stages would be shares of the workers' steps, counted in supersteps, so a
         run of fewer supersteps than steps would never leave them."""
-        from tandem.codecs.base import make_codec
+        from tandem.codecs.base import CODECS, make_codec
 
-        codec = make_codec(cfg.codec.name, cfg.codec.options)
-        if not codec.counts_exchanges or options.grads_per_superstep is not None:
+        if not CODECS[cfg.codec.name].counts_exchanges or \
+                options.grads_per_superstep is not None:
             return
+        codec = make_codec(cfg.codec.name, cfg.codec.options)
         try:  # the codec's own rule: are its stages known without the run's length?
             codec.stage_lengths()
         except ConfigError:
