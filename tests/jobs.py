@@ -35,9 +35,10 @@ def byte_counts(world: int) -> dict:
     return {k: (v.sent, v.recv) if hasattr(v, "sent") else v for k, v in out.items()}
 
 
-def swap_in_pieces() -> dict:
+def swap_in_pieces(caller_waits: bool = False) -> dict:
     """Ranks 0 and 1 swap a message of several pieces (receives posted first, one into a
-    non-contiguous buffer), then a small one and an empty one: what arrived, what was metered."""
+    non-contiguous buffer), then a small one and an empty one: what arrived, what was metered.
+    ``caller_waits``: every handle must then be waited in the caller's thread (``CallerWait``)."""
     t = transport_from_env(timeout_s=30)
     peer = 1 - t.rank
 
@@ -45,14 +46,17 @@ def swap_in_pieces() -> dict:
         return (torch.arange(60_000, dtype=torch.float64) + 1e5 * rank)[::2]
 
     into = torch.empty(60_000, dtype=torch.float64)[::2]  # a non-contiguous buffer
-    got = t.recv(into, peer)
-    small = t.recv(torch.empty(100, dtype=torch.int32), peer)
-    empty = t.recv(torch.empty(0), peer)
+    got = t.recv(into, peer, caller_waits=caller_waits)
+    small = t.recv(torch.empty(100, dtype=torch.int32), peer, caller_waits=caller_waits)
+    empty = t.recv(torch.empty(0), peer, caller_waits=caller_waits)
+    kinds = {type(h).__name__ for h in (got, small, empty)}
     for msg in (values(t.rank), torch.full((100,), t.rank, dtype=torch.int32), torch.empty(0)):
-        t.send(msg, peer).wait()
-    got.wait()
+        sent = t.send(msg, peer, caller_waits=caller_waits)
+        kinds.add(type(sent).__name__)
+        sent.wait()
+    assert got.wait() is into
     want = values(peer)
-    out = {"big_ok": bool(torch.equal(into, want)),
+    out = {"big_ok": bool(torch.equal(into, want)), "kinds": sorted(kinds),
            "small_ok": bool((small.wait() == peer).all()), "empty": empty.wait().numel()}
     b = t.end_step()
     out["bytes"] = (b.sent, b.recv)
@@ -84,7 +88,7 @@ def die_mid_run(victim: int, steps: int, caller_waits: bool = False) -> int:
     return steps
 
 
-def recv_after_the_peer_is_gone() -> int:
+def recv_after_the_peer_is_gone(caller_waits: bool = False) -> int:
     """Rank 1 exchanges a message with rank 0, then is SIGKILLed; rank 0 waits until gloo has
     seen its socket close and only then posts a receive from it. gloo then raises as the
     receive is *posted*, not in its wait (a gossip peer's swap met it after a neighbour died)."""
@@ -92,9 +96,33 @@ def recv_after_the_peer_is_gone() -> int:
     if t.rank == 1:
         t.send(torch.ones(4), 0).wait()
         os.kill(os.getpid(), signal.SIGKILL)
-    t.recv(torch.empty(4), 1).wait()
+    t.recv(torch.empty(4), 1, caller_waits=caller_waits).wait()
     time.sleep(1.5)  # gloo's loop thread marks the pair closed
-    t.recv(torch.empty(4), 1).wait()
+    t.recv(torch.empty(4), 1, caller_waits=caller_waits).wait()
+    return 0
+
+
+def peer_killed_during_a_receive(caller_waits: bool) -> int:
+    """Rank 0 waits on a receive from rank 1, which SIGKILLs itself instead of sending: the
+    wait must end at once (the socket closes), with an error that names rank 1."""
+    t = transport_from_env(timeout_s=30)
+    if t.rank == 1:
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    t.recv(torch.empty(4), 1, caller_waits=caller_waits).wait()
+    return 0
+
+
+def silent_p2p_peer(timeout_s: float, caller_waits: bool) -> int:
+    """Rank 1 sends nothing (it sleeps): rank 0's receive from it must name rank 1."""
+    t = transport_from_env(timeout_s=timeout_s)
+    if t.rank == 1:
+        time.sleep(timeout_s + 3)
+        t.close(graceful=False)
+        return 1
+    pending = t.recv(torch.empty(4), 1, caller_waits=caller_waits)
+    assert caller_waits == (type(pending).__name__ == "CallerWait")
+    pending.wait()
     return 0
 
 

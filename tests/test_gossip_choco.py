@@ -31,11 +31,11 @@ class QueueP2P:
     def __init__(self, pipes: dict[tuple[int, int], queue.Queue], rank: int) -> None:
         self.pipes, self.rank = pipes, rank
 
-    def send(self, buf: torch.Tensor, dst: int) -> Done:
+    def send(self, buf: torch.Tensor, dst: int, *, caller_waits: bool = False) -> Done:
         self.pipes[(self.rank, dst)].put(buf.clone())
         return Done(None)
 
-    def recv_packed(self, specs: Any, src: int) -> Posted:
+    def recv_packed(self, specs: Any, src: int, *, caller_waits: bool = False) -> Posted:
         return Posted(lambda: unpack(self.pipes[(src, self.rank)].get(timeout=30), specs))
 
 

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tandem.errors import ConfigError
-from tandem.topology import GRAPHS, WEIGHTS, Topology, is_connected, make_topology
+from tandem.topology import (
+    GRAPHS,
+    POLL_EVERY,
+    WEIGHTS,
+    PeerView,
+    Topology,
+    is_connected,
+    make_topology,
+)
 
 
 @settings(max_examples=60, deadline=None)
@@ -133,3 +143,70 @@ def test_gossip_swap_phases_pair_every_edge_once_without_deadlock(name, n):
         cut = adj.copy()
         cut[0, :] = cut[:, 0] = False
         assert _simulate_phased_swap(cut)[0]
+
+
+class _MarksInStore:
+    """A stand-in for :class:`tandem.transport.liveness.Liveness`: death marks and the count of
+    them, with every store request counted."""
+
+    def __init__(self) -> None:
+        self.marked: set[int] = set()
+        self.requests = 0
+        self.proposals: dict[int, int] = {}
+
+    def deaths(self) -> int:
+        self.requests += 1
+        return len(self.marked)
+
+    def dead_ranks(self, peers: list[int]) -> list[int]:
+        self.requests += len(peers)
+        return [r for r in peers if r in self.marked]
+
+    def mark_dead(self, rank: int, why: str, *, unless_marked: bool = False) -> None:
+        self.marked.add(rank)
+
+    @property
+    def store_lock(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    @property
+    def store(self) -> object:
+        """``compare_set`` only: the first proposal for a rank wins."""
+        marks = self
+
+        class _Store:
+            def compare_set(self, key: str, expected: str, value: str) -> bytes:
+                d = int(key.rsplit("/", 1)[1])
+                return str(marks.proposals.setdefault(d, int(value))).encode()
+        return _Store()
+
+
+def test_a_peer_view_reads_the_store_every_few_steps_and_learns_every_mark_before_the_switch():
+    """Breaks if the view goes back to one store request per live peer every step (9 % of a
+    gossip step on 4 peers sharing 2 cores), misses a death mark, or agrees on a switch step
+    that a survivor polling every POLL_EVERY steps could reach before it learned of the death."""
+    store = _MarksInStore()
+    n = 6
+    views = [PeerView(make_topology("ring", n), r, store) for r in range(n)]
+    for step in range(3 * POLL_EVERY):
+        for v in views:
+            v.poll(step)
+    # one request for the count every POLL_EVERY steps, plus the marks once on the first poll
+    assert store.requests == n * (3 + (n - 1))
+    store.requests = 0
+    # rank 5 dies; rank 0, its neighbour, learns at once from a failed exchange at step 30
+    store.marked.add(5)
+    views[0].learn([5], 30)
+    switch = views[0].switch_at[5]
+    assert switch == 30 + n + POLL_EVERY
+    survivors = views[:5]
+    learned = {}
+    for step in range(30 - (n - 2), switch + 1):  # from the furthest a survivor may lag
+        for r, v in enumerate(survivors):
+            v.poll(step)
+            if 5 in v.dead and r not in learned:
+                learned[r] = step
+    assert sorted(learned) == [0, 1, 2, 3, 4]
+    assert max(learned.values()) < switch  # each knew before the agreed step ...
+    assert all(v.switch_at[5] == switch for v in survivors)  # ... and the same one
+    assert all(5 in v.topo.removed for v in survivors)  # and everyone switched at it

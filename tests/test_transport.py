@@ -41,9 +41,11 @@ def test_a_message_travels_in_pieces_that_arrive_whole_and_are_metered_once():
     assert [p.numel() for p in pieces] == [P2P_PIECE_BYTES] * 3 + [240_000 - 3 * P2P_PIECE_BYTES]
     assert all(p.untyped_storage().data_ptr() == big.untyped_storage().data_ptr() for p in pieces)
     assert [p.numel() for p in byte_pieces(torch.empty(0))] == [0]
-    for r in spawn(jobs.swap_in_pieces, 2, timeout_s=60):
-        assert r["big_ok"] and r["small_ok"] and r["empty"] == 0
-        assert r["bytes"] == (240_000 + 400, 240_000 + 400)
+    for caller_waits, kind in [(False, "Pending"), (True, "CallerWait")]:
+        for r in spawn(jobs.swap_in_pieces, 2, caller_waits, timeout_s=60):
+            assert r["big_ok"] and r["small_ok"] and r["empty"] == 0
+            assert r["bytes"] == (240_000 + 400, 240_000 + 400)
+            assert r["kinds"] == [kind]  # the caller's own thread waits only when asked
 
 
 def test_emulated_link_time_matches_model():
@@ -226,15 +228,35 @@ def test_silent_peer_is_named_on_timeout(caller_waits):
     assert "PeerTimeout" in msg and "[1]" in msg, msg
 
 
-def test_a_receive_posted_after_its_peer_died_names_the_peer():
+@pytest.mark.parametrize("caller_waits", [False, True])
+def test_a_receive_posted_after_its_peer_died_names_the_peer(caller_waits):
     """Breaks if the engine's error while *posting* a receive escapes as a bare RuntimeError
     (a strategy that tolerates lost peers, gossip, then failed instead of dropping the dead
     neighbour; bench/kill_resume met it in 1 of 60 kills): it must be a WorkerFailed that names
     the dead rank, as an error in the receive's wait is."""
     with pytest.raises(WorkerFailed) as info:
-        spawn(jobs.recv_after_the_peer_is_gone, 2, timeout_s=120)
+        spawn(jobs.recv_after_the_peer_is_gone, 2, caller_waits, timeout_s=120)
     msg = info.value.details[0]
     assert msg.startswith("WorkerFailed: receive of 16 bytes from rank 1"), msg
+    assert "[1]" in msg, msg
+
+
+@pytest.mark.parametrize("caller_waits", [False, True])
+def test_a_receive_whose_peer_dies_or_is_silent_names_it(caller_waits):
+    """Gossip drops a neighbour whose receive fails with a WorkerFailed naming it: breaks if
+    the caller's own wait (``caller_waits``) lets an engine error through unnamed, waits out
+    the deadline for a peer whose socket closed, or times out on a silent one without naming it."""
+    t0 = time.monotonic()
+    with pytest.raises(WorkerFailed) as info:
+        spawn(jobs.peer_killed_during_a_receive, 2, caller_waits, timeout_s=120)
+    assert time.monotonic() - t0 < 25  # the socket closed: no wait for the 30 s deadline
+    msg = info.value.details[0]
+    assert msg.startswith("WorkerFailed: receive of 16 bytes from rank 1"), msg
+    assert "[1]" in msg, msg
+    with pytest.raises(WorkerFailed) as info:
+        spawn(jobs.silent_p2p_peer, 2, 4.0, caller_waits, timeout_s=60)
+    msg = info.value.details[0]
+    assert "PeerTimeout" in msg and "receive of 16 bytes from rank 1" in msg, msg
     assert "[1]" in msg, msg
 
 

@@ -34,6 +34,8 @@ _log = logging.getLogger(__name__)
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
 
 HEARTBEAT_S = 0.5
+#: the store's count of ``dead/<rank>`` marks written (every writer adds one after its mark)
+DEATHS = "deaths"
 STALE_S = 5.0
 
 
@@ -111,18 +113,26 @@ class CallerWait(Pending):
     """A handle whose ``wait()`` blocks on the engine's work in the caller's own thread.
 
     Why: the normal path hands the work to a waiter thread and the caller waits on an event, two
-    thread wake-ups per collective; on an oversubscribed CPU (4 workers on 2 cores) that costs a
-    few percent of a small model's step (``bench/dense_vs_ddp.py``). Who may use it: a caller
-    that waits at once, with no emulated link, and for which a failed wait ends the run, because
+    thread wake-ups per operation; on an oversubscribed CPU (4 workers on 2 cores) that costs a
+    few percent of a small model's step (``bench/dense_vs_ddp.py``) and more for a gossip swap
+    of small messages (:mod:`tandem.transport.p2p`). Who may use it: a caller that waits at
+    once, with no emulated link, and for which a wait that times out ends the run, because
     gloo's ``wait(timeout)`` that expires leaves the group broken (the synchronous ``allreduce``
-    strategy's dense exchange). A dead peer makes gloo fail at once (its sockets close); either
-    way the error names the rank, as :class:`Pending` does. ``done()`` is False until waited.
+    strategy's dense exchange, gossip's swaps). A dead peer makes gloo fail at once (its sockets
+    close); either way the error names the rank, as :class:`Pending` does. ``done()`` is False
+    until waited.
+
+    ``work``: one engine handle or several (a message's pieces), waited in order within one
+    deadline; ``finish()``, when given, runs once they are done and its value is the result
+    (a receive's metering and unpacking), else the result is ``result``.
     """
 
     def __init__(self, work: Any, result: Any, what: str, liveness: Liveness | None,
-                 peers: list[int] | None, timeout_s: float) -> None:
+                 peers: list[int] | None, timeout_s: float,
+                 finish: Callable[[], Any] | None = None) -> None:
         super().__init__(what, liveness, peers, timeout_s)
-        self._work, self._value = work, result
+        self._works = list(work) if isinstance(work, list) else [work]
+        self._value, self._finish = result, finish
 
     def wait(self, timeout: float | None = None) -> Any:
         if self.done():
@@ -130,13 +140,16 @@ class CallerWait(Pending):
         limit = self._timeout_s if timeout is None else timeout
         start = time.monotonic()
         try:
-            self._work.wait(timedelta(seconds=limit))
+            for work in self._works:
+                left = start + limit - time.monotonic()
+                work.wait(timedelta(seconds=max(left, 0.001)))
+            value = self._finish() if self._finish is not None else self._value
         except Exception as err:  # noqa: BLE001 - worded by Pending's rules below
             if time.monotonic() - start < limit * 0.99:
                 self.set_error(err)
             return super().wait(0)  # names the dead or silent rank(s) and raises
-        self.set_result(self._value)
-        return self._value
+        self.set_result(value)
+        return value
 
 
 class Scheduler:
@@ -241,9 +254,23 @@ class Liveness:
         uses the same client, and concurrent requests on one client can interleave and hang."""
         return self._lock
 
-    def mark_dead(self, rank: int, why: str) -> None:
+    def mark_dead(self, rank: int, why: str, *, unless_marked: bool = False) -> None:
+        """Write ``dead/<rank>`` (``unless_marked``: only if no one has) and count it in
+        ``deaths`` (:meth:`deaths`)."""
         with self._lock:
+            if unless_marked and self.store.check([f"dead/{rank}"]):
+                return
             self.store.set(f"dead/{rank}", why)
+            self.store.add(DEATHS, 1)
+
+    def deaths(self) -> int | None:
+        """How many death marks have been written so far (None: the store did not answer).
+        One store request, however large the world: read it before reading every rank's mark."""
+        try:
+            with self._lock:
+                return int(self.store.add(DEATHS, 0))
+        except Exception:  # noqa: BLE001 - the store is gone; the waits will say why
+            return None
 
     def _read(self, key: str) -> str | None:
         try:

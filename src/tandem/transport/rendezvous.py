@@ -22,6 +22,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from tandem.transport.liveness import DEATHS
+
 
 def host_store(addr: str, world: int, timeout_s: float = 300.0) -> Any:
     """Host a store on a free port (the OS picks it: no race); ``.port`` tells which."""
@@ -52,7 +54,9 @@ def store_from_env(rank: int, world: int, timeout_s: float) -> tuple[Any, int]:
 
 
 def mark_dead(store: Any, rank: int, why: str) -> None:
+    """Mark ``rank`` dead for every rank's waits, and count the mark (``Liveness.deaths``)."""
     store.set(f"live/dead/{rank}", why)
+    store.add(f"live/{DEATHS}", 1)
 
 
 def mark_stopped(store: Any, rank: int, why: str) -> None:

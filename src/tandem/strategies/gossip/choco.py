@@ -86,8 +86,9 @@ class ChocoMixer:
         nbrs, _, _ = self.view.row()
         msg = codec.encode(unflatten(y - self.public[me], self.shapes))
         packed = msg.pack()  # a fresh buffer, never written again: one for every neighbour
-        got, lost = swap(me, self.view.size, nbrs, lambda j: tr.recv_packed(msg.specs(), j),
-                         lambda j: tr.send(packed, j))
+        got, lost = swap(me, self.view.size, nbrs,
+                         lambda j: tr.recv_packed(msg.specs(), j, caller_waits=True),
+                         lambda j: tr.send(packed, j, caller_waits=True))
         if lost:
             self.view.learn(lost, step)
         # decode at the step the messages were encoded at (random-k's shared positions)

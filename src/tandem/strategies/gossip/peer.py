@@ -314,8 +314,9 @@ class GossipPeer(StepLoop):
             nbrs, w_self, w_nbr = view.row()
             bufs = {j: torch.empty_like(y) for j in nbrs}
             sent = y.clone()  # one copy for every neighbour: nothing writes it until all left
-            _, lost = swap(tr.rank, view.size, nbrs, lambda j, b=bufs: tr.recv(b[j], j),
-                           lambda j, v=sent: tr.send(v, j))
+            _, lost = swap(tr.rank, view.size, nbrs,
+                           lambda j, b=bufs: tr.recv(b[j], j, caller_waits=True),
+                           lambda j, v=sent: tr.send(v, j, caller_waits=True))
             if lost:
                 view.learn(lost, step)
                 _, w_self, w_nbr = view.row()

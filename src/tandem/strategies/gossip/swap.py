@@ -47,9 +47,10 @@ def swap(rank: int, world: int, nbrs: Iterable[int], post_recv: Callable[[int], 
     """One round's messages with the neighbours ``nbrs``, phase by phase (see the module).
 
     ``post_recv(j)`` / ``post_send(j)`` post a receive from / a send to ``j`` and return its
-    pending handle (``.wait()``). Returns what each neighbour's receive gave, and the neighbours
-    found dead (a ``WorkerFailed`` naming them); a dead neighbour's later transfers are skipped.
-    Any other error propagates."""
+    pending handle (``.wait()``, called right after the phase's posts: the transport may let
+    the caller's thread wait on the engine, ``caller_waits``). Returns what each neighbour's
+    receive gave, and the neighbours found dead (a ``WorkerFailed`` naming them); a dead
+    neighbour's later transfers are skipped. Any other error propagates."""
     got: dict[int, Any] = {}
     lost: set[int] = set()
     for to, frm in phases(rank, world, nbrs):
