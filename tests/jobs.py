@@ -405,15 +405,16 @@ def fan_out_times(net: str, nbytes: int) -> dict:
     return out
 
 
-def swap_time(net: str, nbytes: int) -> float:
+def swap_time(net: str, nbytes: int, caller_waits: bool = False) -> float:
     """Two ranks swap ``nbytes`` (receives posted first); the seconds until both halves of
     this rank's swap are complete."""
     t = transport_from_env(net=NetConfig.parse(net), timeout_s=60)
     n, peer = nbytes // 4, 1 - t.rank
     t.barrier().wait()
     start = time.monotonic()
-    recv = t.recv(torch.empty(n), peer)
-    send = t.send(torch.zeros(n), peer)
+    recv = t.recv(torch.empty(n), peer, caller_waits=caller_waits)
+    assert caller_waits == (type(recv).__name__ == "CallerWait")
+    send = t.send(torch.zeros(n), peer, caller_waits=caller_waits)
     recv.wait()
     send.wait()
     took = time.monotonic() - start
