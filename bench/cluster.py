@@ -78,7 +78,6 @@ core of its own, in the real run and in its twin (:mod:`bench.pinning`), and wri
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -98,6 +97,7 @@ from bench.cluster_run import (
 from bench.cluster_targets import TARGET, rescore, targets
 from bench.harness import Bench
 from bench.netns import Cluster, NetnsUnavailable, unavailable_reason
+from bench.pinning import usable_cores
 
 WORKLOADS: dict[str, dict[str, Any]] = {
     "cnn": {"workload": {"name": "mnist5k", "options": {"hidden": 360}}, "batch_size": 32,
@@ -326,9 +326,9 @@ def main() -> None:
         args.only = args.only or ",".join(QUICK_ROWS)
     args.rates = [r for r in args.rates.split(",") if r]
     args.workloads = [w for w in args.workloads.split(",") if w]
-    if args.pin and args.hosts > (os.cpu_count() or 1):
+    if args.pin and args.hosts > len(usable_cores()):
         ap.error(f"--pin gives each host a core of its own: --hosts {args.hosts} needs "
-                 f"{args.hosts} cores, this machine has {os.cpu_count()}")
+                 f"{args.hosts} cores, this process may use {len(usable_cores())}")
     bench = Bench(result_name(args.hosts, args.pin, args.quick), COLUMNS)
     if args.rescore:
         rescore(bench, args.hosts)

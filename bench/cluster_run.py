@@ -325,7 +325,7 @@ def processes(cfg: dict[str, Any]) -> int:
 def run_emulated(row: Row, cfg: dict[str, Any], row_dir: Path, net_spec: str,
                  limit_s: float, pin_hosts: int | None = None) -> dict[str, Any]:
     """The same row on one machine, loopback + Tandem's link emulator; ``pin_hosts``: rank
-    ``r`` on core ``r % pin_hosts`` (:func:`bench.pinning.ranks_pinned`)."""
+    ``r`` on usable core ``r % pin_hosts`` (:func:`bench.pinning.ranks_pinned`)."""
     import tandem
     from tandem.launch import spawn
 

@@ -31,17 +31,21 @@ def test_the_emulated_twin_puts_rank_r_on_core_r_mod_hosts():
     (the poll not matching the launcher's process names) fails this."""
     from tandem.launch import spawn
 
+    cores = pinning.usable_cores()
     with pinning.ranks_pinned(2):
         got = spawn(_affinity_after_start, 2, True, timeout_s=120)
-    assert got == [[0], [1]]
+    assert got == [[cores[0]], [cores[1]]]
     unpinned = spawn(_affinity_after_start, 2, False, timeout_s=120)
     assert unpinned[0] == sorted(os.sched_getaffinity(0))
 
 
-def test_the_real_links_run_host_i_under_taskset_on_core_i():
+def test_the_real_links_run_host_i_under_taskset_on_usable_core_i(monkeypatch):
+    """Host i goes on the i-th core this process may use, not core i of the machine (which a
+    cgroup or taskset may have taken away)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5, 3})
     argvs = pinning.pinned_argv([["python", "-m", "a"], ["python", "-m", "b"]])
-    assert argvs == [["taskset", "-c", "0", "python", "-m", "a"],
-                     ["taskset", "-c", "1", "python", "-m", "b"]]
+    assert argvs == [["taskset", "-c", "3", "python", "-m", "a"],
+                     ["taskset", "-c", "5", "python", "-m", "b"]]
 
 
 def test_a_pinned_or_other_host_count_run_writes_its_own_results_file():
@@ -54,7 +58,7 @@ def test_a_pinned_or_other_host_count_run_writes_its_own_results_file():
 
 def test_pin_refuses_more_hosts_than_cores(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench.cluster", "--pin", "--hosts",
-                                      str((os.cpu_count() or 1) + 1)])
+                                      str(len(os.sched_getaffinity(0)) + 1)])
     monkeypatch.setattr(cluster, "measure", lambda *a: pytest.fail("measured"))
     with pytest.raises(SystemExit) as info:
         cluster.main()
