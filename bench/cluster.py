@@ -147,8 +147,8 @@ def measure(args: argparse.Namespace, bench: Bench,
             latency = link_latency(net)
             net_spec = f"{rate}:{round(latency * 1e6)}us,hosts={args.hosts}"
             if shaped:
-                duplex, source = measured_duplex(rate)
-                collective, coll_source = measured_collective(rate)
+                duplex, source = measured_duplex(rate, args.hosts)
+                collective, coll_source = measured_collective(rate, args.hosts)
                 # the penalty needs a queue, which the token bucket's burst does not make
                 burst_us = net.burst / (parse_rate_bps(rate) / 8) * 1e6
                 net_spec += (f",duplex={duplex},duplex_after={burst_us:.0f}us"

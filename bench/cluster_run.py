@@ -24,21 +24,26 @@ from bench.pinning import pinned_argv, ranks_pinned
 P2P_RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def measured_duplex(rate: str) -> tuple[float, str]:
+def measured_duplex(rate: str, hosts: int = 4) -> tuple[float, str]:
     """The emulated twin's ``duplex`` at ``rate``: the median, over bench/p2p's bidirectional
     patterns, of the real links' median rep over the pattern's line time, from the committed
-    ``bench/results/p2p[_<rate>].json``; ``(1.0, why)`` when there is no such measurement."""
-    return _p2p_factor(rate, BIDIRECTIONAL, "bidirectional patterns")
+    ``bench/results/p2p[_<rate>][_<N>hosts].json`` of the same number of hosts (else the four
+    hosts' file, which the source then says); ``(1.0, why)`` when there is no measurement."""
+    return _p2p_factor(rate, hosts, BIDIRECTIONAL, "bidirectional patterns")
 
 
-def measured_collective(rate: str) -> tuple[float, str]:
+def measured_collective(rate: str, hosts: int = 4) -> tuple[float, str]:
     """The emulated twin's ``collective`` at ``rate``: bench/p2p's all-reduce on the real links,
     its median rep over the ring's model; ``(1.0, why)`` when it was not measured."""
-    return _p2p_factor(rate, (ALL_REDUCE,), "all-reduce")
+    return _p2p_factor(rate, hosts, (ALL_REDUCE,), "all-reduce")
 
 
-def _p2p_factor(rate: str, patterns: tuple[str, ...], what: str) -> tuple[float, str]:
-    path = P2P_RESULTS / f"{result_name(rate)}.json"
+def _p2p_factor(rate: str, hosts: int, patterns: tuple[str, ...],
+                what: str) -> tuple[float, str]:
+    path, other = P2P_RESULTS / f"{result_name(rate, hosts)}.json", ""
+    if not path.exists() and hosts != 4:
+        path = P2P_RESULTS / f"{result_name(rate)}.json"
+        other = f"measured with 4 hosts, not {hosts}: "
     try:
         rows = json.loads(path.read_text())["rows"]
     except (OSError, ValueError, KeyError):
@@ -48,7 +53,7 @@ def _p2p_factor(rate: str, patterns: tuple[str, ...], what: str) -> tuple[float,
     if not ratios:
         return 1.0, f"{path.name} has no real-link {what} rows: an ideal full-duplex link"
     value = round(max(1.0, ratios[len(ratios) // 2]), 2)
-    return value, (f"the median of bench/p2p's {what} on the real links at {rate} "
+    return value, (f"{other}the median of bench/p2p's {what} on the real links at {rate} "
                    f"({', '.join(f'{x:.2f}' for x in ratios)}x the model; "
                    f"bench/results/{path.name})")
 

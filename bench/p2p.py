@@ -31,10 +31,12 @@ best of ``--reps``; ``real_median_ms`` the median rep on the real links (what a 
 steps meets: a rep that loses packets waits for TCP to recover). Run as root; without root
 the real columns and their targets are NOT RUN. About a minute.
 
-    sudo .venv/bin/python -m bench.p2p [--rate 100mbit] [--bytes 800000] [--reps 5]
+    sudo .venv/bin/python -m bench.p2p [--rate 100mbit] [--bytes 800000] [--reps 5] [--hosts 4]
 
 A rate other than 100mbit writes ``bench/results/p2p_<rate>.json`` (``--rate 10mbit``: ten times
-the line time, about three minutes).
+the line time, about three minutes); ``--hosts N`` other than 4 adds ``_<N>hosts``, the file
+``bench/cluster --hosts N`` takes its twins' ``duplex`` and ``collective`` from. On two hosts the
+ring's swap is one message each way, and a fan-out, a fan-in and an all-to-all are one message.
 """
 
 from __future__ import annotations
@@ -58,13 +60,28 @@ HOSTS = 4
 #: the collective (what the emulator's ``collective`` factor is taken from)
 ALL_REDUCE = "all-reduce"
 ROOT = Path(__file__).resolve().parent.parent
-#: pattern -> how many messages' line time the model gives it (messages in flight on one egress
-#: share it; a receiver's ingress takes them one after another)
-MODEL_MESSAGES = {"swap, receives first": 2, "swap, sends first": 2, "swap, one way at a time": 2,
-                  "fan-out, receiver 1": 3,
-                  "fan-out, receiver 2": 3, "fan-out, receiver 3": 3, "fan-out, all received": 3,
-                  "fan-in, receiver": 3, "all-to-all": 3, "all-to-all after idle": 3,
-                  ALL_REDUCE: 2 * (HOSTS - 1) / HOSTS}
+
+
+def model_messages(hosts: int) -> dict[str, float]:
+    """Pattern -> how many messages' line time the model gives it on ``hosts`` hosts (messages
+    in flight on one egress share it; a receiver's ingress takes them one after another). A
+    ring's swap has one neighbour per host on two hosts, two from three on."""
+    ring, others = len(ring_neighbours(0, hosts)), hosts - 1
+    return {"swap, receives first": ring, "swap, sends first": ring,
+            "swap, one way at a time": ring,
+            **{f"fan-out, receiver {j}": others for j in range(1, hosts)},
+            "fan-out, all received": others, "fan-in, receiver": others,
+            "all-to-all": others, "all-to-all after idle": others,
+            ALL_REDUCE: 2 * (hosts - 1) / hosts}
+
+
+def ring_neighbours(rank: int, hosts: int) -> list[int]:
+    """``rank``'s neighbours on a ring of ``hosts``: left then right (one on two hosts)."""
+    left, right = (rank - 1) % hosts, (rank + 1) % hosts
+    return [left] if left == right else [left, right]
+
+
+MODEL_MESSAGES = model_messages(HOSTS)
 #: the patterns in which a link carries data both ways at once (what ``duplex`` models)
 BIDIRECTIONAL = ("swap, receives first", "swap, one way at a time", "all-to-all")
 #: seconds every connection idles before a rep of ``all-to-all after idle``: past TCP's smallest
@@ -86,7 +103,7 @@ def measure(net: str | None, nbytes: int, reps: int) -> dict[str, Spans]:
 
     t = transport_from_env(net=NetConfig.parse(net) if net else None, timeout_s=120)
     r, w = t.rank, t.world
-    nbrs = [(r - 1) % w, (r + 1) % w]
+    nbrs = ring_neighbours(r, w)
     n = nbytes // 4
 
     def swap(receives_first: bool) -> None:
@@ -101,8 +118,8 @@ def measure(net: str | None, nbytes: int, reps: int) -> dict[str, Spans]:
 
     def swap_phased() -> None:
         """The ring's two directions one after the other: every link carries one flow each
-        way at a time, where the swap above puts two on each."""
-        for src, dst in (nbrs, nbrs[::-1]):
+        way at a time, where the swap above puts two on each (on two hosts, the one swap)."""
+        for src, dst in ((nbrs, nbrs[::-1]) if len(nbrs) == 2 else ((nbrs[0], nbrs[0]),)):
             recv = t.recv(torch.empty(n), src)
             t.send(torch.zeros(n), dst).wait()
             recv.wait()
@@ -186,16 +203,17 @@ def by_pattern(per_rank: list[dict[str, Spans]]) -> dict[str, list[float]]:
     return rows
 
 
-def result_name(rate: str) -> str:
-    """The results file of a run at ``rate`` (without ``--result``): ``p2p`` at the default
-    100mbit, ``p2p_<rate>`` otherwise."""
-    return "p2p" if rate == "100mbit" else f"p2p_{rate}"
+def result_name(rate: str, hosts: int = HOSTS) -> str:
+    """The results file of a run at ``rate`` on ``hosts`` hosts (without ``--result``): ``p2p``
+    at the default 100mbit, ``p2p_<rate>`` otherwise; ``_<N>hosts`` added for other than 4."""
+    name = "p2p" if rate == "100mbit" else f"p2p_{rate}"
+    return name if hosts == HOSTS else f"{name}_{hosts}hosts"
 
 
-def run_real(rate: str, nbytes: int, reps: int, congestion: str | None = None
-             ) -> list[dict[str, Spans]]:
-    """Four ranks in four namespaces over the shaped links: every rank's measurements."""
-    with Cluster(HOSTS, rate, congestion=congestion) as net:
+def run_real(rate: str, nbytes: int, reps: int, congestion: str | None = None,
+             hosts: int = HOSTS) -> list[dict[str, Spans]]:
+    """One rank per namespace over the shaped links: every rank's measurements."""
+    with Cluster(hosts, rate, congestion=congestion) as net:
         return net.run_ranks("bench.p2p", "measure", f"None, {nbytes}, {reps}", port=29631,
                              pythonpath=CHILD_PYTHONPATH, cwd=ROOT)
 
@@ -207,24 +225,30 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--congestion", default=None,
                     help="TCP congestion control in the namespaces (default: the machine's)")
+    ap.add_argument("--hosts", type=int, default=HOSTS, help="hosts (2 or more; a result name "
+                    "of its own when not 4, read by bench/cluster --hosts N)")
     ap.add_argument("--result", default=None, help="result name (default p2p or p2p_<rate>)")
     args = ap.parse_args()
+    if args.hosts < 2:
+        ap.error(f"--hosts {args.hosts}: the patterns need at least 2 hosts")
     from tandem.launch import spawn
 
     line_s = args.bytes / (parse_rate_bps(args.rate) / 8)
-    emulated = by_pattern(spawn(measure, HOSTS, f"{args.rate}:0ms", args.bytes, args.reps,
+    emulated = by_pattern(spawn(measure, args.hosts, f"{args.rate}:0ms", args.bytes, args.reps,
                                 timeout_s=600))
     real, why = None, unavailable_reason()
     if why is None:
         try:
-            real = by_pattern(run_real(args.rate, args.bytes, args.reps, args.congestion))
+            real = by_pattern(run_real(args.rate, args.bytes, args.reps, args.congestion,
+                                       args.hosts))
         except (NetnsUnavailable, OSError, ValueError, KeyError) as err:
             why = f"the real links failed: {err}"
             print(why)
-    result = args.result or result_name(args.rate)
+    result = args.result or result_name(args.rate, args.hosts)
+    messages = model_messages(args.hosts)
     b = Bench(result, ["pattern", "model_ms", "emulated_ms", "real_ms", "real_median_ms",
                       "emulated/model", "real/model", "real median/model"])
-    for name, k in MODEL_MESSAGES.items():
+    for name, k in messages.items():
         model = k * line_s
         em = min(emulated[name])
         rl = min(real[name]) if real else None
@@ -244,11 +268,11 @@ def main() -> None:
     for name, num, den, pick, goal in goals:
         value = None
         if real:
-            value = pick(real[num]) / (pick(real[den]) if den else MODEL_MESSAGES[num] * line_s)
+            value = pick(real[num]) / (pick(real[den]) if den else messages[num] * line_s)
         b.target(name, value, goal, not_run=None if real else (why or "no result"))
-    b.note(f"{HOSTS} hosts, {args.rate} tbf both ways (burst 3.3 ms of line rate), messages of "
-           f"{args.bytes:,} B, the best (and the real links' median) of {args.reps} reps after "
-           "one warm-up; the emulator with "
+    b.note(f"{args.hosts} hosts, {args.rate} tbf both ways (burst 3.3 ms of line rate), "
+           f"messages of {args.bytes:,} B, the best (and the real links' median) of "
+           f"{args.reps} reps after one warm-up; the emulator with "
            "0 latency (the real links add none: no netem on this kernel); TCP congestion "
            f"control on the real links: {args.congestion or machine_congestion()}")
     if real is None:

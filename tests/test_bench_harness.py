@@ -402,6 +402,40 @@ def test_the_cluster_twins_duplex_is_the_p2p_measurement_at_its_rate(tmp_path, m
     assert cluster_run.measured_collective("100mbit")[0] == 1.0
 
 
+def test_p2p_on_two_hosts_models_one_neighbour_and_feeds_the_two_host_twins(tmp_path,
+                                                                              monkeypatch):
+    """bench/p2p --hosts 2: the ring has one neighbour, so a swap, a fan-out, a fan-in and an
+    all-to-all are one message each way (breaks if the four hosts' counts are kept, which would
+    halve the measured factors), it writes a file of its own, and bench/cluster --hosts 2 takes
+    its twins' factors from that file, or from the four hosts' file saying so."""
+    from bench import cluster_run
+    from bench.p2p import MODEL_MESSAGES, model_messages, result_name, ring_neighbours
+
+    assert ring_neighbours(0, 2) == [1] and ring_neighbours(1, 2) == [0]
+    assert ring_neighbours(0, 4) == [3, 1]
+    two = model_messages(2)
+    assert two["swap, receives first"] == two["fan-out, all received"] == 1
+    assert two["all-to-all"] == two["fan-in, receiver"] == two["all-reduce"] == 1
+    assert "fan-out, receiver 2" not in two
+    assert MODEL_MESSAGES == model_messages(4)
+    assert MODEL_MESSAGES["swap, receives first"] == 2 and MODEL_MESSAGES["all-to-all"] == 3
+    assert MODEL_MESSAGES["all-reduce"] == 1.5
+    assert result_name("10mbit", 2) == "p2p_10mbit_2hosts"
+    assert result_name("100mbit", 2) == "p2p_2hosts" and result_name("100mbit") == "p2p"
+    rows = [{"pattern": "swap, receives first", "real median/model": 1.3},
+            {"pattern": "all-reduce", "real median/model": 1.1}]
+    (tmp_path / "p2p_10mbit.json").write_text(json.dumps({"rows": [
+        {"pattern": "swap, receives first", "real median/model": 1.44}]}))
+    monkeypatch.setattr(cluster_run, "P2P_RESULTS", tmp_path)
+    value, source = cluster_run.measured_duplex("10mbit", 2)
+    assert value == 1.44 and "measured with 4 hosts, not 2" in source
+    (tmp_path / "p2p_10mbit_2hosts.json").write_text(json.dumps({"rows": rows}))
+    value, source = cluster_run.measured_duplex("10mbit", 2)
+    assert value == 1.3 and "p2p_10mbit_2hosts.json" in source and "4 hosts" not in source
+    assert cluster_run.measured_collective("10mbit", 2)[0] == 1.1
+    assert cluster_run.measured_duplex("10mbit")[0] == 1.44  # four hosts: their own file
+
+
 def test_a_result_records_the_tree_it_started_from_not_the_one_it_ended_in(monkeypatch):
     """bench/p2p builds its Bench after measuring: a file edited meanwhile must not appear as
     the measured tree's. Breaks if provenance reads git when the Bench is built."""
