@@ -152,13 +152,15 @@ def measure(args: argparse.Namespace, bench: Bench,
                 # the penalty needs a queue, which the token bucket's burst does not make
                 burst_us = net.burst / (parse_rate_bps(rate) / 8) * 1e6
                 net_spec += (f",duplex={duplex},duplex_after={burst_us:.0f}us"
-                             + (f",collective={collective}" if collective > 1.0 else ""))
+                             + (f",collective={collective}" if collective > 1.0 else "")
+                             + f",burst={net.burst}b")  # the testbed's token buckets
                 bench.note(f"{rate}: tbf rate {rate} burst {net.burst} B latency "
                            f"{net.queue_latency} on both ends of each host's link; emulated "
                            f"twin net={net_spec!r} (latency = half the smallest 1-byte TCP "
                            f"round trip; {args.hosts} emulated hosts: the processes of one "
                            f"share its link, as on the namespaces; duplex = {source}; "
-                           f"collective = {coll_source}; both after the token bucket's burst)")
+                           f"collective = {coll_source}; both after the token bucket's burst, "
+                           f"which the twin's link lets through at once as tbf does: burst)")
             else:
                 bench.note(f"{rate}: tbf rate none: the same namespaces and veth pairs, not "
                            f"rate-limited (what the machine allows {args.hosts} hosts); no "

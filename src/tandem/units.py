@@ -1,4 +1,5 @@
-"""Units in the compact strings users type: rates (``100mbit``) and durations (``1ms``).
+"""Units in the compact strings users type: rates (``100mbit``), durations (``1ms``) and sizes
+(``4kb``).
 
 Pure functions, used by :mod:`tandem.config` (``net="100mbit:1ms"``) and anything else that reads
 such a string. A unit is always required: a bare number is refused, never guessed.
@@ -39,3 +40,16 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"duration {text!r} needs a unit, one of {list(_UNITS_S)}: e.g. "
                          f"{m.group(1)}ms")
     return float(m.group(1)) * _UNITS_S[m.group(2).lower()]
+
+
+def parse_bytes(text: str) -> int:
+    """``"4kb"`` -> 4000 bytes. Accepts b, kb, mb, gb (decimal: a shaper's burst is given so,
+    as ``tc`` writes it); the unit is required. 0 is allowed (no burst)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[-+]?\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m:
+        raise ValueError(f"cannot read a size from {text!r}; write e.g. 4kb or 4125b")
+    unit = m.group(2).lower()
+    if unit not in _UNITS_BYTES:
+        raise ValueError(f"size {text!r} needs a unit, one of {list(_UNITS_BYTES)}: e.g. "
+                         f"{m.group(1)}kb")
+    return round(float(m.group(1)) * _UNITS_BYTES[unit] / 8)

@@ -42,7 +42,9 @@ from tandem.transport.file_lock import flocked
 
 #: messages (in flight, or left but not yet collected by their sender) one host's link can hold
 SLOTS = 512
-_HEADER = 6  # clock, egress free, ingress free, next message id, egress busy from, busy to
+#: clock, egress free, ingress free, next message id, egress busy from, busy to, and the two
+#: token buckets (tokens, when): egress, ingress
+_HEADER = 10
 _FREE = -1.0
 
 
@@ -59,6 +61,11 @@ class LinkTimelines:
     # the egress's latest busy period of point-to-point messages (``NetConfig.duplex``)
     busy_from: float = 0.0
     busy_to: float = 0.0
+    # the token buckets (``NetConfig.burst_bytes``): tokens left when last used, and when
+    egress_tokens: float = 0.0
+    egress_tokens_at: float = 0.0
+    ingress_tokens: float = 0.0
+    ingress_tokens_at: float = 0.0
 
 
 class HostLink:
@@ -97,7 +104,8 @@ class HostLink:
         left = {int(m): float(b) for m, b, f in used if math.isnan(f)}
         finished = {int(m): float(f) for m, _, f in used if not math.isnan(f)}
         return LinkTimelines(float(w[0]), float(w[1]), float(w[2]), int(w[3]), left, finished,
-                             float(w[4]), float(w[5]))
+                             float(w[4]), float(w[5]), float(w[6]), float(w[7]), float(w[8]),
+                             float(w[9]))
 
     def _store(self, t: LinkTimelines) -> None:
         entries = [(m, b, math.nan) for m, b in t.left.items()] + \
@@ -107,7 +115,8 @@ class HostLink:
                               f"flight or uncollected, more than its {SLOTS} slots")
         w = self._words
         w[:_HEADER] = (t.clock, t.egress_free, t.ingress_free, float(t.next_id), t.busy_from,
-                       t.busy_to)
+                       t.busy_to, t.egress_tokens, t.egress_tokens_at, t.ingress_tokens,
+                       t.ingress_tokens_at)
         slots = w[_HEADER:].reshape(SLOTS, 3)
         slots[:, 0] = _FREE
         if entries:
