@@ -186,6 +186,8 @@ def test_the_plan_predicts_what_tandem_train_runs_and_nothing_it_refuses():
     (["--net", "1gbt:50us"], "--net"),
     (["--net", "1gbit:50"], "--net"),
     (["--net-inter", "fast"], "--net-inter"),
+    (["--net", "10mbit:1ms,burst=4kb"], "--net"),  # the planner does not model it: refused
+    (["--net", "10mbit:1ms,duplex=1.4"], "--net"),
     (["--per-node", "8"], "--per-node"),
     (["--stragglers", "0.1"], "--stragglers"),
     (["--codec-opt", "topk.ratio=2"], "--codec-opt"),

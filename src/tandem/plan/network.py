@@ -76,6 +76,14 @@ class Tier:
         if net.hosts is not None:
             raise ConfigError(f"{flag} {text!r}: the planner takes processes per node as "
                               "--per-node with the node's link as --net-inter, not hosts=")
+        unmodelled = [name for name, on in (("duplex", net.duplex != 1.0),
+                                            ("duplex_after", net.duplex_after_s > 0),
+                                            ("collective", net.collective != 1.0),
+                                            ("burst", net.burst_bytes > 0)) if on]
+        if unmodelled:
+            raise ConfigError(f"{flag} {text!r}: the planner charges every byte the line rate "
+                              f"both ways and does not model {', '.join(unmodelled)}=; drop "
+                              "it (the emulator does: tandem train --net)")
         return cls(net.bytes_per_s, net.latency_s)
 
     def seconds(self, nbytes: float, hops: float = 1.0) -> float:
