@@ -293,9 +293,10 @@ def main() -> None:
                     + ", ".join(QUICK_ROWS) + f", {QUICK_STEPS['cnn']} steps, no emulated twin "
                     "for the DDP rows")
     ap.add_argument("--hosts", type=int, default=4)
-    ap.add_argument("--pin", action="store_true", help="run host i's processes on core i alone "
-                    "(taskset; needs --hosts <= the machine's cores): hosts with a core each, "
-                    "as separate machines have; the emulated twin's rank r on core r %% hosts")
+    ap.add_argument("--pin", action="store_true", help="run host i's processes on the i-th "
+                    "core this process may use, alone (taskset; needs --hosts <= those cores): "
+                    "hosts with a core each, as separate machines have; the emulated twin's "
+                    "rank r on the (r %% hosts)-th")
     ap.add_argument("--rates", default="10mbit,100mbit", help="tbf rates; 'unshaped': the same "
                     "namespaces without tbf (no emulated twin), to see what the machine allows")
     ap.add_argument("--workloads", default="cnn,textlm")
