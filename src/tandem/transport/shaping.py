@@ -32,8 +32,9 @@ How it models a link:
   line time) 1.08-1.69x (``bench/p2p --bytes 20000``).
 * ``burst`` (``--net 10mbit,burst=4125b``): the link is a token bucket of that many bytes, as
   a ``tc tbf`` shaper or a cloud VM's rate limit is. The bucket refills at the line rate while
-  the link idles; a message (or a collective) that finds it idle spends it, and those bytes
-  cross at once: only the rest waits for the line rate. The egress and the ingress each have
+  the link idles; a message that finds it idle spends it, and those bytes cross at once: only
+  the rest waits for the line rate. A collective spends it on its first piece only (a ring's
+  later pieces wait for the earlier ones, and the bucket refills at the line rate meanwhile). The egress and the ingress each have
   one, as the testbed's two ``tbf`` per host link do (``bench/netns``: 3.3 ms of line rate,
   4,125 bytes at 10 Mbit/s, 41,250 at 100). Without it the emulator charged small messages
   every byte: on two hosts with a core each, the 1.6 KB swaps of ``gossip`` with top-k at
@@ -307,16 +308,20 @@ class LinkEmulator:
     def _collective_burst(self, t: LinkTimelines, traffic: Traffic, start: float,
                           line: float) -> float:
         """A collective's line time less what the token buckets let through at once: as many
-        bytes as both of its directions' buckets hold (each spends them), at most its own."""
+        bytes as both of its directions' buckets hold (each spends them), at most one hop's
+        share. A ring sends its pieces one after another, each once the previous one has
+        arrived, and meanwhile the bucket refills only at the line rate: only the first piece
+        finds it full (a 2-rank all-reduce of 4 KB: 2 KB at once, not 4)."""
         assert self.net is not None
         burst, rate = self.net.burst_bytes, self.net.bytes_per_s
         want = line * rate
+        piece = want / max(1, traffic.hops)
         egress = bucket_level((t.egress_tokens, t.egress_tokens_at),
                               max(t.busy_to, t.egress_free), start, burst, rate) \
             if traffic.sent else math.inf
         ingress = bucket_level((t.ingress_tokens, t.ingress_tokens_at), t.ingress_free, start,
                                burst, rate) if traffic.recv else math.inf
-        free = min(egress, ingress, want)
+        free = min(egress, ingress, piece)
         if traffic.sent:
             t.egress_tokens, t.egress_tokens_at = spend(egress, free, want, start)
         if traffic.recv:
