@@ -34,7 +34,8 @@ How it models a link:
   a ``tc tbf`` shaper or a cloud VM's rate limit is. The bucket refills at the line rate while
   the link idles; a message that finds it idle spends it, and those bytes cross at once: only
   the rest waits for the line rate. A collective spends it on its first piece only (a ring's
-  later pieces wait for the earlier ones, and the bucket refills at the line rate meanwhile). The egress and the ingress each have
+  later pieces wait for the earlier ones, and the bucket refills at the line rate meanwhile).
+  The egress and the ingress each have
   one, as the testbed's two ``tbf`` per host link do (``bench/netns``: 3.3 ms of line rate,
   4,125 bytes at 10 Mbit/s, 41,250 at 100). Without it the emulator charged small messages
   every byte: on two hosts with a core each, the 1.6 KB swaps of ``gossip`` with top-k at
