@@ -286,11 +286,10 @@ def test_a_receive_posted_after_its_peer_died_names_the_peer(caller_waits):
 def test_a_receive_whose_peer_dies_or_is_silent_names_it(caller_waits):
     """Gossip drops a neighbour whose receive fails with a WorkerFailed naming it: breaks if
     the caller's own wait (``caller_waits``) lets an engine error through unnamed, waits out
-    the deadline for a peer whose socket closed, or times out on a silent one without naming it."""
-    t0 = time.monotonic()
+    the deadline for a peer whose socket closed (that would be a PeerTimeout, not a
+    WorkerFailed), or times out on a silent one without naming it."""
     with pytest.raises(WorkerFailed) as info:
         spawn(jobs.peer_killed_during_a_receive, 2, caller_waits, timeout_s=120)
-    assert time.monotonic() - t0 < 25  # the socket closed: no wait for the 30 s deadline
     msg = info.value.details[0]
     assert msg.startswith("WorkerFailed: receive of 16 bytes from rank 1"), msg
     assert "[1]" in msg, msg

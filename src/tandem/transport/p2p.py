@@ -113,12 +113,19 @@ class PointToPoint:
         tags = self._next_tags(self._send_seq, dst, len(pieces))
         pending = self._pending(f"send of {nbytes} bytes to rank {dst}", [dst])
 
-        def issue(egress_done: float) -> None:
+        def post() -> list[Any] | None:
+            """The engine's sends of every piece; None (the error set on ``pending``, whose
+            wait names the peer) if posting fails."""
             try:
-                works = [dist.isend(piece, dst, group=self._p2p_pg, tag=tag)
-                         for piece, tag in zip(pieces, tags, strict=True)]
+                return [dist.isend(piece, dst, group=self._p2p_pg, tag=tag)
+                        for piece, tag in zip(pieces, tags, strict=True)]
             except BaseException as err:  # noqa: BLE001
                 pending.set_error(err)
+                return None
+
+        def issue(egress_done: float) -> None:
+            works = post()
+            if works is None:
                 return
 
             def wait() -> None:
@@ -132,13 +139,9 @@ class PointToPoint:
             self._waiters.pool.submit(wait)
 
         if not emulated and self._caller_may_wait(caller_waits):
-            try:
-                works = [dist.isend(piece, dst, group=self._p2p_pg, tag=tag)
-                         for piece, tag in zip(pieces, tags, strict=True)]
-            except BaseException as err:  # noqa: BLE001 - the handle's wait names the peer
-                pending.set_error(err)
-                return pending
-            return CallerWait(works, None, pending.what, self.liveness, [dst], self.timeout_s)
+            works = post()
+            return pending if works is None else \
+                CallerWait(works, None, pending.what, self.liveness, [dst], self.timeout_s)
         if not emulated:
             issue(time.monotonic())
             return pending
