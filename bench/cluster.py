@@ -31,7 +31,9 @@ row is one ``torchrun --nnodes N --node_rank I --master_addr <host 0> ...`` per 
   top-k 1 % and signSGD (CHOCO: compressed model differences; ``gossip-topk``,
   ``gossip-signsgd``), top-k 0.1 % (``gossip-topk0.001``) and both top-k densities with the
   exchange beside the gradient (``overlap=true``: ``gossip-topk-overlap``,
-  ``gossip-topk0.001-overlap``);
+  ``gossip-topk0.001-overlap``), and the three compressed ones with the network average
+  assembled from float16 changes (``average_dtype=float16``: ``gossip-topk-avg16``,
+  ``gossip-signsgd-avg16``, ``gossip-topk0.001-avg16``);
 * ``local``: the compute-only limit, one single-process run per host, all hosts at once (the same
   CPU contention as the 4-host rows; no emulated twin: it sends nothing).
 
@@ -305,7 +307,8 @@ def main() -> None:
                     "topk-delay, powersgd-delay, powersgd-r1-delay, qsgd, param_server, "
                     "param_server-sync (cnn), bsp_shared, bsp-powersgd, gossip, gossip-topk, "
                     "gossip-signsgd, gossip-topk-overlap, gossip-topk0.001, "
-                    "gossip-topk0.001-overlap, coded_ps, pipeline, pipeline-turns")
+                    "gossip-topk0.001-overlap, gossip-topk-avg16, gossip-signsgd-avg16, "
+                    "gossip-topk0.001-avg16, coded_ps, pipeline, pipeline-turns")
     ap.add_argument("--runs", default="runs/bench-cluster", help="where run records go")
     ap.add_argument("--steps", type=int, default=0, help="steps of every run (trials; default "
                     f"{FULL_STEPS}, --quick {QUICK_STEPS})")

@@ -456,3 +456,28 @@ def host_link_sends(net: str, nbytes: int) -> dict:
     out["after_cross_host"] = messages()
     t.close()
     return out
+
+
+def half_average() -> dict:
+    """Gossip's network average in float16 from a shared origin, against the exact one: the
+    error, the bound, and the eval bytes each sent."""
+    from tandem.strategies.gossip.evaluate import average_parameters
+
+    t = transport_from_env(timeout_s=30)
+    gen = torch.Generator().manual_seed(7)
+    origin = torch.randn(5000, generator=gen)
+    change = torch.randn(5000, generator=torch.Generator().manual_seed(t.rank)) * (t.rank + 1)
+    change[:100] = 0.0  # parameters that did not move
+    change[100] = 20000.0 * (t.rank + 1)  # float16 would overflow in sum without the scale
+    x = origin + change
+    exact = average_parameters(t, x)
+    after_exact = t.meter.sent_total("eval")
+    half = average_parameters(t, x, origin)
+    peak = torch.tensor([float(change.abs().max())])
+    t.all_reduce(peak, op="max").wait()
+    out = {"err": float((half - exact).abs().max()), "peak": float(peak),
+           "unmoved_exact": bool(torch.equal(half[:100], origin[:100])),
+           "finite": bool(torch.isfinite(half).all()), "dtype": str(half.dtype),
+           "exact_bytes": after_exact, "half_bytes": t.meter.sent_total("eval") - after_exact}
+    t.close()
+    return out

@@ -10,13 +10,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import jobs
 import tandem
 from tandem.config import StragglerConfig
 from tandem.errors import TandemError, WorkerFailed
+from tandem.launch import spawn
 from tandem.sim import SimConfig, floor_table, simulate, study
+from tandem.strategies.gossip.evaluate import half_scale
 from tandem.topology import make_topology
 from tandem.trainer.partitions import data_partitions
 from tandem.trainer.stragglers import ComputeFaults, straggler_mask
+from tandem.transport import costs
 from tandem.workloads import build_workload
 
 
@@ -232,11 +236,15 @@ def test_nan_gradient_makes_the_peer_a_straggler_or_stops(tmp_path):
         "rank 1 failed: NonFiniteGradient: rank 1: non-finite gradient at step 4"), info.value
 
 
-def test_time_to_target_pays_for_the_averaged_model_and_model_pt_is_that_average(tmp_path):
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-6), ("float16", 2e-3)])
+def test_time_to_target_pays_for_the_averaged_model_and_model_pt_is_that_average(tmp_path, dtype,
+                                                                                 atol):
     """The evaluated (and saved) gossip model is the peers' average, which no peer holds: one
     all-reduce of the parameters, timed alone in each evaluation (``averaging_s``), is added to
-    the time to a target. model.pt is that average of the peers' final parameters."""
-    cfg = {"strategy": {"name": "gossip", "options": {"topology": "ring"}},
+    the time to a target. model.pt is that average of the peers' final parameters (exact, or
+    from the changes in float16)."""
+    cfg = {"strategy": {"name": "gossip", "options": {"topology": "ring",
+                                                       "average_dtype": dtype}},
            "workload": {"name": "digits"}, "workers": 4, "steps": 40, "lr": 0.1, "seed": 0,
            "eval_every": 10, "target_accuracy": 0.5, "progress": False,
            "out": str(tmp_path / "run")}
@@ -254,4 +262,21 @@ def test_time_to_target_pays_for_the_averaged_model_and_model_pt_is_that_average
     assert len(saved) == len(peers[0])
     for i, q in enumerate(saved):
         torch.testing.assert_close(q, torch.stack([p[i] for p in peers]).mean(0), rtol=0,
-                                   atol=1e-6)
+                                   atol=atol)
+
+
+def test_float16_average_halves_the_bytes_within_its_error_bound():
+    """``average_dtype=float16``: the changes since the shared origin travel in half precision,
+    scaled so that a large one does not overflow. Breaks if the mean is off by more than the
+    documented ``world * 2**-10`` of the largest change, if an unmoved parameter is not returned
+    exactly, or if the bytes are not half the exact all-reduce's (plus one scalar)."""
+    world = 3
+    res = spawn(jobs.half_average, world, timeout_s=60)
+    for r in res:
+        assert r["finite"] and r["dtype"] == "torch.float32" and r["unmoved_exact"]
+        assert 0 < r["err"] <= world * 2.0 ** -10 * r["peak"]
+        assert r["exact_bytes"] == costs.all_reduce(5000 * 4, world).sent
+        assert r["half_bytes"] == (costs.all_reduce(5000 * 2, world).sent
+                                   + costs.all_reduce(8, world).sent)
+    assert half_scale(0.0, 4) == half_scale(float("nan"), 4) == 1.0
+    assert half_scale(1.0, 4) == 2.0 ** 12 and half_scale(3.0, 4) == 2.0 ** 10

@@ -3,6 +3,7 @@ alone after a peer was lost (:mod:`tandem.strategies.gossip`)."""
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -13,22 +14,25 @@ from tandem.trainer.context import WorkerContext
 from tandem.trainer.evaluate import Evaluation, evaluate, evaluate_shard, reduce_evaluation
 from tandem.trainer.evaluate import evaluate_alone as evaluate_model_alone
 
-__all__ = ["average_parameters", "evaluate_alone", "evaluate_network", "peer_accuracy"]
+__all__ = ["average_parameters", "evaluate_alone", "evaluate_network", "half_scale",
+           "peer_accuracy"]
 
 
 def evaluate_network(ctx: WorkerContext, step: int, x: torch.Tensor, model: torch.nn.Module,
-                     mparams: list[torch.Tensor], opt: torch.Tensor | None) -> dict[str, Any]:
+                     mparams: list[torch.Tensor], opt: torch.Tensor | None,
+                     origin: torch.Tensor | None = None) -> dict[str, Any]:
     """Consensus error, distance to the optimum and test loss of the averaged model.
 
     The averaged model does not exist on any peer: a user who stops here gets it by one
-    all-reduce of the parameters (what :meth:`GossipPeer.save_model` does at the end). That
+    all-reduce of the parameters (what :meth:`GossipPeer.save_model` does at the end; in
+    float16 from ``origin`` with ``average_dtype=float16``: :func:`average_parameters`). That
     all-reduce is timed alone, after a barrier that absorbs the peers' skew, and recorded as
     ``averaging_s``; the run's time to a target adds it (:func:`tandem.telemetry.curves.time_at`)
     so that the model that reached the target is paid for."""
     tr, world = ctx.transport, ctx.world
     tr.barrier().wait()
     t0 = time.perf_counter()
-    avg = average_parameters(tr, x)
+    avg = average_parameters(tr, x, origin)
     averaging_s = time.perf_counter() - t0
     mean = avg.double()
     stats = torch.tensor([float(((x.double() - mean) ** 2).sum()),
@@ -50,12 +54,39 @@ def evaluate_network(ctx: WorkerContext, step: int, x: torch.Tensor, model: torc
     return {"step": step, "wall": ctx.recorder.wall(), "test_loss": ev.loss, **fields}
 
 
-def average_parameters(tr: Any, x: torch.Tensor) -> torch.Tensor:
-    """The network average of every peer's ``x`` (one all-reduce in ``x``'s dtype, category
-    eval): the model a gossip run hands over."""
-    avg = x.clone()
-    tr.all_reduce(avg, category="eval").wait()
-    return avg.div_(tr.world)
+def average_parameters(tr: Any, x: torch.Tensor,
+                       origin: torch.Tensor | None = None) -> torch.Tensor:
+    """The network average of every peer's ``x`` (category eval): the model a gossip run hands
+    over.
+
+    Without ``origin``: one all-reduce of ``x`` in its dtype, exact. With ``origin`` (the
+    initial model, the same on every peer: ``average_dtype=float16``): the mean is
+    ``origin + mean(x - origin)`` and the changes travel in float16, half the bytes. A scalar
+    all-reduce first agrees on the largest change, and every peer scales its change by the same
+    power of two so that the sum of ``world`` of them stays below 2**14 (no overflow, and the
+    largest entries use float16's full precision). Error of the mean: at most about
+    ``world * 2**-10`` times the largest change, on the largest entries; a parameter that did
+    not move comes back exactly."""
+    if origin is None:
+        avg = x.clone()
+        tr.all_reduce(avg, category="eval").wait()
+        return avg.div_(tr.world)
+    change = x.float() - origin.float()
+    peak = change.abs().max().reshape(1).double() if change.numel() else torch.zeros(1).double()
+    tr.all_reduce(peak, op="max", category="eval").wait()
+    scale = half_scale(float(peak), tr.world)
+    half = (change * scale).to(torch.float16)
+    tr.all_reduce(half, category="eval").wait()
+    return (origin.float() + half.float() / (scale * tr.world)).to(x.dtype)
+
+
+def half_scale(peak: float, world: int) -> float:
+    """The power of two that puts ``world`` changes of at most ``peak`` below 2**14 in sum
+    (float16's largest finite value is 65504); 1 for a zero or non-finite peak (nothing moved,
+    or the model is already broken and the mean will say so)."""
+    if not math.isfinite(peak) or peak <= 0:
+        return 1.0
+    return 2.0 ** math.floor(math.log2(2.0 ** 14 / (world * peak)))
 
 
 def peer_accuracy(ctx: WorkerContext, x: torch.Tensor, model: torch.nn.Module,

@@ -41,5 +41,10 @@ class GossipOptions(StrategyOptions):
     overlap: bool = Field(False, description="mix x_t with the neighbours while the gradient "
                           "at x_t computes (D-PSGD's order, x_{t+1} = W x_t - lr e(x_t)): a "
                           "step costs about max(compute, exchange); not with mode=wait")
+    average_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="the network average (the saved model, each evaluation): "
+        "float32 all-reduces the parameters exactly; float16 all-reduces each peer's change "
+        "since the shared initial model in half precision, half the bytes, with an error "
+        "about 1e-3 of the largest change")
     consensus_step: float | None = Field(default=None, gt=0, le=1, description="compressed "
                                          "gossip (CHOCO) step size; default per codec")

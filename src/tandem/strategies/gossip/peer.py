@@ -62,6 +62,8 @@ class GossipPeer(StepLoop):
         self.model = build_model(ctx.workload, cfg.seed, tr.device)  # evaluation copy
         self.mparams = [q for q in self.model.parameters() if q.requires_grad]
         self.x = parameters_to_vector(self.mparams).detach().clone()
+        # the shared initial model, from which average_dtype=float16 averages the changes
+        self.origin = self.x.clone() if o.average_dtype == "float16" else None
         # GOCO's closed form x - lr * w * e for plain SGD; any other recipe (AdamW, a schedule,
         # clipping) runs a per-peer optimizer on a model copy that holds x
         self.spec = training_spec(cfg, ctx.workload)
@@ -210,7 +212,7 @@ class GossipPeer(StepLoop):
         ev = None
         if not self.view.dead:
             ev = self._world(step, evaluate_network, self.ctx, step, self.x, self.model,
-                             self.mparams, self.optimum)
+                             self.mparams, self.optimum, self.origin)
         self.evals.append(ev or evaluate_alone(self.ctx, step, self.x, self.model, self.mparams,
                                                self.optimum, len(self.view.alive)))
 
@@ -234,7 +236,7 @@ class GossipPeer(StepLoop):
                 vector_to_parameters(self.x, self.grads.params)
             save_final_model(ctx.run_dir, model, ctx.cfg, name=f"model.peer{ctx.rank}.pt",
                              step=self.total, peer=ctx.rank)
-        avg = average_parameters(ctx.transport, self.x) if not view.dead else None
+        avg = average_parameters(ctx.transport, self.x, self.origin) if not view.dead else None
         if ctx.rank != min(view.alive):
             return
         with torch.no_grad():
