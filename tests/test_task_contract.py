@@ -4,6 +4,7 @@ before any worker starts."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -275,3 +276,41 @@ def test_preflight_names_parameters_without_a_gradient(tmp_path, caplog):
     work.model_fn = Unused
     checked = preflight(cfg, work)
     assert checked.unused == ["spare.weight", "spare.bias"]
+
+
+class _Unseeded(torch.nn.Module):
+    """A model whose weights come from a generator Tandem does not seed (numpy's, unseeded)."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 10)
+        with torch.no_grad():
+            self.lin.weight.copy_(torch.from_numpy(np.random.default_rng().normal(size=(10, 64))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+def test_preflight_refuses_a_model_that_starts_differently_on_each_worker(tmp_path):
+    """Every all-reduce or gossip worker builds its own replica from the seed: a factory that
+    draws from an unseeded generator would start them apart, silently. Refused before any worker
+    starts, naming the first parameter; a parameter server takes its workers' parameters from
+    the server, so there the same factory runs."""
+    from tandem.preflight import preflight
+    from tandem.workloads import build_workload
+
+    cfg = tandem.load_config({})
+    work = build_workload(cfg.workload, 0)
+    work.model_fn = _Unseeded
+    for strategy in ("allreduce", "gossip"):
+        with pytest.raises(ConfigError, match="different weights for the same seed.*'lin.weight'"):
+            preflight(tandem.load_config({"strategy": strategy}), work)
+    preflight(tandem.load_config({"strategy": "param_server"}), work)
+    work.model_fn = lambda: torch.nn.Linear(64, 10)  # seeded by Tandem: the same twice
+    preflight(cfg, work)
+    with pytest.raises(ConfigError, match="different weights"):
+        tandem.train({"workers": 2, "steps": 5, "progress": False, "out": str(tmp_path / "r")},
+                     workload=dataclasses.replace(work, name="unseeded", model_fn=_Unseeded))
+    assert not list((tmp_path / "r").glob("events*"))  # no worker ever ran

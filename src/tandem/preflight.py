@@ -5,7 +5,11 @@ worker's traceback seconds later. Here, in the launcher (and in each ``torchrun`
 joins the group), the job is built and run once on one batch:
 
 1. the workload builds (its data exists, its options are valid);
-2. the model builds; the optimizer and schedule build from the step recipe;
+2. the model builds, twice, to the same weights for the same seed (every worker builds its own
+   replica and the strategies that train replicas need them equal: all-reduce averages
+   gradients, gossip's compressed copies and float16 average start from the initial model;
+   not checked for a parameter server, whose workers take the server's parameters); the
+   optimizer and schedule build from the step recipe;
 3. one forward and backward under the run's precision: the loss must be a finite scalar;
 4. every metric runs on a test batch and gives a ``(sum, count)`` with ``count > 0``
    (accuracy-like metrics must lie in [0, 1]);
@@ -60,6 +64,8 @@ def preflight(cfg: RunConfig, workload: Workload | None = None) -> Preflight:
         model = build_model(work, cfg.seed)
     except Exception as err:  # noqa: BLE001 - the user's factory: name it
         raise ConfigError(f"building the model failed: {type(err).__name__}: {err}") from err
+    if resolved.strategy.needs_identical_start:
+        _check_same_start(model, work, cfg.seed, resolved.strategy.name)
     opt = spec.make_optimizer(model)
     spec.make_scheduler(opt, max(1, cfg.steps or 1))
     precision = Precision(spec.precision, torch.device("cpu"))
@@ -95,6 +101,28 @@ def preflight(cfg: RunConfig, workload: Workload | None = None) -> Preflight:
               "training": spec.describe(), "unused_parameters": unused}
     report["metrics"] = _check_metrics(model, work)
     return Preflight(cfg, work, unused, report)
+
+
+def _check_same_start(model: torch.nn.Module, work: Workload, seed: int, strategy: str) -> None:
+    """Build the model a second time from ``seed`` and refuse the job if any parameter or
+    buffer differs: each worker would start from other weights, and nothing later would say
+    so (a NaN in the same place on both counts as equal)."""
+    again = build_model(work, seed).state_dict()
+    first = model.state_dict()
+    for name, a in first.items():
+        b = again.get(name)
+        same = b is not None and a.shape == b.shape and a.dtype == b.dtype and (
+            torch.equal(a, b) or (a.is_floating_point() and bool(
+                ((a == b) | (a.isnan() & b.isnan())).all())))
+        if not same:
+            raise ConfigError(
+                f"the model factory built different weights for the same seed ({seed}), first "
+                f"at {name!r}: every {strategy} worker builds its own copy, so they would start "
+                "apart. Draw the initial weights from torch's generator (Tandem seeds it just "
+                "before calling the factory) or load fixed weights inside the factory")
+    if set(again) - set(first):
+        raise ConfigError(f"the model factory built different parameters for the same seed: "
+                          f"{sorted(set(again) - set(first))} only the second time")
 
 
 def _one_batch(work: Workload, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,6 +89,11 @@ class Strategy:
     #: exchanges (``Codec.counts_exchanges``) then needs its stage lengths given, and
     #: ``tandem plan`` (which models supersteps by time) does not predict it
     exchanges_by_time: ClassVar[bool] = False
+    #: True when every worker trains the replica it built itself from the seed (all-reduce,
+    #: gossip, bsp_shared, the pipeline): the pre-flight then refuses a model factory that
+    #: builds different weights for the same seed. False where the workers take their
+    #: parameters from a server (param_server, coded_ps)
+    needs_identical_start: ClassVar[bool] = True
 
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx

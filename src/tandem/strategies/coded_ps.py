@@ -88,6 +88,7 @@ class CodedPSStrategy(Strategy):
     Options = CodedPSOptions
     #: a dead worker is a permanent straggler while at most s are lost (see module doc)
     tolerates_lost_workers = True
+    needs_identical_start = False  # the workers train what the server sends
     exact_exchange = ("the server decodes an exact linear combination of the coded gradients; "
                       "a lossy codec would break exact recovery")
 

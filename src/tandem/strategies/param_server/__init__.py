@@ -88,6 +88,7 @@ class ParamServerStrategy(Strategy):
     tolerates_lost_workers = True
     supports_checkpoints = True
     push_codes = True  # LGC-PS aside (lgc.check_codec)
+    needs_identical_start = False  # the workers train what the server sends
     Options = ParamServerOptions
 
     @classmethod
