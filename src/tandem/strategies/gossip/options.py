@@ -45,6 +45,6 @@ class GossipOptions(StrategyOptions):
         "float32", description="the network average (the saved model, each evaluation): "
         "float32 all-reduces the parameters exactly; float16 all-reduces each peer's change "
         "since the shared initial model in half precision, half the bytes, with an error "
-        "about 1e-3 of the largest change")
+        "of at most about world * 2**-10 of the largest change")
     consensus_step: float | None = Field(default=None, gt=0, le=1, description="compressed "
                                          "gossip (CHOCO) step size; default per codec")

@@ -226,7 +226,8 @@ class GossipPeer(StepLoop):
                 self.background.close()
 
     def save_model(self) -> None:
-        """The network average of the peers' parameters (one all-reduce) as ``model.pt``,
+        """The network average of the peers' parameters (one all-reduce; of the changes since
+        the initial model in float16 with ``average_dtype=float16``) as ``model.pt``,
         written by the lowest live rank; each peer's own too with ``save_peers``. After a peer
         was lost no world collective is possible: the lowest survivor writes its own model and
         the file says so (``average_of`` names the peers averaged)."""
@@ -242,7 +243,8 @@ class GossipPeer(StepLoop):
         with torch.no_grad():
             vector_to_parameters(avg if avg is not None else self.x, self.grads.params)
         save_final_model(ctx.run_dir, model, ctx.cfg, step=self.total,
-                         average_of=sorted(view.alive) if avg is not None else [ctx.rank])
+                         average_of=sorted(view.alive) if avg is not None else [ctx.rank],
+                         average_dtype=self.o.average_dtype if avg is not None else None)
 
     def finish(self) -> dict[str, Any]:
         with torch.no_grad():
