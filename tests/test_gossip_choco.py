@@ -173,3 +173,25 @@ def test_codecs_that_need_a_collective_or_momentum_are_refused(tmp_path):
            "progress": False, "out": str(tmp_path / "m")}
     with pytest.raises(ConfigError, match="codec's momentum"):
         tandem.train(cfg)
+
+
+@pytest.mark.parametrize(("codec", "opts"), [("topk", {"ratio": 0.1}), ("randomk", {"ratio": 0.2}),
+                                             ("topk", {"ratio": 0.1, "positions": "packed"}),
+                                             ("signsgd", {}), ("qsgd", {})])
+def test_add_decoded_is_the_dense_decode_added_bit_for_bit(codec, opts):
+    """CHOCO adds every code into a public copy through ``add_decoded``; the sparse codecs add
+    their entries only. Breaks if that sum differs in any bit from adding the dense decode
+    (a repeated position, a value cast, the wrong positions for random-k's step)."""
+    c = make_codec(codec, opts, seed=5)
+    c.memory.enabled = False
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(s, generator=gen) for s in SHAPES]
+    for step in (0, 3):
+        c.step = step
+        msg = c.encode(grads)
+        base = torch.randn(DIM, generator=gen)
+        want = base + torch.cat([t.reshape(-1) for t in c.decode(msg)])
+        got = base.clone()
+        c.add_decoded(msg, got)
+        assert torch.equal(got, want)
+        assert not torch.equal(got, base)  # the code moved something

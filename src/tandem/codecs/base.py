@@ -171,6 +171,12 @@ class Codec:
         """One worker's gradient as the receivers reconstruct it from its code."""
         raise NotImplementedError
 
+    def add_decoded(self, msg: Message, flat: torch.Tensor) -> None:
+        """``flat += flatten(decode(msg))``, in place: CHOCO-gossip adds every code into a
+        public copy (:mod:`tandem.strategies.gossip.choco`). Sparse codecs override it to add
+        their entries only, the same values without a dense temporary."""
+        flat += torch.cat([t.reshape(-1) for t in self.decode(msg)])
+
     def aggregate(self, msgs: list[Message]) -> list[torch.Tensor]:
         """Mean of the decoded messages (codecs whose codes sum override this to sum first)."""
         decoded = [self.decode(m) for m in msgs]

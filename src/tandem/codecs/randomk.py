@@ -102,6 +102,11 @@ class RandomKCodec(Codec):
         out.index_copy_(0, self.positions(msg.meta["dim"], self.step), msg.tensors[0].float())
         return unflatten(out, msg.meta["shapes"])
 
+    def add_decoded(self, msg: Message, flat: torch.Tensor) -> None:
+        """The values added at the positions of the codec's current ``step`` (distinct
+        positions: bit for bit the dense decode's sum)."""
+        flat.index_add_(0, self.positions(msg.meta["dim"], self.step), msg.tensors[0].float())
+
     def exchange(self, grads: list[torch.Tensor], transport: Collectives,
                  group: Group | None = None) -> list[torch.Tensor]:
         self.rank, size = group_rank(transport, group)

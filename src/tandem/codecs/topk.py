@@ -214,6 +214,13 @@ class TopKCodec(Codec):
         out[self._positions(msg.tensors[1], vals.numel(), dim).long()] = vals
         return unflatten(out, msg.meta["shapes"])
 
+    def add_decoded(self, msg: Message, flat: torch.Tensor) -> None:
+        """The kept entries added at their positions (no two are the same position, so this
+        is bit for bit the dense decode's sum)."""
+        vals = msg.tensors[0]
+        flat.index_add_(0, self._positions(msg.tensors[1], vals.numel(), msg.meta["dim"]).long(),
+                        vals.float())
+
     def aggregate(self, msgs: list[Message]) -> list[torch.Tensor]:
         meta = msgs[0].meta
         out = sparse_mean([m.tensors[0] for m in msgs],

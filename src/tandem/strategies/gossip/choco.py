@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from tandem.codecs import Codec, Message
-from tandem.flat import flatten, unflatten
+from tandem.flat import unflatten
 from tandem.strategies.gossip.swap import swap
 from tandem.topology import PeerView
 
@@ -91,16 +91,17 @@ class ChocoMixer:
                          lambda j: tr.send(packed, j, caller_waits=True))
         if lost:
             self.view.learn(lost, step)
-        # decode at the step the messages were encoded at (random-k's shared positions)
-        self.public[me] += flatten(codec.decode(msg))
+        # decode at the step the messages were encoded at (random-k's shared positions); a
+        # sparse code adds only its entries
+        codec.add_decoded(msg, self.public[me])
         for j, tensors in got.items():
             if j not in lost:
-                self.public[j] += flatten(codec.decode(Message(tensors, msg.meta)))
+                codec.add_decoded(Message(tensors, msg.meta), self.public[j])
         codec.step += 1
         for j in lost:
             self.public.pop(j, None)
         _, _, w_nbr = self.view.row()
-        pull = torch.zeros_like(y)
-        for j, w in w_nbr.items():
-            pull += w * (self.public[j] - self.public[me])
-        return y.add_(pull, alpha=self.gamma)
+        mine = self.public[me]
+        for j, w in w_nbr.items():  # y += gamma * W_ij (x^_j - x^_i), one neighbour at a time
+            y.add_(self.public[j] - mine, alpha=self.gamma * w)
+        return y
