@@ -101,7 +101,8 @@ class ChocoMixer:
         for j in lost:
             self.public.pop(j, None)
         _, _, w_nbr = self.view.row()
-        mine = self.public[me]
-        for j, w in w_nbr.items():  # y += gamma * W_ij (x^_j - x^_i), one neighbour at a time
-            y.add_(self.public[j] - mine, alpha=self.gamma * w)
-        return y
+        mine, pull = self.public[me], None
+        for j, w in w_nbr.items():  # sum_j W_ij (x^_j - x^_i), in the order and roundings of
+            term = (self.public[j] - mine).mul_(w)  # the plain form, one temporary fewer
+            pull = term if pull is None else pull.add_(term)
+        return y if pull is None else y.add_(pull, alpha=self.gamma)

@@ -72,9 +72,15 @@ class GossipPeer(StepLoop):
         self.sched: Any = None
         if not self.spec.plain_sgd:
             self.step_model = build_model(ctx.workload, cfg.seed, tr.device)
+            self.step_params = [q for q in self.step_model.parameters() if q.requires_grad]
+            # the copy's parameters are views of one flat buffer: loading x and reading the
+            # stepped parameters back is one copy each
+            self.step_flat = parameters_to_vector(self.step_params).detach().clone()
+            for q, view in zip(self.step_params, unflatten(self.step_flat, [
+                    tuple(q.shape) for q in self.step_params]), strict=True):
+                q.data = view
             self.opt = self.spec.make_optimizer(self.step_model)
             self.sched = self.spec.make_scheduler(self.opt, self.total)
-            self.step_params = [q for q in self.step_model.parameters() if q.requires_grad]
         optimum = ctx.workload.optimum
         self.optimum = optimum.to(self.x) \
             if optimum is not None and optimum.numel() == self.x.numel() else None
@@ -199,14 +205,14 @@ class GossipPeer(StepLoop):
         e_i = w * sum of its partition gradients (zero when it straggled: the optimizer still
         steps, so its momentum and weight decay go on)."""
         assert self.step_model is not None
-        e = torch.zeros_like(self.x) if c.straggled else self.weight * c.grads[0]
+        e = torch.zeros_like(self.x) if c.straggled else self.weight * c.grads[0]  # fresh
         with torch.no_grad():
-            vector_to_parameters(base, self.step_params)
+            self.step_flat.copy_(base)
         for p, g in zip(self.step_params, unflatten(e, [tuple(q.shape) for q in self.step_params]),
                         strict=True):
-            p.grad = g.clone()
+            p.grad = g  # views of e, which nothing else holds (clipping scales them in place)
         step_optimizer(self.opt, self.step_params, self.spec.clip, self.sched)
-        return parameters_to_vector(self.step_params).detach().clone()
+        return self.step_flat.clone()
 
     def evaluate(self, step: int) -> None:
         ev = None
