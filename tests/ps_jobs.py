@@ -92,7 +92,7 @@ def run_role(cfg_data: dict, victim: int, after_steps: int, out_dir: str) -> dic
 
 # ---- the codec spy of tests/test_codec_pairs.py -----------------------------------------------
 def _install_codec_spy(log_dir: str) -> None:
-    """In this process: every codec's encode/decode/exchange, and LGC-PS's two halves, append
+    """In this process: every codec's encode/decode/add_decoded/exchange, and LGC-PS's two halves, append
     their name to ``log_dir/calls.<rank>.txt`` the first time they run."""
     from tandem.codecs.base import CODECS
     from tandem.codecs.lgc.psserver import PSServerCode
@@ -114,7 +114,7 @@ def _install_codec_spy(log_dir: str) -> None:
         setattr(owner, method, spy)
 
     for name, cls in CODECS.items():
-        for method in ("encode", "decode", "exchange"):
+        for method in ("encode", "decode", "add_decoded", "exchange"):
             wrap(cls, method, f"{name}.{method}")
     wrap(PSWorkerCode, "encode", "lgc.ps_push")
     wrap(PSServerCode, "decode_round", "lgc.ps_decode")

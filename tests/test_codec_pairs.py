@@ -2,7 +2,8 @@
 the codec as documented and refuses the others before start, naming why; for every accepted
 pair a short real run shows that the codec's own path is what ran (a spy in each process logs
 the codec methods called: an all-reduce runs the codec's ``exchange``, a parameter server its
-``encode`` on the workers and ``decode`` on the server, LGC on a parameter server LGC-PS's own
+``encode`` on the workers and ``decode`` on the server, gossip ``encode`` and ``add_decoded``
+on every peer, LGC on a parameter server LGC-PS's own
 halves and never the message-level top-k, and strategies that use no codec call none)."""
 
 from __future__ import annotations
@@ -79,9 +80,10 @@ def _expected(strategy: str, codec: str, workers: int) -> tuple[dict[int, set[st
     never = {"lgc.encode"} if codec == "lgc" else set()  # LGC's message-level top-k
     if strategy in ("local", "coded_ps") or (strategy == "gossip" and codec == "dense"):
         return {r: set() for r in range(workers)}, {f"{codec}.{m}" for m in
-                                                     ("encode", "decode", "exchange")}
-    if strategy == "gossip":
-        return {r: {f"{codec}.encode", f"{codec}.decode"} for r in range(workers)}, never
+                                                     ("encode", "decode", "add_decoded",
+                                                      "exchange")}
+    if strategy == "gossip":  # CHOCO adds each decoded code into a public copy
+        return {r: {f"{codec}.encode", f"{codec}.add_decoded"} for r in range(workers)}, never
     if strategy == "param_server":
         if codec == "lgc":
             return {0: {"lgc.ps_push"}, 1: {"lgc.ps_push"}, 2: {"lgc.ps_decode"}}, never

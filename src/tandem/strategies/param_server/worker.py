@@ -322,8 +322,7 @@ class PSWorker(StepLoop):
         if self.auto is not None and self.opts.mode == "candidate":
             self.auto.observe_compute(c.compute_s)
             self.cap = self.auto.value
-            # what the cap was computed from: cap_rtt, cap_spread, cap_compute (seconds)
-            fields.update({f"cap_{k}": v for k, v in self.auto.state_dict().items()})
+            fields.update({f"cap_{k}": v for k, v in self.auto.state_dict().items()})  # basis
         self.caps.append(self.cap)
         self._accumulate(c.grads)
         last = step == self.total - 1
