@@ -92,8 +92,8 @@ def run_role(cfg_data: dict, victim: int, after_steps: int, out_dir: str) -> dic
 
 # ---- the codec spy of tests/test_codec_pairs.py -----------------------------------------------
 def _install_codec_spy(log_dir: str) -> None:
-    """In this process: every codec's encode/decode/add_decoded/exchange, and LGC-PS's two halves, append
-    their name to ``log_dir/calls.<rank>.txt`` the first time they run."""
+    """In this process: every codec's encode/decode/add_decoded/exchange, and LGC-PS's two
+    halves, append their name to ``log_dir/calls.<rank>.txt`` the first time they run."""
     from tandem.codecs.base import CODECS
     from tandem.codecs.lgc.psserver import PSServerCode
     from tandem.codecs.lgc.remote import PSWorkerCode
