@@ -145,6 +145,9 @@ def test_a_headline_ratio_is_taken_between_rows_of_one_run():
     assert by["10mbit cnn: DDP + PowerSGD hook time to 0.95 / the best Tandem row's"][
         "value"] == 6.0
     assert "best Tandem row at 10mbit cnn: allreduce powersgd r2 (5.0 s to 0.95)" in b.notes
+    parted = [n for n in b.notes if "is compared with its own run's best" in n]
+    assert len(parted) == 1 and "the ddp row (2026-12-03T13:34:04)" in parted[0], b.notes
+    assert "allreduce qsgd (40.0 s)" in parted[0]  # the hook's run holds the best: no note
     other = by["100mbit cnn: the best Tandem row's time to 0.95 / compute-only time "
                "(local step time x its steps to target)"]
     assert other["value"] is None and other["state"] == "NOT RUN"
