@@ -405,9 +405,9 @@ def fan_out_times(net: str, nbytes: int) -> dict:
     return out
 
 
-def swap_time(net: str, nbytes: int, caller_waits: bool = False) -> float:
-    """Two ranks swap ``nbytes`` (receives posted first); the seconds until both halves of
-    this rank's swap are complete."""
+def swap_time(net: str, nbytes: int, caller_waits: bool = False) -> dict:
+    """Two ranks swap ``nbytes`` (receives posted first); when this rank started and when its
+    receive completed (``time.monotonic``, one clock for every process of the machine)."""
     t = transport_from_env(net=NetConfig.parse(net), timeout_s=60)
     n, peer = nbytes // 4, 1 - t.rank
     t.barrier().wait()
@@ -416,11 +416,11 @@ def swap_time(net: str, nbytes: int, caller_waits: bool = False) -> float:
     assert caller_waits == (type(recv).__name__ == "CallerWait")
     send = t.send(torch.zeros(n), peer, caller_waits=caller_waits)
     recv.wait()
+    received = time.monotonic()
     send.wait()
-    took = time.monotonic() - start
     t.barrier().wait()
     t.close()
-    return took
+    return {"start": start, "received": received}
 
 
 def host_link_sends(net: str, nbytes: int) -> dict:
