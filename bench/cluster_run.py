@@ -9,7 +9,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,8 +119,23 @@ def comm_s(res: dict[str, Any] | None, row: Row) -> float | None:
     return res["summary"].get("comm_s_total", 0.0) / n if n else None
 
 
+def float16_average(row: Row) -> Row:
+    """``row`` with gossip's network average assembled from float16 changes
+    (``average_dtype=float16``: half the bytes of the one all-reduce that the time to a target
+    pays for)."""
+    return replace(row, key=f"{row.key}-avg16", system=f"{row.system}, float16 average",
+                   strategy_opts={**row.strategy_opts, "average_dtype": "float16"})
+
+
 def rows_for(hosts: int, workload: str) -> list[Row]:
     lr = 0.05 if workload == "cnn" else 3e-3
+    # a codec under gossip (CHOCO: compressed model differences, its default step)
+    gossip_topk = Row("gossip-topk", "gossip goco ring topk 0.01", "tandem", strategy="gossip",
+                      codec="topk", codec_opts={"ratio": 0.01})
+    gossip_signsgd = Row("gossip-signsgd", "gossip goco ring signsgd", "tandem",
+                         strategy="gossip", codec="signsgd")
+    gossip_topk3 = Row("gossip-topk0.001", "gossip goco ring topk 0.001", "tandem",
+                       strategy="gossip", codec="topk", codec_opts={"ratio": 0.001})
     return [
         Row("local", "local (compute only)", "local", strategy="local"),
         Row("ddp", "ddp", "ddp", hook="none"),
@@ -169,28 +184,17 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
         Row("bsp-powersgd", "bsp_shared powersgd r2", "tandem", strategy="bsp_shared",
             codec="powersgd", codec_opts={"rank": 2}, strategy_opts={"machines": hosts}),
         Row("gossip", "gossip goco ring", "tandem", strategy="gossip"),
-        # a codec under gossip (CHOCO: compressed model differences, its default step)
-        Row("gossip-topk", "gossip goco ring topk 0.01", "tandem", strategy="gossip",
-            codec="topk", codec_opts={"ratio": 0.01}),
-        Row("gossip-signsgd", "gossip goco ring signsgd", "tandem", strategy="gossip",
-            codec="signsgd"),
+        gossip_topk,
+        gossip_signsgd,
         # the exchange beside the gradient (overlap=true), and top-k's density swept down
         Row("gossip-topk-overlap", "gossip goco ring topk 0.01 overlap", "tandem",
             strategy="gossip", codec="topk", codec_opts={"ratio": 0.01},
             strategy_opts={"overlap": True}),
-        Row("gossip-topk0.001", "gossip goco ring topk 0.001", "tandem", strategy="gossip",
-            codec="topk", codec_opts={"ratio": 0.001}),
+        gossip_topk3,
         Row("gossip-topk0.001-overlap", "gossip goco ring topk 0.001 overlap", "tandem",
             strategy="gossip", codec="topk", codec_opts={"ratio": 0.001},
             strategy_opts={"overlap": True}),
-        # the network average assembled from float16 changes (average_dtype=float16): half
-        # the bytes of the one all-reduce that the time to a target pays for
-        *[Row(f"{key}-avg16", f"{system}, float16 average", "tandem", strategy="gossip",
-              codec=codec, codec_opts=copts, strategy_opts={"average_dtype": "float16"})
-          for key, system, codec, copts in [
-              ("gossip-topk", "gossip goco ring topk 0.01", "topk", {"ratio": 0.01}),
-              ("gossip-signsgd", "gossip goco ring signsgd", "signsgd", {}),
-              ("gossip-topk0.001", "gossip goco ring topk 0.001", "topk", {"ratio": 0.001})]],
+        *[float16_average(r) for r in (gossip_topk, gossip_signsgd, gossip_topk3)],
         Row("coded_ps", "coded_ps", "tandem", strategy="coded_ps"),
         Row("pipeline", "pipeline 2 models", "tandem", strategy="pipeline",
             strategy_opts={"models": [{"lr": lr}, {"lr": 2 * lr}]}),

@@ -38,6 +38,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from tandem.codecs.memory import ErrorFeedback
+from tandem.flat import flatten
 from tandem.registry import Registry
 from tandem.transport.packing import TensorSpec, pack, spec_of, unpack
 
@@ -175,7 +176,7 @@ class Codec:
         """``flat += flatten(decode(msg))``, in place: CHOCO-gossip adds every code into a
         public copy (:mod:`tandem.strategies.gossip.choco`). Sparse codecs override it to add
         their entries only, the same values without a dense temporary."""
-        flat += torch.cat([t.reshape(-1) for t in self.decode(msg)])
+        flat += flatten(self.decode(msg))
 
     def aggregate(self, msgs: list[Message]) -> list[torch.Tensor]:
         """Mean of the decoded messages (codecs whose codes sum override this to sum first)."""

@@ -101,8 +101,10 @@ class ChocoMixer:
         for j in lost:
             self.public.pop(j, None)
         _, _, w_nbr = self.view.row()
+        # y += gamma * sum_j W_ij (x^_j - x^_i): the plain form's order and roundings (the
+        # golden fingerprints hold), without its zero buffer and one temporary per neighbour
         mine, pull = self.public[me], None
-        for j, w in w_nbr.items():  # sum_j W_ij (x^_j - x^_i), in the order and roundings of
-            term = (self.public[j] - mine).mul_(w)  # the plain form, one temporary fewer
+        for j, w in w_nbr.items():
+            term = (self.public[j] - mine).mul_(w)
             pull = term if pull is None else pull.add_(term)
         return y if pull is None else y.add_(pull, alpha=self.gamma)
