@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import typer.main
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -158,6 +158,9 @@ def command_lines(draw, *groups: tuple[dict, int]):
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(command_lines((SIM_FLAGS, 1)))
+# found by a draw: dsgd ignores d, yet a d beyond the devices is still refused
+@example(drawn=(["--devices=3", "--d=5000", "--mode=dsgd"], ["--devices", "--d", "--mode"],
+                "one bad", "--d"))
 def test_sim_goco_any_flags_start_or_are_refused_in_one_line(launches, tmp_path, drawn):
     args, given, kind, bad = drawn
     launches.calls.clear()
