@@ -1,4 +1,5 @@
-"""The results tables in ``docs/*.md``, rendered from the committed ``bench/results/*.json``.
+"""The results tables in ``docs/*.md`` and the README, rendered from the committed
+``bench/results/*.json``.
 
     python -m bench.render            # rewrite every table in place
     python -m bench.render --check    # exit 1 listing the tables that differ (tests, CI)
@@ -12,11 +13,12 @@ A table lives between two markers in a doc; everything between them is generated
 ``NAME`` names a result (``bench/results/NAME.json``). ``VIEW`` picks rows and columns: the views
 of each benchmark are declared in :data:`VIEWS` (one place for every benchmark's column choices);
 without one, every row with the result's own columns. Every benchmark also has the views
-``targets`` (name, value, goal, MET / NOT MET / NOT RUN) and ``notes``. The first line of each
-block states the command, commit, date and machine of the run that measured its rows, so a table
-always says where its figures come from; where ``--merge`` left rows of several runs in one
-table, it lists each run and adds a ``run`` column (``bench/runs.py``). A doc with a marker
-whose result is missing fails ``--check``.
+``targets`` (name, value, goal, MET / NOT MET / NOT RUN) and ``notes``; ``bench/cluster``'s
+results also ``headline`` (the three headline targets and the rows they compare: the README's
+table). The first line of each block states the command, commit, date and machine of the run
+that measured its rows, so a table always says where its figures come from; where ``--merge``
+left rows of several runs in one table, it lists each run and adds a ``run`` column
+(``bench/runs.py``). A doc with a marker whose result is missing fails ``--check``.
 """
 
 from __future__ import annotations
@@ -215,10 +217,42 @@ def _show(col: Col, v: Any) -> str:
     return col.fmt(v).replace("|", "\\|") if col.fmt else cell(v)
 
 
+#: the rows the headline targets compare with the best Tandem row (``bench/cluster_targets``)
+HEADLINE_REFS = {"ddp": "plain DDP", "ddp + powersgd r2": "DDP + torch's PowerSGD hook",
+                 "local (compute only)": "compute only"}
+_BEST = re.compile(r"best Tandem row at 10mbit cnn: (.+) \(([\d.]+) s to ")
+
+
+def headline(res: dict[str, Any]) -> list[str]:
+    """``bench/cluster``'s headline (view ``headline``), under the provenance of the runs that
+    measured its rows: the three 10 Mbit/s CNN targets, then the best Tandem row and the rows
+    they compare it with (from those rows alone). The best row is the one
+    the targets named in their note (``best Tandem row at 10mbit cnn: ...``)."""
+    best = next((m.group(1) for n in res.get("notes", []) if (m := _BEST.match(str(n)))), None)
+    roles = ({best: "best Tandem row"} if best else {}) | HEADLINE_REFS
+    found = {r.get("system"): r for r in res.get("rows", [])
+             if r.get("rate") == "10mbit" and r.get("workload") == "cnn"}
+    rows = [{**found[s], "role": role} for s, role in roles.items() if s in found]
+    used = runs.used_runs(res, rows)
+    lines = [runs.runs_header(used) if len(used) > 1 else runs.header(used[0][1] if used else res),
+             ""]
+    ts = [{**t, "state": target_state(t)} for t in res.get("targets", [])
+          if str(t.get("name")).startswith("10mbit cnn: ") and "param_server" not in t["name"]]
+    lines += table([Col("name", "target"), Col("value", fmt=two), Col("goal"), Col("state")], ts)
+    own = runs.run_id(res)
+    cols = [Col("role"), Col("system"), Col("time_to_target_s", "s to 0.95", seconds),
+            Col("steps_to_target", "steps to 0.95"), Col("step_ms", "ms/step", ms),
+            Col("final", "test acc", acc), Col("bytes/step", "bytes/step", count),
+            Col(runs.RUN, fmt=runs.label)]
+    return lines + [""] + table(cols, [{**r, runs.RUN: r.get(runs.RUN) or own} for r in rows])
+
+
 def render_block(name: str, view: str | None, res: dict[str, Any]) -> str:
     """The text between the markers of ``bench:NAME[:VIEW]`` (without the markers)."""
     lines = [runs.targets_header(res), ""]
-    if view == "targets":
+    if view == "headline" and name.startswith("cluster"):
+        lines = headline(res)
+    elif view == "targets":
         rows = [{"name": t.get("name"), "value": t.get("value"), "goal": t.get("goal"),
                  "state": target_state(t) + (f" ({t['reason']})" if t.get("reason") else "")}
                 for t in res.get("targets", [])]
@@ -288,6 +322,14 @@ def loader(results: Path) -> Callable[[str], dict[str, Any]]:
     return load
 
 
+def pages(docs: Path) -> list[Path]:
+    """The pages whose tables are rendered: ``docs/*.md``, and the README beside the committed
+    docs (its headline table)."""
+    found = sorted(docs.glob("*.md"))
+    readme = docs.parent / "README.md"
+    return found + [readme] if docs.resolve() == DOCS and readme.is_file() else found
+
+
 def render_docs(docs: Path = DOCS, results: Path = RESULTS, *, write: bool = True
                 ) -> tuple[list[str], list[str]]:
     """Regenerate every marked table under ``docs``; returns (tables that differed, problems).
@@ -295,7 +337,7 @@ def render_docs(docs: Path = DOCS, results: Path = RESULTS, *, write: bool = Tru
     load = loader(results)
     differ: list[str] = []
     problems: list[str] = []
-    for doc in sorted(docs.glob("*.md")):
+    for doc in pages(docs):
         text = doc.read_text()
         new, probs = render_text(text, load)
         problems += [f"{doc.name}: {p}" for p in probs]

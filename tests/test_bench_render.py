@@ -163,6 +163,43 @@ def test_target_states(tmp_path: Path, monkeypatch) -> None:
     assert set(got["machine"]) >= {"cores", "cpu_model", "memory_gib"}
 
 
+def test_the_headline_shows_the_best_row_and_what_it_is_compared_with() -> None:
+    """The README's table: the three 10 Mbit/s CNN targets, the best row the targets named, and
+    its references, under the run that measured those rows (not the file's last run). Breaks if
+    the best row is not the one the note names, if another rate's row or target slips in, or if
+    the header credits the rows to the wrong run."""
+    run = "2026-01-01T10:20:30"
+    rows = [{"rate": "10mbit", "workload": "cnn", "system": s, "time_to_target_s": t,
+             "steps_to_target": 9, "step_ms": 1.0, "run": run}
+            for s, t in [("ddp", 50.0), ("gossip x", 2.0), ("gossip y", 1.0),
+                         ("ddp + powersgd r2", 6.0), ("local (compute only)", 0.5)]]
+    rows.append({"rate": "100mbit", "workload": "cnn", "system": "gossip x",
+                 "time_to_target_s": 0.1, "run": run})
+    targets = [{"name": "10mbit cnn: plain DDP time to 0.95 / the best Tandem row's",
+                "value": 25.0, "goal": ">= 10", "met": True},
+               {"name": "100mbit cnn: the best ... / compute-only", "value": 3.0,
+                "goal": "<= 1.3", "met": False},
+               {"name": "emulation error, 10mbit cnn ddp", "value": 0.1, "goal": "<= 0.2",
+                "met": True}]
+    res = dict(SYNTH, rows=rows, targets=targets,
+               notes=["best Tandem row at 10mbit cnn: gossip x (2.0 s to 0.95)"],
+               runs={run: {"date": run, "command": "old cmd", "git": {"commit": "f" * 40}}})
+    body = render.render_block("cluster", "headline", res)
+    assert body.startswith("_Measured by `old cmd` at commit `ffffffffff`")
+    assert "| 10mbit cnn: plain DDP time to 0.95 / the best Tandem row's | 25.00 | >= 10 | MET |" \
+        in body
+    assert "100mbit" not in body and "emulation" not in body
+    systems = [line.split(" | ")[1] for line in body.splitlines() if line.startswith("| ")
+               and (" | 01-01 10:20 |" in line)]
+    assert systems == ["gossip x", "ddp", "ddp + powersgd r2", "local (compute only)"]
+    assert "| best Tandem row | gossip x | 2.0 |" in body
+
+
+def test_the_readme_is_rendered_with_the_docs() -> None:
+    assert render.ROOT / "README.md" in render.pages(render.DOCS)
+    assert "<!-- bench:cluster:headline -->" in (render.ROOT / "README.md").read_text()
+
+
 def test_committed_docs_match_committed_results() -> None:
     """What `python -m bench.render --check` checks: every table in docs/ is what its committed
     result renders; a doc with markers and no result fails."""
