@@ -1,7 +1,7 @@
 """Real links between hosts: Tandem and PyTorch DDP across network namespaces, against the emulator.
 
     sudo .venv/bin/python -m bench.cluster             # full: the tables in docs/cluster.md
-    sudo .venv/bin/python -m bench.cluster --quick     # make bench: 10 Mbit/s, CNN, 6 rows
+    sudo .venv/bin/python -m bench.cluster --quick     # make bench: 10 Mbit/s, CNN, 7 rows
     .venv/bin/python -m bench.cluster [--rates 10mbit,100mbit] [--workloads cnn,textlm]
         [--only dense,ddp,...] [--hosts 4] [--pin] [--runs runs/bench-cluster] [--merge]
     sudo .venv/bin/python -m bench.cluster --hosts 2 --pin  # a core per host: cluster_2hosts_pinned
@@ -115,7 +115,10 @@ PORT = 29500
 UNSHAPED = "unshaped"  # a --rates value: the namespaces' veth pairs with no tbf
 
 
-QUICK_ROWS = ("local", "ddp", "ddp-powersgd", "topk", "powersgd", "powersgd-r1")
+#: make bench's rows: the references, all-reduce with the main codecs, and the full run's best row
+#: (gossip, top-k 0.1 %, float16 average), so that the quick run checks the headline targets too
+QUICK_ROWS = ("local", "ddp", "ddp-powersgd", "topk", "powersgd", "powersgd-r1",
+              "gossip-topk0.001-avg16")
 
 
 # ---- the benchmark -------------------------------------------------------------------------

@@ -56,6 +56,17 @@ def summarize(run: Path) -> dict[str, Any]:
             "measurements": len(recs)}
 
 
+def check_data() -> None:
+    """Build every workload of :data:`ROWS` before any trains: a missing dataset (Fashion-MNIST
+    comes from ``make bench-data``) is refused at once with the workload's own error, not after
+    the rows before it have run and been lost."""
+    from tandem.config import WorkloadConfig
+    from tandem.workloads import build_workload
+
+    for name in dict.fromkeys(w for w, _, _ in ROWS):
+        build_workload(WorkloadConfig(name=name), 0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=200)
@@ -63,6 +74,7 @@ def main() -> None:
     bench = Bench("correlation", ["workload", "partition", "cos early", "cos late",
                                   "overlap early", "overlap late", "most alike layer (late)",
                                   "measurements"])
+    check_data()
     IMG.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-correlation-") as tmp:
         for workload, part, extra in ROWS:

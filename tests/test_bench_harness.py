@@ -170,6 +170,39 @@ def test_the_compute_only_row_measured_once_is_reported_at_every_rate_of_the_run
     assert found[("100mbit", "cnn")]["rows"] == {}
 
 
+def test_the_quick_run_measures_the_rows_of_the_headline_targets():
+    """make bench's cluster --quick checks the headline claim: its rows are real row keys, and
+    they hold the three references and the full run's best row (gossip, top-k 0.1 %, float16
+    average). Breaks if a key is misspelt or the best row is left out (the quick run's hook
+    ratio then compares the hook with all-reduce rows only: 1.82x at 574bffc)."""
+    from bench import cluster
+    from bench.cluster_run import rows_for
+
+    keys = {r.key: r for r in rows_for(4, "cnn")}
+    assert set(cluster.QUICK_ROWS) <= set(keys)
+    assert {"local", "ddp", "ddp-powersgd"} <= set(cluster.QUICK_ROWS)
+    best = keys["gossip-topk0.001-avg16"]
+    assert best.key in cluster.QUICK_ROWS and best.strategy == "gossip"
+
+
+def test_a_benchmark_without_its_dataset_stops_before_training_and_names_it(monkeypatch):
+    """bench/codecs and bench/correlation on a machine without Fashion-MNIST: refused at once
+    with the dataset's error, never run on another workload (codecs used to fall back to
+    mnist5k under fashion's targets) nor after the rows before it (correlation lost its mnist5k
+    rows in a clean-clone make bench)."""
+    from bench import codecs, correlation
+
+    from tandem.errors import DataError
+    from tandem.workloads import fashion
+
+    monkeypatch.setattr(fashion, "debian_dirs", lambda: [])
+    monkeypatch.setattr(fashion, "DEBIAN_DIR", Path("/nonexistent/fashion-mnist"))
+    with pytest.raises(DataError, match="Fashion-MNIST not found.*make bench-data"):
+        codecs.pick_workload("fashion", 100, 64)
+    with pytest.raises(DataError, match="Fashion-MNIST not found"):
+        correlation.check_data()
+
+
 def test_a_bsp_shared_row_is_reported_per_superstep_and_per_agent():
     """bsp_shared's summary counts a step per worker gradient (300 here in 5 s: the CPU's speed,
     whatever the link). Breaks if its row divides by those instead of by its 4 supersteps (its
