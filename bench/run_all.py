@@ -39,8 +39,11 @@ def main(names: list[str]) -> int:
     print("\n##### targets")
     for name in chosen:
         path = HERE / "results" / f"{QUICK.get(name, ([], name))[1]}.json"
+        if name in failed:  # its file, if any, is an earlier run's (a clone has the committed one)
+            print(f"{name}: FAILED in this run (its error is above); no targets of this run")
+            continue
         if not path.exists():
-            print(f"{name}: no results ({'failed' if name in failed else 'missing'})")
+            print(f"{name}: no results (missing)")
             continue
         for t in json.loads(path.read_text()).get("targets", []):
             print(format_target(t, prefix=f"{name}: "))

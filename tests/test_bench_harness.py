@@ -343,6 +343,26 @@ def test_make_bench_runs_only_modules_that_are_benchmarks():
     assert chosen <= runnable, f"helpers run by make bench: {sorted(chosen - runnable)}"
 
 
+def test_make_bench_never_lists_an_earlier_runs_targets_for_a_failed_benchmark(
+        tmp_path, monkeypatch, capsys):
+    """A clean clone holds the committed results: when a benchmark fails, its file is an earlier
+    run's. Breaks if the closing list prints those targets as this run's, or if make bench's
+    status hides the failure."""
+    from bench import run_all
+
+    (tmp_path / "results").mkdir()
+    for name in ("good", "bad"):
+        (tmp_path / "results" / f"{name}.json").write_text(json.dumps({"targets": [
+            {"name": f"{name} target", "value": 1.0, "goal": "<= 2", "met": True}]}))
+    monkeypatch.setattr(run_all, "HERE", tmp_path)
+    monkeypatch.setattr(run_all.subprocess, "call",
+                        lambda cmd, cwd: 1 if cmd[-1] == "bench.bad" else 0)
+    assert run_all.main(["good", "bad"]) == 1
+    closing = capsys.readouterr().out.split("##### targets")[1]
+    assert "good target" in closing and "bad target" not in closing
+    assert "bad: FAILED in this run" in closing
+
+
 def test_p2p_rows_time_a_pattern_from_its_first_start_to_its_last_end():
     """Breaks if a swap's time is one rank's (a swap ends when the last rank is done), if a
     fan-out receiver is timed from its own start rather than its sender's (ranks leave a barrier
