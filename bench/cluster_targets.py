@@ -26,6 +26,18 @@ LOCAL = "local (compute only)"
 
 #: how a note starts that says a merge parted a reference row from the file's best row
 PARTED = "side by side: "
+#: how the note that names the best Tandem row starts (``bench/render`` reads it back)
+BEST_NOTE = "best Tandem row at 10mbit cnn: "
+
+
+def best_of_notes(notes: list[Any]) -> str | None:
+    """The best Tandem row's label, from the note :func:`targets` wrote
+    (``best Tandem row at 10mbit cnn: LABEL (2.8 s to 0.95)``); None without one."""
+    for note in notes:
+        text = str(note)
+        if text.startswith(BEST_NOTE):
+            return text[len(BEST_NOTE):].rsplit(" (", 1)[0]
+    return None
 
 
 def row_kind(hosts: int, workload: str | None, system: str | None) -> Row | None:
@@ -118,7 +130,7 @@ def targets(bench: Bench, hosts: int, not_run: str | None, quick: bool) -> None:
             continue
         best_t, best = best_tandem(rows, hosts)
         if best:
-            bench.note(f"best Tandem row at 10mbit cnn: {best} ({best_t:.1f} s to {TARGET})")
+            bench.note(f"{BEST_NOTE}{best} ({best_t:.1f} s to {TARGET})")
         for n, g, ref in zip(names[:2], goals[:2], ("ddp", "ddp + powersgd r2"), strict=True):
             if ref not in rows:
                 bench.target(n, None, g, not_run=f"no {ref} row at 10mbit cnn (--only)")
@@ -153,6 +165,6 @@ def rescore(bench: Bench, hosts: int) -> None:
     """``--rescore``: the results file's rows, notes and provenance as they are, its targets and
     best-row note recomputed from the rows (after a change to :func:`targets`; measures
     nothing)."""
-    bench.adopt_results(stale_notes=("best Tandem row", PARTED))
+    bench.adopt_results(stale_notes=(BEST_NOTE, PARTED))
     targets(bench, hosts, None, quick=bench.name.endswith("_quick"))
     bench.finish()

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import runs
+from bench.cluster_targets import best_of_notes
 from bench.harness import target_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,7 +221,6 @@ def _show(col: Col, v: Any) -> str:
 #: the rows the headline targets compare with the best Tandem row (``bench/cluster_targets``)
 HEADLINE_REFS = {"ddp": "plain DDP", "ddp + powersgd r2": "DDP + torch's PowerSGD hook",
                  "local (compute only)": "compute only"}
-_BEST = re.compile(r"best Tandem row at 10mbit cnn: (.+) \(([\d.]+) s to ")
 
 
 def headline(res: dict[str, Any]) -> list[str]:
@@ -228,7 +228,7 @@ def headline(res: dict[str, Any]) -> list[str]:
     measured its rows: the three 10 Mbit/s CNN targets, then the best Tandem row and the rows
     they compare it with (from those rows alone). The best row is the one
     the targets named in their note (``best Tandem row at 10mbit cnn: ...``)."""
-    best = next((m.group(1) for n in res.get("notes", []) if (m := _BEST.match(str(n)))), None)
+    best = best_of_notes(res.get("notes", []))
     roles = ({best: "best Tandem row"} if best else {}) | HEADLINE_REFS
     found = {r.get("system"): r for r in res.get("rows", [])
              if r.get("rate") == "10mbit" and r.get("workload") == "cnn"}
@@ -249,10 +249,10 @@ def headline(res: dict[str, Any]) -> list[str]:
 
 def render_block(name: str, view: str | None, res: dict[str, Any]) -> str:
     """The text between the markers of ``bench:NAME[:VIEW]`` (without the markers)."""
-    lines = [runs.targets_header(res), ""]
     if view == "headline" and name.startswith("cluster"):
-        lines = headline(res)
-    elif view == "targets":
+        return "\n".join(headline(res)) + "\n\n"
+    lines = [runs.targets_header(res), ""]
+    if view == "targets":
         rows = [{"name": t.get("name"), "value": t.get("value"), "goal": t.get("goal"),
                  "state": target_state(t) + (f" ({t['reason']})" if t.get("reason") else "")}
                 for t in res.get("targets", [])]

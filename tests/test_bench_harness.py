@@ -145,6 +145,11 @@ def test_a_headline_ratio_is_taken_between_rows_of_one_run():
     assert by["10mbit cnn: DDP + PowerSGD hook time to 0.95 / the best Tandem row's"][
         "value"] == 6.0
     assert "best Tandem row at 10mbit cnn: allreduce powersgd r2 (5.0 s to 0.95)" in b.notes
+    # what bench/render reads back for the README, a label with parentheses of its own too
+    assert cluster_targets.best_of_notes(["x", *b.notes]) == "allreduce powersgd r2"
+    assert cluster_targets.best_of_notes([cluster_targets.BEST_NOTE + "ps (3 + 1) (2.0 s to 0.95)"]
+                                         ) == "ps (3 + 1)"
+    assert cluster_targets.best_of_notes(["x"]) is None
     parted = [n for n in b.notes if "is compared with its own run's best" in n]
     assert len(parted) == 1 and "the ddp row (2026-12-03T13:34:04)" in parted[0], b.notes
     assert "allreduce qsgd (40.0 s)" in parted[0]  # the hook's run holds the best: no note

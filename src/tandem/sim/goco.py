@@ -110,8 +110,8 @@ class SimConfig:
         if self.overlap and self.mode == "wait":
             raise bad("overlap", True, f"not with {name('mode')} wait (the gossip strategy "
                       "refuses it too: wait's barrier comes before the exchange)")
-        # in every mode: dsgd holds one partition per device whatever d says, but a d no run
-        # could have is a mistake there too (the CLI refuses a bad value whatever the others)
+        # in every mode: dsgd ignores d, but a d that no run could have is a mistake there
+        # too (the CLI refuses a bad value whatever the other flags)
         number("d", 1, self.devices, integer=True,
                allowed=f"a redundancy from 1 to {name('devices')} ({self.devices})")
         # dsgd holds one partition per device whatever d says

@@ -75,9 +75,10 @@ class GossipPeer(StepLoop):
             self.step_params = [q for q in self.step_model.parameters() if q.requires_grad]
             # the copy's parameters are views of one flat buffer: loading x and reading the
             # stepped parameters back is one copy each
+            self.step_shapes = [tuple(q.shape) for q in self.step_params]
             self.step_flat = parameters_to_vector(self.step_params).detach().clone()
-            for q, view in zip(self.step_params, unflatten(self.step_flat, [
-                    tuple(q.shape) for q in self.step_params]), strict=True):
+            for q, view in zip(self.step_params, unflatten(self.step_flat, self.step_shapes),
+                               strict=True):
                 q.data = view
             self.opt = self.spec.make_optimizer(self.step_model)
             self.sched = self.spec.make_scheduler(self.opt, self.total)
@@ -208,8 +209,7 @@ class GossipPeer(StepLoop):
         e = torch.zeros_like(self.x) if c.straggled else self.weight * c.grads[0]  # fresh
         with torch.no_grad():
             self.step_flat.copy_(base)
-        for p, g in zip(self.step_params, unflatten(e, [tuple(q.shape) for q in self.step_params]),
-                        strict=True):
+        for p, g in zip(self.step_params, unflatten(e, self.step_shapes), strict=True):
             p.grad = g  # views of e, which nothing else holds (clipping scales them in place)
         step_optimizer(self.opt, self.step_params, self.spec.clip, self.sched)
         return self.step_flat.clone()

@@ -321,8 +321,8 @@ class PSWorker(StepLoop):
         idle = 0.0
         if self.auto is not None and self.opts.mode == "candidate":
             self.auto.observe_compute(c.compute_s)
-            self.cap = self.auto.value
-            fields.update({f"cap_{k}": v for k, v in self.auto.state_dict().items()})  # basis
+            self.cap = self.auto.value  # and what it was computed from: cap_rtt, _spread, _compute
+            fields.update({f"cap_{k}": v for k, v in self.auto.state_dict().items()})
         self.caps.append(self.cap)
         self._accumulate(c.grads)
         last = step == self.total - 1
