@@ -33,7 +33,10 @@ row is one ``torchrun --nnodes N --node_rank I --master_addr <host 0> ...`` per 
   exchange beside the gradient (``overlap=true``: ``gossip-topk-overlap``,
   ``gossip-topk0.001-overlap``), and the three compressed ones with the network average
   assembled from float16 changes (``average_dtype=float16``: ``gossip-topk-avg16``,
-  ``gossip-signsgd-avg16``, ``gossip-topk0.001-avg16``);
+  ``gossip-signsgd-avg16``, ``gossip-topk0.001-avg16``), and top-k 0.1 % with that average
+  mixing on every 4th and 8th step only, local steps between (``mix_every``:
+  ``gossip-topk0.001-avg16-mix4``, ``-mix8``), with and without overlap
+  (``gossip-topk0.001-overlap-avg16-mix4``, ``-mix8``);
 * ``local``: the compute-only limit, one single-process run per host, all hosts at once (the same
   CPU contention as the 4-host rows; no emulated twin: it sends nothing).
 
@@ -115,10 +118,11 @@ PORT = 29500
 UNSHAPED = "unshaped"  # a --rates value: the namespaces' veth pairs with no tbf
 
 
-#: make bench's rows: the references, all-reduce with the main codecs, and the full run's best row
-#: (gossip, top-k 0.1 %, float16 average), so that the quick run checks the headline targets too
+#: make bench's rows: the references, all-reduce with the main codecs, and the full run's best
+#: rows (gossip, top-k 0.1 %, float16 average, mixing every step and every 4th), so that the
+#: quick run checks the headline targets too
 QUICK_ROWS = ("local", "ddp", "ddp-powersgd", "topk", "powersgd", "powersgd-r1",
-              "gossip-topk0.001-avg16")
+              "gossip-topk0.001-avg16", "gossip-topk0.001-avg16-mix4")
 
 
 # ---- the benchmark -------------------------------------------------------------------------
@@ -305,13 +309,8 @@ def main() -> None:
     ap.add_argument("--rates", default="10mbit,100mbit", help="tbf rates; 'unshaped': the same "
                     "namespaces without tbf (no emulated twin), to see what the machine allows")
     ap.add_argument("--workloads", default="cnn,textlm")
-    ap.add_argument("--only", default="", help="comma-separated row keys: local, ddp, "
-                    "ddp-fp16, ddp-powersgd, dense, fp16, topk, powersgd, powersgd-r1, "
-                    "topk-delay, powersgd-delay, powersgd-r1-delay, qsgd, param_server, "
-                    "param_server-sync (cnn), bsp_shared, bsp-powersgd, gossip, gossip-topk, "
-                    "gossip-signsgd, gossip-topk-overlap, gossip-topk0.001, "
-                    "gossip-topk0.001-overlap, gossip-topk-avg16, gossip-signsgd-avg16, "
-                    "gossip-topk0.001-avg16, coded_ps, pipeline, pipeline-turns")
+    ap.add_argument("--only", default="", help="comma-separated row keys: "
+                    + ", ".join(r.key for r in rows_for(4, "cnn")))
     ap.add_argument("--runs", default="runs/bench-cluster", help="where run records go")
     ap.add_argument("--steps", type=int, default=0, help="steps of every run (trials; default "
                     f"{FULL_STEPS}, --quick {QUICK_STEPS})")

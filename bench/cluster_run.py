@@ -127,6 +127,13 @@ def float16_average(row: Row) -> Row:
                    strategy_opts={**row.strategy_opts, "average_dtype": "float16"})
 
 
+def mixing_every(row: Row, n: int) -> Row:
+    """``row`` mixing with the neighbours on every ``n``-th step only (``mix_every``: the steps
+    between are local; 1/n of the gossip bytes)."""
+    return replace(row, key=f"{row.key}-mix{n}", system=f"{row.system}, mix every {n}",
+                   strategy_opts={**row.strategy_opts, "mix_every": n})
+
+
 def rows_for(hosts: int, workload: str) -> list[Row]:
     lr = 0.05 if workload == "cnn" else 3e-3
     # a codec under gossip (CHOCO: compressed model differences, its default step)
@@ -136,6 +143,9 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
                          strategy="gossip", codec="signsgd")
     gossip_topk3 = Row("gossip-topk0.001", "gossip goco ring topk 0.001", "tandem",
                        strategy="gossip", codec="topk", codec_opts={"ratio": 0.001})
+    gossip_topk3_overlap = Row("gossip-topk0.001-overlap", "gossip goco ring topk 0.001 overlap",
+                               "tandem", strategy="gossip", codec="topk",
+                               codec_opts={"ratio": 0.001}, strategy_opts={"overlap": True})
     return [
         Row("local", "local (compute only)", "local", strategy="local"),
         Row("ddp", "ddp", "ddp", hook="none"),
@@ -191,10 +201,11 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
             strategy="gossip", codec="topk", codec_opts={"ratio": 0.01},
             strategy_opts={"overlap": True}),
         gossip_topk3,
-        Row("gossip-topk0.001-overlap", "gossip goco ring topk 0.001 overlap", "tandem",
-            strategy="gossip", codec="topk", codec_opts={"ratio": 0.001},
-            strategy_opts={"overlap": True}),
+        gossip_topk3_overlap,
         *[float16_average(r) for r in (gossip_topk, gossip_signsgd, gossip_topk3)],
+        # local steps between mixings: a fraction of the bytes, with and without overlap
+        *[mixing_every(float16_average(r), n) for r in (gossip_topk3, gossip_topk3_overlap)
+          for n in (4, 8)],
         Row("coded_ps", "coded_ps", "tandem", strategy="coded_ps"),
         Row("pipeline", "pipeline 2 models", "tandem", strategy="pipeline",
             strategy_opts={"models": [{"lr": lr}, {"lr": 2 * lr}]}),

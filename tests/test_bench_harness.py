@@ -177,17 +177,21 @@ def test_the_compute_only_row_measured_once_is_reported_at_every_rate_of_the_run
 
 def test_the_quick_run_measures_the_rows_of_the_headline_targets():
     """make bench's cluster --quick checks the headline claim: its rows are real row keys, and
-    they hold the three references and the full run's best row (gossip, top-k 0.1 %, float16
-    average). Breaks if a key is misspelt or the best row is left out (the quick run's hook
-    ratio then compares the hook with all-reduce rows only: 1.82x at 574bffc)."""
+    they hold the three references and the full run's best rows (gossip, top-k 0.1 %, float16
+    average, mixing every step and every 4th). Breaks if a key is misspelt or the best row is
+    left out (the quick run's hook ratio then compares the hook with all-reduce rows only:
+    1.82x at 574bffc)."""
     from bench import cluster
     from bench.cluster_run import rows_for
 
     keys = {r.key: r for r in rows_for(4, "cnn")}
     assert set(cluster.QUICK_ROWS) <= set(keys)
     assert {"local", "ddp", "ddp-powersgd"} <= set(cluster.QUICK_ROWS)
-    best = keys["gossip-topk0.001-avg16"]
-    assert best.key in cluster.QUICK_ROWS and best.strategy == "gossip"
+    for key in ("gossip-topk0.001-avg16", "gossip-topk0.001-avg16-mix4"):
+        best = keys[key]
+        assert best.key in cluster.QUICK_ROWS and best.strategy == "gossip"
+    assert keys["gossip-topk0.001-avg16-mix4"].strategy_opts == {"average_dtype": "float16",
+                                                                 "mix_every": 4}
 
 
 def test_a_benchmark_without_its_dataset_stops_before_training_and_names_it(monkeypatch):

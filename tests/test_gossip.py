@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import jobs
 import tandem
-from tandem.config import StragglerConfig
+from tandem.config import StragglerConfig, WorkloadConfig
 from tandem.errors import TandemError, WorkerFailed
 from tandem.launch import spawn
 from tandem.sim import SimConfig, floor_table, simulate, study
@@ -24,14 +24,19 @@ from tandem.transport import costs
 from tandem.workloads import build_workload
 
 
-def _step_flags(run_dir: Path, world: int, key: str) -> np.ndarray:
-    """(steps, world) array of a boolean field of the step records."""
+def _step_values(run_dir: Path, world: int, key: str) -> np.ndarray:
+    """``key`` of each step record, (steps, world)."""
     cols = []
     for r in range(world):
-        text = (run_dir / f"events.rank{r}.jsonl").read_text()
-        recs = [json.loads(line) for line in text.splitlines()]
-        cols.append([bool(x[key]) for x in recs if x.get("kind") == "step"])
+        recs = [json.loads(line) for line in
+                (run_dir / f"events.rank{r}.jsonl").read_text().splitlines()]
+        cols.append([x[key] for x in recs if x.get("kind") == "step"])
     return np.array(cols).T
+
+
+def _step_flags(run_dir: Path, world: int, key: str) -> np.ndarray:
+    """(steps, world) array of a boolean field of the step records."""
+    return _step_values(run_dir, world, key).astype(bool)
 
 
 def test_simulator_matches_eight_processes_and_goco_converges(tmp_path):
@@ -81,6 +86,33 @@ def test_overlap_runs_d_psgd_order_exactly_and_converges(tmp_path):
     assert traj[0].mean() > 1.0 and traj[-1].max() < 1e-3  # and it converges
     flags = _step_flags(tmp_path / "run", 4, "straggled")
     assert (flags == simulate(SimConfig(**sim, overlap=True)).straggled).all() and flags.any()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_mix_every_mixes_on_every_nth_step_only_as_the_simulator(tmp_path, overlap):
+    """mix_every=4: steps 3, 7, ... mix (and send), the others are local steps and send
+    nothing. The processes' trajectory equals the simulator's with the same option, in both
+    orders, and differs from mixing every step (so the option really changes the algorithm)."""
+    steps, seed, every = 40, 4, 4
+    cfg = {"strategy": {"name": "gossip", "options": {"full_batch": True, "topology": "ring",
+                                                      "overlap": overlap, "mix_every": every}},
+           "workload": {"name": "regression", "redundancy": 2, "options": {"n": 1024}},
+           "workers": 4, "steps": steps, "lr": 0.1, "seed": seed, "stragglers": "0.3:2",
+           "eval_every": 20, "progress": False, "out": str(tmp_path / "run")}
+    res = tandem.train(cfg, timeout_s=240)["results"]
+    traj = np.array([r["trajectory"] for r in res]).T  # (steps, 4)
+    sim = dict(devices=4, d=2, p=0.3, steps=steps, lr=0.1, seed=seed, overlap=overlap,
+               workload_options={"n": 1024})
+    local = simulate(SimConfig(**sim, mix_every=every)).per_device
+    np.testing.assert_allclose(traj, local, rtol=2e-3, atol=1e-5)
+    every_step = simulate(SimConfig(**sim)).per_device
+    assert np.abs(local - every_step).max() > 1e-2 * np.abs(every_step).max()
+    sent = _step_values(tmp_path / "run", 4, "bytes_sent")  # (steps, 4)
+    mixing = (np.arange(steps) + 1) % every == 0
+    model = build_workload(WorkloadConfig(name="regression", options={"n": 1024})).model_fn()
+    dim = sum(p.numel() for p in model.parameters())  # the flat x each neighbour gets
+    assert (sent[~mixing] == 0).all()
+    assert (sent[mixing] == 2 * 4 * dim).all()  # two ring neighbours, float32 parameters
 
 
 def test_overlap_is_refused_in_wait_mode(tmp_path):
@@ -170,7 +202,7 @@ def test_sim_cli_writes_plot_and_table(tmp_path):
     assert len(data["curves"]) == 4 and len(data["curves"][0]["opt_error"]) == 20
 
 
-def test_sim_cli_overlap_runs_the_other_order_and_is_refused_with_wait(tmp_path):
+def test_sim_cli_overlap_and_mix_every_run_other_orders_and_bad_values_are_refused(tmp_path):
     from tandem.cli import app
 
     args = ["sim", "goco", "--devices", "16", "--steps", "20", "--p", "0.3", "--d", "2"]
@@ -184,6 +216,13 @@ def test_sim_cli_overlap_runs_the_other_order_and_is_refused_with_wait(tmp_path)
     r = CliRunner().invoke(app, [*args, "--mode", "wait", "--overlap",
                                  "--out", str(tmp_path / "w")])
     assert r.exit_code == 2 and "--overlap: True is not allowed; not with --mode wait" in r.output
+    out = tmp_path / "every4"
+    r = CliRunner().invoke(app, [*args, "--mix-every", "4", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "goco.json").read_text())["curves"][0]["opt_error"] != curves[0]
+    r = CliRunner().invoke(app, [*args, "--mix-every", "0", "--out", str(tmp_path / "z")])
+    assert r.exit_code == 2 and "--mix-every: 0 is not allowed; mix every 1 to 1000 steps" \
+        in r.output
 
 
 def test_gossip_goes_on_without_a_killed_peer(tmp_path):

@@ -64,6 +64,7 @@ def goco(
                         ] = "exponential",
     gossip_rounds: Annotated[int, Opt(help="gossip rounds per step (1 to 1000)", rich_help_panel=STUDY)] = 1,
     allocation: Annotated[str, Opt(help="cyclic | fractional (d must divide --devices)", rich_help_panel=STUDY)] = "cyclic",
+    mix_every: Annotated[int, Opt(help="mix on every N-th step only, local steps between (1 to 1000)", rich_help_panel=STUDY)] = 1,
     overlap: Annotated[bool, Opt("--overlap/--no-overlap", help="the gossip option: x_{t+1} = W x_t - lr e(x_t) (D-PSGD's order) instead of GOCO's W (x_t - lr e)", rich_help_panel=STUDY)] = False,
     seed: Annotated[int, Opt(help="seed for data, model and straggler draws (>= 0)", rich_help_panel=STUDY)] = 0,
     steps: Annotated[int, Opt(help="iterations (>= 1)", rich_help_panel=PROBLEM)] = 300,
@@ -88,7 +89,7 @@ def goco(
         base = sim.SimConfig(devices=devices, steps=steps, lr=lr, lr_decay=lr_decay, mode=mode,
                              topology=topology, gossip_rounds=gossip_rounds,
                              allocation=allocation, seed=seed, batch_size=batch_size or None,
-                             overlap=overlap,
+                             overlap=overlap, mix_every=mix_every,
                              workload_options=opts)
         ps, ds = _list("--p", p, float), _list("--d", d, int)
         sim.study_configs(base, ps, ds, flag_of)  # every pair checked before the first runs

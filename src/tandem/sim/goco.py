@@ -72,6 +72,7 @@ class SimConfig:
     workload_options: dict[str, Any] = field(default_factory=dict)
     keep_params: bool = False
     overlap: bool = False  # the gossip option: x_{t+1} = W x_t - lr e(x_t)
+    mix_every: int = 1  # the gossip option: mix on every N-th step only, local steps between
 
     def check(self, name: Callable[[str], str] = str) -> None:
         """Refuse a config that cannot run, before anything is built or allocated.
@@ -102,6 +103,7 @@ class SimConfig:
         number("lr", 0, lo_open=True, allowed="a positive finite learning rate")
         number("lr_decay", 0, allowed="a finite decay >= 0 (lr_t = lr / (1 + lr_decay t))")
         number("gossip_rounds", 1, 1000, integer=True, allowed="1 to 1000 rounds per step")
+        number("mix_every", 1, 1000, integer=True, allowed="mix every 1 to 1000 steps")
         number("seed", 0, 2**63 - 1, integer=True, allowed="an integer in [0, 2^63)")
         for key, choices in (("mode", MODES), ("topology", GRAPHS), ("weights", WEIGHTS),
                              ("allocation", SCHEMES)):
@@ -252,7 +254,10 @@ def simulate(cfg: SimConfig) -> SimResult:
             G = _minibatch_gradients(s, P, cfg.batch_size, rng)
         lr = cfg.lr / (1.0 + cfg.lr_decay * t)
         step = (lr * weight) * (~mask)[:, None] * G
-        P = WQ @ P - step if cfg.overlap else WQ @ (P - step)
+        if (t + 1) % cfg.mix_every:  # a local step: no mixing
+            P = P - step
+        else:
+            P = WQ @ P - step if cfg.overlap else WQ @ (P - step)
         dist = ((P - opt) ** 2).sum(1)
         mean = P.mean(0)
         opt_err[t], avg_err[t] = dist.mean(), ((mean - opt) ** 2).sum()

@@ -40,6 +40,11 @@ Options and tuning:
   0. With real deadlines set it to the measured rate (the run reports ``straggle_rate``).
 * ``topology``/``weights``/``edge_p``/``gossip_rounds``: see :mod:`tandem.topology`; a small
   spectral gap wants more rounds.
+* ``mix_every``: mix on every N-th step only (steps N-1, 2N-1, ...); the steps between are local
+  steps that send nothing (local updates in decentralized SGD: Anastasia Koloskova et al., "A
+  Unified Theory of Decentralized SGD with Changing Topology and Local Updates", ICML 2020,
+  arXiv 2003.10422). 1/N of the gossip bytes; the peers drift apart between mixings, which the
+  consensus error of each evaluation shows. Raise it when the exchange is most of a step.
 * ``deadline_s``: just above the normal step compute time; lower skips more peers, higher waits.
 * ``compute_floor_s``: pad each gradient computation to at least this many seconds (sleep). It
   emulates a heavier model so that timing comparisons mean something when many processes share a

@@ -22,6 +22,10 @@ class GossipOptions(StrategyOptions):
                                  description="erdos_renyi: edge probability")
     gossip_rounds: int = Field(default=1, ge=1, description="mixing rounds per step; a small "
                                "spectral gap wants more")
+    mix_every: int = Field(default=1, ge=1, le=1000, description="mix with the neighbours on "
+                           "every N-th step only (steps N-1, 2N-1, ...); the steps between are "
+                           "local: 1/N of the bytes, the peers drift further apart between "
+                           "mixings")
     allocation: Literal["cyclic", "fractional"] = Field(
         "cyclic", description="which partitions each peer holds (redundancy d)")
     p: float | None = Field(default=None, ge=0, lt=1, description="straggling probability in "

@@ -93,7 +93,7 @@ class GossipPeer(StepLoop):
             self.mixer = ChocoMixer(codec, self.x, [tuple(q.shape) for q in self.mparams],
                                     o.consensus_step or default_consensus_step(codec), tr,
                                     self.view)
-            self.mixer.codec.set_total_steps(self.total * o.gossip_rounds)
+            self.mixer.codec.set_total_steps(-(-self.total // o.mix_every) * o.gossip_rounds)
         rec.info(topology=topo.describe(), mode=o.mode, d=d, weight=self.weight, p_weight=p,
                  allocation=list(alloc.held[rank]),
                  consensus_step=None if self.mixer is None else self.mixer.gamma)
@@ -147,8 +147,8 @@ class GossipPeer(StepLoop):
     def compute(self, step: int) -> Computed:
         self.t0 = time.perf_counter()
         self.view.poll(step)
-        if self.background is not None:  # W x_t travels while the gradient at x_t computes
-            self.background.start(self.x, step)
+        if self.background is not None and self.mixes(step):  # W x_t travels while the
+            self.background.start(self.x, step)  # gradient at x_t computes
         loss, g, compute_s, straggled, injected = self._gradient(step)
         return Computed(loss, [g], compute_s, straggled, fields={"injected": injected})
 
@@ -166,9 +166,9 @@ class GossipPeer(StepLoop):
 
     def exchange(self, step: int, c: Computed) -> Exchanged:
         cfg, o, x = self.ctx.cfg, self.o, self.x
-        waited = 0.0
+        waited, mixes = 0.0, self.mixes(step)
         base = x  # GOCO's order: step from x_t, then mix; overlap: step from the mixed W x_t
-        if self.background is not None:
+        if self.background is not None and mixes:
             base, waited = self.background.finish()
         if self.step_model is None:
             lr = cfg.lr / (1.0 + o.lr_decay * step)
@@ -185,7 +185,7 @@ class GossipPeer(StepLoop):
             self._world(step, lambda: self.ctx.transport.barrier().wait())
             idle = time.perf_counter() - tb
         t1 = time.perf_counter()
-        self.x = y if self.background is not None else self._mix(y, step)
+        self.x = self._mix(y, step) if mixes and self.background is None else y
         comm = waited + time.perf_counter() - t1
         fields: dict[str, Any] = {}
         if self.optimum is not None:
@@ -193,6 +193,10 @@ class GossipPeer(StepLoop):
             self.trajectory.append(fields["opt_error"])
         fields["step_s"] = time.perf_counter() - self.t0
         return Exchanged(None, idle_s=idle, comm_s=comm, fields=fields)
+
+    def mixes(self, step: int) -> bool:
+        """Whether ``step`` ends with a mixing (``mix_every``: the last of every N steps)."""
+        return (step + 1) % self.o.mix_every == 0
 
     def _mix(self, y: torch.Tensor, step: int) -> torch.Tensor:
         """``gossip_rounds`` rounds with the live neighbours: CHOCO's compressed rounds with a
