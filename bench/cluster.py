@@ -61,7 +61,9 @@ DDP's step time / this row's, same rate and workload), ``emu_net`` (JSON only: t
 twin's ``net``, with the ``duplex`` and ``collective`` it took from bench/p2p then; rows measured
 before 2026-12-05 05:51 lack it), ``steps_cpu_ms`` / ``steps_busy`` (JSON only, both runs: the
 machine's CPU a step and the cores busy during rank 0's steps alone, :mod:`bench.cpu_window`;
-rows since 2026-12-05 14:06). A ``bsp_shared`` row's step is its
+rows since 2026-12-05 14:06), ``avg_s`` (JSON only: the part of ``time_to_target_s`` spent
+averaging the peers' models, gossip's one all-reduce; 0 for the others; rows since 2026-12-05
+23:00). A ``bsp_shared`` row's step is its
 superstep (one exchange between the agents, one update; steps = supersteps), its bytes and
 communication per agent: its workers' own steps are gradients, as fast as the CPU allows.
 
@@ -255,7 +257,8 @@ def report(bench: Bench, found: dict[tuple[str, str], dict[str, Any]], hosts: in
                       emu_err=abs(em - rs) / rs if rs and em else None,
                       comm_ms=_ms(comm_s(real, row)), emu_comm_ms=_ms(comm_s(emu, row)),
                       steps_to_target=s.get("steps_to_target"),
-                      time_to_target_s=s.get("time_to_target_s"), final=final,
+                      time_to_target_s=s.get("time_to_target_s"),
+                      avg_s=s.get("averaging_to_target_s"), final=final,
                       **{"bytes/step": u.bytes_per_step,
                          "wire/step": (real["tx_bytes"] / hosts / steps
                                        if steps and row.kind != "local" and "tx_bytes" in real

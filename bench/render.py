@@ -244,7 +244,29 @@ def headline(res: dict[str, Any]) -> list[str]:
             Col("steps_to_target", "steps to 0.95"), Col("step_ms", "ms/step", ms),
             Col("final", "test acc", acc), Col("bytes/step", "bytes/step", count),
             Col(runs.RUN, fmt=runs.label)]
-    return lines + [""] + table(cols, [{**r, runs.RUN: r.get(runs.RUN) or own} for r in rows])
+    lines += [""] + table(cols, [{**r, runs.RUN: r.get(runs.RUN) or own} for r in rows])
+    bound = headline_bound(found.get(best or ""), found.get("local (compute only)"))
+    return lines + ["", bound] if bound else lines
+
+
+def headline_bound(best: dict[str, Any] | None, local: dict[str, Any] | None) -> str | None:
+    """Where the best row's time to the target goes, against the compute-only time (the
+    ``local`` row's step x the best row's steps, as ``bench/cluster_targets`` defines it):
+    its steps and the averaging that assembles its evaluated model (``avg_s``). None when a
+    figure is missing (results measured before ``avg_s`` was recorded)."""
+    if not best or not local:
+        return None
+    t, a, n = best.get("time_to_target_s"), best.get("avg_s"), best.get("steps_to_target")
+    step, loc = best.get("step_ms"), local.get("step_ms")
+    if None in (t, a, n, step, loc) or not loc:
+        return None
+    compute = loc / 1e3 * (n + 1)
+    return (f"_Where the best row's {t:.2f} s go: {t - a:.2f} s of training to step {n} "
+            f"({step:.1f} ms a step, {step / loc:.2f}x the `local` row's {loc:.1f} ms) and "
+            f"{a:.2f} s for the one all-reduce that assembles the evaluated model from the "
+            f"peers' (0 for a row that holds it). The compute-only time is {compute:.2f} s "
+            f"({n + 1} steps of the `local` row), so that all-reduce alone is "
+            f"{a / compute:.2f}x of it._")
 
 
 def render_block(name: str, view: str | None, res: dict[str, Any]) -> str:

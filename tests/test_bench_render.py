@@ -193,6 +193,26 @@ def test_the_headline_shows_the_best_row_and_what_it_is_compared_with() -> None:
                and (" | 01-01 10:20 |" in line)]
     assert systems == ["gossip x", "ddp", "ddp + powersgd r2", "local (compute only)"]
     assert "| best Tandem row | gossip x | 2.0 |" in body
+    assert "Where the best row" not in body  # no avg_s recorded: no decomposition
+
+
+def test_the_headline_says_where_the_best_rows_time_goes() -> None:
+    """Under the table, from the rows alone: the best row's time split into its steps and its
+    averaging (``avg_s``), against the compute-only time (the local step x the best row's
+    steps + 1, the target's definition). Breaks if a figure is taken from another row."""
+    rows = [{"rate": "10mbit", "workload": "cnn", "system": "gossip x", "time_to_target_s": 2.5,
+             "avg_s": 0.5, "steps_to_target": 99, "step_ms": 15.0},
+            {"rate": "10mbit", "workload": "cnn", "system": "gossip y", "time_to_target_s": 9.0,
+             "avg_s": 3.0, "steps_to_target": 9, "step_ms": 99.0},
+            {"rate": "10mbit", "workload": "cnn", "system": "local (compute only)",
+             "time_to_target_s": 2.0, "avg_s": 0.0, "steps_to_target": 199, "step_ms": 10.0}]
+    res = dict(SYNTH, rows=rows, targets=[],
+               notes=["best Tandem row at 10mbit cnn: gossip x (2.5 s to 0.95)"])
+    body = render.render_block("cluster", "headline", res)
+    assert ("_Where the best row's 2.50 s go: 2.00 s of training to step 99 (15.0 ms a step, "
+            "1.50x the `local` row's 10.0 ms) and 0.50 s for the one all-reduce") in body
+    assert "The compute-only time is 1.00 s (100 steps of the `local` row), so that " \
+        "all-reduce alone is 0.50x of it._" in body
 
 
 def test_the_readme_is_rendered_with_the_docs() -> None:

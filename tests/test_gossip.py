@@ -296,6 +296,7 @@ def test_time_to_target_pays_for_the_averaged_model_and_model_pt_is_that_average
     at = [r for r in evals if r["step"] == step]
     assert s["time_to_target_s"] == pytest.approx(
         max(r["wall"] for r in at) + max(r["averaging_s"] for r in at), abs=1e-9)
+    assert s["averaging_to_target_s"] == max(r["averaging_s"] for r in at)  # its share, said
     assert torch.load(tmp_path / "run" / "model.pt", weights_only=False)["average_dtype"] == dtype
     saved = [q.detach() for q in tandem.load_model(tmp_path / "run").parameters()]
     peers = [res["params"] for res in s["results"]]

@@ -117,7 +117,8 @@ def summarize(run_dir: Path, config: dict, *, target_accuracy: float | None = No
     ``excluded_time_s`` is what that leaves out: the most any rank spent evaluating and writing
     checkpoints (from the ranks' ``end`` records; None when no rank closed its record);
     ``time_to_target_s`` / ``steps_to_target`` come from the first evaluation reaching the target
-    (None when none did). ``resumes`` / ``resumed_at_steps`` / ``lost_wall_s``: the lowest resumed
+    (None when none did); ``averaging_to_target_s`` is the part of that time spent assembling
+    the evaluated model where no worker holds it (gossip's averaging; 0 elsewhere). ``resumes`` / ``resumed_at_steps`` / ``lost_wall_s``: the lowest resumed
     rank's ``resume`` records (the wall lost is not in ``wall_time_s``). Several ranks evaluating
     the same step count as one evaluation with their mean metrics (see
     :mod:`tandem.telemetry.curves`).
@@ -185,6 +186,7 @@ def summarize(run_dir: Path, config: dict, *, target_accuracy: float | None = No
         "target_loss": target_loss,
         "time_to_target_s": time_at(hit) if hit else None,
         "steps_to_target": hit["step"] if hit else None,
+        "averaging_to_target_s": float(hit.get("averaging_s") or 0.0) if hit else None,
         "bytes_to_target": hit["bytes"] if hit else None,
         "resumes": len(resumes),
         "resumed_at_steps": [int(r.get("step", 0)) for r in resumes],
