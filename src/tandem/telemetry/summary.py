@@ -118,7 +118,8 @@ def summarize(run_dir: Path, config: dict, *, target_accuracy: float | None = No
     checkpoints (from the ranks' ``end`` records; None when no rank closed its record);
     ``time_to_target_s`` / ``steps_to_target`` come from the first evaluation reaching the target
     (None when none did); ``averaging_to_target_s`` is the part of that time spent assembling
-    the evaluated model where no worker holds it (gossip's averaging; 0 elsewhere). ``resumes`` / ``resumed_at_steps`` / ``lost_wall_s``: the lowest resumed
+    the evaluated model where no worker holds it (gossip's averaging; 0 elsewhere).
+    ``resumes`` / ``resumed_at_steps`` / ``lost_wall_s``: the lowest resumed
     rank's ``resume`` records (the wall lost is not in ``wall_time_s``). Several ranks evaluating
     the same step count as one evaluation with their mean metrics (see
     :mod:`tandem.telemetry.curves`).
