@@ -129,7 +129,7 @@ def _cluster_cols(to_target: bool) -> list[Col]:
     if to_target:
         cols += [Col("steps_to_target", "steps to 0.95"),
                  Col("time_to_target_s", "s to 0.95", seconds)]
-    return cols + [Col("final", "test acc", acc), Col("bytes/step", "bytes/step", count),
+    return cols + [Col("final", "final test acc", acc), Col("bytes/step", "bytes/step", count),
                    Col("wire/step", "wire bytes/step", count), Col("drops", "tbf drops", count),
                    Col("vs_ddp", "DDP ms/step ÷ this", times)]
 
@@ -242,11 +242,26 @@ def headline(res: dict[str, Any]) -> list[str]:
     own = runs.run_id(res)
     cols = [Col("role"), Col("system"), Col("time_to_target_s", "s to 0.95", seconds),
             Col("steps_to_target", "steps to 0.95"), Col("step_ms", "ms/step", ms),
-            Col("final", "test acc", acc), Col("bytes/step", "bytes/step", count),
+            Col("final", "final test acc", acc), Col("bytes/step", "bytes/step", count),
             Col(runs.RUN, fmt=runs.label)]
     lines += [""] + table(cols, [{**r, runs.RUN: r.get(runs.RUN) or own} for r in rows])
     bound = headline_bound(found.get(best or ""), found.get("local (compute only)"))
-    return lines + ["", bound] if bound else lines
+    for line in (bound, twins_line(res)):
+        lines += ["", line] if line else []
+    return lines
+
+
+def twins_line(res: dict[str, Any]) -> str:
+    """How many of the file's rows ran within 20 % on the emulated link (their emulation-error
+    targets), and which did not, with their errors."""
+    pre = "emulation error, "
+    ts = [t for t in res.get("targets", []) if str(t.get("name")).startswith(pre)
+          and t.get("value") is not None]
+    over = [f"{t['name'][len(pre):]} ({t['value'] * 100:.1f} %)" for t in ts
+            if not t.get("met")]
+    return (f"_The emulated twins (`--net`, the same config on one machine) were within 20 % of "
+            f"the real links on {len(ts) - len(over)} of the {len(ts)} rows of "
+            f"`bench/results/cluster.json`" + (f"; over: {', '.join(over)}._" if over else "._"))
 
 
 def headline_bound(best: dict[str, Any] | None, local: dict[str, Any] | None) -> str | None:

@@ -194,6 +194,11 @@ def test_the_headline_shows_the_best_row_and_what_it_is_compared_with() -> None:
     assert systems == ["gossip x", "ddp", "ddp + powersgd r2", "local (compute only)"]
     assert "| best Tandem row | gossip x | 2.0 |" in body
     assert "Where the best row" not in body  # no avg_s recorded: no decomposition
+    assert "within 20 % of the real links on 1 of the 1 rows" in body and "over:" not in body
+    res["targets"].append({"name": "emulation error, 10mbit cnn gossip x", "value": 0.25,
+                           "goal": "<= 0.2", "met": False})
+    assert "on 1 of the 2 rows of `bench/results/cluster.json`; over: 10mbit cnn gossip x " \
+        "(25.0 %)._" in render.render_block("cluster", "headline", res)
 
 
 def test_the_headline_says_where_the_best_rows_time_goes() -> None:
