@@ -115,6 +115,18 @@ def test_mix_every_mixes_on_every_nth_step_only_as_the_simulator(tmp_path, overl
     assert (sent[mixing] == 2 * 4 * dim).all()  # two ring neighbours, float32 parameters
 
 
+def test_wait_mode_with_mix_every_holds_the_peers_before_each_mixing_only(tmp_path):
+    """mode=wait's barrier makes everyone wait for the slowest before an exchange; with
+    mix_every=4 the local steps between have no exchange, so no barrier (idle exactly 0)."""
+    cfg = {"strategy": {"name": "gossip", "options": {"mode": "wait", "mix_every": 4}},
+           "workload": {"name": "digits"}, "workers": 2, "steps": 8, "progress": False,
+           "out": str(tmp_path / "run")}
+    tandem.train(cfg)
+    idle = _step_values(tmp_path / "run", 2, "idle_s")
+    mixing = (np.arange(8) + 1) % 4 == 0
+    assert (idle[~mixing] == 0).all() and (idle[mixing] > 0).all()
+
+
 def test_overlap_is_refused_in_wait_mode(tmp_path):
     cfg = {"strategy": {"name": "gossip", "options": {"mode": "wait", "overlap": True}},
            "workload": {"name": "digits"}, "workers": 2, "steps": 2,

@@ -45,6 +45,7 @@ Options and tuning:
   Unified Theory of Decentralized SGD with Changing Topology and Local Updates", ICML 2020,
   arXiv 2003.10422). 1/N of the gossip bytes; the peers drift apart between mixings, which the
   consensus error of each evaluation shows. Raise it when the exchange is most of a step.
+  ``mode=wait`` holds the peers at its barrier before each mixing only.
 * ``deadline_s``: just above the normal step compute time; lower skips more peers, higher waits.
 * ``compute_floor_s``: pad each gradient computation to at least this many seconds (sleep). It
   emulates a heavier model so that timing comparisons mean something when many processes share a

@@ -25,7 +25,7 @@ class GossipOptions(StrategyOptions):
     mix_every: int = Field(default=1, ge=1, le=1000, description="mix with the neighbours on "
                            "every N-th step only (steps N-1, 2N-1, ...); the steps between are "
                            "local: 1/N of the bytes, the peers drift further apart between "
-                           "mixings")
+                           "mixings (mode=wait: its barrier before each mixing only)")
     allocation: Literal["cyclic", "fractional"] = Field(
         "cyclic", description="which partitions each peer holds (redundancy d)")
     p: float | None = Field(default=None, ge=0, lt=1, description="straggling probability in "

@@ -180,7 +180,7 @@ class GossipPeer(StepLoop):
         else:
             y = self._optimizer_step(c, base)
         idle = 0.0
-        if o.mode == "wait" and not self.view.dead:  # a dead rank cannot join a barrier
+        if o.mode == "wait" and mixes and not self.view.dead:  # a dead rank cannot join one
             tb = time.perf_counter()
             self._world(step, lambda: self.ctx.transport.barrier().wait())
             idle = time.perf_counter() - tb
