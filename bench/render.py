@@ -223,7 +223,7 @@ HEADLINE_REFS = {"ddp": "plain DDP", "ddp + powersgd r2": "DDP + torch's PowerSG
                  "local (compute only)": "compute only"}
 
 
-def headline(res: dict[str, Any]) -> list[str]:
+def headline(res: dict[str, Any], name: str = "cluster") -> list[str]:
     """``bench/cluster``'s headline (view ``headline``), under the provenance of the runs that
     measured its rows: the three 10 Mbit/s CNN targets, then the best Tandem row and the rows
     they compare it with (from those rows alone). The best row is the one
@@ -246,14 +246,14 @@ def headline(res: dict[str, Any]) -> list[str]:
             Col(runs.RUN, fmt=runs.label)]
     lines += [""] + table(cols, [{**r, runs.RUN: r.get(runs.RUN) or own} for r in rows])
     bound = headline_bound(found.get(best or ""), found.get("local (compute only)"))
-    for line in (bound, twins_line(res)):
+    for line in (bound, twins_line(res, name)):
         lines += ["", line] if line else []
     return lines
 
 
-def twins_line(res: dict[str, Any]) -> str:
-    """How many of the file's rows ran within 20 % on the emulated link (their emulation-error
-    targets), and which did not, with their errors."""
+def twins_line(res: dict[str, Any], name: str) -> str:
+    """How many rows of the results file ``name`` ran within 20 % on the emulated link (their
+    emulation-error targets), and which did not, with their errors."""
     pre = "emulation error, "
     ts = [t for t in res.get("targets", []) if str(t.get("name")).startswith(pre)
           and t.get("value") is not None]
@@ -261,7 +261,7 @@ def twins_line(res: dict[str, Any]) -> str:
             if not t.get("met")]
     return (f"_The emulated twins (`--net`, the same config on one machine) were within 20 % of "
             f"the real links on {len(ts) - len(over)} of the {len(ts)} rows of "
-            f"`bench/results/cluster.json`" + (f"; over: {', '.join(over)}._" if over else "._"))
+            f"`bench/results/{name}.json`" + (f"; over: {', '.join(over)}._" if over else "._"))
 
 
 def headline_bound(best: dict[str, Any] | None, local: dict[str, Any] | None) -> str | None:
@@ -279,7 +279,7 @@ def headline_bound(best: dict[str, Any] | None, local: dict[str, Any] | None) ->
     return (f"_Where the best row's {t:.2f} s go: {t - a:.2f} s of training to step {n} "
             f"({step:.1f} ms a step, {step / loc:.2f}x the `local` row's {loc:.1f} ms) and "
             f"{a:.2f} s for the one all-reduce that assembles the evaluated model from the "
-            f"peers' (0 for a row that holds it). The compute-only time is {compute:.2f} s "
+            f"peers'. The compute-only time is {compute:.2f} s "
             f"({n + 1} steps of the `local` row), so that all-reduce alone is "
             f"{a / compute:.2f}x of it._")
 
@@ -287,7 +287,7 @@ def headline_bound(best: dict[str, Any] | None, local: dict[str, Any] | None) ->
 def render_block(name: str, view: str | None, res: dict[str, Any]) -> str:
     """The text between the markers of ``bench:NAME[:VIEW]`` (without the markers)."""
     if view == "headline" and name.startswith("cluster"):
-        return "\n".join(headline(res)) + "\n\n"
+        return "\n".join(headline(res, name)) + "\n\n"
     lines = [runs.targets_header(res), ""]
     if view == "targets":
         rows = [{"name": t.get("name"), "value": t.get("value"), "goal": t.get("goal"),
