@@ -286,7 +286,7 @@ class GossipPeer(StepLoop):
                 return loss, gs[0], spent + wait, True, True
             if extra > 0:
                 time.sleep(extra)
-            return loss, torch.stack(gs).sum(0), spent + extra, False, injected
+            return loss, summed(gs), spent + extra, False, injected
         cancel = threading.Event()
         snapshot = x.clone()
 
@@ -295,7 +295,7 @@ class GossipPeer(StepLoop):
             extra, _ = faults.delay(step, spent)
             if extra > 0:
                 cancel.wait(extra)
-            return loss, torch.stack(gs).sum(0), spent + extra
+            return loss, summed(gs), spent + extra
 
         assert o.deadline_s is not None
         t0 = time.perf_counter()
@@ -339,6 +339,12 @@ class GossipPeer(StepLoop):
                 out += w * bufs[j]
             y = out
         return y
+
+
+def summed(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of a peer's partition gradients; the one gradient itself when it holds one
+    (d = 1: no copy a step)."""
+    return grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
 
 
 def check_peer_state(saved: dict[str, Any], now: dict[str, Any]) -> None:
