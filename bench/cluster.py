@@ -36,7 +36,8 @@ row is one ``torchrun --nnodes N --node_rank I --master_addr <host 0> ...`` per 
   ``gossip-signsgd-avg16``, ``gossip-topk0.001-avg16``), and top-k 0.1 % with that average
   mixing on every 4th and 8th step only, local steps between (``mix_every``:
   ``gossip-topk0.001-avg16-mix4``, ``-mix8``), with and without overlap
-  (``gossip-topk0.001-overlap-avg16-mix4``, ``-mix8``);
+  (``gossip-topk0.001-overlap-avg16-mix4``, ``-mix8``), and top-k 1 % and signSGD so mixing
+  on every 4th step (``gossip-topk-avg16-mix4``, ``gossip-signsgd-avg16-mix4``);
 * ``local``: the compute-only limit, one single-process run per host, all hosts at once (the same
   CPU contention as the 4-host rows; no emulated twin: it sends nothing).
 

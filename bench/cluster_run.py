@@ -203,9 +203,11 @@ def rows_for(hosts: int, workload: str) -> list[Row]:
         gossip_topk3,
         gossip_topk3_overlap,
         *[float16_average(r) for r in (gossip_topk, gossip_signsgd, gossip_topk3)],
-        # local steps between mixings: a fraction of the bytes, with and without overlap
+        # local steps between mixings: a fraction of the bytes, with and without overlap, and
+        # with the denser codecs, whose mixings carry more
         *[mixing_every(float16_average(r), n) for r in (gossip_topk3, gossip_topk3_overlap)
           for n in (4, 8)],
+        *[mixing_every(float16_average(r), 4) for r in (gossip_topk, gossip_signsgd)],
         Row("coded_ps", "coded_ps", "tandem", strategy="coded_ps"),
         Row("pipeline", "pipeline 2 models", "tandem", strategy="pipeline",
             strategy_opts={"models": [{"lr": lr}, {"lr": 2 * lr}]}),
