@@ -237,11 +237,14 @@ def test_sim_cli_overlap_and_mix_every_run_other_orders_and_bad_values_are_refus
         in r.output
 
 
-def test_gossip_goes_on_without_a_killed_peer(tmp_path):
+@pytest.mark.parametrize("mix_every", [1, 4])
+def test_gossip_goes_on_without_a_killed_peer(tmp_path, mix_every):
     """Peer 2 of a 5-ring is SIGKILLed at step 8: the run completes, the survivors re-weight their
-    mixing matrix at one agreed step and still reach consensus near the optimum."""
+    mixing matrix at one agreed step and still reach consensus near the optimum; also when they
+    mix on every 4th step only (the loss is then learnt from the store or a mixing's swap)."""
     steps, victim, world = 60, 2, 5
-    cfg = {"strategy": {"name": "gossip", "options": {"full_batch": True, "topology": "ring"}},
+    cfg = {"strategy": {"name": "gossip", "options": {"full_batch": True, "topology": "ring",
+                                                      "mix_every": mix_every}},
            "workload": {"name": "regression", "redundancy": 2},
            "workers": world, "steps": steps, "lr": 0.1, "seed": 3, "eval_every": 20,
            "inject_crash": [f"{victim}:8"], "timeout_s": 20, "progress": False,
