@@ -78,17 +78,20 @@ def test_pipeline_two_models_kill_then_resume_equals_uninterrupted(tmp_path):
                           strategy={"name": "pipeline", "options": {"models": other}}))
 
 
-@pytest.mark.parametrize(("codec", "overlap"),
-                         [("dense", False), ("randomk", False), ("randomk", True)])
+@pytest.mark.parametrize(("codec", "overlap", "mix_every"),
+                         [("dense", False, 1), ("randomk", False, 1), ("randomk", True, 1),
+                          ("randomk", True, 3)])
 def test_gossip_resume_equals_uninterrupted_and_refuses_other_topologies(tmp_path, codec,
-                                                                         overlap):
+                                                                         overlap, mix_every):
     """Gossip goes on without a killed peer, so the first run stops by its step count (12; a
     checkpoint is written at the last step too) and the resume with more steps runs to 20:
     every peer of a 4-ring equals the uninterrupted
     20-step run. With random-k (compressed gossip) the public copies of the neighbours and the
     codec's step (the shared positions) must come back too; with ``overlap`` the mixing that
-    runs beside each step's gradient starts again from the restored state."""
-    base = {"strategy": {"name": "gossip", "options": {"topology": "ring", "overlap": overlap}},
+    runs beside each step's gradient starts again from the restored state; with ``mix_every=3``
+    the mixing steps (2, 5, 8, 11, 14, ...) go on where they were."""
+    opts = {"topology": "ring", "overlap": overlap, "mix_every": mix_every}
+    base = {"strategy": {"name": "gossip", "options": opts},
             "workload": {"name": "regression", "redundancy": 2, "options": {"n": 512}},
             "workers": 4, "batch_size": 16, "lr": 0.05, "momentum": 0.0, "seed": 2,
             "progress": False, "checkpoint_every": 4,
@@ -109,8 +112,8 @@ def test_gossip_resume_equals_uninterrupted_and_refuses_other_topologies(tmp_pat
     # another topology or worker count: refused before any process starts
     with pytest.raises(CheckpointError, match=r"strategy\.options\.topology: 'ring' -> 'complete'"):
         tandem.train(dict(base, steps=20, out=str(run), resume=True,
-                          strategy={"name": "gossip", "options": {"topology": "complete",
-                                                                  "overlap": overlap}}))
+                          strategy={"name": "gossip",
+                                    "options": {**opts, "topology": "complete"}}))
     with pytest.raises(CheckpointError, match="workers: 4 -> 5"):
         tandem.train(dict(base, workers=5, steps=20, out=str(run), resume=True))
 
