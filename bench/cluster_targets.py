@@ -28,6 +28,14 @@ LOCAL = "local (compute only)"
 PARTED = "side by side: "
 #: how the note that names the best Tandem row starts (``bench/render`` reads it back)
 BEST_NOTE = "best Tandem row at 10mbit cnn: "
+#: how a row's emulation-error target is named (``bench/render`` counts them)
+EMULATION = "emulation error, "
+
+
+def compute_only_s(local_ms: float, steps: int) -> float:
+    """The compute-only time of a row that reached the target at step ``steps``: the ``local``
+    row's step time x the steps it took (step numbers count from 0)."""
+    return local_ms / 1e3 * (steps + 1)
 
 
 def best_of_notes(notes: list[Any]) -> str | None:
@@ -79,7 +87,7 @@ def compute_only_target(bench: Bench, name: str, rows: dict[str, dict[str, Any]]
                      "of the local (compute only) row")
         return
     steps = rows[system].get("steps_to_target") if system else None
-    compute = local_ms / 1e3 * (steps + 1) if steps is not None else None
+    compute = compute_only_s(local_ms, steps) if steps is not None else None
     bench.target(name, best_t / compute if best_t and compute else None, "<= 1.3")
 
 
@@ -154,7 +162,7 @@ def targets(bench: Bench, hosts: int, not_run: str | None, quick: bool) -> None:
         kind = row_kind(hosts, r.get("workload"), r.get("system"))
         if kind is None or kind.kind == "local" or r.get("rate") == "unshaped":
             continue  # unshaped links have no emulated twin: the emulator is not involved
-        name = f"emulation error, {r['rate']} {r['workload']} {r['system']}"
+        name = f"{EMULATION}{r['rate']} {r['workload']} {r['system']}"
         if quick and kind.kind == "ddp" and r.get("emu_step_ms") is None:
             bench.target(name, None, "<= 0.2", not_run="--quick runs no emulated DDP twin")
             continue

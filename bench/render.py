@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import runs
-from bench.cluster_targets import best_of_notes
+from bench.cluster_targets import EMULATION, LOCAL, best_of_notes, compute_only_s
 from bench.harness import target_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,7 +220,7 @@ def _show(col: Col, v: Any) -> str:
 
 #: the rows the headline targets compare with the best Tandem row (``bench/cluster_targets``)
 HEADLINE_REFS = {"ddp": "plain DDP", "ddp + powersgd r2": "DDP + torch's PowerSGD hook",
-                 "local (compute only)": "compute only"}
+                 LOCAL: "compute only"}
 
 
 def headline(res: dict[str, Any], name: str = "cluster") -> list[str]:
@@ -245,7 +245,7 @@ def headline(res: dict[str, Any], name: str = "cluster") -> list[str]:
             Col("final", "final test acc", acc), Col("bytes/step", "bytes/step", count),
             Col(runs.RUN, fmt=runs.label)]
     lines += [""] + table(cols, [{**r, runs.RUN: r.get(runs.RUN) or own} for r in rows])
-    bound = headline_bound(found.get(best or ""), found.get("local (compute only)"))
+    bound = headline_bound(found.get(best or ""), found.get(LOCAL))
     for line in (bound, twins_line(res, name)):
         lines += ["", line] if line else []
     return lines
@@ -254,10 +254,9 @@ def headline(res: dict[str, Any], name: str = "cluster") -> list[str]:
 def twins_line(res: dict[str, Any], name: str) -> str:
     """How many rows of the results file ``name`` ran within 20 % on the emulated link (their
     emulation-error targets), and which did not, with their errors."""
-    pre = "emulation error, "
-    ts = [t for t in res.get("targets", []) if str(t.get("name")).startswith(pre)
+    ts = [t for t in res.get("targets", []) if str(t.get("name")).startswith(EMULATION)
           and t.get("value") is not None]
-    over = [f"{t['name'][len(pre):]} ({t['value'] * 100:.1f} %)" for t in ts
+    over = [f"{t['name'][len(EMULATION):]} ({t['value'] * 100:.1f} %)" for t in ts
             if not t.get("met")]
     return (f"_The emulated twins (`--net`, the same config on one machine) were within 20 % of "
             f"the real links on {len(ts) - len(over)} of the {len(ts)} rows of "
@@ -275,7 +274,7 @@ def headline_bound(best: dict[str, Any] | None, local: dict[str, Any] | None) ->
     step, loc = best.get("step_ms"), local.get("step_ms")
     if None in (t, a, n, step, loc) or not loc:
         return None
-    compute = loc / 1e3 * (n + 1)
+    compute = compute_only_s(loc, n)
     return (f"_Where the best row's {t:.2f} s go: {t - a:.2f} s of training to step {n} "
             f"({step:.1f} ms a step, {step / loc:.2f}x the `local` row's {loc:.1f} ms) and "
             f"{a:.2f} s for the one all-reduce that assembles the evaluated model from the "
